@@ -1,0 +1,36 @@
+"""Install llava_jax: `pip install -e ".[test]"`."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llava_jax",
+    version="0.1.0",
+    description="LLaVA (CLIP ViT + projector + LLaMA) in JAX/Flax: train, convert, serve.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.50",
+        "tokenizers>=0.20",
+        "tensorflow-datasets>=4.9.8",
+        "array_record>=0.6",
+        "ml_collections>=1.0",
+        "grain>=0.2.10",
+        "numpy>=1.26",
+        "ml_dtypes>=0.4",
+        "pillow>=10.0",
+        "safetensors>=0.4.3",
+        "absl-py>=2.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # torch only runs the transformers reference in tests; the CPU build is pinned
+        # because an unpinned torch pulls a multi-GB CUDA build.
+        "test": ["pytest>=8", "torch==2.13.0", "ruff>=0.6"],
+    },
+)
