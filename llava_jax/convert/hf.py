@@ -1,0 +1,548 @@
+"""Hugging Face LLaVA / CLIP / LLaMA safetensors <-> llava_jax parameter trees (numpy, no torch).
+
+Configs are read and written with transformers' config classes (plain JSON, no model code);
+weights with safetensors. Each of our leaves has one HF key and a layout rule:
+
+  linear  torch `[out, in]` <-> our `[*in_dims, *out_dims]` kernel (transpose + reshape)
+  conv    torch `[D, C, p, p]` <-> our `[p, p, C, D]`
+  plain   same values, possibly reshaped (biases of split heads, norms, embeddings)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from llava_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
+from llava_jax.models.config import ModelConfig, RopeConfig, TextConfig, VisionConfig
+from llava_jax.models.layers import activation
+from llava_jax.models.llava import abstract_params, init_params, to_scan_layout
+from llava_jax.models.llava import to_unscanned_layout as _unscan
+
+Params = dict[str, Any]
+
+# Where each tower sits in the files transformers writes (older layout first, then the
+# in-memory layout of transformers 5). CLIP vision weights may or may not sit under
+# `vision_model.`.
+VISION_PREFIXES = ("vision_tower.vision_model.", "vision_tower.",
+                   "model.vision_tower.vision_model.", "model.vision_tower.")  # fmt: skip
+TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
+LM_HEAD_KEYS = ("language_model.lm_head.weight", "lm_head.weight")
+PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+# Buffers some exports carry; they are recomputed, never parameters.
+IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One leaf: our path, its HF key (after the tower prefix), and the layout rule."""
+
+    path: tuple[str, ...]
+    key: str
+    kind: str  # linear | conv | plain
+    num_in: int = 1  # linear: how many leading axes of our kernel are input axes
+
+
+# --- configs --------------------------------------------------------------------------------
+
+
+def _check(value: Any, supported: tuple, field: str) -> None:
+    if value not in supported:
+        raise CheckpointError(f"unsupported architecture: {field}={value!r} (supported: "
+                              f"{', '.join(map(repr, supported))})")  # fmt: skip
+
+
+def _check_activation(name: str, field: str) -> None:
+    try:
+        activation(name)
+    except ValueError as err:
+        raise CheckpointError(f"unsupported architecture: {field}={name!r} ({err})") from None
+
+
+def vision_config_from_hf(hf: Any, field: str = "vision_config") -> VisionConfig:
+    _check(hf.model_type, ("clip_vision_model",), f"{field}.model_type")
+    _check_activation(hf.hidden_act, f"{field}.hidden_act")
+    return VisionConfig(
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        patch_size=hf.patch_size,
+        image_size=hf.image_size,
+        num_channels=hf.num_channels,
+        layer_norm_eps=hf.layer_norm_eps,
+        hidden_act=hf.hidden_act,
+    )
+
+
+def text_config_from_hf(hf: Any, field: str = "text_config") -> TextConfig:
+    _check(hf.model_type, ("llama",), f"{field}.model_type")
+    _check_activation(hf.hidden_act, f"{field}.hidden_act")
+    rope = dict(hf.rope_parameters or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    _check(rope_type, ("default", "linear", "llama3"), f"{field}.rope_parameters.rope_type")
+    partial = rope.get("partial_rotary_factor", 1.0)
+    _check(partial, (1.0,), f"{field}.rope_parameters.partial_rotary_factor")
+    rope_config = RopeConfig(
+        theta=float(rope.get("rope_theta", 10000.0)),
+        type=rope_type,
+        factor=float(rope.get("factor", 1.0)),
+        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            rope.get("original_max_position_embeddings") or hf.max_position_embeddings
+        ),
+    )
+    eos = hf.eos_token_id
+    return TextConfig(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        head_dim=getattr(hf, "head_dim", None),
+        rms_norm_eps=hf.rms_norm_eps,
+        rope=rope_config,
+        max_position_embeddings=hf.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        hidden_act=hf.hidden_act,
+        attention_bias=bool(getattr(hf, "attention_bias", False)),
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        bos_token_id=hf.bos_token_id,
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=hf.pad_token_id,
+    )
+
+
+def model_config_from_hf(hf: Any, **numerics: Any) -> ModelConfig:
+    """A transformers `LlavaConfig` -> our `ModelConfig` (numerics: dtype, scan_layers, …)."""
+    _check(hf.model_type, ("llava",), "model_type")
+    _check_activation(hf.projector_hidden_act, "projector_hidden_act")
+    text = text_config_from_hf(hf.text_config)
+    if hf.tie_word_embeddings and not text.tie_word_embeddings:
+        text = dataclasses.replace(text, tie_word_embeddings=True)
+    layer = hf.vision_feature_layer
+    return ModelConfig(
+        vision=vision_config_from_hf(hf.vision_config),
+        text=text,
+        projector="mlp2x_gelu",
+        projector_bias=bool(hf.multimodal_projector_bias),
+        projector_act=hf.projector_hidden_act,
+        vision_feature_layer=tuple(layer) if isinstance(layer, list | tuple) else int(layer),
+        vision_feature_select_strategy=hf.vision_feature_select_strategy,
+        image_token_id=hf.image_token_id,
+        **numerics,
+    )
+
+
+def model_config_to_hf(config: ModelConfig) -> Any:
+    """Our `ModelConfig` -> a transformers `LlavaConfig` (for config.json)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if config.projector != "mlp2x_gelu":
+        raise CheckpointError(
+            f"projector={config.projector!r} cannot be written for transformers' "
+            "LlavaForConditionalGeneration, whose projector is always two layers (mlp2x_gelu)"
+        )
+    vision, text = config.vision, config.text
+    rope: dict[str, Any] = {"rope_type": text.rope.type, "rope_theta": text.rope.theta}
+    if text.rope.type in ("linear", "llama3"):
+        rope["factor"] = text.rope.factor
+    if text.rope.type == "llama3":
+        rope.update(
+            low_freq_factor=text.rope.low_freq_factor,
+            high_freq_factor=text.rope.high_freq_factor,
+            original_max_position_embeddings=text.rope.original_max_position_embeddings,
+        )
+    eos = text.eos_token_id
+    text_config = LlamaConfig(
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_layers,
+        num_attention_heads=text.num_heads,
+        num_key_value_heads=text.num_kv_heads,
+        head_dim=text.resolved_head_dim,
+        rms_norm_eps=text.rms_norm_eps,
+        rope_parameters=rope,
+        max_position_embeddings=text.max_position_embeddings,
+        tie_word_embeddings=text.tie_word_embeddings,
+        hidden_act=text.hidden_act,
+        attention_bias=text.attention_bias,
+        mlp_bias=text.mlp_bias,
+        bos_token_id=text.bos_token_id,
+        eos_token_id=list(eos) if isinstance(eos, tuple) else eos,
+        pad_token_id=text.pad_token_id,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_heads,
+        patch_size=vision.patch_size,
+        image_size=vision.image_size,
+        num_channels=vision.num_channels,
+        layer_norm_eps=vision.layer_norm_eps,
+        hidden_act=vision.hidden_act,
+    )
+    layer = config.vision_feature_layer
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=config.image_token_id,
+        image_seq_length=config.num_image_tokens,
+        projector_hidden_act=config.projector_act,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
+        multimodal_projector_bias=config.projector_bias,
+        tie_word_embeddings=text.tie_word_embeddings,
+    )
+
+
+def _read_hf_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{path}: no config.json")
+    with open(config_path) as f:
+        raw = json.load(f)
+    known = ("llava", "clip", "clip_vision_model", "llama")
+    _check(raw.get("model_type"), known, f"{config_path}: model_type")
+    return AutoConfig.from_pretrained(path)
+
+
+# --- key maps -------------------------------------------------------------------------------
+
+
+def _attention_rules(prefix: str, hf: str, names: dict[str, str], bias: bool) -> list[Rule]:
+    rules = []
+    for ours, theirs in names.items():
+        num_in = 2 if ours == "out" else 1
+        rules.append(Rule((*prefix, "attn", ours, "kernel"), f"{hf}{theirs}.weight", "linear",
+                          num_in))  # fmt: skip
+        if bias:
+            rules.append(Rule((*prefix, "attn", ours, "bias"), f"{hf}{theirs}.bias", "plain"))
+    return rules
+
+
+def _dense_rules(path: tuple[str, ...], key: str, bias: bool) -> list[Rule]:
+    rules = [Rule((*path, "kernel"), f"{key}.weight", "linear")]
+    if bias:
+        rules.append(Rule((*path, "bias"), f"{key}.bias", "plain"))
+    return rules
+
+
+def vision_rules(config: VisionConfig) -> list[Rule]:
+    """Rules for the `img` tower, HF keys relative to the CLIP vision model."""
+    rules = [
+        Rule(("embedding", "patch", "kernel"), "embeddings.patch_embedding.weight", "conv"),
+        Rule(("embedding", "cls"), "embeddings.class_embedding", "plain"),
+        Rule(("embedding", "pos"), "embeddings.position_embedding.weight", "plain"),
+    ]
+    for ours, theirs in (("pre_norm", "pre_layrnorm"), ("post_norm", "post_layernorm")):
+        rules += [Rule((ours, "scale"), f"{theirs}.weight", "plain"),
+                  Rule((ours, "bias"), f"{theirs}.bias", "plain")]  # fmt: skip
+    attn = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "out_proj"}
+    for i in range(config.num_layers):
+        layer, hf = (f"layers_{i}",), f"encoder.layers.{i}."
+        for ours, theirs in (("attn_norm", "layer_norm1"), ("mlp_norm", "layer_norm2")):
+            rules += [Rule((*layer, ours, "scale"), f"{hf}{theirs}.weight", "plain"),
+                      Rule((*layer, ours, "bias"), f"{hf}{theirs}.bias", "plain")]  # fmt: skip
+        rules += _attention_rules(layer, f"{hf}self_attn.", attn, bias=True)
+        rules += _dense_rules((*layer, "fc1"), f"{hf}mlp.fc1", bias=True)
+        rules += _dense_rules((*layer, "fc2"), f"{hf}mlp.fc2", bias=True)
+    return rules
+
+
+def text_rules(config: TextConfig) -> list[Rule]:
+    """Rules for the `llm` tower, HF keys relative to the LLaMA base model (lm_head apart)."""
+    rules = [
+        Rule(("embed", "embedding"), "embed_tokens.weight", "plain"),
+        Rule(("final_norm", "scale"), "norm.weight", "plain"),
+    ]
+    attn = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "o_proj"}
+    for i in range(config.num_layers):
+        layer, hf = (f"layers_{i}",), f"layers.{i}."
+        rules += [
+            Rule((*layer, "attn_norm", "scale"), f"{hf}input_layernorm.weight", "plain"),
+            Rule((*layer, "mlp_norm", "scale"), f"{hf}post_attention_layernorm.weight", "plain"),
+        ]
+        rules += _attention_rules(layer, f"{hf}self_attn.", attn, bias=config.attention_bias)
+        for ours in ("gate", "up", "down"):
+            rules += _dense_rules((*layer, ours), f"{hf}mlp.{ours}_proj", bias=config.mlp_bias)
+    return rules
+
+
+def projector_rules(config: ModelConfig) -> list[Rule]:
+    rules = []
+    for i in (1, 2):
+        rules += _dense_rules((f"fc{i}",), f"linear_{i}", bias=config.projector_bias)
+    return rules
+
+
+# --- layout rules ---------------------------------------------------------------------------
+
+
+def _to_ours(rule: Rule, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if rule.kind == "linear":
+        return value.T.reshape(shape)
+    if rule.kind == "conv":
+        return value.transpose(2, 3, 1, 0)
+    return value.reshape(shape)
+
+
+def _to_hf(rule: Rule, value: np.ndarray) -> np.ndarray:
+    if rule.kind == "linear":
+        in_size = math.prod(value.shape[: rule.num_in])
+        return value.reshape(in_size, -1).T
+    if rule.kind == "conv":
+        return value.transpose(3, 2, 0, 1)
+    if value.ndim == 2 and rule.path[-1] == "bias":  # split-head bias [H, Dh] -> [H * Dh]
+        return value.reshape(-1)
+    return value
+
+
+def _hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if rule.kind == "linear":
+        return (math.prod(shape[rule.num_in :]), math.prod(shape[: rule.num_in]))
+    if rule.kind == "conv":
+        return (shape[3], shape[2], shape[0], shape[1])
+    if rule.path[-1] == "bias":
+        return (math.prod(shape),)
+    return shape
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def _find_prefix(reader: SafetensorsReader, prefixes: tuple[str, ...], probe: str) -> str | None:
+    for prefix in prefixes:
+        if prefix + probe in reader:
+            return prefix
+    return None
+
+
+def _read_tower(
+    reader: SafetensorsReader,
+    prefix: str,
+    rules: list[Rule],
+    shapes: dict[tuple[str, ...], Any],
+    dtype: Any,
+    used: set[str],
+) -> Params:
+    flat = {}
+    for rule in rules:
+        key = prefix + rule.key
+        if key not in reader:
+            raise CheckpointError(
+                f"{reader.directory}: missing key {key!r} (for parameter {'/'.join(rule.path)})"
+            )
+        expected = tuple(shapes[rule.path].shape)
+        found = reader.shape(key)
+        if found != _hf_shape(rule, expected):
+            raise CheckpointError(
+                f"{reader.directory}: key {key!r} has shape {found}, but the config implies "
+                f"{_hf_shape(rule, expected)} (parameter {'/'.join(rule.path)} {expected})"
+            )
+        flat[rule.path] = _to_ours(rule, reader[key], expected).astype(dtype)
+        used.add(key)
+    return unflatten_dict(flat)
+
+
+def _check_all_used(reader: SafetensorsReader, used: set[str], ignore: tuple[str, ...]) -> None:
+    unexpected = sorted(
+        k for k in reader if k not in used and not k.endswith(IGNORED_SUFFIXES + ignore)
+    )
+    if unexpected:
+        shown = ", ".join(repr(k) for k in unexpected[:10])
+        more = f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""
+        raise CheckpointError(f"{reader.directory}: unexpected key(s) {shown}{more}")
+
+
+def _shapes(config: ModelConfig) -> dict[tuple[str, ...], Any]:
+    unscanned = dataclasses.replace(config, scan_layers=False)
+    return flatten_dict(nn.meta.unbox(abstract_params(unscanned)))
+
+
+def _tower_shapes(shapes: dict, tower: str) -> dict:
+    return {path[1:]: s for path, s in shapes.items() if path[0] == tower}
+
+
+def _finish(params: Params, config: ModelConfig) -> Params:
+    return to_scan_layout(params, config) if config.scan_layers else params
+
+
+def load_hf(
+    path: str,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    scan_layers: bool = True,
+    remat_policy: str = "none",
+) -> tuple[ModelConfig, Params]:
+    """Read a transformers LLaVA directory (config.json + safetensors) into numpy params.
+
+    Accepts single-file and sharded safetensors, the layout transformers writes
+    (`language_model.model.*`, `vision_tower.*`, …) and the in-memory one (`model.*`), in
+    float32, bfloat16 or float16. Returns `(config, params)` with params
+    `{'img', 'proj', 'llm'}` in `param_dtype`, scanned when `scan_layers`.
+    """
+    config = model_config_from_hf(
+        _read_hf_config(path),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scan_layers=scan_layers,
+        remat_policy=remat_policy,
+    )
+    reader = SafetensorsReader(path)
+    shapes = _shapes(config)
+    used: set[str] = set()
+    np_dtype = np.dtype(jax.numpy.dtype(param_dtype))
+
+    def prefix_of(prefixes: tuple[str, ...], probe: str, what: str) -> str:
+        prefix = _find_prefix(reader, prefixes, probe)
+        if prefix is None:
+            raise CheckpointError(
+                f"{path}: missing key for the {what}: none of "
+                f"{', '.join(repr(p + probe) for p in prefixes)}"
+            )
+        return prefix
+
+    vision_prefix = prefix_of(VISION_PREFIXES, "embeddings.class_embedding", "vision tower")
+    text_prefix = prefix_of(TEXT_PREFIXES, "embed_tokens.weight", "language model")
+    proj_prefix = prefix_of(PROJECTOR_PREFIXES, "linear_1.weight", "projector")
+    params = {
+        "img": _read_tower(reader, vision_prefix, vision_rules(config.vision),
+                           _tower_shapes(shapes, "img"), np_dtype, used),
+        "proj": _read_tower(reader, proj_prefix, projector_rules(config),
+                            _tower_shapes(shapes, "proj"), np_dtype, used),
+        "llm": _read_tower(reader, text_prefix, text_rules(config.text),
+                           _tower_shapes(shapes, "llm"), np_dtype, used),
+    }  # fmt: skip
+    lm_head_rule = Rule(("lm_head", "kernel"), "", "linear")
+    head_key = next((k for k in LM_HEAD_KEYS if k in reader), None)
+    if config.text.tie_word_embeddings:
+        ignore = LM_HEAD_KEYS  # a tied head, when saved, is a copy of the embedding
+    else:
+        if head_key is None:
+            raise CheckpointError(f"{path}: missing key {LM_HEAD_KEYS[0]!r} (untied LM head)")
+        params["llm"].update(
+            _read_tower(
+                reader,
+                "",
+                [dataclasses.replace(lm_head_rule, key=head_key)],
+                _tower_shapes(shapes, "llm"),
+                np_dtype,
+                used,
+            )  # fmt: skip
+        )
+        ignore = ()
+    _check_all_used(reader, used, ignore)
+    return config, _finish(params, config)
+
+
+def load_towers(
+    vision_path: str,
+    text_path: str,
+    *,
+    rng: jax.Array | None = None,
+    **model_fields: Any,
+) -> tuple[ModelConfig, Params]:
+    """Compose a LLaVA as stage 1 starts: a CLIP vision checkpoint, a LLaMA causal LM, and a
+    freshly initialised projector (from `rng`). `model_fields` set the rest of `ModelConfig`
+    (projector, vision_feature_layer, image_token_id, dtype, scan_layers, …).
+    """
+    vision_hf = _read_hf_config(vision_path)
+    if vision_hf.model_type == "clip":
+        vision_hf = vision_hf.vision_config
+    text_hf = _read_hf_config(text_path)
+    config = ModelConfig(
+        vision=vision_config_from_hf(vision_hf, "vision config"),
+        text=text_config_from_hf(text_hf, "text config"),
+        **model_fields,
+    )
+    shapes = _shapes(config)
+    np_dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
+
+    vision_reader = SafetensorsReader(vision_path)
+    prefix = _find_prefix(vision_reader, ("vision_model.", ""), "embeddings.class_embedding")
+    if prefix is None:
+        raise CheckpointError(f"{vision_path}: missing key 'vision_model.embeddings."
+                              "class_embedding' (not a CLIP vision checkpoint)")  # fmt: skip
+    used: set[str] = set()
+    img = _read_tower(vision_reader, prefix, vision_rules(config.vision),
+                      _tower_shapes(shapes, "img"), np_dtype, used)  # fmt: skip
+    # A full CLIP checkpoint also holds the text tower and projections; only vision is taken.
+    vision_extra = ("logit_scale", "text_projection.weight", "visual_projection.weight")
+    unexpected = [k for k in vision_reader if k not in used and not k.startswith("text_model.")
+                  and not k.endswith(IGNORED_SUFFIXES + vision_extra)]  # fmt: skip
+    if unexpected:
+        raise CheckpointError(f"{vision_path}: unexpected key(s) {unexpected[:10]}")
+
+    text_reader = SafetensorsReader(text_path)
+    used = set()
+    llm_rules = text_rules(config.text)
+    llm = _read_tower(text_reader, "model.", llm_rules, _tower_shapes(shapes, "llm"),
+                      np_dtype, used)  # fmt: skip
+    if not config.text.tie_word_embeddings:
+        head = Rule(("lm_head", "kernel"), "lm_head.weight", "linear")
+        llm.update(_read_tower(text_reader, "", [head], _tower_shapes(shapes, "llm"),
+                               np_dtype, used))  # fmt: skip
+    _check_all_used(text_reader, used, ("lm_head.weight",))
+
+    fresh = init_params(
+        dataclasses.replace(config, scan_layers=False),
+        rng if rng is not None else jax.random.key(0),
+    )
+    proj = jax.tree.map(lambda x: np.asarray(x, np_dtype), fresh["proj"])
+    return config, _finish({"img": img, "proj": proj, "llm": llm}, config)
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def to_hf_tensors(config: ModelConfig, params: Params, dtype: Any = None) -> dict[str, np.ndarray]:
+    """Our params -> `{hf_key: array}` in the layout transformers writes."""
+    flat = flatten_dict(_unscan(jax.tree.map(np.asarray, params), config))
+    towers = (
+        ("img", "vision_tower.vision_model.", vision_rules(config.vision)),
+        ("proj", "multi_modal_projector.", projector_rules(config)),
+        ("llm", "language_model.model.", text_rules(config.text)),
+    )
+    tensors = {}
+    for tower, prefix, rules in towers:
+        for rule in rules:
+            tensors[prefix + rule.key] = _to_hf(rule, flat[(tower, *rule.path)])
+    if not config.text.tie_word_embeddings:
+        head = Rule(("lm_head", "kernel"), "", "linear")
+        tensors["language_model.lm_head.weight"] = _to_hf(head, flat[("llm", "lm_head", "kernel")])
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    return tensors
+
+
+def save_hf(
+    model_config: ModelConfig,
+    params: Params,
+    out_dir: str,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write config.json + safetensors that `LlavaForConditionalGeneration.from_pretrained`
+    loads. `dtype` (e.g. `ml_dtypes.bfloat16`) casts the weights; default keeps theirs."""
+    hf_config = model_config_to_hf(model_config)
+    tensors = to_hf_tensors(model_config, params, dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    hf_config.save_pretrained(out_dir)
+    write_safetensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)

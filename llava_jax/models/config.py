@@ -1,0 +1,191 @@
+"""Architecture of a LLaVA model: frozen dataclasses, hashable, so Flax modules can hold them.
+
+`ModelConfig` is what `load_hf` returns and what `Llava(config)` takes. It holds the
+architecture (vision tower, projector, decoder, how they are joined) and the numerics
+that change how the same weights are run (compute dtype, parameter dtype, scan, remat).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+REMAT_POLICIES = ("none", "minimal", "full")
+ROPE_TYPES = ("default", "linear", "llama3")
+FEATURE_SELECT_STRATEGIES = ("default", "full")
+_MLP_PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP vision transformer (defaults: ViT-L/14 at 336 pixels, as in LLaVA-1.5)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 336
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding, as transformers' `rope_parameters` describes it."""
+
+    theta: float = 10000.0
+    type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """LLaMA-family decoder (defaults: LLaMA/Vicuna-7B)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A whole LLaVA: vision tower, projector, decoder, and the numerics to run them."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    projector: str = "mlp2x_gelu"  # linear | mlp{N}x_gelu | identity
+    projector_bias: bool = True
+    projector_act: str = "gelu"
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"  # default: drop CLS | full
+    image_token_id: int = 32000
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"  # none | minimal | full
+
+    def __post_init__(self):
+        if isinstance(self.vision_feature_layer, list):
+            object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        self.validate()
+
+    # --- derived sizes -------------------------------------------------------------------
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return (layer,) if isinstance(layer, int) else tuple(layer)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens one image becomes in the sequence (576 for ViT-L/14-336, CLS dropped)."""
+        cls = 0 if self.vision_feature_select_strategy == "default" else 1
+        return self.vision.num_patches + cls
+
+    @property
+    def projector_depth(self) -> int:
+        """Number of dense layers in the projector (0 for identity)."""
+        if self.projector == "identity":
+            return 0
+        if self.projector == "linear":
+            return 1
+        return int(_MLP_PROJECTOR.match(self.projector).group(1))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and value that cannot be run."""
+        num_states = self.vision.num_layers + 1  # embeddings, then each layer's output
+        for layer in self.feature_layers:
+            if not isinstance(layer, int) or not -num_states <= layer < num_states:
+                raise ValueError(
+                    f"vision_feature_layer={self.vision_feature_layer!r}: {layer!r} is not a "
+                    f"hidden-state index of a {self.vision.num_layers}-layer vision tower "
+                    f"(valid: {-num_states}..{num_states - 1})"
+                )
+        if self.vision_feature_select_strategy not in FEATURE_SELECT_STRATEGIES:
+            raise ValueError(
+                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} "
+                f"is not one of {FEATURE_SELECT_STRATEGIES}"
+            )
+        if self.projector not in ("linear", "identity") and not _MLP_PROJECTOR.match(
+            self.projector
+        ):
+            raise ValueError(
+                f"projector={self.projector!r} is not one of linear, mlp{{N}}x_gelu, identity"
+            )
+        if self.projector == "identity":
+            width = self.vision.hidden_size * len(self.feature_layers)
+            if width != self.text.hidden_size:
+                raise ValueError(
+                    f"projector='identity' needs vision features ({width}) as wide as "
+                    f"text.hidden_size ({self.text.hidden_size})"
+                )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        if self.text.rope.type not in ROPE_TYPES:
+            raise ValueError(f"text.rope.type={self.text.rope.type!r} is not one of {ROPE_TYPES}")
+        if self.text.num_heads % self.text.num_kv_heads:
+            raise ValueError(
+                f"text.num_heads={self.text.num_heads} is not a multiple of "
+                f"text.num_kv_heads={self.text.num_kv_heads}"
+            )
+        if self.vision.hidden_size % self.vision.num_heads:
+            raise ValueError(
+                f"vision.hidden_size={self.vision.hidden_size} is not a multiple of "
+                f"vision.num_heads={self.vision.num_heads}"
+            )
+
+    # --- plain-dict round trip (configs, checkpoints, JSON) --------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if isinstance(self.vision_feature_layer, tuple):
+            out["vision_feature_layer"] = list(self.vision_feature_layer)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from nested plain values; an unknown key is an error that names it."""
+        values = dict(values)
+        text = dict(values.pop("text", {}))
+        rope = RopeConfig(**_known(RopeConfig, text.pop("rope", {}), "text.rope"))
+        vision = VisionConfig(**_known(VisionConfig, values.pop("vision", {}), "vision"))
+        text_config = TextConfig(rope=rope, **_known(TextConfig, text, "text"))
+        return cls(vision=vision, text=text_config, **_known(cls, values, "model"))
+
+
+def _known(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {where} config key(s) {unknown}; known: {sorted(names)}")
+    return dict(values)

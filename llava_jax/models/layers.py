@@ -1,0 +1,287 @@
+"""Pieces shared by the vision tower and the decoder.
+
+Every parameter carries logical axis names from a small vocabulary (DESIGN.md, Sharding):
+`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`, `layers`; activations use
+`batch`, `length`, `embed`. The rules that map them onto mesh axes live in the config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from llava_jax.models.config import REMAT_POLICIES, RopeConfig
+
+Dtype = Any
+Array = jax.Array
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+# Names of the matmul outputs that the `minimal` remat policy keeps; the rest is recomputed.
+SAVED_BY_MINIMAL = ("query_proj", "key_proj", "value_proj", "attn_out", "mlp_hidden", "mlp_out")
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The activation function that a transformers `hidden_act` string names."""
+    table = {
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "relu": jax.nn.relu,
+    }
+    if name not in table:
+        raise ValueError(f"activation {name!r} is not supported (supported: {sorted(table)})")
+    return table[name]
+
+
+def remat_policy(name: str) -> Callable[..., bool] | None:
+    """The `jax.checkpoint` policy a config name stands for; None means no remat at all."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; choose one of {REMAT_POLICIES}")
+    if name == "none":
+        return None
+    if name == "minimal":
+        return jax.checkpoint_policies.save_only_these_names(*SAVED_BY_MINIMAL)
+    return jax.checkpoint_policies.nothing_saveable
+
+
+def dense(
+    features: int | tuple[int, ...],
+    axes: tuple[str | None, ...],
+    *,
+    name: str | None = None,
+    axis: int | tuple[int, ...] = -1,
+    use_bias: bool = False,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> nn.DenseGeneral:
+    """A DenseGeneral whose kernel carries logical `axes` (input axes, then output axes)."""
+    n_out = 1 if isinstance(features, int) else len(features)
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(default_kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-n_out:]),
+        name=name,
+    )
+
+
+def layer_norm(
+    eps: float, *, name: str | None = None, dtype: Dtype, param_dtype: Dtype
+) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as LLaMA computes it: statistics in float32, scale applied in compute dtype."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+# --- rotary embeddings ----------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """float32[head_dim // 2] inverse frequencies, with `linear` or `llama3` scaling."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = (1.0 / (rope.theta**exponents)).astype(np.float32)
+    if rope.type == "linear":
+        return (inv_freq / rope.factor).astype(np.float32)
+    if rope.type == "llama3":
+        low_freq_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_freq_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    if rope.type != "default":
+        raise ValueError(f"rope type {rope.type!r} is not supported")
+    return inv_freq
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate `x: [B, T, H, D]` by `positions: int32[B, T]` (rotate-half convention)."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# --- attention ------------------------------------------------------------------------------
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Grouped-query attention with float32 softmax.
+
+    q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (query head h reads kv head
+    h // (H/K)); mask: bool[B, T, S] (True = may attend) or None. Returns [B, T, H, D].
+    """
+    batch, length, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    grouped = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum(
+        "btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32
+    ) / np.float32(math.sqrt(head_dim))
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional RoPE, GQA and a KV cache.
+
+    The cache, when given, is `{'k','v': [B, S, K, D]}` for this layer; the new keys and
+    values are written at `cache_index` and attention runs over the whole buffer.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    use_bias: bool = False
+    rope: RopeConfig | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None = None,
+        positions: Array | None = None,
+        cache: dict[str, Array] | None = None,
+        cache_index: Array | None = None,
+    ) -> tuple[Array, dict[str, Array] | None]:
+        common = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query",
+                  **common)(x)  # fmt: skip
+        kv_axes = ("embed", "kv_heads", "head_dim")
+        k = dense((self.num_kv_heads, self.head_dim), kv_axes, name="key", **common)(x)
+        v = dense((self.num_kv_heads, self.head_dim), kv_axes, name="value", **common)(x)
+        q = checkpoint_name(q, "query_proj")
+        k = checkpoint_name(k, "key_proj")
+        v = checkpoint_name(v, "value_proj")
+        if self.rope is not None:
+            inv_freq = rope_inverse_frequencies(self.rope, self.head_dim)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        new_cache = None
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            new_cache = {"k": k, "v": v}
+        out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
+        out = dense(
+            x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1), name="out", **common
+        )(out)
+        return checkpoint_name(out, "attn_out"), new_cache
+
+
+# --- stacks of layers -----------------------------------------------------------------------
+
+
+def make_layer_stack(
+    block: type[nn.Module],
+    *,
+    num_layers: int,
+    scan: bool,
+    remat: str,
+    num_broadcast: int,
+    **block_kwargs: Any,
+) -> nn.Module | list[nn.Module]:
+    """`num_layers` blocks, to assign to `self.layers` in a `setup`; run with `run_layer_stack`.
+
+    Scanned, they are one module whose parameters get a leading `layers` axis; unscanned, a
+    list that Linen names `layers_0 … layers_{n-1}`. Each block maps
+    `(x, per_layer, *broadcast) -> (x, y)`.
+    """
+    policy = remat_policy(remat)
+    if policy is not None:
+        block = nn.remat(block, policy=policy, prevent_cse=not scan)
+    if scan:
+        scanned = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0,) + (nn.broadcast,) * num_broadcast,
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        return scanned(**block_kwargs)
+    return [block(**block_kwargs) for _ in range(num_layers)]
+
+
+def run_layer_stack(
+    stack: nn.Module | list[nn.Module], x: Array, per_layer: Any, *broadcast: Any
+) -> tuple[Array, Any]:
+    """Run the blocks in order; returns the final x and the per-layer ys stacked on axis 0.
+
+    `per_layer` is a tree with a leading layer axis (or None), sliced one layer per block.
+    """
+    if not isinstance(stack, (list, tuple)):
+        return stack(x, per_layer, *broadcast)
+    ys = []
+    for i, layer in enumerate(stack):
+        x, y = layer(x, jax.tree.map(lambda a, i=i: a[i], per_layer), *broadcast)
+        ys.append(y)
+    return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *ys)
+
+
+def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Turn `layers_0 … layers_{n-1}` subtrees into one `layers` subtree (scan layout)."""
+    params = dict(params)
+    per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    params["layers"] = jax.tree.map(lambda *leaves: np.stack(leaves), *per_layer)
+    return params
+
+
+def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Inverse of `stack_layers`: split the leading layer axis into `layers_{i}` subtrees."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+    return params

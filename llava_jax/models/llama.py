@@ -1,0 +1,158 @@
+"""LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, optional KV cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llava_jax.models.config import TextConfig
+from llava_jax.models.layers import (
+    Attention,
+    RMSNorm,
+    activation,
+    dense,
+    make_layer_stack,
+    run_layer_stack,
+)
+
+Array = jax.Array
+KVCache = dict[str, Array]  # k, v: [L, B, S, K, D]; mask: int32[B, S]; index: int32[]
+
+
+def init_cache(config: TextConfig, batch_size: int, max_length: int, dtype: Any) -> KVCache:
+    """An empty KV cache for `batch_size` sequences of up to `max_length` tokens."""
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads,
+             config.resolved_head_dim)  # fmt: skip
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "mask": jnp.zeros((batch_size, max_length), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def causal_padding_mask(query_slots: Array, key_valid: Array) -> Array:
+    """bool[B, T, S]: key slot s is visible from query slot t if s <= t and s holds a token.
+
+    query_slots: int32[T], the slots of the queries in the key buffer; key_valid: [B, S].
+    """
+    key_slots = jnp.arange(key_valid.shape[1])
+    causal = key_slots[None, :] <= query_slots[:, None]
+    return causal[None] & (key_valid[:, None, :] > 0)
+
+
+class DecoderBlock(nn.Module):
+    """x + attn(norm(x)), then x + swiglu(norm(x)). Per-layer input/output: the KV cache."""
+
+    config: TextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        cache: dict[str, Array] | None,
+        mask: Array,
+        positions: Array,
+        cache_index: Array | None,
+    ) -> tuple[Array, dict[str, Array] | None]:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        h = RMSNorm(cfg.rms_norm_eps, name="attn_norm", **kw)(x)
+        h, cache = Attention(
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.resolved_head_dim,
+            use_bias=cfg.attention_bias,
+            rope=cfg.rope,
+            name="attn",
+            **kw,
+        )(h, mask, positions, cache, cache_index)
+        x = x + h
+        h = RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
+        mlp = dict(use_bias=cfg.mlp_bias, **kw)
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate", **mlp)(h)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), name="up", **mlp)(h)
+        h = checkpoint_name(activation(cfg.hidden_act)(gate) * up, "mlp_hidden")
+        h = dense(cfg.hidden_size, ("mlp", "embed"), name="down", **mlp)(h)
+        return x + checkpoint_name(h, "mlp_out"), cache
+
+
+class LlamaDecoder(nn.Module):
+    """Token embedding, decoder blocks, final norm, LM head (or the tied embedding)."""
+
+    config: TextConfig
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
+            **kw,
+        )
+        self.layers = make_layer_stack(
+            DecoderBlock,
+            num_layers=cfg.num_layers,
+            scan=self.scan_layers,
+            remat=self.remat_policy,
+            num_broadcast=3,
+            config=cfg,
+            **kw,
+        )
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, **kw)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), **kw)
+
+    def embed_tokens(self, input_ids: Array) -> Array:
+        """`input_ids: int32[B, T]` -> `[B, T, D]` in compute dtype."""
+        return self.embed(input_ids)
+
+    def __call__(
+        self,
+        embeddings: Array,
+        positions: Array,
+        attention_mask: Array,
+        cache: KVCache | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """Run the decoder on `embeddings: [B, T, D]` at `positions: int32[B, T]`.
+
+        Without a cache, `attention_mask: int32[B, T]` marks real tokens and attention is
+        causal over the T inputs. With a cache, the T inputs are written at `cache['index']`,
+        `attention_mask` marks which of them are real, and attention runs over the buffer.
+        Returns `(logits float32[B, T, V], new cache or None)`.
+        """
+        length = embeddings.shape[1]
+        if cache is None:
+            mask = causal_padding_mask(jnp.arange(length), attention_mask)
+            x, _ = run_layer_stack(self.layers, embeddings, None, mask, positions, None)
+            new_cache = None
+        else:
+            index = cache["index"]
+            key_valid = jax.lax.dynamic_update_slice(
+                cache["mask"], attention_mask.astype(jnp.int32), (0, index)
+            )
+            mask = causal_padding_mask(index + jnp.arange(length), key_valid)
+            layer_caches = {"k": cache["k"], "v": cache["v"]}
+            x, layer_caches = run_layer_stack(
+                self.layers, embeddings, layer_caches, mask, positions, index
+            )
+            new_cache = {**layer_caches, "mask": key_valid, "index": index + length}
+        x = self.final_norm(x)
+        tied = self.config.tie_word_embeddings
+        logits = self.embed.attend(x) if tied else self.lm_head(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.float32), new_cache

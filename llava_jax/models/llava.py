@@ -1,0 +1,199 @@
+"""LLaVA: vision tower -> feature selection -> projector -> features merged into the text.
+
+`Llava(config).apply({"params": params}, input_ids, images, image_mask, attention_mask)`
+gives `float32[B, T, V]` logits. The image features take, in order, the positions where
+`input_ids == config.image_token_id`; shapes are static, so one compiled step serves every
+batch. The parameter tree has three towers: `img`, `proj`, `llm` (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llava_jax.models.config import ModelConfig
+from llava_jax.models.layers import stack_layers, unstack_layers
+from llava_jax.models.llama import KVCache, LlamaDecoder
+from llava_jax.models.projector import Projector
+from llava_jax.models.vit import VisionTransformer
+
+Array = jax.Array
+
+
+def select_features(config: ModelConfig, embeddings: Array, layer_outputs: Array) -> Array:
+    """Pick `config.vision_feature_layer` from the vision hidden states, concatenated.
+
+    embeddings: [N, P+1, D] (hidden state 0); layer_outputs: [L, N, P+1, D] (states 1..L).
+    Returns [N, P or P+1, D * n_layers] (CLS dropped under the `default` strategy).
+    """
+    num_states = layer_outputs.shape[0] + 1
+    picked = []
+    for layer in config.feature_layers:
+        index = layer % num_states
+        state = embeddings if index == 0 else layer_outputs[index - 1]
+        if config.vision_feature_select_strategy == "default":
+            state = state[:, 1:]
+        picked.append(state)
+    return jnp.concatenate(picked, axis=-1)
+
+
+def merge_image_features(
+    text_embeddings: Array, image_features: Array, is_image_token: Array, image_mask: Array
+) -> Array:
+    """Put image features at the image-token positions, in order.
+
+    text_embeddings: [B, T, D]; image_features: [B, I, N, D]; is_image_token: bool[B, T];
+    image_mask: bool[B, I]. The k-th image token of a sample takes the k-th feature of its
+    valid images taken in order, so a sample's image tokens must number N * (valid images).
+    """
+    batch, num_images, per_image, width = image_features.shape
+    # Valid images first, keeping their order, so masked-out slots are never read.
+    order = jnp.argsort(~image_mask, axis=1, stable=True)
+    features = jnp.take_along_axis(image_features, order[:, :, None, None], axis=1)
+    features = features.reshape(batch, num_images * per_image, width)
+    feature_index = jnp.clip(jnp.cumsum(is_image_token, axis=1) - 1, 0, num_images * per_image - 1)
+    gathered = jnp.take_along_axis(features, feature_index[..., None], axis=1)
+    return jnp.where(is_image_token[..., None], gathered.astype(text_embeddings.dtype),
+                     text_embeddings)  # fmt: skip
+
+
+class Llava(nn.Module):
+    """The three towers (`img`, `proj`, `llm`) and the merge of image features into text."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        stack = dict(scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
+        self.img = VisionTransformer(cfg.vision, **stack, **kw)
+        self.proj = Projector(
+            depth=cfg.projector_depth,
+            out_features=cfg.text.hidden_size,
+            use_bias=cfg.projector_bias,
+            act=cfg.projector_act,
+            **kw,
+        )
+        self.llm = LlamaDecoder(cfg.text, **stack, **kw)
+
+    def encode_images(self, images: Array) -> Array:
+        """`images: float32[B, I, H, W, 3]` (normalised) -> features `[B, I, N, D_text]`."""
+        batch, num_images = images.shape[:2]
+        flat = images.reshape(batch * num_images, *images.shape[2:])
+        embeddings, layer_outputs, _ = self.img(flat)
+        features = self.proj(select_features(self.config, embeddings, layer_outputs))
+        return features.reshape(batch, num_images, *features.shape[1:])
+
+    def embed_inputs(
+        self, input_ids: Array, images: Array | None, image_mask: Array | None
+    ) -> Array:
+        """Token embeddings `[B, T, D]` with image features at the image-token positions."""
+        is_image_token = input_ids == self.config.image_token_id
+        # The image token may lie outside the vocabulary; its embedding is replaced anyway.
+        embeddings = self.llm.embed_tokens(jnp.where(is_image_token, 0, input_ids))
+        if images is None:
+            return embeddings
+        if image_mask is None:
+            image_mask = jnp.ones(images.shape[:2], dtype=bool)
+        features = self.encode_images(images)
+        return merge_image_features(embeddings, features, is_image_token, image_mask)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        images: Array | None = None,
+        image_mask: Array | None = None,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+    ) -> Array:
+        """Full forward pass -> logits `float32[B, T, V]`.
+
+        input_ids: int32[B, T]; images: float32[B, I, H, W, 3]; image_mask: bool[B, I]
+        (default all True); attention_mask: int32[B, T], 1 = real token (default all 1);
+        positions: int32[B, T] (default 0..T-1 in every row, as transformers' forward).
+        """
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        embeddings = self.embed_inputs(input_ids, images, image_mask)
+        logits, _ = self.llm(embeddings, positions, attention_mask)
+        return logits
+
+    def decode(
+        self,
+        input_ids: Array,
+        cache: KVCache,
+        images: Array | None = None,
+        image_mask: Array | None = None,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+    ) -> tuple[Array, KVCache]:
+        """Append `input_ids: int32[B, t]` to the KV cache -> (logits `float32[B, t, V]`, cache).
+
+        Prefill passes the prompt (and its images); each later step passes one token. By
+        default a token's position counts the real tokens before it, so left-padded prompts
+        get the positions transformers' `generate` gives them.
+        """
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        if positions is None:
+            seen = jnp.sum(cache["mask"], axis=1, keepdims=True)
+            positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        embeddings = self.embed_inputs(input_ids, images, image_mask)
+        return self.llm(embeddings, positions.astype(jnp.int32), attention_mask, cache)
+
+
+# --- parameter trees ------------------------------------------------------------------------
+
+
+def dummy_inputs(config: ModelConfig, batch_size: int = 1) -> dict[str, Array]:
+    """Smallest inputs that reach every parameter: one image and its image tokens."""
+    length = config.num_image_tokens + 1
+    vision = config.vision
+    image_shape = (batch_size, 1, vision.image_size, vision.image_size, vision.num_channels)
+    input_ids = jnp.full((batch_size, length), config.image_token_id, jnp.int32)
+    return {
+        "input_ids": input_ids.at[:, -1].set(0),
+        "images": jnp.zeros(image_shape, jnp.float32),
+    }
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """The parameter tree as `nn.Partitioned`-boxed `ShapeDtypeStruct`s (no memory used)."""
+    inputs = dummy_inputs(config)
+    variables = jax.eval_shape(
+        lambda: Llava(config).init(jax.random.key(0), inputs["input_ids"], inputs["images"])
+    )
+    return variables["params"]
+
+
+def init_params(config: ModelConfig, rng: Array) -> dict:
+    """Randomly initialised parameters (unboxed), e.g. for a projector trained from scratch."""
+    inputs = dummy_inputs(config)
+    variables = Llava(config).init(rng, inputs["input_ids"], inputs["images"])
+    return nn.meta.unbox(variables["params"])
+
+
+_STACKED_TOWERS = {"img": "vision", "llm": "text"}
+
+
+def to_scan_layout(params: dict, config: ModelConfig) -> dict:
+    """Unscanned tree (`layers_{i}`) -> scanned tree (`layers` with a leading layer axis)."""
+    out = dict(params)
+    for tower, sub in _STACKED_TOWERS.items():
+        if tower in out and "layers" not in out[tower]:
+            out[tower] = stack_layers(out[tower], getattr(config, sub).num_layers)
+    return out
+
+
+def to_unscanned_layout(params: dict, config: ModelConfig) -> dict:
+    """Scanned tree -> unscanned tree; the inverse of `to_scan_layout`."""
+    out = dict(params)
+    for tower, sub in _STACKED_TOWERS.items():
+        if tower in out and "layers" in out[tower]:
+            out[tower] = unstack_layers(out[tower], getattr(config, sub).num_layers)
+    return out
