@@ -1,0 +1,5 @@
+"""Everything from files on disk to a global batch (see DESIGN.md, Data flow).
+
+``data`` imports nothing from ``models``: the model follows the numbers reported here
+(vocabulary size, image token id, image size).
+"""

@@ -1,0 +1,276 @@
+"""``llava_json``: LLaVA-format JSON (a list) or JSONL plus an image folder.
+
+Each record: ``id``, ``image`` (a path relative to the image folder, a list of paths,
+or absent for text-only samples as in mix665k), ``conversations``
+``[{"from": "human"|"gpt", "value": str}, ...]``. Records are validated while
+preparing; the report counts problems by kind. Policy ``on_bad_record``: ``error``
+stops before anything is written, listing the first offending ids and files;
+``skip`` leaves them out and reports how many of each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+from llava_jax.data.conversation import IMAGE_PLACEHOLDER, DroppedExample, check_roles
+from llava_jax.data.datasets.record import Record, features
+from llava_jax.data.image import ImageDecodeError, decode_image
+
+PROBLEMS = (
+    "bad_json",
+    "missing_file",
+    "unreadable_image",
+    "roles_out_of_order",
+    "image_count_mismatch",
+    "empty_turn",
+)
+REPORT_FILE = "validation_report.json"
+
+
+@dataclasses.dataclass
+class Problem:
+    kind: str
+    record_id: str
+    file: str
+    detail: str
+
+    def __str__(self) -> str:
+        where = f" file {self.file}" if self.file else ""
+        return f"{self.kind}: record {self.record_id}{where}: {self.detail}"
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    """Counts of problems by kind, and the first few examples of each."""
+
+    source: str
+    total: int = 0
+    kept: int = 0
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    examples: list[Problem] = dataclasses.field(default_factory=list)
+    max_examples_per_kind: int = 5
+
+    def add(self, problem: Problem) -> None:
+        seen = self.counts.get(problem.kind, 0)
+        self.counts[problem.kind] = seen + 1
+        if seen < self.max_examples_per_kind:
+            self.examples.append(problem)
+
+    @property
+    def dropped(self) -> int:
+        return self.total - self.kept
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "total": self.total,
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "counts": {kind: self.counts[kind] for kind in PROBLEMS if kind in self.counts},
+            "examples": [dataclasses.asdict(p) for p in self.examples],
+        }
+
+    def summary(self) -> str:
+        lines = [f"{self.source}: {self.total} records, {self.kept} kept, {self.dropped} bad"]
+        lines += [f"  {kind}: {self.counts[kind]}" for kind in PROBLEMS if kind in self.counts]
+        if self.examples:
+            lines.append("  first problems:")
+            lines += [f"    {problem}" for problem in self.examples]
+        return "\n".join(lines)
+
+
+class BadRecordsError(ValueError):
+    """Raised under ``on_bad_record='error'``; carries the report."""
+
+    def __init__(self, report: ValidationReport):
+        super().__init__(
+            "Bad records found (on_bad_record='error'; use 'skip' to leave them out):\n"
+            + report.summary()
+        )
+        self.report = report
+
+
+def read_raw_records(path: str) -> list[tuple[str, dict | None, str]]:
+    """``(fallback id, record or None, problem detail)`` for each record of a JSON list
+    or a JSONL file; a JSONL line that does not parse becomes ``(line id, None, why)``."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
+        return [(f"#{i}", item, "") for i, item in enumerate(items)]
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {number}", json.loads(line), ""))
+        except json.JSONDecodeError as error:
+            out.append((f"line {number}", None, f"{path}:{number}: {error.msg}"))
+    return out
+
+
+def _image_paths(record: dict) -> list[str]:
+    image = record.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def check_record(record, image_dir: str) -> tuple[list[str], Problem | None]:
+    """Checks one record's structure and files (not the image contents).
+
+    Returns the absolute image paths and the first problem found, if any.
+    """
+    if not isinstance(record, dict):
+        return [], Problem("bad_json", "?", "", "record is not a JSON object")
+    record_id = str(record.get("id", "?"))
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        return [], Problem("bad_json", record_id, "", "`conversations` is not a list of turns")
+    paths = _image_paths(record)
+    if not all(isinstance(p, str) and p for p in paths):
+        return [], Problem("bad_json", record_id, "", "`image` is not a path or list of paths")
+    try:
+        check_roles(turns)
+        for index, turn in enumerate(turns):
+            if not isinstance(turn.get("value"), str) or not turn["value"].strip():
+                raise DroppedExample("empty_turn", f"turn {index} is empty")
+    except DroppedExample as error:
+        return [], Problem(error.reason, record_id, "", error.detail)
+    placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns)
+    if placeholders != len(paths):
+        detail = f"{placeholders} <image> in the text, {len(paths)} image(s)"
+        return [], Problem("image_count_mismatch", record_id, ",".join(paths), detail)
+    full_paths = [os.path.join(image_dir, p) for p in paths]
+    for path in full_paths:
+        if not os.path.isfile(path):
+            return [], Problem("missing_file", record_id, path, "no such file")
+    return full_paths, None
+
+
+def _unreadable(path: str) -> str:
+    """'' if the image at ``path`` decodes fully, else why not."""
+    try:
+        with open(path, "rb") as file:
+            decode_image(file.read())
+    except (OSError, ImageDecodeError) as error:
+        return str(error)
+    return ""
+
+
+def validate(
+    json_path: str, image_dir: str, num_threads: int = 8
+) -> tuple[list[Record], ValidationReport]:
+    """Validates every record (images decoded fully) and returns the good ones, their
+    images not yet read, and the report. Never raises for a bad record."""
+    raw = read_raw_records(json_path)
+    report = ValidationReport(source=json_path, total=len(raw))
+    candidates = []
+    for fallback_id, record, parse_error in raw:
+        if record is None:
+            report.add(Problem("bad_json", fallback_id, json_path, parse_error))
+            continue
+        paths, problem = check_record(record, image_dir)
+        if problem is not None:
+            if problem.record_id == "?":
+                problem.record_id = fallback_id
+            report.add(problem)
+            continue
+        candidates.append((str(record.get("id", fallback_id)), paths, record["conversations"]))
+
+    all_paths = sorted({p for _, paths, _ in candidates for p in paths})
+    with ThreadPoolExecutor(num_threads) as pool:  # PIL decodes outside the GIL
+        checks = tqdm(
+            pool.map(_unreadable, all_paths),
+            total=len(all_paths),
+            desc="Checking images",
+            unit="img",
+            disable=not all_paths,
+        )
+        unreadable = {path: why for path, why in zip(all_paths, checks) if why}
+    good = []
+    for record_id, paths, turns in candidates:
+        bad = [p for p in paths if p in unreadable]
+        if bad:
+            report.add(Problem("unreadable_image", record_id, bad[0], unreadable[bad[0]]))
+            continue
+        relative = tuple(os.path.relpath(p, image_dir) for p in paths)
+        good.append(Record(record_id, (), relative, tuple(turns)))
+    report.kept = len(good)
+    return good, report
+
+
+class LlavaJsonConfig(tfds.core.BuilderConfig):
+    """One LLaVA JSON/JSONL file (``train``, and optionally ``test``) + its image folder."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        json_path: str,
+        image_dir: str,
+        test_json_path: str | None = None,
+        on_bad_record: str = "error",
+    ):
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
+        super().__init__(name=name, version=tfds.core.Version("1.0.0"))
+        self.json_path, self.image_dir = json_path, image_dir
+        self.test_json_path, self.on_bad_record = test_json_path, on_bad_record
+
+
+class LlavaJson(tfds.core.GeneratorBasedBuilder):
+    """LLaVA-format conversations with the original image bytes."""
+
+    # Nothing is downloaded, so no checksums file; TFDS 4.9's lookup of one next to the
+    # code needs `importlib_resources`, which it does not install on Python >= 3.9.
+    code_path = None
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = []  # always built from an explicit LlavaJsonConfig
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=__doc__, features=features())
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        config = self.builder_config
+        sources = {"train": config.json_path}
+        if config.test_json_path:
+            sources["test"] = config.test_json_path
+        validated = {split: validate(path, config.image_dir) for split, path in sources.items()}
+        reports = {split: report for split, (_, report) in validated.items()}
+        self.validation_reports = reports
+        for report in reports.values():
+            print(report.summary())
+        if config.on_bad_record == "error":
+            for report in reports.values():
+                if report.dropped:
+                    raise BadRecordsError(report)
+        os.makedirs(self.data_dir, exist_ok=True)
+        with open(os.path.join(self.data_dir, REPORT_FILE), "w") as file:
+            json.dump({s: r.to_json() for s, r in reports.items()}, file, indent=2)
+        return {
+            split: self._generate_examples(records) for split, (records, _) in validated.items()
+        }
+
+    def _generate_examples(self, records: list[Record]):
+        image_dir = self.builder_config.image_dir
+        for index, record in enumerate(records):
+            images = []
+            for path in record.image_paths:
+                with open(os.path.join(image_dir, path), "rb") as file:
+                    images.append(file.read())  # the original bytes, never re-encoded
+            stored = dataclasses.replace(record, image_bytes=tuple(images))
+            # ids are not guaranteed unique in LLaVA files; the index keeps keys unique
+            yield f"{index:09d}-{record.id}", stored.to_example()

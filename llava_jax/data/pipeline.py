@@ -1,0 +1,392 @@
+"""The grain input pipeline: prepared records -> fixed-shape batches -> global arrays.
+
+Per JAX process: its disjoint shard of the split (``records[process_index::count]``),
+shuffled per epoch from ``seed``, decoded and preprocessed in worker processes
+(``mp_prefetch``), then filtered and batched in the main process so every dropped
+sample is counted. The iterator's state (``get_state``/``set_state``, JSON-serialisable)
+restores the exact next batches; it is a ``grain.DatasetIterator``, so
+``grain.checkpoint.CheckpointSave/Restore`` checkpoint it with Orbax.
+
+A batch (``B`` = global batch / process count, ``T`` = max_len, ``I`` = max images):
+
+- ``input_ids int32[B, T]``: right-padded with the pad id; each ``<image>`` expanded to
+  ``num_image_tokens`` copies of the image token id
+- ``loss_mask float32[B, T]``: 1 on assistant answer tokens and their end token
+- ``attention_mask int32[B, T]``: 1 on real tokens
+- ``images float32[B, I, H, W, 3]``: normalised; unused slots are zeros
+- ``image_mask bool[B, I]``: valid images first
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from llava_jax.data import datasets
+from llava_jax.data.conversation import (
+    DroppedExample,
+    generation_prompt,
+    get_template,
+    tokenize_conversation,
+)
+from llava_jax.data.datasets.record import Record, from_stored
+from llava_jax.data.image import ASPECT_MODES, CLIP_MEAN, CLIP_STD, load_and_preprocess
+from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer
+
+BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask", "images", "image_mask")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Every setting of the data package. Any object with these attributes works
+    (e.g. an ``ml_collections.ConfigDict``); missing ones take these defaults."""
+
+    source: str = "synthetic"  # 'synthetic' | 'llava_json'
+    data_dir: str = "~/tensorflow_datasets"  # where TFDS writes the prepared shards
+    json_path: str | None = None  # llava_json: LLaVA JSON list or JSONL (split 'train')
+    test_json_path: str | None = None  # llava_json: optional split 'test'
+    image_dir: str | None = None  # llava_json: folder the `image` paths are relative to
+    dataset_name: str | None = None  # llava_json: builder config name (default: json stem)
+    on_bad_record: str = "error"  # llava_json: 'error' | 'skip'
+    synthetic_style: str = "instruct"  # 'caption' (stage 1) | 'instruct' (stage 2)
+    synthetic_image_size: int = 32
+    synthetic_num_train: int = 4000
+    synthetic_num_test: int = 400
+    synthetic_seed: int = 0
+    template: str = "vicuna_v1"  # plain | vicuna_v1 | llava_llama_2 | chatml
+    tokenizer_path: str | None = None  # None with 'synthetic': the built-in tokenizer
+    image_size: int = 32
+    image_aspect: str = "pad"  # pad | resize | crop
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    num_image_tokens: int = 16
+    max_images_per_sample: int = 1
+    max_len: int = 128
+    global_batch_size: int = 32
+    seed: int = 0
+    num_epochs: int | None = None  # None: repeat forever, reshuffling every epoch
+    num_workers: int = 0  # grain worker processes (0: preprocess in this process)
+    worker_buffer_size: int = 4  # examples each worker prepares ahead
+
+
+def resolve_config(config) -> DataConfig:
+    """A ``DataConfig`` from any attribute-style config (unknown fields are ignored)."""
+    if isinstance(config, DataConfig):
+        return config
+    values = {}
+    for field in dataclasses.fields(DataConfig):
+        try:
+            values[field.name] = getattr(config, field.name)
+        except (AttributeError, KeyError):
+            continue
+    resolved = DataConfig(**values)
+    resolved.image_mean = tuple(resolved.image_mean)
+    resolved.image_std = tuple(resolved.image_std)
+    return resolved
+
+
+def tokenizer_for(config) -> LoadedTokenizer:
+    """The configured tokenizer; for 'synthetic' without a path, the built-in one
+    (built once under ``data_dir/synthetic_tokenizer``)."""
+    config = resolve_config(config)
+    path = config.tokenizer_path
+    if path is None:
+        if config.source != "synthetic":
+            raise ValueError("tokenizer_path is required for source 'llava_json'")
+        path = os.path.join(os.path.expanduser(config.data_dir), "synthetic_tokenizer")
+        if not os.path.exists(os.path.join(path, "tokenizer.json")):
+            from llava_jax.data.datasets.synthetic import build_tokenizer
+
+            build_tokenizer(path)
+    return load_tokenizer(path)
+
+
+class ExampleEncoder:
+    """Stored record -> one fixed-shape example (runs in grain workers).
+
+    Returns the example dict with ``input_ids int32[T]``, ``loss_mask float32[T]``,
+    ``attention_mask int32[T]``, ``images float32[I, H, W, 3]``, ``image_mask bool[I]``,
+    ``id`` and ``drop_reason == ''``; or, for a sample that must not be trained on,
+    only ``id``, ``file``, ``detail`` and a non-empty ``drop_reason``.
+    """
+
+    def __init__(self, config, tokenizer: LoadedTokenizer):
+        config = resolve_config(config)
+        if config.image_aspect not in ASPECT_MODES:
+            raise ValueError(f"image_aspect must be one of {ASPECT_MODES}")
+        self.config = config
+        self.template = get_template(config.template)
+        self.tokenizer = tokenizer.tokenizer
+        self.image_token_id = tokenizer.image_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __call__(self, stored: dict) -> dict:
+        record = from_stored(stored)
+        try:
+            return self.encode(record)
+        except DroppedExample as error:
+            return {
+                "id": record.id,
+                "drop_reason": error.reason,
+                "detail": error.detail,
+                "file": error.file,
+            }
+
+    def images(self, record: Record) -> tuple[np.ndarray, np.ndarray]:
+        """``float32[I, H, W, 3]`` and ``bool[I]`` for the record's images."""
+        c = self.config
+        if len(record.image_bytes) > c.max_images_per_sample:
+            raise DroppedExample(
+                "too_many_images", f"{len(record.image_bytes)} > {c.max_images_per_sample}"
+            )
+        images = np.zeros((c.max_images_per_sample, c.image_size, c.image_size, 3), np.float32)
+        mask = np.zeros((c.max_images_per_sample,), bool)
+        for index, data in enumerate(record.image_bytes):
+            try:
+                images[index] = load_and_preprocess(
+                    data, c.image_size, c.image_aspect, c.image_mean, c.image_std
+                )
+            except ValueError as error:  # ImageDecodeError: corrupt bytes
+                paths = record.image_paths
+                file = paths[index] if index < len(paths) else ""
+                raise DroppedExample("unreadable_image", str(error), file) from error
+            mask[index] = True
+        return images, mask
+
+    def encode(self, record: Record) -> dict:
+        c = self.config
+        tokens = tokenize_conversation(
+            record.conversations,
+            self.tokenizer,
+            self.template,
+            num_images=len(record.image_bytes),
+            num_image_tokens=c.num_image_tokens,
+            max_len=c.max_len,
+            image_token_id=self.image_token_id,
+        )
+        images, image_mask = self.images(record)
+        length = len(tokens.input_ids)
+        input_ids = np.full((c.max_len,), self.pad_token_id, np.int32)
+        input_ids[:length] = tokens.input_ids
+        loss_mask = np.zeros((c.max_len,), np.float32)
+        loss_mask[:length] = tokens.loss_mask
+        attention_mask = np.zeros((c.max_len,), np.int32)
+        attention_mask[:length] = 1
+        return {
+            "id": record.id,
+            "drop_reason": "",
+            "input_ids": input_ids,
+            "loss_mask": loss_mask,
+            "attention_mask": attention_mask,
+            "images": images,
+            "image_mask": image_mask,
+        }
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Filters dropped samples (counting them by reason) and stacks ``batch_size``
+    examples into a batch (see the module docstring for shapes).
+
+    ``get_state()`` is a JSON-serialisable dict: the grain state after the last
+    example used, plus the drop counters.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, max_logged: int = 20):
+        super().__init__(parent)
+        self.batch_size = batch_size
+        self.dropped: collections.Counter = collections.Counter()
+        self.examples_seen = 0
+        self.max_logged = max_logged
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        kept = []
+        while len(kept) < self.batch_size:
+            example = next(self._parent)  # StopIteration ends the data (partial batch dropped)
+            self.examples_seen += 1
+            reason = example["drop_reason"]
+            if reason:
+                self.dropped[reason] += 1
+                log = logging.warning if sum(self.dropped.values()) <= self.max_logged else None
+                if log:
+                    log(
+                        "Dropped record %s%s: %s (%s)",
+                        example["id"],
+                        f" file {example['file']}" if example.get("file") else "",
+                        reason,
+                        example.get("detail", ""),
+                    )
+                continue
+            kept.append(example)
+        return {key: np.stack([example[key] for example in kept]) for key in BATCH_KEYS}
+
+    def get_state(self) -> dict:
+        return {
+            "grain": self._parent.get_state(),
+            "dropped": dict(self.dropped),
+            "examples_seen": self.examples_seen,
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["grain"])
+        self.dropped = collections.Counter(state["dropped"])
+        self.examples_seen = int(state["examples_seen"])
+
+    def close(self) -> None:
+        self._parent.close()
+
+
+def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+def make_dataset(
+    config,
+    tokenizer: LoadedTokenizer,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    split: str = "train",
+    source: Sequence | None = None,
+) -> grain.IterDataset:
+    """The per-example grain dataset of this process (before filtering/batching).
+
+    ``source`` overrides the prepared TFDS split (any random-access sequence of stored
+    record dicts).
+    """
+    config = resolve_config(config)
+    process_index, process_count = _process_index_and_count(process_index, process_count)
+    if source is None:
+        source = datasets.open_split(config, split)
+    dataset = grain.MapDataset.source(source)
+    dataset = dataset[process_index::process_count]  # disjoint shards that cover the split
+    # shuffle before repeat: the epoch number is folded into the seed, so every epoch
+    # is a different permutation of the same shard
+    dataset = dataset.shuffle(seed=config.seed).repeat(config.num_epochs)
+    dataset = dataset.map(ExampleEncoder(config, tokenizer))
+    iter_dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=0 if config.num_workers else 2, prefetch_buffer_size=16)
+    )
+    if config.num_workers > 0:
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=config.num_workers,
+                per_worker_buffer_size=config.worker_buffer_size,
+            )
+        )
+    return iter_dataset
+
+
+def make_train_iterator(
+    config,
+    tokenizer: LoadedTokenizer,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    split: str = "train",
+    source: Sequence | None = None,
+) -> BatchIterator:
+    """Batches of this process: ``global_batch_size // process_count`` examples each.
+
+    ``it.get_state()`` / ``it.set_state(state)`` save and restore the position exactly.
+    """
+    config = resolve_config(config)
+    process_index, process_count = _process_index_and_count(process_index, process_count)
+    if config.global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {config.global_batch_size} is not divisible by "
+            f"{process_count} processes"
+        )
+    dataset = make_dataset(config, tokenizer, process_index, process_count, split, source)
+    return BatchIterator(iter(dataset), config.global_batch_size // process_count)
+
+
+def to_global_batch(
+    local_batch: dict[str, np.ndarray],
+    mesh: jax.sharding.Mesh,
+    batch_axes: Sequence[str] = ("data", "fsdp"),
+) -> dict[str, jax.Array]:
+    """Each process's ``[B_local, ...]`` arrays -> global ``[B_local * processes, ...]``
+    ``jax.Array``s sharded on the leading axis over ``batch_axes`` (those in ``mesh``)."""
+    axes = tuple(axis for axis in batch_axes if axis in mesh.axis_names) or None
+    out = {}
+    for key, value in local_batch.items():
+        spec = jax.sharding.PartitionSpec(axes, *([None] * (np.ndim(value) - 1)))
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalQuestion:
+    """One assistant turn to answer by greedy decoding.
+
+    ``prompt_ids int32[L]``: the conversation up to this answer (earlier reference answers
+    included), image tokens expanded; ``images float32[I, H, W, 3]``, ``image_mask bool[I]``;
+    ``answer``: the reference text. ``stop``: the template's end-of-answer string.
+    """
+
+    record_id: str
+    turn: int
+    prompt_ids: np.ndarray
+    images: np.ndarray
+    image_mask: np.ndarray
+    answer: str
+    stop: str
+
+
+def encode_prompt(text: str, tokenizer: LoadedTokenizer, num_image_tokens: int) -> np.ndarray:
+    """``int32[L]``: ``text`` tokenized, each image token repeated ``num_image_tokens``."""
+    ids = np.asarray(tokenizer.tokenizer(text)["input_ids"], np.int32)
+    repeats = np.where(ids == tokenizer.image_token_id, num_image_tokens, 1)
+    return np.repeat(ids, repeats)
+
+
+def make_eval_questions(
+    config,
+    tokenizer: LoadedTokenizer,
+    split: str = "test",
+    limit: int | None = None,
+    source: Sequence | None = None,
+) -> list[EvalQuestion]:
+    """Every assistant turn of the first ``limit`` records of ``split`` as a question
+    (records with unreadable images are left out, and logged)."""
+    config = resolve_config(config)
+    if source is None:
+        source = datasets.open_split(config, split)
+    encoder = ExampleEncoder(config, tokenizer)
+    template = get_template(config.template)
+    questions = []
+    # the TFDS source order is a fixed hash order, the same on every run
+    for index in range(len(source) if limit is None else min(limit, len(source))):
+        record = from_stored(source[index])
+        try:
+            images, image_mask = encoder.images(record)
+        except DroppedExample as error:
+            logging.warning("Eval record %s left out: %s", record.id, error)
+            continue
+        turns = list(record.conversations)
+        for turn in range(1, len(turns), 2):
+            prompt = generation_prompt(turns[:turn], template)
+            questions.append(
+                EvalQuestion(
+                    record_id=record.id,
+                    turn=turn,
+                    prompt_ids=encode_prompt(prompt, tokenizer, config.num_image_tokens),
+                    images=images,
+                    image_mask=image_mask,
+                    answer=turns[turn]["value"],
+                    stop=template.end,
+                )
+            )
+    return questions

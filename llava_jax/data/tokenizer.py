@@ -1,0 +1,70 @@
+"""Loading the text tokenizer: a Hugging Face fast tokenizer from a local directory,
+with the ``<image>`` placeholder and a pad token added when missing."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from llava_jax.data.conversation import IMAGE_PLACEHOLDER
+
+PAD_TOKEN = "<pad>"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedTokenizer:
+    """The tokenizer and the numbers the model must follow.
+
+    ``vocab_size`` counts the added tokens: the model's embedding needs at least this
+    many rows.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    vocab_size: int
+    image_token_id: int
+    pad_token_id: int
+    added_tokens: tuple[str, ...]
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> LoadedTokenizer:
+    """Adds ``<image>`` and a pad token to ``tokenizer`` (in place) when missing."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("A fast tokenizer is required: answer masks use character offsets.")
+    added = []
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        # add_tokens(special_tokens=True) keeps it whole and works on transformers 4 and 5
+        tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
+        added.append(IMAGE_PLACEHOLDER)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        added.append(PAD_TOKEN)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    probe = tokenizer(IMAGE_PLACEHOLDER, add_special_tokens=False)["input_ids"]
+    if probe != [image_token_id]:
+        raise ValueError(f"{IMAGE_PLACEHOLDER} does not tokenize to one token: {probe}")
+    return LoadedTokenizer(
+        tokenizer=tokenizer,
+        vocab_size=len(tokenizer),
+        image_token_id=int(image_token_id),
+        pad_token_id=int(tokenizer.pad_token_id),
+        added_tokens=tuple(added),
+    )
+
+
+def load_tokenizer(path: str) -> LoadedTokenizer:
+    """``AutoTokenizer`` from a local directory (never the hub, no remote code)."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(path), local_files_only=True, trust_remote_code=False, use_fast=True
+    )
+    loaded = prepare_tokenizer(tokenizer)
+    logging.info(
+        "Tokenizer %s: vocabulary %d (added %s), image token %d, pad %d",
+        path,
+        loaded.vocab_size,
+        list(loaded.added_tokens) or "nothing",
+        loaded.image_token_id,
+        loaded.pad_token_id,
+    )
+    return loaded
