@@ -32,8 +32,12 @@ Params = dict[str, Any]
 # Where each tower sits in the files transformers writes (older layout first, then the
 # in-memory layout of transformers 5). CLIP vision weights may or may not sit under
 # `vision_model.`.
-VISION_PREFIXES = ("vision_tower.vision_model.", "vision_tower.",
-                   "model.vision_tower.vision_model.", "model.vision_tower.")  # fmt: skip
+VISION_PREFIXES = (
+    "vision_tower.vision_model.",
+    "vision_tower.",
+    "model.vision_tower.vision_model.",
+    "model.vision_tower.",
+)
 TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
 LM_HEAD_KEYS = ("language_model.lm_head.weight", "lm_head.weight")
 PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
@@ -56,8 +60,10 @@ class Rule:
 
 def _check(value: Any, supported: tuple, field: str) -> None:
     if value not in supported:
-        raise CheckpointError(f"unsupported architecture: {field}={value!r} (supported: "
-                              f"{', '.join(map(repr, supported))})")  # fmt: skip
+        raise CheckpointError(
+            f"unsupported architecture: {field}={value!r} (supported: "
+            f"{', '.join(map(repr, supported))})"
+        )
 
 
 def _check_activation(name: str, field: str) -> None:
@@ -228,8 +234,9 @@ def _attention_rules(prefix: str, hf: str, names: dict[str, str], bias: bool) ->
     rules = []
     for ours, theirs in names.items():
         num_in = 2 if ours == "out" else 1
-        rules.append(Rule((*prefix, "attn", ours, "kernel"), f"{hf}{theirs}.weight", "linear",
-                          num_in))  # fmt: skip
+        rules.append(
+            Rule((*prefix, "attn", ours, "kernel"), f"{hf}{theirs}.weight", "linear", num_in)
+        )
         if bias:
             rules.append(Rule((*prefix, "attn", ours, "bias"), f"{hf}{theirs}.bias", "plain"))
     return rules
@@ -250,14 +257,18 @@ def vision_rules(config: VisionConfig) -> list[Rule]:
         Rule(("embedding", "pos"), "embeddings.position_embedding.weight", "plain"),
     ]
     for ours, theirs in (("pre_norm", "pre_layrnorm"), ("post_norm", "post_layernorm")):
-        rules += [Rule((ours, "scale"), f"{theirs}.weight", "plain"),
-                  Rule((ours, "bias"), f"{theirs}.bias", "plain")]  # fmt: skip
+        rules += [
+            Rule((ours, "scale"), f"{theirs}.weight", "plain"),
+            Rule((ours, "bias"), f"{theirs}.bias", "plain"),
+        ]
     attn = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "out_proj"}
     for i in range(config.num_layers):
         layer, hf = (f"layers_{i}",), f"encoder.layers.{i}."
         for ours, theirs in (("attn_norm", "layer_norm1"), ("mlp_norm", "layer_norm2")):
-            rules += [Rule((*layer, ours, "scale"), f"{hf}{theirs}.weight", "plain"),
-                      Rule((*layer, ours, "bias"), f"{hf}{theirs}.bias", "plain")]  # fmt: skip
+            rules += [
+                Rule((*layer, ours, "scale"), f"{hf}{theirs}.weight", "plain"),
+                Rule((*layer, ours, "bias"), f"{hf}{theirs}.bias", "plain"),
+            ]
         rules += _attention_rules(layer, f"{hf}self_attn.", attn, bias=True)
         rules += _dense_rules((*layer, "fc1"), f"{hf}mlp.fc1", bias=True)
         rules += _dense_rules((*layer, "fc2"), f"{hf}mlp.fc2", bias=True)
@@ -422,13 +433,31 @@ def load_hf(
     text_prefix = prefix_of(TEXT_PREFIXES, "embed_tokens.weight", "language model")
     proj_prefix = prefix_of(PROJECTOR_PREFIXES, "linear_1.weight", "projector")
     params = {
-        "img": _read_tower(reader, vision_prefix, vision_rules(config.vision),
-                           _tower_shapes(shapes, "img"), np_dtype, used),
-        "proj": _read_tower(reader, proj_prefix, projector_rules(config),
-                            _tower_shapes(shapes, "proj"), np_dtype, used),
-        "llm": _read_tower(reader, text_prefix, text_rules(config.text),
-                           _tower_shapes(shapes, "llm"), np_dtype, used),
-    }  # fmt: skip
+        "img": _read_tower(
+            reader,
+            vision_prefix,
+            vision_rules(config.vision),
+            _tower_shapes(shapes, "img"),
+            np_dtype,
+            used,
+        ),
+        "proj": _read_tower(
+            reader,
+            proj_prefix,
+            projector_rules(config),
+            _tower_shapes(shapes, "proj"),
+            np_dtype,
+            used,
+        ),
+        "llm": _read_tower(
+            reader,
+            text_prefix,
+            text_rules(config.text),
+            _tower_shapes(shapes, "llm"),
+            np_dtype,
+            used,
+        ),
+    }
     lm_head_rule = Rule(("lm_head", "kernel"), "", "linear")
     head_key = next((k for k in LM_HEAD_KEYS if k in reader), None)
     if config.text.tie_word_embeddings:
@@ -444,7 +473,7 @@ def load_hf(
                 _tower_shapes(shapes, "llm"),
                 np_dtype,
                 used,
-            )  # fmt: skip
+            )
         )
         ignore = ()
     _check_all_used(reader, used, ignore)
@@ -477,27 +506,42 @@ def load_towers(
     vision_reader = SafetensorsReader(vision_path)
     prefix = _find_prefix(vision_reader, ("vision_model.", ""), "embeddings.class_embedding")
     if prefix is None:
-        raise CheckpointError(f"{vision_path}: missing key 'vision_model.embeddings."
-                              "class_embedding' (not a CLIP vision checkpoint)")  # fmt: skip
+        raise CheckpointError(
+            f"{vision_path}: missing key 'vision_model.embeddings."
+            "class_embedding' (not a CLIP vision checkpoint)"
+        )
     used: set[str] = set()
-    img = _read_tower(vision_reader, prefix, vision_rules(config.vision),
-                      _tower_shapes(shapes, "img"), np_dtype, used)  # fmt: skip
+    img = _read_tower(
+        vision_reader,
+        prefix,
+        vision_rules(config.vision),
+        _tower_shapes(shapes, "img"),
+        np_dtype,
+        used,
+    )
     # A full CLIP checkpoint also holds the text tower and projections; only vision is taken.
     vision_extra = ("logit_scale", "text_projection.weight", "visual_projection.weight")
-    unexpected = [k for k in vision_reader if k not in used and not k.startswith("text_model.")
-                  and not k.endswith(IGNORED_SUFFIXES + vision_extra)]  # fmt: skip
+    unexpected = [
+        k
+        for k in vision_reader
+        if k not in used
+        and not k.startswith("text_model.")
+        and not k.endswith(IGNORED_SUFFIXES + vision_extra)
+    ]
     if unexpected:
         raise CheckpointError(f"{vision_path}: unexpected key(s) {unexpected[:10]}")
 
     text_reader = SafetensorsReader(text_path)
     used = set()
     llm_rules = text_rules(config.text)
-    llm = _read_tower(text_reader, "model.", llm_rules, _tower_shapes(shapes, "llm"),
-                      np_dtype, used)  # fmt: skip
+    llm = _read_tower(
+        text_reader, "model.", llm_rules, _tower_shapes(shapes, "llm"), np_dtype, used
+    )
     if not config.text.tie_word_embeddings:
         head = Rule(("lm_head", "kernel"), "lm_head.weight", "linear")
-        llm.update(_read_tower(text_reader, "", [head], _tower_shapes(shapes, "llm"),
-                               np_dtype, used))  # fmt: skip
+        llm.update(
+            _read_tower(text_reader, "", [head], _tower_shapes(shapes, "llm"), np_dtype, used)
+        )
     _check_all_used(text_reader, used, ("lm_head.weight",))
 
     fresh = init_params(

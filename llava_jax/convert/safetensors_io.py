@@ -15,8 +15,14 @@ from safetensors.numpy import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "model.pt",
-                "model.pth", "model.ckpt")  # fmt: skip
+PICKLE_FILES = (
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "model.bin",
+    "model.pt",
+    "model.pth",
+    "model.ckpt",
+)
 
 
 class CheckpointError(ValueError):
@@ -69,8 +75,11 @@ def _weight_map(directory: str) -> dict[str, str]:
     if os.path.exists(single):
         with safe_open(single, framework="numpy") as f:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
-    pickled = [name for name in os.listdir(directory) if name in PICKLE_FILES
-               or name.endswith((".bin", ".pt", ".pth", ".ckpt"))]  # fmt: skip
+    pickled = [
+        name
+        for name in os.listdir(directory)
+        if name in PICKLE_FILES or name.endswith((".bin", ".pt", ".pth", ".ckpt"))
+    ]
     if pickled:
         raise CheckpointError(
             f"{directory} holds a pickle checkpoint ({', '.join(sorted(pickled))}); llava_jax "

@@ -195,8 +195,9 @@ class Attention(nn.Module):
         cache_index: Array | None = None,
     ) -> tuple[Array, dict[str, Array] | None]:
         common = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query",
-                  **common)(x)  # fmt: skip
+        q = dense(
+            (self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **common
+        )(x)
         kv_axes = ("embed", "kv_heads", "head_dim")
         k = dense((self.num_kv_heads, self.head_dim), kv_axes, name="key", **common)(x)
         v = dense((self.num_kv_heads, self.head_dim), kv_axes, name="value", **common)(x)

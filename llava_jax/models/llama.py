@@ -25,8 +25,13 @@ KVCache = dict[str, Array]  # k, v: [L, B, S, K, D]; mask: int32[B, S]; index: i
 
 def init_cache(config: TextConfig, batch_size: int, max_length: int, dtype: Any) -> KVCache:
     """An empty KV cache for `batch_size` sequences of up to `max_length` tokens."""
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads,
-             config.resolved_head_dim)  # fmt: skip
+    shape = (
+        config.num_layers,
+        batch_size,
+        max_length,
+        config.num_kv_heads,
+        config.resolved_head_dim,
+    )
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),

@@ -54,8 +54,9 @@ def merge_image_features(
     features = features.reshape(batch, num_images * per_image, width)
     feature_index = jnp.clip(jnp.cumsum(is_image_token, axis=1) - 1, 0, num_images * per_image - 1)
     gathered = jnp.take_along_axis(features, feature_index[..., None], axis=1)
-    return jnp.where(is_image_token[..., None], gathered.astype(text_embeddings.dtype),
-                     text_embeddings)  # fmt: skip
+    return jnp.where(
+        is_image_token[..., None], gathered.astype(text_embeddings.dtype), text_embeddings
+    )
 
 
 class Llava(nn.Module):
@@ -174,8 +175,8 @@ def abstract_params(config: ModelConfig) -> dict:
 def init_params(config: ModelConfig, rng: Array) -> dict:
     """Randomly initialised parameters (unboxed), e.g. for a projector trained from scratch."""
     inputs = dummy_inputs(config)
-    variables = Llava(config).init(rng, inputs["input_ids"], inputs["images"])
-    return nn.meta.unbox(variables["params"])
+    init = jax.jit(lambda rng: Llava(config).init(rng, inputs["input_ids"], inputs["images"]))
+    return nn.meta.unbox(init(rng)["params"])
 
 
 _STACKED_TOWERS = {"img": "vision", "llm": "text"}
