@@ -226,6 +226,7 @@ def tokenize_conversation(
     an empty turn, ``<image>`` count != ``num_images``, image tokens cut by truncation,
     or no supervised token left.
     """
+    check_roles(turns)
     for index, turn in enumerate(turns):
         if not str(turn.get("value", "")).strip():
             raise DroppedExample("empty_turn", f"turn {index} is empty")

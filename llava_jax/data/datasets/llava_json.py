@@ -197,7 +197,7 @@ def validate(
             unit="img",
             disable=not all_paths,
         )
-        unreadable = {path: why for path, why in zip(all_paths, checks) if why}
+        unreadable = {path: why for path, why in zip(all_paths, checks, strict=True) if why}
     good = []
     for record_id, paths, turns in candidates:
         bad = [p for p in paths if p in unreadable]
