@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from llava_jax.data import datasets
 from llava_jax.data.conversation import (
@@ -279,6 +280,9 @@ def make_dataset(
         grain.ReadOptions(num_threads=0 if config.num_workers else 2, prefetch_buffer_size=16)
     )
     if config.num_workers > 0:
+        # grain's workers read absl flags; outside an absl app nobody parsed them
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=config.num_workers,
