@@ -109,3 +109,19 @@ def test_corrupt_bytes_raise_a_decode_error():
     for data in (b"not an image", good[: len(good) // 2], b""):
         with pytest.raises(ImageDecodeError):
             decode_image(data)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "size"),
+    [(640, 480, 336), (480, 640, 336), (641, 479, 336), (333, 500, 224), (2000, 30, 336)],
+)
+def test_pad_equals_llava_expand2square_then_full_resize(width, height, size):
+    rng = np.random.default_rng(width)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    fill = tuple(int(m * 255) for m in CLIP_MEAN)
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    expected = np.asarray(square.resize((size, size), Image.Resampling.BICUBIC))
+    got = unnormalize(load_and_preprocess(encode(image, "PNG"), size, "pad"))
+    np.testing.assert_allclose(got, expected, atol=0.01)

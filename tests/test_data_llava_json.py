@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -41,7 +42,7 @@ def test_validation_report_counts_every_problem_kind():
 
 
 def test_json_list_is_read_like_jsonl(tmp_path):
-    records = [json.loads(line) for line in open(JSONL).read().splitlines()[:8]]
+    records = [json.loads(line) for line in pathlib.Path(JSONL).read_text().splitlines()[:8]]
     path = tmp_path / "records.json"
     path.write_text(json.dumps(records))
     _, report = validate(str(path), IMAGES)
@@ -88,7 +89,7 @@ def test_error_policy_stops_before_writing_and_names_offenders(tmp_path):
 
 
 def test_clean_file_prepares_under_error_policy(tmp_path):
-    lines = open(JSONL).read().splitlines()[:3]
+    lines = pathlib.Path(JSONL).read_text().splitlines()[:3]
     clean = tmp_path / "clean.jsonl"
     clean.write_text("\n".join(lines))
     images = tmp_path / "images"
@@ -101,3 +102,15 @@ def test_clean_file_prepares_under_error_policy(tmp_path):
         on_bad_record="error",
     )
     assert len(datasets.open_split(config, "train")) == 3
+
+
+def test_prepare_command_reports_and_fails_under_error(tmp_path, capsys):
+    from llava_jax.data.prepare import main
+
+    common = ["--source", "llava_json", "--json_path", JSONL, "--image_dir", IMAGES]
+    common += ["--data_dir", str(tmp_path)]
+    assert main([*common, "--on_bad_record", "error", "--dataset_name", "cli_error"]) == 1
+    assert "missing_file: 1" in capsys.readouterr().err
+    assert main([*common, "--on_bad_record", "skip", "--dataset_name", "cli_skip"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 3 records" in out and '"unreadable_image": 1' in out

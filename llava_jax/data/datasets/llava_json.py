@@ -252,11 +252,9 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
         reports = {split: report for split, (_, report) in validated.items()}
         self.validation_reports = reports
         for report in reports.values():
+            if report.dropped and config.on_bad_record == "error":
+                raise BadRecordsError(report)  # before anything is written
             print(report.summary())
-        if config.on_bad_record == "error":
-            for report in reports.values():
-                if report.dropped:
-                    raise BadRecordsError(report)
         os.makedirs(self.data_dir, exist_ok=True)
         with open(os.path.join(self.data_dir, REPORT_FILE), "w") as file:
             json.dump({s: r.to_json() for s, r in reports.items()}, file, indent=2)
