@@ -56,26 +56,62 @@ def remat_policy(name: str) -> Callable[..., bool] | None:
     return jax.checkpoint_policies.nothing_saveable
 
 
+class Dense(nn.Module):
+    """`y = x · kernel (+ bias)`, contracting the last `num_contract` axes of x with the
+    leading axes of a kernel shaped `[*contracted, *features]` with logical `axes`.
+
+    Unlike `nn.DenseGeneral`, the kernel is created in its final shape, so its logical
+    sharding constraint holds when Flax re-applies it under a mesh.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    num_contract: int = 1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        contracted = x.shape[x.ndim - self.num_contract :]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(default_kernel_init, self.axes),
+            (*contracted, *self.features),
+            self.param_dtype,
+        )
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), self.num_contract)
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(
+                    nn.initializers.zeros, self.axes[-len(self.features) :]
+                ),
+                self.features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 def dense(
     features: int | tuple[int, ...],
     axes: tuple[str | None, ...],
     *,
     name: str | None = None,
-    axis: int | tuple[int, ...] = -1,
+    num_contract: int = 1,
     use_bias: bool = False,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
-) -> nn.DenseGeneral:
-    """A DenseGeneral whose kernel carries logical `axes` (input axes, then output axes)."""
-    n_out = 1 if isinstance(features, int) else len(features)
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
+) -> Dense:
+    """A `Dense` whose kernel carries logical `axes` (contracted axes, then output axes)."""
+    return Dense(
+        features=(features,) if isinstance(features, int) else tuple(features),
+        axes=axes,
+        num_contract=num_contract,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(default_kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-n_out:]),
         name=name,
     )
 
@@ -216,7 +252,7 @@ class Attention(nn.Module):
             new_cache = {"k": k, "v": v}
         out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
         out = dense(
-            x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1), name="out", **common
+            x.shape[-1], ("heads", "head_dim", "embed"), num_contract=2, name="out", **common
         )(out)
         return checkpoint_name(out, "attn_out"), new_cache
 

@@ -1,0 +1,1 @@
+"""Training: optimizer with frozen towers, masked loss, sharded state, the jitted step."""

@@ -1,0 +1,133 @@
+"""AdamW with LLaVA's defaults, warm-up + cosine, clipping, a projector learning rate, and
+freezing by path regex: frozen parameters get no gradients and no optimizer state at all."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import jax
+import optax
+
+from llava_jax.sharding import path_string
+
+PROJECTOR_PATTERN = r"proj/.*"
+
+
+def trainable_mask(params: Any, train_pattern: str) -> Any:
+    """Tree of bools: True where the path (`llm/layers/attn/query/kernel`) fully matches.
+
+    A pattern, or an alternative of it (`proj/.*|llm/.*`), that matches nothing is an error:
+    a typo would otherwise silently freeze a tower.
+    """
+    try:
+        compiled = re.compile(train_pattern)
+    except re.error as err:
+        raise ValueError(f"train pattern {train_pattern!r} is not a regex: {err}") from None
+    paths = [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for alternative in _top_level_alternatives(train_pattern):
+        if not any(re.fullmatch(alternative, path) for path in paths):
+            raise ValueError(
+                f"train pattern {train_pattern!r}: {alternative!r} matches no parameter "
+                f"(paths look like {paths[0]!r}, {paths[-1]!r})"
+            )
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: compiled.fullmatch(path_string(p)) is not None, params
+    )
+
+
+def _top_level_alternatives(pattern: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(pattern):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "|" and depth == 0 and (i == 0 or pattern[i - 1] != "\\"):
+            parts.append(pattern[start:i])
+            start = i + 1
+    return [*parts, pattern[start:]]
+
+
+def split_trainable(params: Any, mask: Any) -> Any:
+    """The trainable part: the same tree with frozen leaves as empty `optax.MaskedNode`s."""
+    return jax.tree.map(lambda p, m: p if m else optax.MaskedNode(), params, mask)
+
+
+def merge_trainable(params: Any, trainable: Any, mask: Any) -> Any:
+    """Put the trainable leaves back into the full tree; frozen leaves stay as they are."""
+    trainable_leaves = iter(jax.tree.leaves(trainable))
+    return jax.tree.map(lambda p, m: next(trainable_leaves) if m else p, params, mask)
+
+
+def learning_rate_schedule(
+    peak: float, total_steps: int, warmup_ratio: float = 0.03, kind: str = "cosine"
+) -> optax.Schedule:
+    """Linear warm-up from 0 over `ceil(ratio * total)` steps, then cosine (or constant)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if kind == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
+            [warmup],
+        )
+    if kind != "cosine":
+        raise ValueError(f"schedule {kind!r} is not one of 'cosine', 'constant'")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=0.0,
+    )
+
+
+def _decays(path: tuple, _: Any) -> bool:
+    """Weight decay applies to kernels and embeddings, not to biases or norm scales."""
+    return path_string(path).rsplit("/", 1)[-1] not in ("bias", "scale")
+
+
+def make_optimizer(
+    *,
+    learning_rate: float,
+    total_steps: int,
+    warmup_ratio: float = 0.03,
+    schedule: str = "cosine",
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    grad_clip_norm: float | None = 1.0,
+    projector_learning_rate: float | None = None,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW for the trainable tree (see `split_trainable`), and the main schedule.
+
+    With `projector_learning_rate` (LLaVA's `mm_projector_lr`), `proj/*` follows its own
+    schedule of the same shape.
+    """
+
+    def adamw(peak: float) -> optax.GradientTransformation:
+        lr = learning_rate_schedule(peak, total_steps, warmup_ratio, schedule)
+        mask = (
+            (lambda tree: jax.tree_util.tree_map_with_path(_decays, tree)) if weight_decay else None
+        )
+        return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+
+    main_schedule = learning_rate_schedule(learning_rate, total_steps, warmup_ratio, schedule)
+    if projector_learning_rate is None:
+        tx = adamw(learning_rate)
+    else:
+
+        def labels(tree: Any) -> Any:
+            return jax.tree_util.tree_map_with_path(
+                lambda p, _: (
+                    "projector" if re.fullmatch(PROJECTOR_PATTERN, path_string(p)) else "default"
+                ),
+                tree,
+            )
+
+        tx = optax.multi_transform(
+            {"projector": adamw(projector_learning_rate), "default": adamw(learning_rate)},
+            labels,
+        )
+    if grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+    return tx, main_schedule

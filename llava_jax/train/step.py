@@ -1,0 +1,144 @@
+"""The train step: a pure `train_step(state, batch) -> (state, metrics)`, jitted once.
+
+Loss = Σ(CE·mask) / Σ(mask) over the whole global batch in float32. With k micro-batches
+the sums run over all of them before the one division, so k micro-batches of B/k equal
+one batch of B. Gradients are taken only for the trainable leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from llava_jax.sharding import BATCH_AXES, batch_sharding, check_batch_size, replicated
+from llava_jax.train.loss import masked_cross_entropy_sums
+from llava_jax.train.optimizer import merge_trainable, split_trainable
+from llava_jax.train.state import TrainSetup, TrainState
+
+Batch = dict[str, jax.Array]
+MODEL_INPUTS = ("input_ids", "images", "image_mask", "attention_mask")
+
+
+def _model_inputs(batch: Batch) -> dict[str, jax.Array]:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def make_train_step(
+    setup: TrainSetup,
+    learning_rate: optax.Schedule,
+    *,
+    micro_batches: int = 1,
+    z_loss_weight: float = 0.0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure step function (not yet jitted; see `jit_train_step`).
+
+    batch: `input_ids int32[B, T]`, `loss_mask float32[B, T]`, `attention_mask int32[B, T]`,
+    optionally `images float32[B, I, H, W, 3]` and `image_mask bool[B, I]`.
+    """
+    model = setup.model
+    mask = setup.mask
+
+    def summed_loss(trainable: Any, params: Any, batch: Batch) -> tuple[jax.Array, tuple]:
+        full = merge_trainable(params, trainable, mask)
+        logits = model.apply({"params": full}, **_model_inputs(batch))
+        ce, z, tokens = masked_cross_entropy_sums(
+            logits, batch["input_ids"], batch["loss_mask"], z_loss_weight
+        )
+        return ce + z, (ce, z, tokens)
+
+    grad_fn = jax.grad(summed_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        with nn.logical_axis_rules(setup.rules):
+            trainable = split_trainable(state.params, mask)
+            if micro_batches == 1:
+                grads, (ce, z, tokens) = grad_fn(trainable, state.params, batch)
+            else:
+                grads, (ce, z, tokens) = _accumulate(
+                    grad_fn, trainable, state.params, batch, micro_batches, setup
+                )
+            # One division for the whole global batch; no supervised token gives 0, not NaN.
+            denominator = jnp.maximum(tokens, 1.0)
+            grads = jax.tree.map(lambda g: g / denominator, grads)
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = setup.optimizer.update(grads, state.opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            params = merge_trainable(state.params, trainable, mask)
+        metrics = {
+            "loss": ce / denominator,
+            "z_loss": z / denominator,
+            "supervised_tokens": tokens,
+            "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+            "examples": jnp.asarray(batch["input_ids"].shape[0], jnp.float32),
+            "grad_norm": grad_norm,
+            "learning_rate": learning_rate(state.step),
+        }
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def _accumulate(grad_fn, trainable, params, batch, micro_batches, setup):
+    """Scan over k micro-batches, summing gradients and token sums in float32.
+
+    Row r of the global batch goes to micro-batch r % k, so every device contributes its
+    share to every micro-batch and no data moves between devices.
+    """
+    batch_size = batch["input_ids"].shape[0]
+    split_sharding = NamedSharding(setup.mesh, P(None, BATCH_AXES))
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(batch_size // micro_batches, micro_batches, *x.shape[1:])
+        return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), split_sharding)
+
+    micro = jax.tree.map(split, batch)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    init = (zeros, (jnp.float32(0), jnp.float32(0), jnp.float32(0)))
+
+    def body(carry, one_batch):
+        grads, sums = carry
+        g, aux = grad_fn(trainable, params, one_batch)
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        return (grads, jax.tree.map(jnp.add, sums, aux)), None
+
+    (grads, sums), _ = jax.lax.scan(body, init, micro)
+    return grads, sums
+
+
+def jit_train_step(
+    setup: TrainSetup,
+    step_fn: Callable,
+    global_batch_size: int,
+    micro_batches: int = 1,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Jit once with the state's shardings, the batch split over (data, fsdp), the state
+    donated; the returned callable runs it under the mesh."""
+    check_batch_size(global_batch_size, setup.mesh)
+    if micro_batches < 1 or global_batch_size % micro_batches:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible into "
+            f"{micro_batches} micro-batches"
+        )
+    if micro_batches > 1:
+        check_batch_size(global_batch_size // micro_batches, setup.mesh, "micro-batch")
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(setup.state_shardings, batch_sharding(setup.mesh)),
+        out_shardings=(setup.state_shardings, replicated(setup.mesh)),
+        donate_argnums=(0,),
+    )
+
+    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        with jax.set_mesh(setup.mesh):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run
