@@ -142,3 +142,9 @@ def jit_train_step(
 
     run.jitted = jitted
     return run
+
+
+def metrics_to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """Replicated metric arrays -> Python floats, from this process's own copy (works when
+    the array spans other processes' devices too)."""
+    return {k: float(jax.device_get(v.addressable_shards[0].data)) for k, v in metrics.items()}
