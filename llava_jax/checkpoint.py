@@ -1,6 +1,7 @@
-"""Orbax checkpoints: a params checkpoint (weights + model config) for weight exchange.
+"""Orbax checkpoints: training checkpoints that resume exactly, and params checkpoints.
 
-Layout of a params checkpoint directory:
+A training workdir holds `checkpoints/<step>/{state, data, config}`. A params checkpoint
+(weight exchange, `python -m llava_jax.convert`) is a directory with
 
   model_config.json   `ModelConfig.to_dict()`
   params/             Orbax PyTree of `{'img', 'proj', 'llm'}`
@@ -9,6 +10,7 @@ Layout of a params checkpoint directory:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -51,3 +53,103 @@ def load_params(directory: str, target: Any = None) -> tuple[ModelConfig, Any]:
             is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
         )
     return config, checkpointer.restore(params_path, target)
+
+
+# --- training checkpoints -------------------------------------------------------------------
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainCheckpoints:
+    """Orbax `CheckpointManager` under `workdir/checkpoints/`: the train state, the data
+    iterator's state (one file per process) and the run config, saved asynchronously.
+
+    `restore_latest` takes the newest complete checkpoint; one that cannot be read is passed
+    over with a warning that names it.
+    """
+
+    def __init__(self, workdir: str, keep: int = 3):
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=True, create=True
+            ),
+        )
+
+    def save(self, step: int, state: Any, data_iterator: Any, config: dict) -> None:
+        import grain
+
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=True,
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any] | None:
+        """(step, state) from the newest readable checkpoint, the iterator set in place;
+        None when there is none. `abstract_state` carries the target shardings."""
+        import grain
+
+        for step in reversed(self.steps()):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                logging.warning(
+                    "Checkpoint %s is unreadable and is passed over: %s",
+                    os.path.join(self.directory, str(step)),
+                    f"{type(err).__name__}: {err}"[:500],
+                )
+                continue
+            return step, restored.state
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def read_run_config(workdir: str) -> tuple[int, dict]:
+    """(step, config dict) of a training workdir's newest checkpoint."""
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+    if not steps:
+        raise FileNotFoundError(f"{workdir}: no checkpoint in {directory}")
+    step = max(steps)
+    with open(os.path.join(directory, str(step), "config", "metadata")) as f:
+        return step, json.load(f)
+
+
+def restore_params(workdir: str, abstract_params: Any) -> Any:
+    """Only the parameters of a training workdir's newest checkpoint, onto the shardings in
+    `abstract_params` (e.g. stage 2 starting from stage 1)."""
+    step, _ = read_run_config(workdir)
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "state")
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_params
+    )
+    restored = ocp.PyTreeCheckpointer().restore(
+        directory,
+        args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params},
+            restore_args={"params": restore_args},
+            partial_restore=True,
+        ),
+    )
+    return restored["params"]

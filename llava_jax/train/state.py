@@ -39,6 +39,7 @@ class TrainSetup:
     mesh: Mesh
     rules: Rules
     state_shardings: TrainState
+    abstract_state: TrainState  # ShapeDtypeStructs carrying the shardings (restore target)
 
     @property
     def model(self) -> Llava:
@@ -69,7 +70,15 @@ def make_setup(
         params=params_sharding,
         opt_state=shardings_like(abstract_opt_state, reference, mesh),
     )
-    return TrainSetup(model_config, mask, optimizer, mesh, rules, state_shardings)
+    shapes_state = TrainState(
+        step=jax.ShapeDtypeStruct((), np.int32), params=shapes, opt_state=abstract_opt_state
+    )
+    abstract_state = jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        shapes_state,
+        state_shardings,
+    )
+    return TrainSetup(model_config, mask, optimizer, mesh, rules, state_shardings, abstract_state)
 
 
 def init_train_state(setup: TrainSetup, rng: jax.Array, params: Any = None) -> TrainState:
@@ -102,6 +111,8 @@ def place(tree: Any, shardings: Any) -> Any:
     process (all of which hold the full host tree) builds only its addressable shards."""
 
     def one(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+        if isinstance(value, jax.Array):  # already global (e.g. restored): reshard on device
+            return jax.device_put(value, sharding)
         value = np.asarray(value)
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 

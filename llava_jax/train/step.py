@@ -148,3 +148,26 @@ def metrics_to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
     """Replicated metric arrays -> Python floats, from this process's own copy (works when
     the array spans other processes' devices too)."""
     return {k: float(jax.device_get(v.addressable_shards[0].data)) for k, v in metrics.items()}
+
+
+def make_eval_step(setup: TrainSetup) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """Jitted `(params, batch) -> {'loss_sum', 'supervised_tokens'}` for held-out loss."""
+    model = setup.model
+
+    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        with nn.logical_axis_rules(setup.rules):
+            logits = model.apply({"params": params}, **_model_inputs(batch))
+        ce, _, tokens = masked_cross_entropy_sums(logits, batch["input_ids"], batch["loss_mask"])
+        return {"loss_sum": ce, "supervised_tokens": tokens}
+
+    jitted = jax.jit(
+        eval_step,
+        in_shardings=(setup.state_shardings.params, batch_sharding(setup.mesh)),
+        out_shardings=replicated(setup.mesh),
+    )
+
+    def run(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        with jax.set_mesh(setup.mesh):
+            return jitted(params, batch)
+
+    return run

@@ -171,7 +171,7 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
     code_path = None
 
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [SyntheticConfig()]
+    BUILDER_CONFIGS = []  # always built from an explicit SyntheticConfig (any name)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -1,0 +1,50 @@
+"""The embedded default: a tiny LLaVA trained on the synthetic shapes dataset, on a laptop.
+
+    python -m llava_jax.main --config=configs/tiny.py --workdir=workdir/tiny
+
+Everything trains from scratch (there is no pretrained tower to keep frozen), with the
+LLaVA-1.5 model layout (CLIP-style ViT, mlp2x_gelu projector, LLaMA decoder) and the
+`vicuna_v1` template. Prepares the synthetic data on first use.
+"""
+
+from llava_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+    config = base_config()
+
+    model = config.model
+    model.vision.hidden_size = 64
+    model.vision.intermediate_size = 128
+    model.vision.num_layers = 2
+    model.vision.num_heads = 4
+    model.vision.image_size = 32
+    model.vision.patch_size = 8  # 16 patches: 16 image tokens
+    model.text.vocab_size = 128  # grows to the tokenizer's vocabulary
+    model.text.hidden_size = 128
+    model.text.intermediate_size = 256
+    model.text.num_layers = 2
+    model.text.num_heads = 4
+    model.text.num_kv_heads = 2
+    model.text.max_position_embeddings = 256
+    model.vision_feature_layer = -1  # a ViT trained from scratch: use its last layer
+    model.projector = "mlp2x_gelu"
+
+    config.data.source = "synthetic"
+    config.data.data_dir = "~/tensorflow_datasets"
+    config.data.template = "vicuna_v1"
+    config.data.max_len = 128
+    config.data.global_batch_size = 32
+
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_ratio = 0.03
+
+    config.train.num_steps = 600
+    config.train.train_pattern = ".*"
+    config.train.log_every = 20
+    config.train.checkpoint_every = 200
+    config.train.eval_every = 0
+
+    config.eval.num_records = 200
+    config.eval.batch_size = 64
+    return config

@@ -1,0 +1,80 @@
+"""Command line: flags -> config -> `train_and_evaluate(config, workdir)`.
+
+    python -m llava_jax.main --config=configs/tiny.py --workdir=workdir/tiny \
+        [--config.train.num_steps=100 ...]
+
+Several hosts: on TPU pods and SLURM clusters `jax.distributed.initialize()` finds its
+peers by itself; elsewhere (GPU clusters, processes on localhost) give
+`--coordinator_address`, `--num_processes` and `--process_id`, or the environment
+variables LLAVA_COORDINATOR_ADDRESS, LLAVA_NUM_PROCESSES, LLAVA_PROCESS_ID.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.DEFINE_string("cpu_collectives", None, "CPU collectives for multi-process CPU: gloo.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _flag_or_env(name: str):
+    value = getattr(FLAGS, name)
+    if value is None:
+        value = os.environ.get(f"LLAVA_{name.upper()}")
+    return value
+
+
+def initialize_distributed() -> None:
+    """Join the other processes, if there are any."""
+    import jax
+
+    if FLAGS.cpu_collectives or os.environ.get("LLAVA_CPU_COLLECTIVES"):
+        jax.config.update(
+            "jax_cpu_collectives_implementation",
+            FLAGS.cpu_collectives or os.environ["LLAVA_CPU_COLLECTIVES"],
+        )
+    address = _flag_or_env("coordinator_address")
+    if address:
+        jax.distributed.initialize(
+            address,
+            num_processes=int(_flag_or_env("num_processes")),
+            process_id=int(_flag_or_env("process_id")),
+        )
+    elif any(name in os.environ for name in _CLUSTER_ENV) or (
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    ):
+        jax.distributed.initialize()  # TPU pod / SLURM: peers found automatically
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    initialize_distributed()
+    from llava_jax.train.trainer import train_and_evaluate
+
+    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if summary.get("preempted"):
+        logging.warning("Stopped at step %d on request; run again to continue.", summary["step"])
+    elif "eval" in summary:
+        print({k: v for k, v in summary["eval"].items() if not isinstance(v, list)})
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main)
