@@ -136,11 +136,21 @@ def read_run_config(workdir: str) -> tuple[int, dict]:
         return step, json.load(f)
 
 
-def restore_params(workdir: str, abstract_params: Any) -> Any:
-    """Only the parameters of a training workdir's newest checkpoint, onto the shardings in
-    `abstract_params` (e.g. stage 2 starting from stage 1)."""
-    step, _ = read_run_config(workdir)
+def restore_params(workdir: str, abstract_params: Any = None, step: int | None = None) -> Any:
+    """Only the parameters of a training workdir's checkpoint (default: the newest), onto
+    the shardings in `abstract_params` (default: as saved, on the default device); e.g.
+    stage 2 starting from stage 1."""
+    if step is None:
+        step, _ = read_run_config(workdir)
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "state")
+    if abstract_params is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+        abstract_params = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            metadata["params"],
+            is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
+        )
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_params
     )

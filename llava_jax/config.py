@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3
     config.train.eval_every = 0  # 0: only at the end
+    # Leave (with a checkpoint) once this step is done; the schedule still spans num_steps.
+    # For jobs with a time limit; running again continues.
+    config.train.stop_at_step = config_dict.placeholder(int)
 
     config.eval = ml_collections.ConfigDict()
     config.eval.num_records = 200  # held-out records; each assistant turn is a question
@@ -142,3 +145,75 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("log_every", "checkpoint_every", "keep_checkpoints", "micro_batches"):
         if config.train[field] < 1:
             raise ValueError(f"config.train.{field}={config.train[field]} must be >= 1")
+
+
+# --- LLaVA recipes (configs/llava_v15.py, configs/llava_v1.py) ------------------------------
+
+# CLIP ViT-L/14 at 336 px: 576 image tokens (CLS dropped).
+VIT_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_layers=24,
+    num_heads=16,
+    patch_size=14,
+    image_size=336,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
+)
+VICUNA = {
+    "7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32
+    ),
+    "13b": dict(
+        hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40
+    ),
+}
+STAGES = {
+    # stage: (trains, template, global batch, learning rate, init mode)
+    "pretrain": ("proj/.*", "plain", 256, 1e-3, "towers"),
+    "finetune": ("proj/.*|llm/.*", "vicuna_v1", 128, 2e-5, "checkpoint"),
+}
+
+
+def parse_recipe_arg(arg: str | None, default: str = "7b,pretrain") -> tuple[str, str]:
+    size, _, stage = (arg or default).partition(",")
+    if size not in VICUNA or stage not in STAGES:
+        raise ValueError(
+            f"config argument {arg!r}: expected SIZE,STAGE with SIZE in {sorted(VICUNA)} "
+            f"and STAGE in {sorted(STAGES)}, e.g. configs/llava_v15.py:7b,pretrain"
+        )
+    return size, stage
+
+
+def apply_recipe(config, size: str, stage: str, projector: str) -> None:
+    """The LLaVA model and stage settings shared by LLaVA-1 and LLaVA-1.5."""
+    trains, template, batch, lr, init_mode = STAGES[stage]
+    model = config.model
+    model.vision.update(VIT_L_336)
+    model.text.update(VICUNA[size])
+    model.text.update(vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096)
+    model.projector = projector
+    model.vision_feature_layer = -2
+    model.vision_feature_select_strategy = "default"
+    model.dtype = "bfloat16"
+    model.param_dtype = "float32"
+    model.scan_layers = True
+    model.remat_policy = "minimal"
+
+    config.init.mode = init_mode
+    config.data.source = "llava_json"
+    config.data.template = template
+    config.data.image_aspect = "pad"
+    config.data.max_len = 2048
+    config.data.global_batch_size = batch
+    config.data.num_workers = 8
+
+    config.optimizer.learning_rate = lr
+    config.optimizer.warmup_ratio = 0.03
+    config.optimizer.schedule = "cosine"
+    config.optimizer.weight_decay = 0.0
+    config.train.train_pattern = trains
+    config.train.num_epochs = 1.0
+    config.train.log_every = 10
+    config.train.checkpoint_every = 500
+    config.mesh.shape = (1, -1, 1)  # FSDP over every device

@@ -276,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
         summary["step"] = step
         if step < total_steps:
-            summary["preempted"] = True
+            summary["preempted"] = True  # by SIGTERM or stop_at_step: run again to go on
             return summary
         if step not in checkpoints.steps():
             checkpoints.save(step, state, iterator, run_config)
@@ -337,10 +337,12 @@ def _loop(
     window_start, window_tokens = time.perf_counter(), 0.0
     try:
         while step < total_steps:
-            if preemption.agreed():
-                checkpoints.save(step, state, iterator, run_config)
+            stop_here = train.stop_at_step is not None and step >= train.stop_at_step
+            if stop_here or preemption.agreed():
+                if step not in checkpoints.steps():
+                    checkpoints.save(step, state, iterator, run_config)
                 checkpoints.wait()
-                logging.warning("Preempted: saved step %d in %s", step, checkpoints.directory)
+                logging.warning("Stopped at step %d; saved in %s", step, checkpoints.directory)
                 return state, step
             batch = to_global_batch(next(iterator), setup.mesh)
             state, metrics = train_step(state, batch)
@@ -401,6 +403,8 @@ def _evaluate(config, setup, state, tokenizer, data_config, writer, step, final=
 
 
 def _eval_loss(setup, state, tokenizer, eval_data, max_batches) -> float | None:
+    if max_batches <= 0:
+        return None
     try:
         iterator = make_train_iterator(eval_data, tokenizer, split="test")
     except (KeyError, ValueError, FileNotFoundError) as err:

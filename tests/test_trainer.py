@@ -1,0 +1,242 @@
+"""The trainer: exact resume after SIGKILL, SIGTERM, another mesh, stage chaining, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from trainer_fixtures import (
+    REPO,
+    checkpoint_params,
+    main_command,
+    subprocess_env,
+    tiny_config,
+    wait_for_step,
+)
+
+from llava_jax import checkpoint as ckpt
+from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokenizer_for
+from llava_jax.train.trainer import _data_config, initial_model, train_and_evaluate
+
+TOTAL = 12
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    subprocess.run(
+        main_command(workdir, data_dir),
+        cwd=REPO,
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return workdir
+
+
+def _run_until(workdir, data_dir, step, sig):
+    process = subprocess.Popen(
+        main_command(workdir, data_dir),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_step(workdir, step, process)
+    except AssertionError:
+        process.kill()
+        raise AssertionError(process.communicate()[1][-3000:]) from None
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
+
+
+def _assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_sigkill_twice_and_sigterm_then_rerun_end_bitwise_equal(tmp_path, data_dir, uninterrupted):
+    """Killed at two steps, preempted at a third, each time started again with the same
+    command: the final parameters equal an uninterrupted run's, bit for bit."""
+    workdir = str(tmp_path / "interrupted")
+    for kill_at in (2, 7):
+        code, _ = _run_until(workdir, data_dir, kill_at, signal.SIGKILL)
+        assert code == -signal.SIGKILL
+        assert max(ckpt.TrainCheckpoints(workdir).steps(), default=0) < TOTAL
+
+    code, stderr = _run_until(workdir, data_dir, 10, signal.SIGTERM)
+    assert code == 0, stderr[-3000:]
+    saved = max(ckpt.TrainCheckpoints(workdir).steps())
+    assert 10 <= saved < TOTAL and saved % 3 != 0  # saved on SIGTERM, not periodically
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert saved == max(json.loads(line)["step"] for line in f)
+
+    result = subprocess.run(
+        main_command(workdir, data_dir),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from {os.path.join(workdir, 'checkpoints')} at step {saved}" in result.stderr
+    _assert_bitwise_equal(
+        checkpoint_params(workdir, TOTAL), checkpoint_params(uninterrupted, TOTAL)
+    )
+
+
+def test_restore_onto_another_mesh(tmp_path, data_dir):
+    """Saved on (8,1,1), restored onto (2,2,2): equal parameters, same next-step loss."""
+    from llava_jax.sharding import make_mesh
+    from llava_jax.train.optimizer import make_optimizer
+    from llava_jax.train.state import make_setup
+    from llava_jax.train.step import jit_train_step, make_train_step, metrics_to_host
+
+    workdir = str(tmp_path / "run")
+    config = tiny_config(data_dir, train__num_steps=4, mesh__shape=(8, 1, 1))
+    train_and_evaluate(config, workdir)
+
+    tokenizer = tokenizer_for(config.data)
+    model_config, _ = initial_model(config, tokenizer)
+    data = _data_config(config, model_config)
+    results = {}
+    for shape in ((8, 1, 1), (2, 2, 2)):
+        mesh = make_mesh(shape)
+        optimizer, schedule = make_optimizer(
+            learning_rate=config.optimizer.learning_rate, total_steps=12, warmup_ratio=0.03
+        )
+        setup = make_setup(
+            model_config,
+            optimizer,
+            config.train.train_pattern,
+            mesh,
+            tuple(map(tuple, config.mesh.rules)),
+        )
+        iterator = make_train_iterator(data, tokenizer)
+        step, state = ckpt.TrainCheckpoints(workdir).restore_latest(setup.abstract_state, iterator)
+        assert step == 4
+        assert state.params["llm"]["lm_head"]["kernel"].sharding.mesh.devices.shape == shape
+        params = {
+            jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
+            for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+        }
+        train_step = jit_train_step(setup, make_train_step(setup, schedule), 8)
+        _, metrics = train_step(state, to_global_batch(next(iterator), mesh))
+        results[shape] = (params, metrics_to_host(metrics)["loss"])
+        iterator.close()
+    (params_a, loss_a), (params_b, loss_b) = results.values()
+    _assert_bitwise_equal(params_a, params_b)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+
+
+def test_stage_chaining_keeps_frozen_towers_bitwise(tmp_path, data_dir):
+    pretrain = str(tmp_path / "pretrain")
+    finetune = str(tmp_path / "finetune")
+    train_and_evaluate(
+        tiny_config(
+            data_dir,
+            train__num_steps=3,
+            train__train_pattern="proj/.*",
+            data__template="plain",
+            data__synthetic_style="caption",
+        ),
+        pretrain,
+    )
+    train_and_evaluate(
+        tiny_config(
+            data_dir,
+            train__num_steps=3,
+            train__train_pattern="proj/.*|llm/.*",
+            init__mode="checkpoint",
+            init__checkpoint_path=pretrain,
+        ),
+        finetune,
+    )
+    # The initial parameters of the pretrain run: same seed, from scratch.
+    start = str(tmp_path / "start")
+    train_and_evaluate(
+        tiny_config(
+            data_dir,
+            train__num_steps=1,
+            train__train_pattern="proj/.*",
+            optimizer__learning_rate=0.0,
+        ),
+        start,
+    )
+    initial = checkpoint_params(start, 1)
+    after_1 = checkpoint_params(pretrain, 3)
+    after_2 = checkpoint_params(finetune, 3)
+
+    def tower(params, name):
+        return {k: v for k, v in params.items() if k.startswith(f"['{name}']")}
+
+    _assert_bitwise_equal(tower(after_1, "img"), tower(initial, "img"))
+    _assert_bitwise_equal(tower(after_2, "img"), tower(initial, "img"))
+    _assert_bitwise_equal(tower(after_1, "llm"), tower(initial, "llm"))
+    changed = [k for k in tower(after_2, "llm") if not np.array_equal(after_2[k], after_1[k])]
+    assert changed, "stage 2 trains the LLM"
+    assert any(not np.array_equal(after_1[k], initial[k]) for k in tower(after_1, "proj"))
+
+
+# --- start-up errors -------------------------------------------------------------------------
+
+
+def _main_fails(tmp_path, *flags):
+    command = [
+        sys.executable,
+        "-m",
+        "llava_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={tmp_path / 'w'}",
+        *flags,
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    return result.stderr
+
+
+def test_unknown_override_key_is_named(tmp_path):
+    assert "nmu_steps" in _main_fails(tmp_path, "--config.train.nmu_steps=3")
+
+
+def test_wrong_override_type_is_named(tmp_path):
+    stderr = _main_fails(tmp_path, "--config.train.num_steps=many")
+    assert "num_steps" in stderr and "many" in stderr
+
+
+def test_missing_data_path_is_named(tmp_path, data_dir):
+    config = tiny_config(
+        data_dir,
+        data__source="llava_json",
+        data__json_path=str(tmp_path / "nowhere.json"),
+        data__image_dir=str(tmp_path),
+        data__tokenizer_path=str(tmp_path),
+    )
+    with pytest.raises(FileNotFoundError, match="config.data.json_path: .*nowhere.json"):
+        train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_unwritable_workdir_is_named(tmp_path, data_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match=f"workdir {blocker}/run cannot be written"):
+        train_and_evaluate(tiny_config(data_dir), str(blocker / "run"))

@@ -1,0 +1,88 @@
+"""A very small version of configs/tiny.py, runnable in-process or as `python -m llava_jax.main`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from llava_jax.checkpoint import restore_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small enough for a few seconds of training on 2 cores; same code paths as the main job.
+OVERRIDES = {
+    "data.synthetic_num_train": 192,
+    "data.synthetic_num_test": 24,
+    "data.global_batch_size": 8,
+    "train.num_steps": 12,
+    "train.log_every": 1,
+    "train.checkpoint_every": 3,
+    "eval.num_records": 0,
+    "eval.loss_batches": 0,
+    "optimizer.learning_rate": 3e-3,
+}
+
+
+def tiny_config(data_dir: str, **overrides):
+    """configs/tiny.py with OVERRIDES, then `overrides` (dots written as `__`)."""
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    import tiny
+
+    config = tiny.get_config()
+    values = {**OVERRIDES, "data.data_dir": data_dir}
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    for key, value in values.items():
+        section, _, field = key.rpartition(".")
+        target = config
+        for part in section.split("."):
+            target = target[part]
+        target[field] = value
+    return config
+
+
+def main_command(workdir: str, data_dir: str, **overrides) -> list[str]:
+    values = {**OVERRIDES, "data.data_dir": data_dir}
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    flags = [f"--config.{k}={v}" for k, v in values.items()]
+    return [
+        sys.executable,
+        "-m",
+        "llava_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *flags,
+    ]
+
+
+def subprocess_env(devices: int = 8) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def wait_for_step(workdir: str, step: int, process: subprocess.Popen, timeout: float = 240):
+    """Block until metrics.jsonl has logged `step` (the process is still running)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (code {process.returncode}) before step {step}")
+        if os.path.exists(path):
+            with open(path) as f:
+                if any(f'"step": {step},' in line for line in f):
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def checkpoint_params(workdir: str, step: int) -> dict[str, np.ndarray]:
+    """The parameters saved at `step`, flattened to `path -> numpy`, on the host."""
+    params = restore_params(workdir, step=step)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
