@@ -266,7 +266,8 @@ do_run() {
   local log args=() a py
   log=$(rpath "$log_dir/train-$(date +%Y%m%d-%H%M%S).log")
   py=$(rpath "$venv/bin/python")
-  for a in "--config=$config" "--workdir=$workdir" "${extra[@]}"; do
+  # --distributed: every worker joins the others (found from the TPU metadata).
+  for a in "--distributed" "--config=$config" "--workdir=$workdir" "${extra[@]}"; do
     args+=("$(q "$a")")
   done
   # On each worker: refuse if setup has not run or a trainer still holds the TPU, then

@@ -3,10 +3,11 @@
     python -m llava_jax.main --config=configs/tiny.py --workdir=workdir/tiny \
         [--config.train.num_steps=100 ...]
 
-Several hosts: on TPU pods and SLURM clusters `jax.distributed.initialize()` finds its
-peers by itself; elsewhere (GPU clusters, processes on localhost) give
-`--coordinator_address`, `--num_processes` and `--process_id`, or the environment
-variables LLAVA_COORDINATOR_ADDRESS, LLAVA_NUM_PROCESSES, LLAVA_PROCESS_ID.
+Several hosts: on TPU pods (`--distributed`) and SLURM clusters,
+`jax.distributed.initialize()` finds its peers by itself; elsewhere (GPU clusters,
+processes on localhost) give `--coordinator_address`, `--num_processes` and
+`--process_id`, or the environment variables LLAVA_COORDINATOR_ADDRESS,
+LLAVA_NUM_PROCESSES, LLAVA_PROCESS_ID.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
 flags.DEFINE_string("cpu_collectives", None, "CPU collectives for multi-process CPU: gloo.")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join the other hosts, found by JAX itself (TPU pods, "
+    "SLURM); also LLAVA_DISTRIBUTED=1. launch/tpu_pod.sh sets it.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -55,8 +62,11 @@ def initialize_distributed() -> None:
             num_processes=int(_flag_or_env("num_processes")),
             process_id=int(_flag_or_env("process_id")),
         )
-    elif any(name in os.environ for name in _CLUSTER_ENV) or (
-        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    elif (
+        FLAGS.distributed
+        or os.environ.get("LLAVA_DISTRIBUTED") == "1"
+        or any(name in os.environ for name in _CLUSTER_ENV)
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
     ):
         jax.distributed.initialize()  # TPU pod / SLURM: peers found automatically
 
@@ -66,9 +76,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
     initialize_distributed()
-    from llava_jax.train.trainer import train_and_evaluate
+    from llava_jax.train.trainer import TrainingStopped, train_and_evaluate
 
-    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except TrainingStopped as err:
+        logging.error("%s", err)
+        sys.exit(1)
     if summary.get("preempted"):
         logging.warning("Stopped at step %d on request; run again to continue.", summary["step"])
     elif "eval" in summary:

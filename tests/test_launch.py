@@ -349,6 +349,7 @@ def test_tpu_run_logs_stop(fake):
     assert argv == [
         "-m",
         "llava_jax.main",
+        "--distributed",
         "--config=configs/tiny.py:a,b",
         f"--workdir={workdir}",
         *TRICKY,

@@ -240,3 +240,57 @@ def test_unwritable_workdir_is_named(tmp_path, data_dir):
     blocker.write_text("not a directory")
     with pytest.raises(PermissionError, match=f"workdir {blocker}/run cannot be written"):
         train_and_evaluate(tiny_config(data_dir), str(blocker / "run"))
+
+
+def test_run_writes_metrics_tensorboard_plot_and_eval(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    config = tiny_config(
+        data_dir,
+        train__num_steps=4,
+        train__log_every=2,
+        eval__num_records=4,
+        eval__loss_batches=1,
+        eval__max_new_tokens=4,
+    )
+    summary = train_and_evaluate(config, str(workdir))
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4]
+    for record in train_records:
+        for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "examples_seen"):
+            assert np.isfinite(record[key]), key
+    assert train_records[-1]["examples_seen"] == 4 * 8
+    result = json.loads((workdir / "eval.json").read_text())
+    assert result["num_examples"] > 0
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["blind_accuracy"] <= 1.0
+    assert result["accuracy"] == summary["eval"]["accuracy"]
+    assert np.isfinite(result["eval_loss"])
+    assert (workdir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(name.startswith("events.out") for name in os.listdir(workdir / "tensorboard"))
+    assert (workdir / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, data_dir
+):
+    from llava_jax.train.trainer import TrainingStopped
+
+    workdir = str(tmp_path / "diverges")
+    # warm-up makes step 1's learning rate 0; then updates of ~1e30 overflow the model
+    config = tiny_config(
+        data_dir,
+        optimizer__learning_rate=1e30,
+        optimizer__warmup_ratio=0.2,
+        train__checkpoint_every=1,
+        train__num_steps=10,
+    )
+    with pytest.raises(TrainingStopped, match=r"at step (\d+)|after step (\d+)") as stopped:
+        train_and_evaluate(config, workdir)
+    steps = ckpt.TrainCheckpoints(workdir).steps()
+    assert steps, "the first, good steps were saved"
+    assert (
+        f"The last good checkpoint is {os.path.join(workdir, 'checkpoints', str(steps[-1]))}"
+        in (str(stopped.value))
+    )
+    params = checkpoint_params(workdir, steps[-1])
+    assert all(np.isfinite(v).all() for v in params.values())

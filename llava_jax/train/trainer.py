@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -279,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             summary["preempted"] = True  # by SIGTERM or stop_at_step: run again to go on
             return summary
         if step not in checkpoints.steps():
-            checkpoints.save(step, state, iterator, run_config)
+            _save_if_finite(checkpoints, step, state, iterator, run_config)
         checkpoints.wait()
         summary["eval"] = _evaluate(
             config, setup, state, tokenizer, data_config, writer, step, final=True
@@ -340,7 +341,7 @@ def _loop(
             stop_here = train.stop_at_step is not None and step >= train.stop_at_step
             if stop_here or preemption.agreed():
                 if step not in checkpoints.steps():
-                    checkpoints.save(step, state, iterator, run_config)
+                    _save_if_finite(checkpoints, step, state, iterator, run_config)
                 checkpoints.wait()
                 logging.warning("Stopped at step %d; saved in %s", step, checkpoints.directory)
                 return state, step
@@ -349,11 +350,9 @@ def _loop(
             step += 1
             host = metrics_to_host(metrics)
             if not math.isfinite(host["loss"]) or not math.isfinite(host["grad_norm"]):
-                good = checkpoints.steps()
                 raise TrainingStopped(
                     f"loss is {host['loss']} (grad norm {host['grad_norm']}) at step {step}; "
-                    f"stopping. The last good checkpoint is "
-                    f"{os.path.join(checkpoints.directory, str(good[-1])) if good else 'none'}"
+                    f"stopping. {_last_good(checkpoints)}"
                 )
             window_tokens += host["tokens"]
             bar.update(1)
@@ -374,12 +373,34 @@ def _loop(
                 )
                 window_start, window_tokens = time.perf_counter(), 0.0
             if step % train.checkpoint_every == 0 or step == total_steps:
-                checkpoints.save(step, state, iterator, run_config)
+                _save_if_finite(checkpoints, step, state, iterator, run_config)
             if train.eval_every and step % train.eval_every == 0 and step < total_steps:
                 _evaluate(config, setup, state, tokenizer, data_config, writer, step)
     finally:
         bar.close()
     return state, step
+
+
+@jax.jit
+def _all_finite(params: Params) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+
+
+def _last_good(checkpoints: ckpt.TrainCheckpoints) -> str:
+    checkpoints.wait()
+    steps = checkpoints.steps()
+    where = os.path.join(checkpoints.directory, str(steps[-1])) if steps else "none"
+    return f"The last good checkpoint is {where}"
+
+
+def _save_if_finite(checkpoints, step, state, iterator, run_config) -> None:
+    """Save, unless an update made a parameter NaN or Inf (then stop, saving nothing)."""
+    finite = _all_finite(state.params)
+    if not bool(jax.device_get(finite.addressable_shards[0].data)):
+        raise TrainingStopped(
+            f"parameters are not finite after step {step}; stopping. {_last_good(checkpoints)}"
+        )
+    checkpoints.save(step, state, iterator, run_config)
 
 
 def _evaluate(config, setup, state, tokenizer, data_config, writer, step, final=False):
