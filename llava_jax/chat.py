@@ -1,0 +1,189 @@
+"""Talk with a model about an image, turn after turn (LLaVA's `serve.cli`).
+
+    python -m llava_jax.chat --checkpoint WORKDIR_OR_MODEL_DIR --image cat.jpg \\
+        [--max-new-tokens 512 --temperature 0.2 --top-k 0 --top-p 1 --seed 0 --template NAME]
+
+Each turn reads `USER: `, then prints `ASSISTANT: ` and the answer as it is generated
+(`Generator.stream`). The template renders the whole conversation every turn, the image
+(`<image>\\n` in front of the first question) included, so the model sees the history.
+`exit` or `quit`, end of input (Ctrl-D) or Ctrl-C at the prompt leave (exit code 0); an
+empty line is ignored; Ctrl-C while an answer streams drops that turn. A turn that would
+not fit the model's context prints an error and is left out of the history; when the
+answer might not fit, it gets the room that is left. Sampled turns use `seed + turn`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from llava_jax.generate import (
+    add_model_arguments,
+    add_sampling_arguments,
+    check_image_file,
+    check_sampling_arguments,
+    model_from_args,
+    run_cli,
+)
+from llava_jax.inference.generate import GenerationResult
+from llava_jax.inference.load import ROLES, LoadedModel, PromptTooLongError
+
+EXIT_WORDS = ("exit", "quit")
+
+
+def visible_text(text: str, stops: Sequence[str]) -> str:
+    """What may be shown of a partial answer: cut at a stop string, and without a tail that
+    could still grow into one (or a half-decoded character)."""
+    for stop in stops:
+        if stop in text:
+            text = text[: text.index(stop)]
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    text = text[: len(text) - hold]
+    return text.rstrip("\ufffd").lstrip()
+
+
+class ChatSession:
+    """A conversation with one model about one image (or none).
+
+    images: float32[1, 1, H, W, 3] (normalised) or None. sampling: keyword arguments of
+    `LoadedModel.sampling`; `seed` grows by one each turn. chunk_size: tokens per
+    streamed piece.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        images: np.ndarray | None,
+        *,
+        chunk_size: int = 1,
+        **sampling,
+    ):
+        self.model = model
+        self.images = images
+        self.chunk_size = chunk_size
+        self.sampling = sampling
+        self.turns: list[dict] = []
+        self.generator = model.generator()
+
+    def ask(self, question: str, write: Callable[[str], None]) -> str:
+        """Answer `question` with the history; pieces of the answer go to `write` as they
+        come. The turn joins the history only when it completes.
+
+        Raises `PromptTooLongError` (history unchanged) when the conversation no longer fits.
+        """
+        model = self.model
+        first = not self.turns
+        turns = [*self.turns, model.user_turn(question, first and self.images is not None)]
+        ids = model.prompt_ids(turns)
+        max_new = self.sampling.get("max_new_tokens", 512)
+        fits = model.check_prompt(ids, max_new, clamp=True)
+        knobs = {**self.sampling, "max_new_tokens": fits}
+        knobs["seed"] = knobs.get("seed", 0) + len(self.turns) // 2
+        sampling = model.sampling(**knobs)
+        stream = self.generator.stream(
+            [ids], self.images, None, sampling, chunk_size=self.chunk_size
+        )
+        tokens: list[int] = []
+        shown = ""
+        while True:
+            try:
+                pieces = next(stream)
+            except StopIteration as finished:
+                result: GenerationResult = finished.value
+                break
+            tokens.extend(pieces[0].tolist())
+            text = visible_text(model.decode(tokens), sampling.stop_strings)
+            if text.startswith(shown) and len(text) > len(shown):
+                write(text[len(shown) :])
+                shown = text
+        answer = result.texts[0].strip()
+        if answer.startswith(shown):
+            write(answer[len(shown) :])
+        self.turns = [*turns, {"from": "gpt", "value": answer}]
+        return answer
+
+
+def chat_loop(session: ChatSession, read: Callable[[str], str], out=None) -> int:
+    """Read questions with `read(prompt)` until exit; print the streamed answers."""
+    out = out or sys.stdout
+    user, assistant = ROLES
+
+    def write(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    while True:
+        try:
+            question = read(f"{user}: ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return 0
+        question = question.strip()
+        if not question:
+            continue
+        if question.lower() in EXIT_WORDS:
+            return 0
+        write(f"{assistant}: ")
+        try:
+            session.ask(question, write)
+        except PromptTooLongError as err:
+            write("\n")
+            print(f"error: {err}; this turn is left out (type exit to leave)", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            write(" [interrupted]\n")
+            continue
+        write("\n")
+
+
+def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = input) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llava_jax.chat",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--image", help="image file to talk about (omit: text only)")
+    add_sampling_arguments(parser, max_new_tokens=512, temperature=0.2)
+    parser.add_argument("--chunk-size", type=int, default=1, help="tokens per streamed piece")
+    args = parser.parse_args(argv)
+    check_sampling_arguments(parser, args)
+    if args.chunk_size < 1:
+        parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
+
+    def body() -> int:
+        if args.image is not None:
+            check_image_file(args.image)
+        model = model_from_args(args)
+        images = None if args.image is None else model.load_image(args.image)[None, None]
+        session = ChatSession(
+            model,
+            images,
+            chunk_size=args.chunk_size,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        print(
+            f"Chatting with {args.checkpoint} (template {model.template.name}). "
+            "Type exit or quit, or press Ctrl-D, to leave.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return chat_loop(session, read)
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Batch inference on LLaVA's benchmark question format (`llava/eval/model_vqa*.py`).
+
+Questions file, one JSON object per line::
+
+    {"question_id": 1, "image": "COCO_val2014_000000000042.jpg", "text": "What is ...?",
+     "category": "adversarial"}
+
+`image` is relative to the image folder (and optional: a text-only question); `category`
+is optional. Answers, one per question and in the questions' order, in LLaVA's format::
+
+    {"question_id": 1, "prompt": "What is ...?", "text": "A dog.", "answer_id": "…",
+     "model_id": "llava-tiny", "metadata": {}}
+
+(`metadata` carries `category` when the question has one.) A question whose image is
+missing or unreadable, or whose prompt does not fit the model's context, gets the same
+entry with `"text": ""` and an `"error"` naming the file or the lengths; the run goes on,
+and the scorers count it as wrong. A malformed questions file (a line that is not a JSON
+object, lacks `question_id` or `text`, or repeats a `question_id`) is refused before any
+generation, with a `QuestionFileError` naming the file and the line.
+
+Batches: questions are taken in file order, `batch_size` with a readable image at a time,
+and every batch is padded to `batch_size` rows (repeating its last question), so one
+compiled program serves them all; prompts share compilations through length buckets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from llava_jax.inference.generate import Generator, SamplingConfig
+from llava_jax.inference.load import InputError, LoadedModel
+
+
+class QuestionFileError(InputError):
+    """The questions file cannot be used; the message names the file and the line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One line of a questions file (`line`: its 1-based line number)."""
+
+    question_id: Any
+    text: str
+    image: str | None
+    category: str | None
+    line: int
+
+
+def read_questions(path: str) -> list[Question]:
+    """Every question of a LLaVA questions JSONL file; blank lines are skipped.
+
+    Raises `QuestionFileError` naming `path:line` for a line that is not a JSON object, a
+    missing or non-string `text`, a missing `question_id`, a non-string `image`, or a
+    `question_id` seen before.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise QuestionFileError(f"questions file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise QuestionFileError(f"cannot read questions file {path}: {err}") from None
+    questions, seen = [], {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QuestionFileError(f"{where}: malformed JSON: {err.msg}") from None
+        if not isinstance(obj, dict):
+            raise QuestionFileError(f"{where}: expected a JSON object")
+        if "question_id" not in obj:
+            raise QuestionFileError(f"{where}: missing 'question_id'")
+        if not isinstance(obj.get("text"), str):
+            raise QuestionFileError(f"{where}: 'text' must be a string")
+        image = obj.get("image")
+        if image is not None and not isinstance(image, str):
+            raise QuestionFileError(f"{where}: 'image' must be a file name")
+        key = str(obj["question_id"])  # 1 and "1" name the same question, as in the scorers
+        if key in seen:
+            raise QuestionFileError(
+                f"{where}: duplicate question_id {obj['question_id']!r} (first on line {seen[key]})"
+            )
+        seen[key] = number
+        category = obj.get("category")
+        questions.append(
+            Question(
+                question_id=obj["question_id"],
+                text=obj["text"],
+                image=image or None,
+                category=None if category is None else str(category),
+                line=number,
+            )
+        )
+    return questions
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A question ready for the model: prompt `int32[L]`, image `float32[H, W, 3]` or None."""
+
+    question: Question
+    prompt_ids: np.ndarray
+    image: np.ndarray | None
+
+
+def _entry(question: Question, model_id: str, text: str = "", error: str | None = None) -> dict:
+    metadata = {} if question.category is None else {"category": question.category}
+    entry = {
+        "question_id": question.question_id,
+        "prompt": question.text,
+        "text": text,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model_id,
+        "metadata": metadata,
+    }
+    if error is not None:
+        entry["error"] = error
+    return entry
+
+
+def _prepare(
+    model: LoadedModel, question: Question, image_dir: str, max_new_tokens: int
+) -> _Prepared:
+    """Raises `InputError` (image missing or unreadable, prompt too long) naming the cause."""
+    image = None
+    if question.image is not None:
+        image = model.load_image(os.path.join(image_dir, question.image))
+    turns = [model.user_turn(question.text, with_image=image is not None)]
+    prompt_ids = model.prompt_ids(turns)
+    model.check_prompt(prompt_ids, max_new_tokens)
+    return _Prepared(question, prompt_ids, image)
+
+
+def _generate(
+    generator: Generator,
+    batch: list[_Prepared],
+    batch_size: int,
+    image_shape: tuple[int, ...],
+    sampling: SamplingConfig,
+) -> list[str]:
+    """Answers of `batch` (padded to `batch_size` rows by repeating its last question)."""
+    padded = batch + [batch[-1]] * (batch_size - len(batch))
+    images = np.zeros((len(padded), 1, *image_shape), np.float32)
+    image_mask = np.zeros((len(padded), 1), bool)
+    for row, item in enumerate(padded):
+        if item.image is not None:
+            images[row, 0] = item.image
+            image_mask[row, 0] = True
+    result = generator.generate([p.prompt_ids for p in padded], images, image_mask, sampling)
+    return [text.strip() for text in result.texts[: len(batch)]]
+
+
+def answer_questions(
+    model: LoadedModel,
+    questions: Iterable[Question],
+    image_dir: str,
+    sampling: SamplingConfig,
+    *,
+    batch_size: int = 8,
+    model_id: str = "llava_jax",
+    generator: Generator | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> Iterator[dict]:
+    """Yield one answer entry per question, in order (see the module docstring).
+
+    sampling: e.g. `model.sampling(max_new_tokens=128, temperature=0)`. generator: reuse
+    one (and its compiled programs) across calls; default: `model.generator()`.
+    on_progress(n): called with the number of questions just finished.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    generator = generator or model.generator()
+    image_shape = (model.image.size, model.image.size, model.config.vision.num_channels)
+    window: list[dict | _Prepared] = []  # entries in question order; _Prepared to generate
+
+    def flush() -> Iterator[dict]:
+        todo = [item for item in window if isinstance(item, _Prepared)]
+        answers = iter(
+            _generate(generator, todo, batch_size, image_shape, sampling) if todo else []
+        )
+        for item in window:
+            if isinstance(item, _Prepared):
+                yield _entry(item.question, model_id, text=next(answers))
+            else:
+                yield item
+        if on_progress is not None:
+            on_progress(len(window))
+        window.clear()
+
+    ready = 0
+    for question in questions:
+        try:
+            window.append(_prepare(model, question, image_dir, sampling.max_new_tokens))
+            ready += 1
+        except InputError as err:
+            window.append(_entry(question, model_id, error=str(err)))
+        if ready == batch_size:
+            yield from flush()
+            ready = 0
+    if window:
+        yield from flush()
+
+
+def evaluate_file(
+    model: LoadedModel,
+    questions_path: str,
+    image_dir: str,
+    out_path: str,
+    sampling: SamplingConfig,
+    *,
+    batch_size: int = 8,
+    model_id: str = "llava_jax",
+    progress: bool = True,
+) -> dict[str, int]:
+    """Answer every question of `questions_path` into `out_path` (JSONL, written as it goes).
+
+    Returns `{"num_questions", "num_answered", "num_errors"}`. The questions file is
+    checked whole before the first generation (`QuestionFileError`).
+    """
+    from tqdm import tqdm
+
+    questions = read_questions(questions_path)
+    directory = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(directory, exist_ok=True)
+    counts = {"num_questions": len(questions), "num_answered": 0, "num_errors": 0}
+    with (
+        tqdm(total=len(questions), unit="question", disable=not progress) as bar,
+        open(out_path, "w", encoding="utf-8") as out,
+    ):
+        entries = answer_questions(
+            model,
+            questions,
+            image_dir,
+            sampling,
+            batch_size=batch_size,
+            model_id=model_id,
+            on_progress=bar.update,
+        )
+        for entry in entries:
+            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            out.flush()  # a run cut short keeps the answers it has
+            counts["num_errors" if "error" in entry else "num_answered"] += 1
+    return counts

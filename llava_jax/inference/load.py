@@ -1,0 +1,465 @@
+"""One way to load a model for inference, whatever the directory holds.
+
+`load_model(path)` recognises three kinds of directory:
+
+- a training workdir (`checkpoints/<step>/{state,data,config}`, `tokenizer/`): the newest
+  checkpoint's parameters (or `step=`), the model config, template and image settings of
+  its run config, and the tokenizer the run saved. `workdir/checkpoints/<step>` also works.
+- a Hugging Face LLaVA directory (`config.json` + safetensors, as `save_pretrained` writes
+  it) with its tokenizer: template `vicuna_v1`, images padded to a square (LLaVA-1.5),
+  mean/std from `preprocessor_config.json` when there is one (CLIP's otherwise).
+- a params checkpoint (`model_config.json` + `params/`, from `python -m llava_jax.convert`):
+  needs a tokenizer (`tokenizer=`, or a `tokenizer/` folder inside it); template and
+  image settings as for Hugging Face.
+
+`LoadedModel` then turns a conversation into prompt tokens, an image file into the
+normalised array the model takes, and the CLI knobs into a `SamplingConfig` that stops at
+the template's end of answer. Problems the user can fix (a path, an image, a prompt that
+does not fit) raise `InputError` with a message that names the thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+
+from llava_jax import checkpoint as ckpt
+from llava_jax.data.conversation import (
+    IMAGE_PLACEHOLDER,
+    DroppedExample,
+    Template,
+    generation_prompt,
+    get_template,
+)
+from llava_jax.data.image import (
+    ASPECT_MODES,
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageDecodeError,
+    decode_image,
+    preprocess_image,
+)
+from llava_jax.data.pipeline import encode_prompt
+from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer
+from llava_jax.inference.generate import Generator, SamplingConfig
+from llava_jax.models.config import ModelConfig
+from llava_jax.sharding import DEFAULT_RULES, Rules, param_shardings
+
+HF_DEFAULT_TEMPLATE = "vicuna_v1"  # LLaVA-1.5's conversation format
+HF_CONFIG_FILE = "config.json"
+HF_PREPROCESSOR_FILE = "preprocessor_config.json"
+TOKENIZER_DIR = "tokenizer"  # inside a training workdir (or a params checkpoint)
+ROLES = ("USER", "ASSISTANT")  # as LLaVA's serve.cli shows them
+
+
+class InputError(Exception):
+    """Something the user gave cannot be used (a path, an image, a prompt): the CLIs print
+    the message, which names the thing, and exit with code 2."""
+
+
+class PromptTooLongError(InputError):
+    """The prompt does not fit the model's context."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSettings:
+    """How an image file becomes `float32[size, size, 3]`, as the model was trained."""
+
+    size: int
+    aspect: str = "pad"  # pad | resize | crop
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run: config, parameters, tokenizer, template, image settings.
+
+    kind: "workdir" | "hf" | "params"; step: the training step (workdirs only).
+    """
+
+    config: ModelConfig
+    params: Any
+    tokenizer: LoadedTokenizer
+    template: Template
+    image: ImageSettings
+    path: str
+    kind: str
+    step: int | None = None
+    mesh: Any = None
+    rules: Rules = DEFAULT_RULES
+
+    # --- text -----------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self.config.text.max_position_embeddings
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.tokenizer.tokenizer.eos_token_id
+        return int(eos) if eos is not None else self.config.text.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id when the model has a row for it (a pad token the tokenizer
+        loader added may lie past the embedding), else the model's pad/eos id or 0."""
+        vocab = self.config.text.vocab_size
+        for candidate in (
+            self.tokenizer.pad_token_id,
+            self.config.text.pad_token_id,
+            self.eos_token_id,
+        ):
+            usable = candidate is not None and 0 <= candidate < vocab
+            if usable and candidate != self.config.image_token_id:
+                return int(candidate)
+        return 0
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """The template's end of answer (e.g. `</s>`), when it is more than whitespace."""
+        end = self.template.end.strip()
+        return (end,) if end else ()
+
+    def user_turn(self, text: str, with_image: bool) -> dict:
+        """A human turn; with an image, `<image>\\n` comes first, as LLaVA's CLIs do."""
+        if with_image and IMAGE_PLACEHOLDER not in text:
+            text = f"{IMAGE_PLACEHOLDER}\n{text}"
+        return {"from": "human", "value": text}
+
+    def prompt_ids(self, turns: Sequence[dict]) -> np.ndarray:
+        """`int32[L]`: the conversation rendered with the template, ending where the
+        assistant's next answer starts, tokenized, each `<image>` expanded to
+        `config.num_image_tokens` image tokens."""
+        try:
+            text = generation_prompt(turns, self.template)
+        except DroppedExample as err:  # roles out of order: a caller's mistake
+            raise ValueError(f"cannot render the conversation: {err}") from None
+        return encode_prompt(text, self.tokenizer, self.config.num_image_tokens)
+
+    def check_prompt(self, prompt_ids: np.ndarray, max_new_tokens: int, clamp: bool = False) -> int:
+        """The number of new tokens the prompt `int32[L]` leaves room for.
+
+        Raises `PromptTooLongError` naming the lengths when the prompt leaves no room for an
+        answer, or (unless `clamp`) when `L + max_new_tokens` exceeds the context.
+        """
+        context, length = self.context_length, len(prompt_ids)
+        if length >= context:
+            images = int(np.sum(np.asarray(prompt_ids) == self.config.image_token_id))
+            of_images = f", {images} of them for the image" if images else ""
+            raise PromptTooLongError(
+                f"the prompt has {length} tokens{of_images}, but the model's context is "
+                f"{context} tokens: no room is left for the answer"
+            )
+        if length + max_new_tokens > context:
+            if clamp:
+                return context - length
+            raise PromptTooLongError(
+                f"the prompt has {length} tokens; with max_new_tokens={max_new_tokens} it "
+                f"needs {length + max_new_tokens} positions, more than the model's context "
+                f"of {context} tokens"
+            )
+        return max_new_tokens
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.tokenizer.decode(list(map(int, tokens)))
+
+    # --- images ---------------------------------------------------------------------------
+    def load_image(self, path: str) -> np.ndarray:
+        """An image file -> `float32[size, size, 3]`, normalised as in training.
+
+        Raises `InputError` naming the file when it is missing or not a readable image.
+        """
+        image = read_image(path)
+        return preprocess_image(
+            image, self.image.size, self.image.aspect, self.image.mean, self.image.std
+        )
+
+    # --- generation -----------------------------------------------------------------------
+    def sampling(
+        self,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> SamplingConfig:
+        """Sampling that stops at the eos token or the template's end of answer."""
+        eos = self.eos_token_id
+        return SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            eos_token_ids=() if eos is None else (eos,),
+            stop_strings=self.stop_strings,
+            pad_token_id=self.pad_token_id,
+        )
+
+    def generator(self, **kwargs: Any) -> Generator:
+        """A `Generator` on this model's mesh, decoding text with its tokenizer."""
+        return Generator(
+            self.config,
+            self.params,
+            mesh=self.mesh,
+            rules=self.rules,
+            tokenizer=self.tokenizer.tokenizer,
+            **kwargs,
+        )
+
+
+def read_image(path: str) -> Image.Image:
+    """Decode an image file to RGB; `InputError` naming the file if missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise InputError(f"image not found: {path}") from None
+    except OSError as err:
+        raise InputError(f"cannot read image {path}: {err.strerror or err}") from None
+    try:
+        return decode_image(data)
+    except ImageDecodeError as err:
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x…>"): say the file instead.
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
+        raise InputError(f"unreadable image {path}: {reason}") from None
+
+
+# --- recognising a directory -------------------------------------------------------------------
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"cannot read {path}: {err}") from None
+
+
+def detect_kind(path: str) -> tuple[str, str, int | None]:
+    """(kind, directory, step) for `path`; `workdir/checkpoints/<step>` names a step."""
+    if not os.path.exists(path):
+        raise InputError(f"checkpoint path does not exist: {path}")
+    if not os.path.isdir(path):
+        raise InputError(f"checkpoint path is not a directory: {path}")
+    parent = os.path.dirname(os.path.normpath(path))
+    name = os.path.basename(os.path.normpath(path))
+    if name.isdigit() and os.path.basename(parent) == ckpt.CHECKPOINT_DIR:
+        return "workdir", os.path.dirname(parent), int(name)
+    if os.path.isdir(os.path.join(path, ckpt.CHECKPOINT_DIR)):
+        return "workdir", path, None
+    if os.path.isfile(os.path.join(path, ckpt.MODEL_CONFIG_FILE)):
+        return "params", path, None
+    config_path = os.path.join(path, HF_CONFIG_FILE)
+    if os.path.isfile(config_path):
+        config = _read_json(config_path)
+        if isinstance(config, dict) and ("vision_config" in config or "model_type" in config):
+            return "hf", path, None
+        if isinstance(config, dict) and "model" in config and "data" in config:
+            return "workdir", path, None  # a run config, but nothing under checkpoints/
+    raise InputError(
+        f"{path} is not a recognised model directory: expected a training workdir "
+        f"({ckpt.CHECKPOINT_DIR}/<step>/), a Hugging Face LLaVA directory ({HF_CONFIG_FILE} + "
+        f"*.safetensors) or a params checkpoint ({ckpt.MODEL_CONFIG_FILE} + {ckpt.PARAMS_DIR}/)"
+    )
+
+
+def _find_tokenizer(path: str, tokenizer: str | None, default: str | None, hint: str) -> str:
+    candidate = tokenizer or default
+    if candidate is None or not os.path.isdir(candidate):
+        where = f" ({candidate} is not a directory)" if candidate else ""
+        raise InputError(f"no tokenizer for {path}{where}: {hint}")
+    return candidate
+
+
+def _load_tokenizer(path: str) -> LoadedTokenizer:
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load the tokenizer from {path}: {err}") from None
+
+
+def _check_tokenizer(config: ModelConfig, tokenizer: LoadedTokenizer, where: str) -> None:
+    """The tokenizer's `<image>` must be the model's image token and fit its vocabulary."""
+    if tokenizer.image_token_id != config.image_token_id:
+        raise InputError(
+            f"the tokenizer of {where} maps {IMAGE_PLACEHOLDER} to id "
+            f"{tokenizer.image_token_id}, but the model's image token id is "
+            f"{config.image_token_id}: they do not belong together"
+        )
+    # The image placeholder is replaced by features and a pad the loader added is only ever
+    # masked out, so neither needs an embedding row; every other token does.
+    skipped = {IMAGE_PLACEHOLDER, *tokenizer.added_tokens}
+    ids = [i for t, i in tokenizer.tokenizer.get_vocab().items() if t not in skipped]
+    real_vocab = max(ids, default=-1) + 1
+    if real_vocab > config.text.vocab_size:
+        raise InputError(
+            f"the tokenizer of {where} has {real_vocab} tokens, more than the model's "
+            f"vocabulary of {config.text.vocab_size}"
+        )
+
+
+def _hf_image_settings(path: str, size: int) -> ImageSettings:
+    """LLaVA-1.5 pads to a square; mean/std from the processor config when present."""
+    processor = os.path.join(path, HF_PREPROCESSOR_FILE)
+    mean, std = CLIP_MEAN, CLIP_STD
+    if os.path.isfile(processor):
+        values = _read_json(processor)
+        mean = tuple(values.get("image_mean", mean))
+        std = tuple(values.get("image_std", std))
+    return ImageSettings(size=size, aspect="pad", mean=mean, std=std)
+
+
+def _abstract_target(config: ModelConfig, mesh: Any, rules: Rules) -> Any:
+    """`ShapeDtypeStruct`s with the mesh shardings, to restore parameters straight onto."""
+    import flax.linen as nn
+
+    from llava_jax.models.llava import abstract_params
+
+    boxed = abstract_params(config)
+    shardings = param_shardings(boxed, mesh, rules)
+    return jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        nn.meta.unbox(boxed),
+        shardings,
+    )
+
+
+# --- the loaders -------------------------------------------------------------------------------
+
+
+def _load_workdir(
+    workdir: str, step: int | None, tokenizer: str | None, mesh: Any, rules: Rules, dtype
+) -> tuple[ModelConfig, Any, LoadedTokenizer, str, ImageSettings, int]:
+    directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+    try:
+        newest, run_config = ckpt.read_run_config(workdir)
+    except FileNotFoundError:
+        raise InputError(
+            f"{workdir}: no checkpoint in {directory} (has the training run saved one yet?)"
+        ) from None
+    step = newest if step is None else step
+    if not os.path.isdir(os.path.join(directory, str(step))):
+        raise InputError(f"{workdir}: no checkpoint for step {step} in {directory}")
+    values = dict(run_config["model"])
+    values.pop("vocab_follows_tokenizer", None)
+    config = ModelConfig.from_dict(values)
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=jax.numpy.dtype(dtype).name)
+    target = _abstract_target(config, mesh, rules) if mesh is not None else None
+    params = ckpt.restore_params(workdir, target, step=step)
+    tokenizer_dir = _find_tokenizer(
+        workdir,
+        tokenizer,
+        os.path.join(workdir, TOKENIZER_DIR),
+        "the training run saves it in WORKDIR/tokenizer; give --tokenizer",
+    )
+    data = run_config.get("data", {})
+    image = ImageSettings(
+        size=config.vision.image_size,
+        aspect=data.get("image_aspect", "pad"),
+        mean=tuple(data.get("image_mean", CLIP_MEAN)),
+        std=tuple(data.get("image_std", CLIP_STD)),
+    )
+    template = data.get("template", HF_DEFAULT_TEMPLATE)
+    return config, params, _load_tokenizer(tokenizer_dir), template, image, step
+
+
+def load_model(
+    path: str,
+    *,
+    mesh: Any = None,
+    rules: Rules = DEFAULT_RULES,
+    template: str | None = None,
+    tokenizer: str | None = None,
+    dtype: Any = None,
+    step: int | None = None,
+) -> LoadedModel:
+    """Load a training workdir, a Hugging Face LLaVA directory or a params checkpoint.
+
+    mesh: place the parameters on it (restored straight onto their shardings); default:
+    the first device. template: override the conversation template. tokenizer: a
+    tokenizer directory (required for params checkpoints without `tokenizer/`). dtype:
+    the compute dtype (e.g. "bfloat16"); parameters keep the dtype they were saved in.
+    step: a workdir's checkpoint (default: the newest).
+
+    Raises `InputError` naming the path: not a model directory, no checkpoint, no tokenizer.
+    """
+    kind, directory, named_step = detect_kind(path)
+    step = named_step if step is None else step
+    run_step = None
+    numerics = {} if dtype is None else {"dtype": jax.numpy.dtype(dtype).name}
+    try:
+        if kind == "workdir":
+            config, params, loaded_tokenizer, default_template, image, run_step = _load_workdir(
+                directory, step, tokenizer, mesh, rules, dtype
+            )
+        elif kind == "hf":
+            from llava_jax.convert import load_hf
+
+            config, params = load_hf(directory, **numerics)
+            loaded_tokenizer = _load_tokenizer(
+                _find_tokenizer(directory, tokenizer, directory, "give --tokenizer")
+            )
+            default_template = HF_DEFAULT_TEMPLATE
+            image = _hf_image_settings(directory, config.vision.image_size)
+        else:
+            tokenizer_dir = _find_tokenizer(
+                directory,
+                tokenizer,
+                os.path.join(directory, TOKENIZER_DIR)
+                if os.path.isdir(os.path.join(directory, TOKENIZER_DIR))
+                else None,
+                "a params checkpoint holds no tokenizer; give --tokenizer DIR",
+            )
+            with open(os.path.join(directory, ckpt.MODEL_CONFIG_FILE)) as f:
+                config = ModelConfig.from_dict(json.load(f))
+            target = _abstract_target(config, mesh, rules) if mesh is not None else None
+            _, params = ckpt.load_params(directory, target)
+            if dtype is not None:
+                config = dataclasses.replace(config, **numerics)
+            loaded_tokenizer = _load_tokenizer(tokenizer_dir)
+            default_template = HF_DEFAULT_TEMPLATE
+            image = ImageSettings(size=config.vision.image_size)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        # A damaged checkpoint or config: say which directory, keep the reason.
+        raise InputError(f"cannot load the model in {path}: {type(err).__name__}: {err}") from err
+    if image.aspect not in ASPECT_MODES:
+        raise InputError(f"{path}: image aspect {image.aspect!r} is not one of {ASPECT_MODES}")
+    _check_tokenizer(config, loaded_tokenizer, path)
+    try:
+        chosen = get_template(template or default_template)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    logging.info(
+        "Loaded %s (%s%s): template %s, %d image tokens, context %d",
+        path,
+        kind,
+        f", step {run_step}" if run_step is not None else "",
+        chosen.name,
+        config.num_image_tokens,
+        config.text.max_position_embeddings,
+    )
+    return LoadedModel(
+        config=config,
+        params=params,
+        tokenizer=loaded_tokenizer,
+        template=chosen,
+        image=image,
+        path=path,
+        kind=kind,
+        step=run_step,
+        mesh=mesh,
+        rules=rules,
+    )
