@@ -22,7 +22,12 @@ from trainer_fixtures import (
 
 from llava_jax import checkpoint as ckpt
 from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokenizer_for
-from llava_jax.train.trainer import _data_config, initial_model, train_and_evaluate
+from llava_jax.train.trainer import (
+    _data_config,
+    initial_model,
+    make_run_setup,
+    train_and_evaluate,
+)
 
 TOTAL = 12
 
@@ -105,8 +110,6 @@ def test_sigkill_twice_and_sigterm_then_rerun_end_bitwise_equal(tmp_path, data_d
 def test_restore_onto_another_mesh(tmp_path, data_dir):
     """Saved on (8,1,1), restored onto (2,2,2): equal parameters, same next-step loss."""
     from llava_jax.sharding import make_mesh
-    from llava_jax.train.optimizer import make_optimizer
-    from llava_jax.train.state import make_setup
     from llava_jax.train.step import jit_train_step, make_train_step, metrics_to_host
 
     workdir = str(tmp_path / "run")
@@ -118,17 +121,7 @@ def test_restore_onto_another_mesh(tmp_path, data_dir):
     data = _data_config(config, model_config)
     results = {}
     for shape in ((8, 1, 1), (2, 2, 2)):
-        mesh = make_mesh(shape)
-        optimizer, schedule = make_optimizer(
-            learning_rate=config.optimizer.learning_rate, total_steps=12, warmup_ratio=0.03
-        )
-        setup = make_setup(
-            model_config,
-            optimizer,
-            config.train.train_pattern,
-            mesh,
-            tuple(map(tuple, config.mesh.rules)),
-        )
+        setup, schedule = make_run_setup(config, model_config, 4, mesh=make_mesh(shape))
         iterator = make_train_iterator(data, tokenizer)
         step, state = ckpt.TrainCheckpoints(workdir).restore_latest(setup.abstract_state, iterator)
         assert step == 4
@@ -138,7 +131,7 @@ def test_restore_onto_another_mesh(tmp_path, data_dir):
             for p, x in jax.tree_util.tree_leaves_with_path(state.params)
         }
         train_step = jit_train_step(setup, make_train_step(setup, schedule), 8)
-        _, metrics = train_step(state, to_global_batch(next(iterator), mesh))
+        _, metrics = train_step(state, to_global_batch(next(iterator), setup.mesh))
         results[shape] = (params, metrics_to_host(metrics)["loss"])
         iterator.close()
     (params_a, loss_a), (params_b, loss_b) = results.values()

@@ -34,7 +34,7 @@ from llava_jax.models.config import ModelConfig
 from llava_jax.sharding import make_mesh
 from llava_jax.train.metrics import MetricsWriter, plot_losses
 from llava_jax.train.optimizer import make_optimizer
-from llava_jax.train.state import TrainState, init_train_state, make_setup
+from llava_jax.train.state import TrainSetup, TrainState, init_train_state, make_setup
 from llava_jax.train.step import jit_train_step, make_eval_step, make_train_step, metrics_to_host
 
 Params = dict[str, Any]
@@ -196,22 +196,10 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train as `config` says, in `workdir`, resuming from its newest checkpoint; then
-    evaluate. Returns a summary: final step, whether it was preempted, eval results."""
-    check_config(config)
-    check_workdir(workdir)
-    tokenizer = tokenizer_for(config.data)
-    model_config, host_params = initial_model(config, tokenizer)
-    data_config = _data_config(config, model_config)
-    if jax.process_index() == 0:
-        datasets.open_split(data_config, "train")  # prepares on first use
-    multihost_utils.sync_global_devices("data prepared")
-    total_steps = _total_steps(config, data_config)
-
-    mesh = make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
+def make_optimizer_from(config: ml_collections.ConfigDict, total_steps: int):
+    """(optimizer, learning-rate schedule) from `config.optimizer`."""
     opt = config.optimizer
-    optimizer, schedule = make_optimizer(
+    return make_optimizer(
         learning_rate=opt.learning_rate,
         total_steps=total_steps,
         warmup_ratio=opt.warmup_ratio,
@@ -223,162 +211,196 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         grad_clip_norm=opt.grad_clip_norm,
         projector_learning_rate=opt.projector_learning_rate,
     )
-    setup = make_setup(
-        model_config,
-        optimizer,
-        config.train.train_pattern,
-        mesh,
-        tuple(map(tuple, config.mesh.rules)),
-    )
-    train_step = jit_train_step(
-        setup,
-        make_train_step(
-            setup,
-            schedule,
-            micro_batches=config.train.micro_batches,
-            z_loss_weight=config.train.z_loss_weight,
-        ),
-        data_config.global_batch_size,
-        config.train.micro_batches,
-    )
-    iterator = make_train_iterator(data_config, tokenizer)
-    checkpoints = ckpt.TrainCheckpoints(workdir, keep=config.train.keep_checkpoints)
-    run_config = json.loads(config.to_json_best_effort())
-    run_config["model"].update(model_config.to_dict())
 
-    restored = checkpoints.restore_latest(setup.abstract_state, iterator)
-    if restored is not None:
-        start_step, state = restored
-        logging.info("Resumed from %s at step %d", checkpoints.directory, start_step)
-    else:
-        start_step = 0
-        state = _initial_state(config, setup, host_params)
+
+def make_run_setup(
+    config: ml_collections.ConfigDict, model_config: ModelConfig, total_steps: int, mesh=None
+) -> tuple[TrainSetup, Any]:
+    """(setup, schedule) for `config` on `mesh` (default: `config.mesh`)."""
+    if mesh is None:
+        mesh = make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
+    optimizer, schedule = make_optimizer_from(config, total_steps)
+    rules = tuple(map(tuple, config.mesh.rules))
+    return make_setup(model_config, optimizer, config.train.train_pattern, mesh, rules), schedule
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train as `config` says, in `workdir`, resuming from its newest checkpoint; then
+    evaluate. Returns a summary: final step, whether it stopped early, eval results."""
+    return Run(config, workdir).execute()
+
+
+class Run:
+    """One invocation of the trainer: everything fixed at start-up, then `execute()`."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        check_config(config)
+        check_workdir(workdir)
+        self.config = config
+        self.workdir = workdir
+        self.tokenizer = tokenizer_for(config.data)
+        self.model_config, self.host_params = initial_model(config, self.tokenizer)
+        self.data_config = _data_config(config, self.model_config)
         if jax.process_index() == 0:
-            _save_tokenizer_and_config(workdir, tokenizer, run_config)
-
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    summary: dict[str, Any] = {"preempted": False}
-    try:
-        with _Preemption() as preemption:
-            state, step = _loop(
-                config,
-                setup,
-                train_step,
-                state,
-                start_step,
-                total_steps,
-                iterator,
-                checkpoints,
-                writer,
-                preemption,
-                run_config,
-                tokenizer,
-                data_config,
-            )
-        summary["step"] = step
-        if step < total_steps:
-            summary["preempted"] = True  # by SIGTERM or stop_at_step: run again to go on
-            return summary
-        if step not in checkpoints.steps():
-            _save_if_finite(checkpoints, step, state, iterator, run_config)
-        checkpoints.wait()
-        summary["eval"] = _evaluate(
-            config, setup, state, tokenizer, data_config, writer, step, final=True
+            datasets.open_split(self.data_config, "train")  # prepares on first use
+        multihost_utils.sync_global_devices("data prepared")
+        self.total_steps = _total_steps(config, self.data_config)
+        self.setup, schedule = make_run_setup(config, self.model_config, self.total_steps)
+        train = config.train
+        step_fn = make_train_step(
+            self.setup,
+            schedule,
+            micro_batches=train.micro_batches,
+            z_loss_weight=train.z_loss_weight,
         )
-    finally:
-        checkpoints.close()
-        writer.close()
-        iterator.close()
-    if jax.process_index() == 0:
-        plot_losses(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png"))
-    return summary
+        self.train_step = jit_train_step(
+            self.setup, step_fn, self.data_config.global_batch_size, train.micro_batches
+        )
+        # What was run: the model as built and the data settings the model dictated.
+        self.run_config = json.loads(config.to_json_best_effort())
+        self.run_config["model"].update(self.model_config.to_dict())
+        self.run_config["data"] = json.loads(self.data_config.to_json_best_effort())
 
+    def execute(self) -> dict[str, Any]:
+        self.iterator = make_train_iterator(self.data_config, self.tokenizer)
+        self.checkpoints = ckpt.TrainCheckpoints(
+            self.workdir, keep=self.config.train.keep_checkpoints
+        )
+        self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
+        summary: dict[str, Any] = {"preempted": False}
+        try:
+            state, start_step = self._restore_or_init()
+            with _Preemption() as preemption:
+                state, step = self._loop(state, start_step, preemption)
+            summary["step"] = step
+            if step < self.total_steps:
+                summary["preempted"] = True  # by SIGTERM or stop_at_step: run again to go on
+                return summary
+            if step not in self.checkpoints.steps():
+                self._save(step, state)
+            self.checkpoints.wait()
+            summary["eval"] = self._evaluate(state, step, final=True)
+        finally:
+            self.checkpoints.close()
+            self.writer.close()
+            self.iterator.close()
+        if jax.process_index() == 0:
+            plot_losses(
+                os.path.join(self.workdir, "metrics.jsonl"), os.path.join(self.workdir, "loss.png")
+            )
+        return summary
 
-def _initial_state(config, setup, host_params) -> TrainState:
-    rng = jax.random.key(config.init.seed)
-    if config.init.mode == "checkpoint" and host_params is None:
-        params = ckpt.restore_params(config.init.checkpoint_path, setup.abstract_state.params)
-        return init_train_state(setup, rng, params)
-    return init_train_state(setup, rng, host_params)
+    def _restore_or_init(self) -> tuple[TrainState, int]:
+        restored = self.checkpoints.restore_latest(self.setup.abstract_state, self.iterator)
+        if restored is not None:
+            step, state = restored
+            logging.info("Resumed from %s at step %d", self.checkpoints.directory, step)
+            return state, step
+        rng = jax.random.key(self.config.init.seed)
+        params = self.host_params
+        if self.config.init.mode == "checkpoint" and params is None:
+            source = self.config.init.checkpoint_path
+            params = ckpt.restore_params(source, self.setup.abstract_state.params)
+        if jax.process_index() == 0:
+            _save_tokenizer_and_config(self.workdir, self.tokenizer, self.run_config)
+        return init_train_state(self.setup, rng, params), 0
 
+    def _loop(self, state: TrainState, step: int, preemption: _Preemption):
+        from tqdm import tqdm
 
-def _save_tokenizer_and_config(workdir: str, tokenizer: LoadedTokenizer, run_config: dict):
-    """What inference needs beside the checkpoints: the tokenizer and the resolved config."""
-    tokenizer.tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(run_config, f, indent=2)
+        train = self.config.train
+        bar = tqdm(
+            total=self.total_steps,
+            initial=step,
+            disable=jax.process_index() != 0,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        window_start, window_tokens = time.perf_counter(), 0.0
+        try:
+            while step < self.total_steps:
+                stop_here = train.stop_at_step is not None and step >= train.stop_at_step
+                if stop_here or preemption.agreed():
+                    if step not in self.checkpoints.steps():
+                        self._save(step, state)
+                    self.checkpoints.wait()
+                    logging.warning(
+                        "Stopped at step %d; saved in %s", step, self.checkpoints.directory
+                    )
+                    return state, step
+                batch = to_global_batch(next(self.iterator), self.setup.mesh)
+                state, metrics = self.train_step(state, batch)
+                step += 1
+                host = metrics_to_host(metrics)
+                if not math.isfinite(host["loss"]) or not math.isfinite(host["grad_norm"]):
+                    raise TrainingStopped(
+                        f"loss is {host['loss']} (grad norm {host['grad_norm']}) at step "
+                        f"{step}; stopping. {self._last_good()}"
+                    )
+                window_tokens += host["tokens"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{host['loss']:.4f}")
+                if step % train.log_every == 0 or step == self.total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    self.writer.write(
+                        step,
+                        {
+                            "loss": host["loss"],
+                            "learning_rate": host["learning_rate"],
+                            "grad_norm": host["grad_norm"],
+                            "supervised_tokens": host["supervised_tokens"],
+                            "tokens_per_second": window_tokens / elapsed,
+                            "examples_seen": step * self.data_config.global_batch_size,
+                            "dropped_examples": sum(self.iterator.dropped.values()),
+                        },
+                    )
+                    window_start, window_tokens = time.perf_counter(), 0.0
+                if step % train.checkpoint_every == 0 or step == self.total_steps:
+                    self._save(step, state)
+                if train.eval_every and step % train.eval_every == 0 and step < self.total_steps:
+                    self._evaluate(state, step)
+        finally:
+            bar.close()
+        return state, step
 
+    def _last_good(self) -> str:
+        self.checkpoints.wait()
+        steps = self.checkpoints.steps()
+        where = os.path.join(self.checkpoints.directory, str(steps[-1])) if steps else "none"
+        return f"The last good checkpoint is {where}"
 
-def _loop(
-    config,
-    setup,
-    train_step,
-    state,
-    start_step,
-    total_steps,
-    iterator,
-    checkpoints,
-    writer,
-    preemption,
-    run_config,
-    tokenizer,
-    data_config,
-):
-    from tqdm import tqdm
+    def _save(self, step: int, state: TrainState) -> None:
+        """Save, unless an update made a parameter NaN or Inf (then stop, saving nothing)."""
+        finite = _all_finite(state.params)
+        if not bool(jax.device_get(finite.addressable_shards[0].data)):
+            raise TrainingStopped(
+                f"parameters are not finite after step {step}; stopping. {self._last_good()}"
+            )
+        self.checkpoints.save(step, state, self.iterator, self.run_config)
 
-    train = config.train
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        disable=jax.process_index() != 0,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    step = start_step
-    window_start, window_tokens = time.perf_counter(), 0.0
-    try:
-        while step < total_steps:
-            stop_here = train.stop_at_step is not None and step >= train.stop_at_step
-            if stop_here or preemption.agreed():
-                if step not in checkpoints.steps():
-                    _save_if_finite(checkpoints, step, state, iterator, run_config)
-                checkpoints.wait()
-                logging.warning("Stopped at step %d; saved in %s", step, checkpoints.directory)
-                return state, step
-            batch = to_global_batch(next(iterator), setup.mesh)
-            state, metrics = train_step(state, batch)
-            step += 1
-            host = metrics_to_host(metrics)
-            if not math.isfinite(host["loss"]) or not math.isfinite(host["grad_norm"]):
-                raise TrainingStopped(
-                    f"loss is {host['loss']} (grad norm {host['grad_norm']}) at step {step}; "
-                    f"stopping. {_last_good(checkpoints)}"
-                )
-            window_tokens += host["tokens"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{host['loss']:.4f}")
-            if step % train.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                writer.write(
-                    step,
-                    {
-                        "loss": host["loss"],
-                        "learning_rate": host["learning_rate"],
-                        "grad_norm": host["grad_norm"],
-                        "supervised_tokens": host["supervised_tokens"],
-                        "tokens_per_second": window_tokens / max(elapsed, 1e-9),
-                        "examples_seen": step * data_config.global_batch_size,
-                        "dropped_examples": sum(iterator.dropped.values()),
-                    },
-                )
-                window_start, window_tokens = time.perf_counter(), 0.0
-            if step % train.checkpoint_every == 0 or step == total_steps:
-                _save_if_finite(checkpoints, step, state, iterator, run_config)
-            if train.eval_every and step % train.eval_every == 0 and step < total_steps:
-                _evaluate(config, setup, state, tokenizer, data_config, writer, step)
-    finally:
-        bar.close()
-    return state, step
+    def _evaluate(self, state: TrainState, step: int, final: bool = False) -> dict[str, Any]:
+        """Held-out loss, and answer accuracy by greedy decoding (also with blank images)."""
+        config = self.config
+        eval_data = copy.deepcopy(self.data_config)
+        eval_data.num_epochs = 1
+        eval_data.global_batch_size = min(eval_data.global_batch_size, config.eval.batch_size)
+        results: dict[str, Any] = {}
+        loss = _eval_loss(self.setup, state, self.tokenizer, eval_data, config.eval.loss_batches)
+        if loss is not None:
+            results["eval_loss"] = loss
+        if config.eval.num_records > 0:
+            from llava_jax.evaluation.answers import answer_accuracy
+
+            results.update(
+                answer_accuracy(self.setup, state.params, self.tokenizer, eval_data, config.eval)
+            )
+        self.writer.write(
+            step, {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)}
+        )
+        if final and jax.process_index() == 0:
+            with open(os.path.join(self.workdir, "eval.json"), "w") as f:
+                json.dump({"step": step, **results}, f, indent=2)
+        return results
 
 
 @jax.jit
@@ -386,41 +408,11 @@ def _all_finite(params: Params) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
-def _last_good(checkpoints: ckpt.TrainCheckpoints) -> str:
-    checkpoints.wait()
-    steps = checkpoints.steps()
-    where = os.path.join(checkpoints.directory, str(steps[-1])) if steps else "none"
-    return f"The last good checkpoint is {where}"
-
-
-def _save_if_finite(checkpoints, step, state, iterator, run_config) -> None:
-    """Save, unless an update made a parameter NaN or Inf (then stop, saving nothing)."""
-    finite = _all_finite(state.params)
-    if not bool(jax.device_get(finite.addressable_shards[0].data)):
-        raise TrainingStopped(
-            f"parameters are not finite after step {step}; stopping. {_last_good(checkpoints)}"
-        )
-    checkpoints.save(step, state, iterator, run_config)
-
-
-def _evaluate(config, setup, state, tokenizer, data_config, writer, step, final=False):
-    """Held-out loss, and answer accuracy by greedy decoding (also with blank images)."""
-    eval_data = copy.deepcopy(data_config)
-    eval_data.num_epochs = 1
-    eval_data.global_batch_size = min(data_config.global_batch_size, config.eval.batch_size)
-    results: dict[str, Any] = {}
-    loss = _eval_loss(setup, state, tokenizer, eval_data, config.eval.loss_batches)
-    if loss is not None:
-        results["eval_loss"] = loss
-    if config.eval.num_records > 0:
-        from llava_jax.evaluation.answers import answer_accuracy
-
-        results.update(answer_accuracy(setup, state.params, tokenizer, eval_data, config.eval))
-    writer.write(step, {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)})
-    if final and jax.process_index() == 0:
-        with open(os.path.join(writer.workdir, "eval.json"), "w") as f:
-            json.dump({"step": step, **results}, f, indent=2)
-    return results
+def _save_tokenizer_and_config(workdir: str, tokenizer: LoadedTokenizer, run_config: dict):
+    """What inference needs beside the checkpoints: the tokenizer and the resolved config."""
+    tokenizer.tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(run_config, f, indent=2)
 
 
 def _eval_loss(setup, state, tokenizer, eval_data, max_batches) -> float | None:
