@@ -40,6 +40,7 @@ from llava_jax.data.conversation import (
 from llava_jax.data.datasets.record import Record, from_stored
 from llava_jax.data.image import ASPECT_MODES, CLIP_MEAN, CLIP_STD, load_and_preprocess
 from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer
+from llava_jax.sharding import batch_sharding
 
 BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask", "images", "image_mask")
 
@@ -316,19 +317,15 @@ def make_train_iterator(
 
 
 def to_global_batch(
-    local_batch: dict[str, np.ndarray],
-    mesh: jax.sharding.Mesh,
-    batch_axes: Sequence[str] = ("data", "fsdp"),
+    local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
 ) -> dict[str, jax.Array]:
     """Each process's ``[B_local, ...]`` arrays -> global ``[B_local * processes, ...]``
-    ``jax.Array``s sharded on the leading axis over ``batch_axes`` (those in ``mesh``)."""
-    axes = tuple(axis for axis in batch_axes if axis in mesh.axis_names) or None
-    out = {}
-    for key, value in local_batch.items():
-        spec = jax.sharding.PartitionSpec(axes, *([None] * (np.ndim(value) - 1)))
-        sharding = jax.sharding.NamedSharding(mesh, spec)
-        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
-    return out
+    ``jax.Array``s, the leading axis split over the mesh's (data, fsdp) axes."""
+    sharding = batch_sharding(mesh)
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in local_batch.items()
+    }
 
 
 @dataclasses.dataclass(frozen=True)
