@@ -144,7 +144,15 @@ def chat_loop(session: ChatSession, read: Callable[[str], str], out=None) -> int
         write("\n")
 
 
-def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = input) -> int:
+def read_line(prompt: str) -> str:
+    """`input()`, with the prompt on stdout: on a terminal `input(prompt)` would write it to
+    stderr (when the readline module is not loaded)."""
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    return input()
+
+
+def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = read_line) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m llava_jax.chat",
         description=__doc__,
