@@ -5,7 +5,8 @@ a small CLIP on one 28px image per prompt), float32, greedy, exactly `--new-toke
 tokens (no eos), on prompts of different lengths, left-padded. Compile time and the first
 transformers call are excluded: each side is warmed up once before timing.
 
-    python bench/generate.py [--new-tokens 64] [--batch-sizes 1,8] [--repeats 3]
+    python bench/generate.py [--new-tokens 64] [--batch-sizes 1,8] [--repeats 5]
+                             [--torch-threads N]
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--torch-threads",
+        default="0,1",
+        help="torch thread counts to time transformers with (0: torch's default); the ratio "
+        "is against the fastest. On a busy machine torch's default can be far slower.",
+    )
     args = parser.parse_args()
 
     import jax
@@ -86,6 +93,9 @@ def main() -> None:
 
     from llava_jax.convert import load_hf
     from llava_jax.inference import Generator, SamplingConfig
+
+    default_threads = torch.get_num_threads()
+    thread_counts = [int(n) or default_threads for n in args.torch_threads.split(",")]
 
     with tempfile.TemporaryDirectory() as directory:
         hf_config, hf_model = build_model(directory)
@@ -99,7 +109,7 @@ def main() -> None:
 
     print(
         f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__} (default {default_threads} threads); "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} (other processes slow both sides)"
     )
@@ -107,7 +117,8 @@ def main() -> None:
         f"model: LLaMA hidden 256 x 4 layers, vocab 32000, float32; {new} new tokens, greedy; "
         f"median of {args.repeats}; compile time and warm-up excluded"
     )
-    print(f"{'batch':>5} {'llava_jax tok/s':>16} {'transformers tok/s':>19} {'ratio':>7}")
+    hf_columns = "".join(f" {f'transformers({n} thr)':>19}" for n in thread_counts)
+    print(f"{'batch':>5} {'llava_jax tok/s':>16}{hf_columns} {'ratio vs best':>14}")
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         prompts, images = make_batch(batch_size, image_token)
 
@@ -141,16 +152,19 @@ def main() -> None:
         ours()  # compiles the prefill and the decode loop for this shape
         compile_s = time.perf_counter() - start
         theirs()
-        # Interleaved, so a busy machine slows both sides alike; medians.
-        ours_times, theirs_times = [], []
+        # Interleaved, so a busy machine slows every side alike; medians.
+        ours_times, theirs_times = [], {n: [] for n in thread_counts}
         for _ in range(args.repeats):
             ours_times.append(time_it(ours))
-            theirs_times.append(time_it(theirs))
-        ours_s, theirs_s = statistics.median(ours_times), statistics.median(theirs_times)
-        ours_tps = batch_size * new / ours_s
-        theirs_tps = batch_size * new / theirs_s
+            for n in thread_counts:
+                torch.set_num_threads(n)
+                theirs_times[n].append(time_it(theirs))
+        torch.set_num_threads(default_threads)
+        ours_tps = batch_size * new / statistics.median(ours_times)
+        theirs_tps = [batch_size * new / statistics.median(theirs_times[n]) for n in thread_counts]
+        columns = "".join(f" {tps:>19.1f}" for tps in theirs_tps)
         print(
-            f"{batch_size:>5} {ours_tps:>16.1f} {theirs_tps:>19.1f} {ours_tps / theirs_tps:>6.1f}x"
+            f"{batch_size:>5} {ours_tps:>16.1f}{columns} {ours_tps / max(theirs_tps):>13.1f}x"
             f"   (first llava_jax call incl. compile: {compile_s:.1f} s)"
         )
 
