@@ -23,6 +23,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from llava_jax.inference.load import InputError, LoadedModel
 
@@ -42,6 +43,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", help="conversation template (default: the model's)")
     parser.add_argument("--step", type=int, help="workdir checkpoint step (default: newest)")
     parser.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (default: as saved)")
+    parser.add_argument(
+        "--mesh",
+        help="DATA,FSDP,TENSOR device mesh, -1 for the rest, e.g. --mesh=-1,1,1 (default: one "
+        "device)",
+    )
 
 
 def add_sampling_arguments(
@@ -66,11 +72,25 @@ def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
+def mesh_from_args(args: argparse.Namespace) -> Any:
+    """The `--mesh` of this process's devices, or None."""
+    if not args.mesh:
+        return None
+    from llava_jax.sharding import make_mesh
+
+    try:
+        shape = tuple(int(size) for size in args.mesh.split(","))
+        return make_mesh(shape)
+    except ValueError as err:
+        raise InputError(f"--mesh {args.mesh}: {err}") from None
+
+
 def model_from_args(args: argparse.Namespace) -> LoadedModel:
     from llava_jax.inference.load import load_model
 
     return load_model(
         args.checkpoint,
+        mesh=mesh_from_args(args),
         template=args.template,
         tokenizer=args.tokenizer,
         dtype=args.dtype,

@@ -30,6 +30,7 @@ from llava_jax.data.conversation import VICUNA_SYSTEM
 from llava_jax.data.datasets import synthetic
 from llava_jax.evaluation.batch import QuestionFileError, answer_questions, read_questions
 from llava_jax.inference.load import InputError, detect_kind, load_model
+from llava_jax.sharding import make_mesh
 
 CORRUPT_JPG = os.path.join(REPO, "tests", "fixtures", "data", "llava_bad", "images", "corrupt.jpg")
 TRAIN_STEPS = 40  # enough for the tiny model to answer with a word rather than stop at once
@@ -128,10 +129,15 @@ def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tm
     from_params = load_model(str(params_dir), tokenizer=str(directory))
     assert from_params.kind == "params"
 
+    # Restored straight onto an 8-device mesh's shardings, it decodes the same.
+    on_mesh = load_model(str(params_dir), tokenizer=str(directory), mesh=make_mesh((2, 2, 2)))
+    embedding = on_mesh.params["llm"]["embed"]["embedding"]
+    assert len(embedding.sharding.device_set) == 8
+
     image_path = tmp_path / "scene.png"
     write_scene(image_path, seed=0)
     answers, tokens = [], []
-    for loaded in (from_hf, from_params):
+    for loaded in (from_hf, from_params, on_mesh):
         # The params checkpoint knows no processor config: give it the same normalisation.
         loaded.image = from_hf.image
         images = loaded.load_image(str(image_path))[None, None]
@@ -139,8 +145,9 @@ def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tm
         result = loaded.generator().generate([ids], images, None, loaded.sampling(MAX_NEW))
         answers.append(result.texts[0])
         tokens.append(result.tokens[0])
-    assert answers[0] == answers[1]
+    assert answers[0] == answers[1] == answers[2]
     np.testing.assert_array_equal(tokens[0], tokens[1])
+    np.testing.assert_array_equal(tokens[0], tokens[2])
     assert len(tokens[0]) > 2  # a real comparison, not two empty answers
 
     # The same prompt and pixels through transformers: the same greedy tokens.
@@ -349,6 +356,7 @@ def test_evaluate_marks_bad_images_and_the_scorer_counts_them_wrong(
         MAX_NEW,
         "--model-id",
         "tiny",
+        "--mesh=-1,1,1",  # the mesh code path, on this subprocess's one device
     )
     assert done.returncode == 0, done.stderr[-3000:]
     answers = [json.loads(line) for line in out.read_text().splitlines()]
