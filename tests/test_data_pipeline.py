@@ -96,6 +96,7 @@ def _ids(config, tokenizer, process_index, process_count, epochs=1):
 
 
 def test_process_shards_are_disjoint_and_cover_the_split(config, tokenizer):
+    config = dataclasses.replace(config, global_batch_size=12)  # 36 records: 3 global batches
     shards = [_ids(config, tokenizer, index, 3) for index in range(3)]
     sets = [set(shard) for shard in shards]
     assert all(len(shard) == len(set(shard)) for shard in shards)
@@ -103,6 +104,19 @@ def test_process_shards_are_disjoint_and_cover_the_split(config, tokenizer):
     all_ids = {f"synthetic-train-{i:06d}" for i in range(NUM_TRAIN)}
     assert sets[0] | sets[1] | sets[2] == all_ids
     assert sorted(len(s) for s in sets) == [12, 12, 12]
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes(config, tokenizer):
+    """Two processes' local batches, stacked in process order, are one process's batches."""
+    one = make_train_iterator(config, tokenizer, 0, 1)
+    two = [make_train_iterator(config, tokenizer, index, 2) for index in range(2)]
+    for _ in range(6):  # crosses an epoch boundary (36 records, batches of 8)
+        expected = next(one)
+        halves = [next(iterator) for iterator in two]
+        for key, value in expected.items():
+            np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), value)
+    for iterator in (one, *two):
+        iterator.close()
 
 
 def test_each_epoch_is_a_new_permutation(config, tokenizer):

@@ -237,7 +237,7 @@ def test_sampled_frequencies_follow_the_tempered_distribution():
         "temperature": jnp.float32(temperature),
         "top_k": jnp.int32(0),
         "top_p": jnp.float32(1.0),
-        "key": jax.random.key(0),
+        "seed": jnp.uint32(0),
     }
     rows = jnp.broadcast_to(logits, (20000, 4))  # one draw per row
     draws = select_tokens(rows, knobs, jnp.int32(3), greedy=False)

@@ -244,6 +244,44 @@ class BatchIterator(grain.DatasetIterator):
         self._parent.close()
 
 
+class ProcessShare(grain.MapDataset):
+    """This process's rows of every global batch of one global, shuffled stream.
+
+    Global batch b is stream elements ``[b * B, (b + 1) * B)``; process p reads its block
+    ``[b * B + p * B/P, b * B + (p + 1) * B/P)``, the rows its devices hold in the global
+    array. So the batches, and a run's numbers, do not depend on how many processes read
+    them, and the processes' shares are disjoint. A last partial global batch is left out.
+    """
+
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        local_batch_size: int,
+        process_index: int,
+        process_count: int,
+    ):
+        super().__init__(parent)
+        self._local = local_batch_size
+        self._index = process_index
+        self._count = process_count
+        self._length = len(parent) // (local_batch_size * process_count) * local_batch_size
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        block, offset = divmod(index, self._local)
+        return (block * self._count + self._index) * self._local + offset
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessShare(process {self._index} of {self._count}, {self._local} rows)"
+
+
 def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
     if process_index is None:
         process_index = jax.process_index()
@@ -272,10 +310,17 @@ def make_dataset(
     if source is None:
         source = datasets.open_split(config, split)
     dataset = grain.MapDataset.source(source)
-    dataset = dataset[process_index::process_count]  # disjoint shards that cover the split
     # shuffle before repeat: the epoch number is folded into the seed, so every epoch
-    # is a different permutation of the same shard
+    # is a different permutation
     dataset = dataset.shuffle(seed=config.seed).repeat(config.num_epochs)
+    if config.global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {config.global_batch_size} is not divisible by "
+            f"{process_count} processes"
+        )
+    dataset = ProcessShare(
+        dataset, config.global_batch_size // process_count, process_index, process_count
+    )
     dataset = dataset.map(ExampleEncoder(config, tokenizer))
     iter_dataset = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=0 if config.num_workers else 2, prefetch_buffer_size=16)
@@ -307,11 +352,6 @@ def make_train_iterator(
     """
     config = resolve_config(config)
     process_index, process_count = _process_index_and_count(process_index, process_count)
-    if config.global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {config.global_batch_size} is not divisible by "
-            f"{process_count} processes"
-        )
     dataset = make_dataset(config, tokenizer, process_index, process_count, split, source)
     return BatchIterator(iter(dataset), config.global_batch_size // process_count)
 

@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -157,6 +158,25 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _global_array(value: np.ndarray, sharding: NamedSharding) -> Array:
+    """Host data that every process holds whole -> a global array; unlike `device_put`,
+    this also works when the mesh spans several processes."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _to_host(tree: Any) -> Any:
+    """Device arrays -> numpy, whole. An array spread over several processes is gathered
+    (a collective: every process calls this at the same point of the same loop)."""
+
+    def one(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
 # --- token selection ----------------------------------------------------------------------
 
 
@@ -190,7 +210,7 @@ def select_tokens(logits: Array, knobs: dict[str, Array], step: Array, greedy: b
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits, knobs["temperature"], knobs["top_k"], knobs["top_p"])
-    key = jax.random.fold_in(knobs["key"], step)
+    key = jax.random.fold_in(jax.random.key(knobs["seed"]), step)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
@@ -318,7 +338,7 @@ class Generator:
         if value is None:
             return None
         sharding = self._batch_sharding(np.ndim(value))
-        return jax.device_put(value, sharding) if sharding else jnp.asarray(value)
+        return _global_array(value, sharding) if sharding else jnp.asarray(value)
 
     def _tracing(self):
         """Context for calls that may trace: the mesh and the logical axis rules."""
@@ -511,14 +531,15 @@ class Generator:
             "temperature": np.float32(sampling.temperature or 1.0),
             "top_k": np.int32(sampling.top_k),
             "top_p": np.float32(sampling.top_p),
-            "key": jax.random.key(sampling.seed),
+            "seed": np.uint32(sampling.seed),
             "eos": eos_ids,
             "stop_sequences": stop,
             "pad": np.int32(sampling.pad_token_id),
             "max_new": np.int32(sampling.max_new_tokens),
         }
         if self.mesh is not None:
-            return jax.device_put(knobs, NamedSharding(self.mesh, P()))
+            replicated = NamedSharding(self.mesh, P())
+            return jax.tree.map(lambda value: _global_array(value, replicated), knobs)
         return jax.tree.map(jnp.asarray, knobs)
 
     def generate(
@@ -600,7 +621,7 @@ class Generator:
             # Streaming looks at the prefill's token first (time to first token); a single
             # call without stop strings goes straight to the decode loop.
             if decoded or chunk_size is not None:
-                tokens, done, length, step = jax.device_get(
+                tokens, done, length, step = _to_host(
                     (state["tokens"], state["done"], state["length"], state["step"])
                 )
                 tokens, done, step = tokens[:rows], done[:rows].copy(), int(step)
@@ -622,7 +643,7 @@ class Generator:
                     break
                 if stopped_at:
                     # Rows that met a stop string stop on device too (pad from now on).
-                    full_done = np.asarray(jax.device_get(state["done"])).copy()
+                    full_done = _to_host(state["done"]).copy()
                     full_done[list(stopped_at)] = True
                     state["done"] = self._like(full_done, state["done"])
             with self._tracing():
@@ -632,7 +653,7 @@ class Generator:
 
     def _like(self, value: np.ndarray, reference: Array) -> Array:
         """A device array with `reference`'s sharding, so the next call does not recompile."""
-        return jax.device_put(value, reference.sharding)
+        return _global_array(value, reference.sharding)
 
     def _find_stop_string(self, tokens: np.ndarray, stops: Sequence[str]) -> int | None:
         """Fewest leading tokens whose decoded text contains a stop string, or None."""
@@ -656,7 +677,7 @@ class Generator:
         stopped_at: dict[int, int],
         return_logits: bool,
     ) -> GenerationResult:
-        host = jax.device_get(
+        host = _to_host(
             {k: state[k] for k in ("tokens", "logprobs", "reason", "length", "step")}
             | ({"logits": state["logits"]} if return_logits else {})
         )

@@ -238,12 +238,14 @@ class Run:
         check_workdir(workdir)
         self.config = config
         self.workdir = workdir
-        self.tokenizer = tokenizer_for(config.data)
-        self.model_config, self.host_params = initial_model(config, self.tokenizer)
-        self.data_config = _data_config(config, self.model_config)
+        # Process 0 builds what is shared on disk (synthetic tokenizer, prepared data) before
+        # the others read it.
         if jax.process_index() == 0:
+            self._load_tokenizer_and_model()
             datasets.open_split(self.data_config, "train")  # prepares on first use
         multihost_utils.sync_global_devices("data prepared")
+        if jax.process_index() != 0:
+            self._load_tokenizer_and_model()
         self.total_steps = _total_steps(config, self.data_config)
         self.setup, schedule = make_run_setup(config, self.model_config, self.total_steps)
         train = config.train
@@ -260,6 +262,11 @@ class Run:
         self.run_config = json.loads(config.to_json_best_effort())
         self.run_config["model"].update(self.model_config.to_dict())
         self.run_config["data"] = json.loads(self.data_config.to_json_best_effort())
+
+    def _load_tokenizer_and_model(self) -> None:
+        self.tokenizer = tokenizer_for(self.config.data)
+        self.model_config, self.host_params = initial_model(self.config, self.tokenizer)
+        self.data_config = _data_config(self.config, self.model_config)
 
     def execute(self) -> dict[str, Any]:
         self.iterator = make_train_iterator(self.data_config, self.tokenizer)
