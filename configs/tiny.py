@@ -18,8 +18,8 @@ def get_config(arg: str | None = None):
     model.vision.intermediate_size = 128
     model.vision.num_layers = 2
     model.vision.num_heads = 4
-    model.vision.image_size = 32
-    model.vision.patch_size = 8  # 16 patches: 16 image tokens
+    model.vision.image_size = 48
+    model.vision.patch_size = 8  # 36 patches: 36 image tokens (shapes need the detail)
     model.text.vocab_size = 128  # grows to the tokenizer's vocabulary
     model.text.hidden_size = 128
     model.text.intermediate_size = 256
@@ -33,13 +33,14 @@ def get_config(arg: str | None = None):
     config.data.source = "synthetic"
     config.data.data_dir = "~/tensorflow_datasets"
     config.data.template = "vicuna_v1"
-    config.data.max_len = 128
+    config.data.synthetic_image_size = 48
+    config.data.max_len = 112  # the longest synthetic conversation is ~105 tokens
     config.data.global_batch_size = 32
 
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_ratio = 0.03
 
-    config.train.num_steps = 600
+    config.train.num_steps = 1000
     config.train.train_pattern = ".*"
     config.train.log_every = 20
     config.train.checkpoint_every = 200

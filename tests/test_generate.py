@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +20,7 @@ from transformers.generation.logits_process import (
 
 from llava_jax.convert import load_hf
 from llava_jax.inference import Generator, SamplingConfig, filter_logits
-from llava_jax.inference.generate import _lm_head_on_last_position, select_tokens
+from llava_jax.inference.generate import select_tokens
 from llava_jax.models.llama import init_cache
 from llava_jax.models.llava import Llava
 from llava_jax.sharding import make_mesh
@@ -397,15 +396,16 @@ def test_inference_package_does_not_import_torch():
 
 @pytest.mark.parametrize("name", ["gqa_default_select", "mha_tied_full_select_last_layer"])
 def test_prefill_computes_the_lm_head_on_the_last_position_only(models, name):
-    """The prefill's interceptor narrows the (untied or tied) LM head to the last position,
-    and those logits equal the last position of the full computation."""
+    """`last_position_only` narrows the (untied or tied) LM head to the last position, and
+    those logits equal the last position of the full computation."""
     hf_config, _, config, params = models(name)
     prompts, images, image_mask = make_prompts(hf_config, [10, 10], [1, 0])
     args = (jnp.asarray(np.stack(prompts)), init_cache(config.text, 2, 16, jnp.float32))
     args += (jnp.asarray(images), jnp.asarray(image_mask))
     full, _ = Llava(config).apply({"params": params}, *args, method=Llava.decode)
-    with nn.intercept_methods(_lm_head_on_last_position):
-        last, _ = Llava(config).apply({"params": params}, *args, method=Llava.decode)
+    last, _ = Llava(config).apply(
+        {"params": params}, *args, last_position_only=True, method=Llava.decode
+    )
     assert full.shape == (2, 10, config.text.vocab_size)
     assert last.shape == (2, 1, config.text.vocab_size)
     np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5)

@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llava_jax.models.config import ModelConfig
-from llava_jax.models.llama import LlamaDecoder, init_cache
+from llava_jax.models.llama import init_cache
 from llava_jax.models.llava import Llava, abstract_params
 from llava_jax.sharding import (
     BATCH_AXES,
@@ -243,24 +243,6 @@ def _record(state: State, logits: Array, knobs: dict[str, Array], greedy: bool) 
     return out
 
 
-def _lm_head_on_last_position(next_fun: Callable, args: tuple, kwargs: dict, context: Any):
-    """Flax method interceptor: the LM head (`llm/lm_head`, or the tied `llm/embed.attend`)
-    reads only the last position of `x: [B, T, D]`, so it returns logits `[B, 1, V]`.
-
-    Should the model's names change, nothing is intercepted and the full logits are computed
-    (still correct, as the caller takes the last position either way).
-    """
-    module, method = context.module, context.method_name
-    in_decoder = isinstance(module.parent, LlamaDecoder)
-    is_head = in_decoder and (
-        (module.name == "lm_head" and method == "__call__")
-        or (module.name == "embed" and method == "attend")
-    )
-    if is_head and args and getattr(args[0], "ndim", 0) == 3:
-        return next_fun(args[0][:, -1:], *args[1:], **kwargs)
-    return next_fun(*args, **kwargs)
-
-
 # --- the generator ------------------------------------------------------------------------
 
 
@@ -374,16 +356,16 @@ class Generator:
         cache = self._constrain_cache(cache)
         # Only the last position's logits are needed: float32[B, P, V] would dominate the
         # prefill's memory (GBs for long multimodal prompts and large vocabularies).
-        with nn.intercept_methods(_lm_head_on_last_position):
-            logits, cache = self.model.apply(
-                {"params": params},
-                input_ids,
-                cache,
-                images,
-                image_mask,
-                attention_mask,
-                method=Llava.decode,
-            )
+        logits, cache = self.model.apply(
+            {"params": params},
+            input_ids,
+            cache,
+            images,
+            image_mask,
+            attention_mask,
+            last_position_only=True,
+            method=Llava.decode,
+        )
         window = knobs["stop_sequences"].shape[1]
         state: State = {
             "cache": cache,

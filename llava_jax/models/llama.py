@@ -132,13 +132,16 @@ class LlamaDecoder(nn.Module):
         positions: Array,
         attention_mask: Array,
         cache: KVCache | None = None,
+        last_position_only: bool = False,
     ) -> tuple[Array, KVCache | None]:
         """Run the decoder on `embeddings: [B, T, D]` at `positions: int32[B, T]`.
 
         Without a cache, `attention_mask: int32[B, T]` marks real tokens and attention is
         causal over the T inputs. With a cache, the T inputs are written at `cache['index']`,
         `attention_mask` marks which of them are real, and attention runs over the buffer.
-        Returns `(logits float32[B, T, V], new cache or None)`.
+        Returns `(logits float32[B, T, V], new cache or None)`; with `last_position_only`,
+        logits `[B, 1, V]` of the last position (a prefill needs no more, and full logits
+        of a long multimodal prompt would dominate its memory).
         """
         length = embeddings.shape[1]
         if cache is None:
@@ -156,6 +159,8 @@ class LlamaDecoder(nn.Module):
                 self.layers, embeddings, layer_caches, mask, positions, index
             )
             new_cache = {**layer_caches, "mask": key_valid, "index": index + length}
+        if last_position_only:
+            x = x[:, -1:]
         x = self.final_norm(x)
         tied = self.config.tie_word_embeddings
         logits = self.embed.attend(x) if tied else self.lm_head(x)

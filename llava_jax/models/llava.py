@@ -131,12 +131,14 @@ class Llava(nn.Module):
         image_mask: Array | None = None,
         attention_mask: Array | None = None,
         positions: Array | None = None,
+        last_position_only: bool = False,
     ) -> tuple[Array, KVCache]:
         """Append `input_ids: int32[B, t]` to the KV cache -> (logits `float32[B, t, V]`, cache).
 
         Prefill passes the prompt (and its images); each later step passes one token. By
         default a token's position counts the real tokens before it, so left-padded prompts
-        get the positions transformers' `generate` gives them.
+        get the positions transformers' `generate` gives them. `last_position_only`: logits
+        `[B, 1, V]` of the last position only.
         """
         batch, length = input_ids.shape
         if attention_mask is None:
@@ -145,7 +147,9 @@ class Llava(nn.Module):
             seen = jnp.sum(cache["mask"], axis=1, keepdims=True)
             positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=1) - 1, 0)
         embeddings = self.embed_inputs(input_ids, images, image_mask)
-        return self.llm(embeddings, positions.astype(jnp.int32), attention_mask, cache)
+        return self.llm(
+            embeddings, positions.astype(jnp.int32), attention_mask, cache, last_position_only
+        )
 
 
 # --- parameter trees ------------------------------------------------------------------------
