@@ -31,6 +31,6 @@ setup(
     extras_require={
         # torch only runs the transformers reference in tests; the CPU build is pinned
         # because an unpinned torch pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "torch==2.13.0", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "ruff>=0.6"],
     },
 )
