@@ -3,6 +3,7 @@ compilation cache for the session (subprocesses and xdist workers inherit it), s
 runs of the same tiny programs compile once."""
 
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -11,7 +12,15 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+_CREATED_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llava_jax_jit_cache_")
+    _CREATED_CACHE = tempfile.mkdtemp(prefix="llava_jax_jit_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CREATED_CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that made the cache removes it (xdist workers only inherit it)."""
+    if _CREATED_CACHE and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(_CREATED_CACHE, ignore_errors=True)
