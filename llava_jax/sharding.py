@@ -178,3 +178,18 @@ def _key_name(key: Any) -> Any:
 def path_string(path: tuple) -> str:
     """`('llm', 'layers', 'attn', 'query', 'kernel')` key path -> `llm/layers/attn/query/kernel`."""
     return "/".join(str(_key_name(k)) for k in path)
+
+
+def global_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Host data that every process holds whole -> a global array: each device receives only
+    its own slice, and (unlike `device_put`) the sharding may span other processes' devices.
+    An array that is already global is resharded on device."""
+    if isinstance(value, jax.Array):
+        return jax.device_put(value, sharding)
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """`global_array` leaf by leaf: a host tree onto a matching tree of shardings."""
+    return jax.tree.map(global_array, tree, shardings)

@@ -54,8 +54,10 @@ from llava_jax.sharding import (
     DEFAULT_RULES,
     Rules,
     data_parallel_size,
+    global_array,
     logical_to_spec,
     param_shardings,
+    place,
 )
 
 Array = jax.Array
@@ -156,13 +158,6 @@ def _capacity(max_new_tokens: int) -> int:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def _global_array(value: np.ndarray, sharding: NamedSharding) -> Array:
-    """Host data that every process holds whole -> a global array; unlike `device_put`,
-    this also works when the mesh spans several processes."""
-    value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def _to_host(tree: Any) -> Any:
@@ -301,15 +296,7 @@ class Generator:
     def _place_params(self, params: Any) -> Any:
         if self.mesh is None:
             return jax.device_put(params)
-        shardings = param_shardings(abstract_params(self.config), self.mesh, self.rules)
-
-        def one(value: Any, sharding: NamedSharding) -> Array:
-            if isinstance(value, jax.Array):
-                return jax.device_put(value, sharding)
-            value = np.asarray(value)  # each device receives only its own slice
-            return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
-
-        return jax.tree.map(one, params, shardings)
+        return place(params, param_shardings(abstract_params(self.config), self.mesh, self.rules))
 
     def _batch_sharding(self, ndim: int) -> NamedSharding | None:
         if self.mesh is None:
@@ -320,7 +307,7 @@ class Generator:
         if value is None:
             return None
         sharding = self._batch_sharding(np.ndim(value))
-        return _global_array(value, sharding) if sharding else jnp.asarray(value)
+        return global_array(value, sharding) if sharding else jnp.asarray(value)
 
     def _tracing(self):
         """Context for calls that may trace: the mesh and the logical axis rules."""
@@ -521,7 +508,7 @@ class Generator:
         }
         if self.mesh is not None:
             replicated = NamedSharding(self.mesh, P())
-            return jax.tree.map(lambda value: _global_array(value, replicated), knobs)
+            return jax.tree.map(lambda value: global_array(value, replicated), knobs)
         return jax.tree.map(jnp.asarray, knobs)
 
     def generate(
@@ -635,7 +622,7 @@ class Generator:
 
     def _like(self, value: np.ndarray, reference: Array) -> Array:
         """A device array with `reference`'s sharding, so the next call does not recompile."""
-        return _global_array(value, reference.sharding)
+        return global_array(value, reference.sharding)
 
     def _find_stop_string(self, tokens: np.ndarray, stops: Sequence[str]) -> int | None:
         """Fewest leading tokens whose decoded text contains a stop string, or None."""

@@ -15,7 +15,14 @@ from jax.sharding import Mesh
 
 from llava_jax.models.config import ModelConfig
 from llava_jax.models.llava import Llava, abstract_params, dummy_inputs
-from llava_jax.sharding import Rules, param_shardings, replicated, shardings_like
+from llava_jax.sharding import (
+    Rules,
+    global_array,
+    param_shardings,
+    place,
+    replicated,
+    shardings_like,
+)
 from llava_jax.train.optimizer import split_trainable, trainable_mask
 
 
@@ -102,18 +109,5 @@ def init_train_state(setup: TrainSetup, rng: jax.Array, params: Any = None) -> T
         return setup.optimizer.init(split_trainable(params, setup.mask))
 
     opt_state = jax.jit(init_opt, out_shardings=shardings.opt_state)(params)
-    step = jax.device_put(np.zeros((), np.int32), shardings.step)
+    step = global_array(np.zeros((), np.int32), shardings.step)
     return TrainState(step=step, params=params, opt_state=opt_state)
-
-
-def place(tree: Any, shardings: Any) -> Any:
-    """Host arrays -> global jax.Arrays; each device receives only its own slice, and every
-    process (all of which hold the full host tree) builds only its addressable shards."""
-
-    def one(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-        if isinstance(value, jax.Array):  # already global (e.g. restored): reshard on device
-            return jax.device_put(value, sharding)
-        value = np.asarray(value)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-    return jax.tree.map(one, tree, shardings)
