@@ -409,3 +409,17 @@ def test_prefill_computes_the_lm_head_on_the_last_position_only(models, name):
     assert full.shape == (2, 10, config.text.vocab_size)
     assert last.shape == (2, 1, config.text.vocab_size)
     np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5)
+
+
+def test_batch_rows_pads_with_filler_rows_that_share_one_compilation(generator):
+    """A last, smaller batch padded to `batch_rows` gives the same tokens as alone, and the
+    full and the smaller batch run the same compiled programs."""
+    prompts = text_prompts(generator)
+    sampling = SamplingConfig(max_new_tokens=6)
+    alone = generator.generate(prompts[:1], sampling=sampling)
+    padded = generator.generate(prompts[:1], sampling=sampling, batch_rows=4)
+    assert len(padded.tokens) == 1
+    np.testing.assert_array_equal(padded.tokens[0], alone.tokens[0])
+    before = dict(generator.trace_counts)
+    generator.generate([prompts[0]] * 4, sampling=sampling)
+    assert dict(generator.trace_counts) == before

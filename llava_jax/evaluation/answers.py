@@ -17,7 +17,6 @@ import numpy as np
 from llava_jax.data.pipeline import EvalQuestion, make_eval_questions
 from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.inference.generate import Generator, SamplingConfig
-from llava_jax.sharding import data_parallel_size
 
 NUM_SHOWN = 8  # examples kept in the results for people to read
 
@@ -40,21 +39,21 @@ def generate_answers(
     batch_size: int,
     blind: bool = False,
 ) -> list[str]:
-    """Greedy answers, in order. Every batch is padded to `batch_size` questions (repeating
-    the last) so one compiled program serves them all."""
+    """Greedy answers, in order, `batch_size` questions at a time (a last, smaller batch
+    is padded by the generator, so one compiled program serves them all)."""
     answers: list[str] = []
     for batch in _batches(questions, batch_size):
-        padded = batch + [batch[-1]] * (batch_size - len(batch))
-        images = np.stack([q.images for q in padded])
+        images = np.stack([q.images for q in batch])
         if blind:
             images = np.zeros_like(images)
         result = generator.generate(
-            [q.prompt_ids for q in padded],
+            [q.prompt_ids for q in batch],
             images,
-            np.stack([q.image_mask for q in padded]),
+            np.stack([q.image_mask for q in batch]),
             sampling,
+            batch_rows=batch_size,
         )
-        answers.extend(result.texts[: len(batch)])
+        answers.extend(result.texts)
     return answers
 
 
@@ -80,10 +79,7 @@ def answer_accuracy(
     generator = Generator(
         setup.model_config, params, mesh=setup.mesh, rules=setup.rules, tokenizer=hf_tokenizer
     )
-    # Batches split over the mesh's data axes: a multiple of their size.
-    parallel = data_parallel_size(setup.mesh)
     batch_size = min(eval_config.batch_size, len(questions))
-    batch_size = -(-batch_size // parallel) * parallel
     references = [normalize_answer(q.answer) for q in questions]
     results: dict[str, Any] = {"num_examples": len(questions)}
     for name, blind in (("accuracy", False), ("blind_accuracy", True)):

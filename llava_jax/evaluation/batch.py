@@ -19,7 +19,7 @@ object, lacks `question_id` or `text`, or repeats a `question_id`) is refused be
 generation, with a `QuestionFileError` naming the file and the line.
 
 Batches: questions are taken in file order, `batch_size` with a readable image at a time,
-and every batch is padded to `batch_size` rows (repeating its last question), so one
+and every batch is padded to `batch_size` rows (by the generator), so one
 compiled program serves them all; prompts share compilations through length buckets.
 """
 
@@ -148,16 +148,17 @@ def _generate(
     image_shape: tuple[int, ...],
     sampling: SamplingConfig,
 ) -> list[str]:
-    """Answers of `batch` (padded to `batch_size` rows by repeating its last question)."""
-    padded = batch + [batch[-1]] * (batch_size - len(batch))
-    images = np.zeros((len(padded), 1, *image_shape), np.float32)
-    image_mask = np.zeros((len(padded), 1), bool)
-    for row, item in enumerate(padded):
+    """Answers of `batch` (the generator pads it to `batch_size` rows)."""
+    images = np.zeros((len(batch), 1, *image_shape), np.float32)
+    image_mask = np.zeros((len(batch), 1), bool)
+    for row, item in enumerate(batch):
         if item.image is not None:
             images[row, 0] = item.image
             image_mask[row, 0] = True
-    result = generator.generate([p.prompt_ids for p in padded], images, image_mask, sampling)
-    return [text.strip() for text in result.texts[: len(batch)]]
+    result = generator.generate(
+        [p.prompt_ids for p in batch], images, image_mask, sampling, batch_rows=batch_size
+    )
+    return [text.strip() for text in result.texts]
 
 
 def answer_questions(

@@ -411,10 +411,12 @@ class Generator:
         image_mask: np.ndarray | None = None,
         pad_token_id: int = 0,
         max_new_tokens: int = 0,
+        batch_rows: int | None = None,
     ) -> PreparedBatch:
         """Left-pad `prompts` (int32[T_b] each) to the length bucket; check lengths and images.
 
-        Rows are added (one pad token, no images) up to a multiple of the data-parallel size.
+        Rows are added (one pad token, no images) up to `batch_rows` (so batches of any size
+        up to it share one compilation), then to a multiple of the data-parallel size.
         """
         if not len(prompts):
             raise ValueError("no prompts given")
@@ -460,9 +462,9 @@ class Generator:
                     f"need {wanted} ({self.config.num_image_tokens} per image)"
                 )
 
-        rows = batch
+        rows = max(batch, batch_rows or 0)
         if self.mesh is not None:
-            rows = _round_up(batch, data_parallel_size(self.mesh))
+            rows = _round_up(rows, data_parallel_size(self.mesh))
         length = self.length_bucket(longest)
         if length < longest:
             raise ValueError(f"length_bucket({longest}) = {length} is shorter than the prompt")
@@ -519,15 +521,18 @@ class Generator:
         sampling: SamplingConfig = SamplingConfig(),
         *,
         return_logits: bool = False,
+        batch_rows: int | None = None,
     ) -> GenerationResult:
         """Generate for a batch of prompts of any lengths.
 
         prompts: B arrays int32[T_b] (with `config.num_image_tokens` image tokens per valid
         image); images: float32[B, I, H, W, 3] (normalised) or None; image_mask: bool[B, I]
-        (default all True). Without stop strings the whole generation is one device call.
+        (default all True). batch_rows: pad the batch to this many rows (filler rows that
+        stop at once), so a last, smaller batch reuses the compiled programs. Without stop
+        strings the whole generation is one device call.
         """
         chunk = DEFAULT_STOP_CHECK_INTERVAL if sampling.stop_strings else None
-        run = self._run(prompts, images, image_mask, sampling, chunk, return_logits)
+        run = self._run(prompts, images, image_mask, sampling, chunk, return_logits, batch_rows)
         while True:
             try:
                 next(run)
@@ -550,7 +555,7 @@ class Generator:
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-        return self._run(prompts, images, image_mask, sampling, chunk_size, False)
+        return self._run(prompts, images, image_mask, sampling, chunk_size, False, None)
 
     def _run(
         self,
@@ -560,11 +565,17 @@ class Generator:
         sampling: SamplingConfig,
         chunk_size: int | None,
         return_logits: bool,
+        batch_rows: int | None,
     ) -> Iterator[list[np.ndarray]]:
         if sampling.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a Generator(tokenizer=...) to decode text")
         batch = self.prepare(
-            prompts, images, image_mask, sampling.pad_token_id, sampling.max_new_tokens
+            prompts,
+            images,
+            image_mask,
+            sampling.pad_token_id,
+            sampling.max_new_tokens,
+            batch_rows,
         )
         knobs = self._knobs(sampling)
         capacity = _capacity(sampling.max_new_tokens)
