@@ -34,6 +34,16 @@ def save_params(directory: str, config: ModelConfig, params: Any) -> None:
     checkpointer.wait_until_finished()
 
 
+def _saved_shapes(directory: str, sharding: Any = None) -> Any:
+    """The saved tree as `ShapeDtypeStruct`s (on `sharding`, if given), read from metadata."""
+    metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        metadata,
+        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
+    )
+
+
 def load_params(directory: str, target: Any = None) -> tuple[ModelConfig, Any]:
     """Read a params checkpoint. `target`: a tree of arrays or `jax.ShapeDtypeStruct`s with
     shardings to restore onto (default: as saved, on the default device)."""
@@ -46,12 +56,7 @@ def load_params(directory: str, target: Any = None) -> tuple[ModelConfig, Any]:
     checkpointer = ocp.StandardCheckpointer()
     params_path = os.path.join(directory, PARAMS_DIR)
     if target is None:
-        metadata = checkpointer.metadata(params_path).item_metadata.tree
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-            metadata,
-            is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
-        )
+        target = _saved_shapes(params_path)
     return config, checkpointer.restore(params_path, target)
 
 
@@ -145,12 +150,7 @@ def restore_params(workdir: str, abstract_params: Any = None, step: int | None =
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "state")
     if abstract_params is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
-        abstract_params = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            metadata["params"],
-            is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
-        )
+        abstract_params = _saved_shapes(directory, device)["params"]
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_params
     )
