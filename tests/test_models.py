@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
+from llava_jax.models.config import REMAT_POLICIES, ModelConfig, TextConfig, VisionConfig
 from llava_jax.models.llava import Llava, abstract_params, dummy_inputs, init_params
 
 TINY = ModelConfig(
@@ -95,7 +95,7 @@ def test_masked_out_image_slots_are_skipped_in_order():
     assert np.abs(np.asarray(other) - np.asarray(alone)).max() > 1e-3
 
 
-@pytest.mark.parametrize("policy", ["minimal", "full"])
+@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
 def test_remat_policies_keep_loss_and_gradients(policy):
     params = init_params(TINY, jax.random.key(0))
     inputs = dummy_inputs(TINY, batch_size=2)
@@ -112,6 +112,43 @@ def test_remat_policies_keep_loss_and_gradients(policy):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_vision_tower_stops_at_the_deepest_selected_layer(scan_layers, remat_policy):
+    """With LLaVA's -2 the last vision layer never runs: changing its weights changes
+    nothing, bit for bit (and it gets no gradient); with -1 it does."""
+    config = ModelConfig(
+        vision=dataclasses.replace(TINY.vision, num_layers=3),
+        text=TINY.text,
+        image_token_id=TINY.image_token_id,
+        vision_feature_layer=-2,
+        scan_layers=scan_layers,
+        remat_policy=remat_policy,
+    )
+    params = init_params(config, jax.random.key(0))
+    inputs = dummy_inputs(config, batch_size=2)
+    inputs["images"] = jax.random.normal(jax.random.key(1), inputs["images"].shape)
+    layers = params["img"]
+    if scan_layers:
+        changed = jax.tree.map(lambda p: p.at[-1].add(1.0), layers["layers"])
+        other = {**params, "img": {**layers, "layers": changed}}
+    else:
+        changed = jax.tree.map(lambda p: p + 1.0, layers["layers_2"])
+        other = {**params, "img": {**layers, "layers_2": changed}}
+
+    def logits(params, config):
+        return Llava(config).apply({"params": params}, **inputs)
+
+    run = jax.jit(logits, static_argnums=1)
+    np.testing.assert_array_equal(run(params, config), run(other, config))
+    grads = jax.grad(lambda p: jnp.sum(logits(p, config) ** 2))(params)
+    last = grads["img"]["layers"] if scan_layers else grads["img"]["layers_2"]
+    for leaf in jax.tree.leaves(last):
+        assert not np.asarray(leaf[-1] if scan_layers else leaf).any()
+    deepest = dataclasses.replace(config, vision_feature_layer=-1)
+    assert np.abs(np.asarray(run(params, deepest) - run(other, deepest))).max() > 1e-3
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -120,6 +157,7 @@ def test_remat_policies_keep_loss_and_gradients(policy):
         (dict(vision_feature_layer=5), "vision_feature_layer=5"),
         (dict(vision_feature_select_strategy="cls"), "vision_feature_select_strategy='cls'"),
         (dict(projector="identity"), "projector='identity'"),
+        (dict(attention="flash"), "attention='flash'"),
     ],
 )
 def test_config_errors_name_the_field(change, message):

@@ -400,6 +400,7 @@ def load_hf(
     param_dtype: str = "float32",
     scan_layers: bool = True,
     remat_policy: str = "none",
+    attention: str = "auto",
 ) -> tuple[ModelConfig, Params]:
     """Read a transformers LLaVA directory (config.json + safetensors) into numpy params.
 
@@ -414,6 +415,7 @@ def load_hf(
         param_dtype=param_dtype,
         scan_layers=scan_layers,
         remat_policy=remat_policy,
+        attention=attention,
     )
     reader = SafetensorsReader(path)
     shapes = _shapes(config)

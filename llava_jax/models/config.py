@@ -11,7 +11,21 @@ import dataclasses
 import re
 from typing import Any
 
-REMAT_POLICIES = ("none", "minimal", "full")
+# Remat policies as maxtext names them (models/layers.py says what each keeps): from
+# `none` (keep every activation) through `minimal` (keep every projection) to `full`
+# (keep only each layer's input).
+REMAT_POLICIES = (
+    "none",
+    "minimal",
+    "minimal_with_context",
+    "save_dot_with_context_except_mlp",
+    "save_dot_except_mlpwi",
+    "save_dot_except_mlp",
+    "save_qkv_proj",
+    "save_out_proj",
+    "full",
+)
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "dot_product", "cudnn", "splash")
 ROPE_TYPES = ("default", "linear", "llama3")
 FEATURE_SELECT_STRATEGIES = ("default", "full")
 _MLP_PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
@@ -94,7 +108,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat_policy: str = "none"  # none | minimal | full
+    remat_policy: str = "none"  # REMAT_POLICIES
+    attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS (models/attention.py)
 
     def __post_init__(self):
         if isinstance(self.vision_feature_layer, list):
@@ -152,6 +167,10 @@ class ModelConfig:
                 )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
+            )
         if self.text.rope.type not in ROPE_TYPES:
             raise ValueError(f"text.rope.type={self.text.rope.type!r} is not one of {ROPE_TYPES}")
         if self.text.num_heads % self.text.num_kv_heads:

@@ -51,9 +51,14 @@ def causal_padding_mask(query_slots: Array, key_valid: Array) -> Array:
 
 
 class DecoderBlock(nn.Module):
-    """x + attn(norm(x)), then x + swiglu(norm(x)). Per-layer input/output: the KV cache."""
+    """x + attn(norm(x)), then x + swiglu(norm(x)). Per-layer input/output: the KV cache.
+
+    Over a whole sequence `segment_ids: int32[B, T]` marks the real tokens (`cache_mask`
+    is None); with a cache, `cache_mask: bool[B, T, S]` says which slots each query sees.
+    """
 
     config: TextConfig
+    attention: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -62,7 +67,8 @@ class DecoderBlock(nn.Module):
         self,
         x: Array,
         cache: dict[str, Array] | None,
-        mask: Array,
+        segment_ids: Array | None,
+        cache_mask: Array | None,
         positions: Array,
         cache_index: Array | None,
     ) -> tuple[Array, dict[str, Array] | None]:
@@ -74,19 +80,23 @@ class DecoderBlock(nn.Module):
             num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.resolved_head_dim,
+            causal=True,
             use_bias=cfg.attention_bias,
             rope=cfg.rope,
+            implementation=self.attention,
             name="attn",
             **kw,
-        )(h, mask, positions, cache, cache_index)
+        )(h, positions, segment_ids, cache, cache_index, cache_mask)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
         mlp = dict(use_bias=cfg.mlp_bias, **kw)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate", **mlp)(h)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), name="up", **mlp)(h)
-        h = checkpoint_name(activation(cfg.hidden_act)(gate) * up, "mlp_hidden")
-        h = dense(cfg.hidden_size, ("mlp", "embed"), name="down", **mlp)(h)
-        return x + checkpoint_name(h, "mlp_out"), cache
+        gate, up = checkpoint_name(gate, "mlpwi"), checkpoint_name(up, "mlpwi")
+        h = dense(cfg.hidden_size, ("mlp", "embed"), name="down", **mlp)(
+            activation(cfg.hidden_act)(gate) * up
+        )
+        return x + checkpoint_name(h, "mlpwo"), cache
 
 
 class LlamaDecoder(nn.Module):
@@ -95,6 +105,7 @@ class LlamaDecoder(nn.Module):
     config: TextConfig
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -114,8 +125,9 @@ class LlamaDecoder(nn.Module):
             num_layers=cfg.num_layers,
             scan=self.scan_layers,
             remat=self.remat_policy,
-            num_broadcast=3,
+            num_broadcast=4,
             config=cfg,
+            attention=self.attention,
             **kw,
         )
         self.final_norm = RMSNorm(cfg.rms_norm_eps, **kw)
@@ -133,6 +145,7 @@ class LlamaDecoder(nn.Module):
         attention_mask: Array,
         cache: KVCache | None = None,
         last_position_only: bool = False,
+        return_hidden: bool = False,
     ) -> tuple[Array, KVCache | None]:
         """Run the decoder on `embeddings: [B, T, D]` at `positions: int32[B, T]`.
 
@@ -141,12 +154,14 @@ class LlamaDecoder(nn.Module):
         `attention_mask` marks which of them are real, and attention runs over the buffer.
         Returns `(logits float32[B, T, V], new cache or None)`; with `last_position_only`,
         logits `[B, 1, V]` of the last position (a prefill needs no more, and full logits
-        of a long multimodal prompt would dominate its memory).
+        of a long multimodal prompt would dominate its memory). With `return_hidden`, the
+        final-normed hidden states `[B, T, D]` instead of logits (see `logits`).
         """
         length = embeddings.shape[1]
         if cache is None:
-            mask = causal_padding_mask(jnp.arange(length), attention_mask)
-            x, _ = run_layer_stack(self.layers, embeddings, None, mask, positions, None)
+            x, _ = run_layer_stack(
+                self.layers, embeddings, None, attention_mask, None, positions, None
+            )
             new_cache = None
         else:
             index = cache["index"]
@@ -156,13 +171,19 @@ class LlamaDecoder(nn.Module):
             mask = causal_padding_mask(index + jnp.arange(length), key_valid)
             layer_caches = {"k": cache["k"], "v": cache["v"]}
             x, layer_caches = run_layer_stack(
-                self.layers, embeddings, layer_caches, mask, positions, index
+                self.layers, embeddings, layer_caches, None, mask, positions, index
             )
             new_cache = {**layer_caches, "mask": key_valid, "index": index + length}
         if last_position_only:
             x = x[:, -1:]
         x = self.final_norm(x)
+        if return_hidden:
+            return x, new_cache
+        return self.logits(x), new_cache
+
+    def logits(self, hidden: Array) -> Array:
+        """The LM head: final-normed `hidden: [B, T, D]` -> `float32[B, T, V]`."""
         tied = self.config.tie_word_embeddings
-        logits = self.embed.attend(x) if tied else self.lm_head(x)
+        logits = self.embed.attend(hidden) if tied else self.lm_head(hidden)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits.astype(jnp.float32), new_cache
+        return logits.astype(jnp.float32)

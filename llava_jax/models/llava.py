@@ -21,17 +21,20 @@ from llava_jax.models.vit import VisionTransformer
 Array = jax.Array
 
 
-def select_features(config: ModelConfig, embeddings: Array, layer_outputs: Array) -> Array:
-    """Pick `config.vision_feature_layer` from the vision hidden states, concatenated.
+def feature_states(config: ModelConfig) -> tuple[int, ...]:
+    """The vision hidden-state indices (0..L) that `config.vision_feature_layer` selects."""
+    num_states = config.vision.num_layers + 1
+    return tuple(layer % num_states for layer in config.feature_layers)
 
-    embeddings: [N, P+1, D] (hidden state 0); layer_outputs: [L, N, P+1, D] (states 1..L).
+
+def select_features(config: ModelConfig, states: dict[int, Array]) -> Array:
+    """The selected vision hidden states `{index: [N, P+1, D]}`, concatenated on features.
+
     Returns [N, P or P+1, D * n_layers] (CLS dropped under the `default` strategy).
     """
-    num_states = layer_outputs.shape[0] + 1
     picked = []
-    for layer in config.feature_layers:
-        index = layer % num_states
-        state = embeddings if index == 0 else layer_outputs[index - 1]
+    for index in feature_states(config):
+        state = states[index]
         if config.vision_feature_select_strategy == "default":
             state = state[:, 1:]
         picked.append(state)
@@ -67,7 +70,9 @@ class Llava(nn.Module):
     def setup(self):
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        stack = dict(scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
+        stack = dict(
+            scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, attention=cfg.attention
+        )
         self.img = VisionTransformer(cfg.vision, **stack, **kw)
         self.proj = Projector(
             depth=cfg.projector_depth,
@@ -82,8 +87,9 @@ class Llava(nn.Module):
         """`images: float32[B, I, H, W, 3]` (normalised) -> features `[B, I, N, D_text]`."""
         batch, num_images = images.shape[:2]
         flat = images.reshape(batch * num_images, *images.shape[2:])
-        embeddings, layer_outputs, _ = self.img(flat)
-        features = self.proj(select_features(self.config, embeddings, layer_outputs))
+        with jax.named_scope("vision"):
+            states = self.img(flat, feature_states(self.config))
+            features = self.proj(select_features(self.config, states))
         return features.reshape(batch, num_images, *features.shape[1:])
 
     def embed_inputs(
@@ -107,12 +113,15 @@ class Llava(nn.Module):
         image_mask: Array | None = None,
         attention_mask: Array | None = None,
         positions: Array | None = None,
+        return_hidden: bool = False,
     ) -> Array:
         """Full forward pass -> logits `float32[B, T, V]`.
 
         input_ids: int32[B, T]; images: float32[B, I, H, W, 3]; image_mask: bool[B, I]
         (default all True); attention_mask: int32[B, T], 1 = real token (default all 1);
         positions: int32[B, T] (default 0..T-1 in every row, as transformers' forward).
+        `return_hidden`: the decoder's final-normed hidden states `[B, T, D]` instead, for a
+        loss that applies the LM head (`logits`) in chunks.
         """
         batch, length = input_ids.shape
         if attention_mask is None:
@@ -120,8 +129,12 @@ class Llava(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         embeddings = self.embed_inputs(input_ids, images, image_mask)
-        logits, _ = self.llm(embeddings, positions, attention_mask)
-        return logits
+        out, _ = self.llm(embeddings, positions, attention_mask, return_hidden=return_hidden)
+        return out
+
+    def logits(self, hidden: Array) -> Array:
+        """The LM head on final-normed hidden states `[B, T, D]` -> `float32[B, T, V]`."""
+        return self.llm.logits(hidden)
 
     def decode(
         self,
@@ -181,6 +194,13 @@ def init_params(config: ModelConfig, rng: Array) -> dict:
     inputs = dummy_inputs(config)
     init = jax.jit(lambda rng: Llava(config).init(rng, inputs["input_ids"], inputs["images"]))
     return nn.meta.unbox(init(rng)["params"])
+
+
+def lm_head_kernel(config: ModelConfig, params: dict) -> Array:
+    """The LM head as a `[D, V]` matrix: `llm/lm_head/kernel`, or the tied embedding."""
+    if config.text.tie_word_embeddings:
+        return params["llm"]["embed"]["embedding"].T
+    return params["llm"]["lm_head"]["kernel"]
 
 
 _STACKED_TOWERS = {"img": "vision", "llm": "text"}

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.models.config import VisionConfig
 from llava_jax.models.layers import (
@@ -15,6 +16,7 @@ from llava_jax.models.layers import (
     dense,
     layer_norm,
     make_layer_stack,
+    remat_policy,
     run_layer_stack,
 )
 
@@ -22,14 +24,15 @@ Array = jax.Array
 
 
 class VisionBlock(nn.Module):
-    """x + attn(LN(x)), then x + mlp(LN(x)). Emits its output as the per-layer hidden state."""
+    """x + attn(LN(x)), then x + mlp(LN(x))."""
 
     config: VisionConfig
+    attention: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, _per_layer: None) -> tuple[Array, Array]:
+    def __call__(self, x: Array, _per_layer: None) -> tuple[Array, None]:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -38,32 +41,35 @@ class VisionBlock(nn.Module):
             num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_heads,
             head_dim=cfg.head_dim,
+            causal=False,
             use_bias=True,
+            implementation=self.attention,
             name="attn",
             **kw,
         )(h)
         x = x + h
         h = layer_norm(cfg.layer_norm_eps, name="mlp_norm", **kw)(x)
         h = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h)
-        h = activation(cfg.hidden_act)(jax.ad_checkpoint.checkpoint_name(h, "mlp_hidden"))
+        h = activation(cfg.hidden_act)(checkpoint_name(h, "mlpwi"))
         h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=True, name="fc2", **kw)(h)
-        x = x + jax.ad_checkpoint.checkpoint_name(h, "mlp_out")
-        return x, x
+        x = x + checkpoint_name(h, "mlpwo")
+        return x, None
 
 
 class VisionTransformer(nn.Module):
-    """CLIP ViT. `images: float32[N, H, W, C]` (normalised) -> hidden states of every layer.
+    """CLIP ViT. `images: float32[N, H, W, C]` (normalised) -> the hidden states asked for.
 
-    Returns `(embeddings, layer_outputs, pooled)`: `embeddings: [N, P+1, D]` is hidden state 0
-    (after the pre-norm), `layer_outputs: [L, N, P+1, D]` are hidden states 1..L before the
-    post-norm, numbered as transformers' `hidden_states`; `pooled: [N, D]` is CLIP's post-normed
-    CLS state. LLaVA uses neither the post-norm nor `pooled` (XLA drops it), but the weights
-    stay so they can be exchanged with transformers.
+    Hidden states are numbered as transformers' `hidden_states`: 0 is the embedding (after
+    the pre-norm), i the output of layer i, each `[N, P+1, D]`. Only the layers up to the
+    deepest state asked for run (LLaVA's -2 skips the last one), and only the states asked
+    for are kept. CLIP's post-norm is never applied by LLaVA, but its weights exist so
+    they can be exchanged with transformers.
     """
 
     config: VisionConfig
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -79,14 +85,53 @@ class VisionTransformer(nn.Module):
             remat=self.remat_policy,
             num_broadcast=0,
             config=cfg,
+            attention=self.attention,
             **kw,
         )
         self.post_norm = layer_norm(cfg.layer_norm_eps, **kw)
 
-    def __call__(self, images: Array) -> tuple[Array, Array, Array]:
+    def __call__(self, images: Array, states: tuple[int, ...]) -> dict[int, Array]:
+        """`states`: hidden-state indices in 0..L. Returns {index: [N, P+1, D]}."""
+        num_layers = self.config.num_layers
+        if not all(0 <= s <= num_layers for s in states):
+            raise ValueError(f"hidden states {states} of a {num_layers}-layer vision tower")
         x = self.pre_norm(self.embedding(images))
-        _, layer_outputs = run_layer_stack(self.layers, x, None)
-        return x, layer_outputs, self.post_norm(layer_outputs[-1][:, 0])
+        if self.is_initializing():  # every layer and the post-norm get their parameters
+            last, _ = run_layer_stack(self.layers, x, None)
+            self.post_norm(last[:, 0])
+        kept, done = {}, 0
+        for state in sorted(set(states)):
+            x = self._run_layers(x, done, state)
+            kept[state], done = x, state
+        return kept
+
+    def _run_layers(self, x: Array, start: int, stop: int) -> Array:
+        """Layers `start .. stop-1` (0-based) on `x`."""
+        if start == stop:
+            return x
+        if isinstance(self.layers, (list, tuple)):
+            for layer in self.layers[start:stop]:
+                x, _ = layer(x, None)
+            return x
+        if (start, stop) == (0, self.config.num_layers):
+            return self.layers(x, None)[0]
+        # A slice of the scanned stack: scan the same block over those layers' parameters.
+        block = VisionBlock(  # a free-standing module (parent=None), applied to slices
+            self.config,
+            attention=self.attention,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            parent=None,
+        )
+
+        def body(x: Array, params: Any) -> tuple[Array, None]:
+            return block.apply({"params": params}, x, None)[0], None
+
+        policy = remat_policy(self.remat_policy)
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        stacked = jax.tree.map(lambda p: p[start:stop], self.layers.variables["params"])
+        return jax.lax.scan(body, x, stacked)[0]
 
 
 class PatchEmbedding(nn.Module):
