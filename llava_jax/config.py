@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.micro_batches = 1
     config.train.train_pattern = "proj/.*|llm/.*"  # regex over parameter paths
     config.train.z_loss_weight = 0.0
+    # The LM head and the loss run fused in chunks of this many positions, so the float32
+    # [B, T, vocab] logits never exist whole; 0 computes the whole logits at once.
+    config.train.loss_chunk_size = 128
     config.train.seed = 0
     config.train.log_every = 10
     config.train.checkpoint_every = 500
@@ -142,6 +145,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.source={data.source!r} is not 'synthetic' or 'llava_json'")
     if data.tokenizer_path and not os.path.exists(data.tokenizer_path):
         raise FileNotFoundError(f"config.data.tokenizer_path: {data.tokenizer_path} does not exist")
+    if config.train.loss_chunk_size < 0:
+        raise ValueError(
+            f"config.train.loss_chunk_size={config.train.loss_chunk_size} must be >= 0 "
+            "(0: the whole logits at once)"
+        )
     for field in ("log_every", "checkpoint_every", "keep_checkpoints", "micro_batches"):
         if config.train[field] < 1:
             raise ValueError(f"config.train.{field}={config.train[field]} must be >= 1")

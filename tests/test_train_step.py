@@ -13,8 +13,10 @@ from train_fixtures import (
     TINY,
     WELL_CONDITIONED,
     build,
+    flat_params,
     host_params,
     make_batch,
+    max_relative,
     run_steps,
 )
 
@@ -24,19 +26,11 @@ from llava_jax.train.loss import masked_cross_entropy_sums
 from llava_jax.train.optimizer import learning_rate_schedule, trainable_mask
 
 
-def _flat(tree):
-    return {"/".join(k): np.asarray(v) for k, v in flatten_dict(jax.device_get(tree)).items()}
-
-
-def _max_relative(a, b):
-    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-12)) for k in a)
-
-
 @pytest.fixture(scope="module")
 def single_device_run():
     _, state, step = build((1, 1, 1), devices=jax.devices()[:1], **WELL_CONDITIONED)
     state, losses = run_steps(step, state)
-    return _flat(state.params), losses
+    return flat_params(state.params), losses
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
@@ -45,10 +39,10 @@ def test_every_mesh_gives_the_same_losses_and_parameters(single_device_run, mesh
     _, state, step = build(mesh_shape, **WELL_CONDITIONED)
     state, losses = run_steps(step, state)
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
-    params = _flat(state.params)
-    assert _max_relative(params, reference_params) <= 1e-5
+    params = flat_params(state.params)
+    assert max_relative(params, reference_params) <= 1e-5
     # and the parameters did move
-    assert _max_relative(params, _flat(host_params())) > 1e-3
+    assert max_relative(params, flat_params(host_params())) > 1e-3
 
 
 def test_parameter_shardings_follow_the_rules():
@@ -90,9 +84,9 @@ def test_fsdp_8_gives_each_device_an_eighth():
 
 def test_stage_1_freezes_vision_and_language_towers():
     _, state, step = build((2, 2, 2), train_pattern="proj/.*")
-    before = _flat(state.params)
+    before = flat_params(state.params)
     state, losses = run_steps(step, state)
-    after = _flat(state.params)
+    after = flat_params(state.params)
     for key in before:
         if key.startswith(("img/", "llm/")):
             np.testing.assert_array_equal(after[key], before[key], err_msg=key)
@@ -118,7 +112,7 @@ def test_gradient_accumulation_equals_one_large_batch():
         state_acc, m_acc = step_acc(state_acc, batch)
         assert abs(float(m_one["loss"]) - float(m_acc["loss"])) <= 1e-6
         assert float(m_one["supervised_tokens"]) == float(m_acc["supervised_tokens"])
-    assert _max_relative(_flat(state_acc.params), _flat(state_one.params)) <= 1e-5
+    assert max_relative(flat_params(state_acc.params), flat_params(state_one.params)) <= 1e-5
 
 
 def test_targets_outside_the_mask_change_nothing():
@@ -150,28 +144,28 @@ def test_targets_outside_the_mask_change_nothing():
     state_b, m_b = step_b(state_b, other)
     assert float(m_a["loss"]) == float(m_b["loss"])
     assert float(m_a["grad_norm"]) == float(m_b["grad_norm"])
-    assert _max_relative(_flat(state_a.params), _flat(state_b.params)) == 0
+    assert max_relative(flat_params(state_a.params), flat_params(state_b.params)) == 0
 
 
 def test_batch_without_supervised_tokens_gives_zero_loss_and_no_nan():
     _, state, step = build((8, 1, 1))
     batch = make_batch(3)
     batch["loss_mask"][:] = 0
-    before = _flat(state.params)
+    before = flat_params(state.params)
     state, metrics = step(state, batch)
     assert float(metrics["loss"]) == 0.0
     assert float(metrics["grad_norm"]) == 0.0
-    after = _flat(state.params)
+    after = flat_params(state.params)
     assert all(np.isfinite(v).all() for v in after.values())
-    assert _max_relative(after, before) == 0
+    assert max_relative(after, before) == 0
 
 
 def test_projector_learning_rate_is_separate():
     """Adam's first step moves each weight by about the learning rate: 10x on the projector."""
     _, state, step = build((8, 1, 1), learning_rate=1e-4, projector_learning_rate=1e-3)
-    before = _flat(state.params)
+    before = flat_params(state.params)
     state, _ = step(state, make_batch(1))
-    after = _flat(state.params)
+    after = flat_params(state.params)
 
     def median_move(prefix):
         moves = np.concatenate(

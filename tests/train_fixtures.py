@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
 from llava_jax.models.llava import init_params
@@ -60,6 +61,17 @@ def make_batch(seed: int, batch_size: int = 8, supervised: list[int] | None = No
     }
 
 
+def flat_params(tree) -> dict[str, np.ndarray]:
+    """`{'llm/layers/…/kernel': array}` on the host."""
+    flat = flatten_dict(jax.device_get(tree))
+    return {"/".join(k): np.asarray(v) for k, v in flat.items()}
+
+
+def max_relative(a: dict, b: dict) -> float:
+    """The largest leaf-wise max |a - b| / max |b| of two `flat_params` trees."""
+    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-12)) for k in a)
+
+
 def host_params(seed: int = 0) -> dict:
     return jax.tree.map(np.asarray, init_params(TINY, jax.random.key(seed)))
 
@@ -73,6 +85,7 @@ def build(
     devices=None,
     config: ModelConfig = TINY,
     params=None,
+    loss_chunk_size: int = 0,
     **optimizer_kwargs,
 ):
     """(setup, state, jitted step) on a mesh, from the same host parameters every time."""
@@ -86,7 +99,9 @@ def build(
     )
     step = jit_train_step(
         setup,
-        make_train_step(setup, schedule, micro_batches=micro_batches),
+        make_train_step(
+            setup, schedule, micro_batches=micro_batches, loss_chunk_size=loss_chunk_size
+        ),
         batch_size,
         micro_batches,
     )

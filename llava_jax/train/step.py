@@ -17,8 +17,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llava_jax.models.llava import Llava, lm_head_kernel
 from llava_jax.sharding import BATCH_AXES, batch_sharding, check_batch_size, replicated
-from llava_jax.train.loss import masked_cross_entropy_sums
+from llava_jax.train.loss import linear_cross_entropy_sums, masked_cross_entropy_sums
 from llava_jax.train.optimizer import merge_trainable, split_trainable
 from llava_jax.train.state import TrainSetup, TrainState
 
@@ -30,12 +31,45 @@ def _model_inputs(batch: Batch) -> dict[str, jax.Array]:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
+def loss_sums(
+    model: Llava,
+    params: Any,
+    batch: Batch,
+    *,
+    loss_chunk_size: int = 0,
+    z_loss_weight: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`(objective, Σ CE·mask, Σ z_loss·mask, Σ mask)` of `model` on `batch`; gradients
+    flow through `objective` (= CE + z-loss). With `loss_chunk_size`, the LM head and the
+    loss run fused, in chunks of that many positions (train/loss.py)."""
+    inputs = _model_inputs(batch)
+    if not loss_chunk_size:
+        logits = model.apply({"params": params}, **inputs)
+        with jax.named_scope("lm_head_loss"):
+            ce, z, tokens = masked_cross_entropy_sums(
+                logits, batch["input_ids"], batch["loss_mask"], z_loss_weight
+            )
+        return ce + z, ce, z, tokens
+    hidden = model.apply({"params": params}, **inputs, return_hidden=True)
+    with jax.named_scope("lm_head_loss"):
+        return linear_cross_entropy_sums(
+            hidden,
+            lm_head_kernel(model.config, params),
+            batch["input_ids"],
+            batch["loss_mask"],
+            chunk_size=loss_chunk_size,
+            z_loss_weight=z_loss_weight,
+            dtype=jnp.dtype(model.config.dtype),
+        )
+
+
 def make_train_step(
     setup: TrainSetup,
     learning_rate: optax.Schedule,
     *,
     micro_batches: int = 1,
     z_loss_weight: float = 0.0,
+    loss_chunk_size: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure step function (not yet jitted; see `jit_train_step`).
 
@@ -47,11 +81,10 @@ def make_train_step(
 
     def summed_loss(trainable: Any, params: Any, batch: Batch) -> tuple[jax.Array, tuple]:
         full = merge_trainable(params, trainable, mask)
-        logits = model.apply({"params": full}, **_model_inputs(batch))
-        ce, z, tokens = masked_cross_entropy_sums(
-            logits, batch["input_ids"], batch["loss_mask"], z_loss_weight
+        objective, ce, z, tokens = loss_sums(
+            model, full, batch, loss_chunk_size=loss_chunk_size, z_loss_weight=z_loss_weight
         )
-        return ce + z, (ce, z, tokens)
+        return objective, (ce, z, tokens)
 
     grad_fn = jax.grad(summed_loss, has_aux=True)
 
@@ -67,9 +100,10 @@ def make_train_step(
             # One division for the whole global batch; no supervised token gives 0, not NaN.
             denominator = jnp.maximum(tokens, 1.0)
             grads = jax.tree.map(lambda g: g / denominator, grads)
-            grad_norm = optax.tree.norm(grads)
-            updates, opt_state = setup.optimizer.update(grads, state.opt_state, trainable)
-            trainable = optax.apply_updates(trainable, updates)
+            with jax.named_scope("optimizer"):
+                grad_norm = optax.tree.norm(grads)
+                updates, opt_state = setup.optimizer.update(grads, state.opt_state, trainable)
+                trainable = optax.apply_updates(trainable, updates)
             params = merge_trainable(state.params, trainable, mask)
         metrics = {
             "loss": ce / denominator,
@@ -150,14 +184,15 @@ def metrics_to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(jax.device_get(v.addressable_shards[0].data)) for k, v in metrics.items()}
 
 
-def make_eval_step(setup: TrainSetup) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+def make_eval_step(
+    setup: TrainSetup, loss_chunk_size: int = 0
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """Jitted `(params, batch) -> {'loss_sum', 'supervised_tokens'}` for held-out loss."""
     model = setup.model
 
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
         with nn.logical_axis_rules(setup.rules):
-            logits = model.apply({"params": params}, **_model_inputs(batch))
-        ce, _, tokens = masked_cross_entropy_sums(logits, batch["input_ids"], batch["loss_mask"])
+            _, ce, _, tokens = loss_sums(model, params, batch, loss_chunk_size=loss_chunk_size)
         return {"loss_sum": ce, "supervised_tokens": tokens}
 
     jitted = jax.jit(

@@ -65,6 +65,7 @@ def _numerics(config: ml_collections.ConfigDict) -> dict[str, Any]:
         param_dtype=model.param_dtype,
         scan_layers=model.scan_layers,
         remat_policy=model.remat_policy,
+        attention=model.attention,
     )
 
 
@@ -254,6 +255,7 @@ class Run:
             schedule,
             micro_batches=train.micro_batches,
             z_loss_weight=train.z_loss_weight,
+            loss_chunk_size=train.loss_chunk_size,
         )
         self.train_step = jit_train_step(
             self.setup, step_fn, self.data_config.global_batch_size, train.micro_batches
@@ -392,7 +394,14 @@ class Run:
         eval_data.num_epochs = 1
         eval_data.global_batch_size = min(eval_data.global_batch_size, config.eval.batch_size)
         results: dict[str, Any] = {}
-        loss = _eval_loss(self.setup, state, self.tokenizer, eval_data, config.eval.loss_batches)
+        loss = _eval_loss(
+            self.setup,
+            state,
+            self.tokenizer,
+            eval_data,
+            config.eval.loss_batches,
+            config.train.loss_chunk_size,
+        )
         if loss is not None:
             results["eval_loss"] = loss
         if config.eval.num_records > 0:
@@ -422,7 +431,7 @@ def _save_tokenizer_and_config(workdir: str, tokenizer: LoadedTokenizer, run_con
         json.dump(run_config, f, indent=2)
 
 
-def _eval_loss(setup, state, tokenizer, eval_data, max_batches) -> float | None:
+def _eval_loss(setup, state, tokenizer, eval_data, max_batches, loss_chunk_size) -> float | None:
     if max_batches <= 0:
         return None
     try:
@@ -430,7 +439,7 @@ def _eval_loss(setup, state, tokenizer, eval_data, max_batches) -> float | None:
     except (KeyError, ValueError, FileNotFoundError) as err:
         logging.warning("No held-out split for the eval loss: %s", err)
         return None
-    eval_step = make_eval_step(setup)
+    eval_step = make_eval_step(setup, loss_chunk_size)
     total, tokens = 0.0, 0.0
     try:
         for _ in range(max_batches):
