@@ -29,8 +29,11 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
+        # libtpu (~700 MB): compiling for TPU slices, ahead of time, without a TPU
+        # (python -m llava_jax.plan); also what a TPU VM runs on.
+        "tpu": ["jax[tpu]"],
         # torch only runs the transformers reference in tests; the CPU build is pinned
-        # because an unpinned torch pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "ruff>=0.6"],
+        # because an unpinned torch pulls a multi-GB CUDA build. The tests plan a TPU slice.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "ruff>=0.6", "jax[tpu]"],
     },
 )

@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.num_steps = config_dict.placeholder(int)  # default: num_epochs of the data
     config.train.num_epochs = 1.0
     config.train.micro_batches = 1
+    # Sequences per device in one forward/backward pass; the global batch is accumulated
+    # over as many micro-batches as that takes (overrides `micro_batches`; unset: one pass).
+    config.train.per_device_batch_size = config_dict.placeholder(int)
     config.train.train_pattern = "proj/.*|llm/.*"  # regex over parameter paths
     config.train.z_loss_weight = 0.0
     # The LM head and the loss run fused in chunks of this many positions, so the float32
@@ -117,6 +120,22 @@ def model_config_from(config: ml_collections.ConfigDict, **replace: Any) -> Mode
     values.pop("vocab_follows_tokenizer", None)
     model = ModelConfig.from_dict(values)
     return dataclasses.replace(model, **replace) if replace else model
+
+
+def micro_batches(config: ml_collections.ConfigDict, data_parallel_size: int) -> int:
+    """Micro-batches per step: from `train.per_device_batch_size` where set, else
+    `train.micro_batches`. An indivisible combination names the numbers."""
+    per_device = config.train.per_device_batch_size
+    if per_device is None:
+        return config.train.micro_batches
+    global_batch = config.data.global_batch_size
+    if per_device < 1 or global_batch % (per_device * data_parallel_size):
+        raise ValueError(
+            f"config.train.per_device_batch_size={per_device}: the global batch "
+            f"{global_batch} is not a multiple of {per_device} x {data_parallel_size} "
+            "data-parallel devices"
+        )
+    return global_batch // (per_device * data_parallel_size)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -206,7 +225,11 @@ def apply_recipe(config, size: str, stage: str, projector: str) -> None:
     model.dtype = "bfloat16"
     model.param_dtype = "float32"
     model.scan_layers = True
-    model.remat_policy = "minimal"
+    # Fits a 16 GiB v5e chip and a 32 GiB v4 chip at LLaVA's global batch, as
+    # `python -m llava_jax.plan` shows: 2 sequences per device per pass; 7B keeps every
+    # projection for the backward pass, 13B recomputes each layer.
+    model.remat_policy = "minimal" if size == "7b" else "full"
+    config.train.per_device_batch_size = 2
 
     config.init.mode = init_mode
     config.data.source = "llava_json"

@@ -77,6 +77,9 @@ def make_mesh(
         shape = resolve_mesh_shape(shape, len(devices))
         if devices == jax.devices():
             return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+        if devices[0].platform == "tpu":  # e.g. a slice's compile-only devices: ICI layout
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+            return Mesh(grid, MESH_AXES, axis_types=axis_types)
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
     dcn_shape = tuple(int(s) for s in dcn_shape)
     num_slices = math.prod(dcn_shape)

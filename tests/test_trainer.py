@@ -21,6 +21,7 @@ from trainer_fixtures import (
 )
 
 from llava_jax import checkpoint as ckpt
+from llava_jax.config import micro_batches
 from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokenizer_for
 from llava_jax.train.trainer import (
     _data_config,
@@ -228,6 +229,15 @@ def test_missing_data_path_is_named(tmp_path, data_dir):
         train_and_evaluate(config, str(tmp_path / "w"))
 
 
+def test_per_device_batch_size_sets_the_micro_batches(data_dir):
+    config = tiny_config(data_dir, data__global_batch_size=32, train__per_device_batch_size=2)
+    assert micro_batches(config, data_parallel_size=8) == 2  # 32 = 2 per device x 8 x 2
+    assert micro_batches(tiny_config(data_dir, train__micro_batches=4), 8) == 4  # unset
+    config.train.per_device_batch_size = 3
+    with pytest.raises(ValueError, match="per_device_batch_size=3.*32 is not a multiple of 3 x 8"):
+        micro_batches(config, data_parallel_size=8)
+
+
 def test_unwritable_workdir_is_named(tmp_path, data_dir):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -253,6 +263,10 @@ def test_run_writes_metrics_tensorboard_plot_and_eval(tmp_path, data_dir):
         for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "examples_seen"):
             assert np.isfinite(record[key]), key
     assert train_records[-1]["examples_seen"] == 4 * 8
+    # MFU: the counted FLOPs over the time against the peak (measured on this CPU).
+    last = train_records[-1]
+    assert 0.0 < last["mfu"] < 1.0
+    assert last["tflops_per_device"] > 0.0
     result = json.loads((workdir / "eval.json").read_text())
     assert result["num_examples"] > 0
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["blind_accuracy"] <= 1.0

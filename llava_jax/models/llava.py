@@ -8,6 +8,8 @@ batch. The parameter tree has three towers: `img`, `proj`, `llm` (DESIGN.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -180,11 +182,19 @@ def dummy_inputs(config: ModelConfig, batch_size: int = 1) -> dict[str, Array]:
     }
 
 
+def _for_init(config: ModelConfig) -> ModelConfig:
+    """Parameters do not depend on the attention implementation; shape them with the
+    reference, which runs anywhere (a kernel may not run where this is traced)."""
+    return dataclasses.replace(config, attention="xla")
+
+
 def abstract_params(config: ModelConfig) -> dict:
     """The parameter tree as `nn.Partitioned`-boxed `ShapeDtypeStruct`s (no memory used)."""
     inputs = dummy_inputs(config)
     variables = jax.eval_shape(
-        lambda: Llava(config).init(jax.random.key(0), inputs["input_ids"], inputs["images"])
+        lambda: Llava(_for_init(config)).init(
+            jax.random.key(0), inputs["input_ids"], inputs["images"]
+        )
     )
     return variables["params"]
 
@@ -192,7 +202,8 @@ def abstract_params(config: ModelConfig) -> dict:
 def init_params(config: ModelConfig, rng: Array) -> dict:
     """Randomly initialised parameters (unboxed), e.g. for a projector trained from scratch."""
     inputs = dummy_inputs(config)
-    init = jax.jit(lambda rng: Llava(config).init(rng, inputs["input_ids"], inputs["images"]))
+    model = Llava(_for_init(config))
+    init = jax.jit(lambda rng: model.init(rng, inputs["input_ids"], inputs["images"]))
     return nn.meta.unbox(init(rng)["params"])
 
 

@@ -89,8 +89,8 @@ def _fused_linear_cross_entropy(z_loss_weight: float, dtype: jnp.dtype):
         # d(ce + z)/d logits = softmax·(1 + 2w·lse) - onehot, on supervised positions.
         probs = jnp.exp(logits - log_normalizer[..., None])
         scale = (1.0 + 2.0 * z_loss_weight * log_normalizer) * m
-        d_logits = probs * scale[..., None]
-        d_logits = d_logits - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32) * m[..., None]
+        is_target = jnp.arange(logits.shape[-1]) == t[..., None]  # fused, never stored
+        d_logits = probs * scale[..., None] - jnp.where(is_target, m[..., None], 0.0)
         d_logits = d_logits.astype(dtype)
         d_hidden = jnp.dot(d_logits, kernel.astype(dtype).T).astype(h.dtype)
         d_kernel = jnp.einsum("bcd,bcv->dv", h.astype(dtype), d_logits).astype(jnp.float32)

@@ -25,13 +25,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llava_jax import checkpoint as ckpt
-from llava_jax.config import check_config, model_config_from
+from llava_jax.config import check_config, micro_batches, model_config_from
 from llava_jax.convert import load_hf, load_towers
 from llava_jax.data import datasets
 from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokenizer_for
 from llava_jax.data.tokenizer import LoadedTokenizer
+from llava_jax.hardware import chip_for, measured_matmul_peak
 from llava_jax.models.config import ModelConfig
-from llava_jax.sharding import make_mesh
+from llava_jax.sharding import data_parallel_size, make_mesh
+from llava_jax.train.flops import pattern_trains, train_step_flops
 from llava_jax.train.metrics import MetricsWriter, plot_losses
 from llava_jax.train.optimizer import make_optimizer
 from llava_jax.train.state import TrainSetup, TrainState, init_train_state, make_setup
@@ -197,6 +199,13 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def peak_flops_per_device(mesh: Any, dtype: str) -> float:
+    """The FLOP/s MFU is held against: the chip's dense bf16 peak from the table, or, for a
+    device the table does not know (a CPU), a matmul in the model's dtype measured now."""
+    peak = chip_for(mesh.devices.flat[0]).peak_flops
+    return peak if peak else measured_matmul_peak(dtype)
+
+
 def make_optimizer_from(config: ml_collections.ConfigDict, total_steps: int):
     """(optimizer, learning-rate schedule) from `config.optimizer`."""
     opt = config.optimizer
@@ -250,16 +259,26 @@ class Run:
         self.total_steps = _total_steps(config, self.data_config)
         self.setup, schedule = make_run_setup(config, self.model_config, self.total_steps)
         train = config.train
+        accumulate = micro_batches(config, data_parallel_size(self.setup.mesh))
         step_fn = make_train_step(
             self.setup,
             schedule,
-            micro_batches=train.micro_batches,
+            micro_batches=accumulate,
             z_loss_weight=train.z_loss_weight,
             loss_chunk_size=train.loss_chunk_size,
         )
         self.train_step = jit_train_step(
-            self.setup, step_fn, self.data_config.global_batch_size, train.micro_batches
+            self.setup, step_fn, self.data_config.global_batch_size, accumulate
         )
+        data = self.data_config
+        self.flops_per_step = train_step_flops(
+            self.model_config,
+            batch=data.global_batch_size,
+            length=data.max_len,
+            images=data.max_images_per_sample,
+            trainable=pattern_trains(train.train_pattern),
+        )
+        self.peak_flops = peak_flops_per_device(self.setup.mesh, self.model_config.dtype)
         # What was run: the model as built and the data settings the model dictated.
         self.run_config = json.loads(config.to_json_best_effort())
         self.run_config["model"].update(self.model_config.to_dict())
@@ -325,7 +344,7 @@ class Run:
             unit="step",
             dynamic_ncols=True,
         )
-        window_start, window_tokens = time.perf_counter(), 0.0
+        window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
         try:
             while step < self.total_steps:
                 stop_here = train.stop_at_step is not None and step >= train.stop_at_step
@@ -347,10 +366,12 @@ class Run:
                         f"{step}; stopping. {self._last_good()}"
                     )
                 window_tokens += host["tokens"]
+                window_steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{host['loss']:.4f}")
                 if step % train.log_every == 0 or step == self.total_steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    flops = self.flops_per_step * window_steps / elapsed / self.setup.mesh.size
                     self.writer.write(
                         step,
                         {
@@ -359,11 +380,13 @@ class Run:
                             "grad_norm": host["grad_norm"],
                             "supervised_tokens": host["supervised_tokens"],
                             "tokens_per_second": window_tokens / elapsed,
+                            "tflops_per_device": flops / 1e12,
+                            "mfu": flops / self.peak_flops,
                             "examples_seen": step * self.data_config.global_batch_size,
                             "dropped_examples": sum(self.iterator.dropped.values()),
                         },
                     )
-                    window_start, window_tokens = time.perf_counter(), 0.0
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
                 if step % train.checkpoint_every == 0 or step == self.total_steps:
                     self._save(step, state)
                 if train.eval_every and step % train.eval_every == 0 and step < self.total_steps:

@@ -1,0 +1,403 @@
+"""The train step planned ahead of time: compiled for a TPU slice (or N CPU devices, or this
+machine's GPUs) with abstract inputs, nothing allocated, and the compiler's own memory plan.
+
+    python -m llava_jax.plan --config=configs/llava_v15.py:7b,finetune --topology=v5p:2x2x2 \
+        [--config.model.remat_policy=full ...] [--search_batch=false]
+
+Topologies: TPU slices by their Cloud names (`v4-32`, `v5e-64`, `v5p-16`, `v6e-16`) or
+topologies (`v4:2x2x4`, `v5e:8x8`, `v5p:2x2x2`, `v6e:4x4`; compiling for them needs libtpu,
+`pip install -e ".[tpu]"`, but no TPU), `cpu:N` (N fake CPU devices) or `gpu`. Prints per
+device: parameters, optimizer state, the batch, the compiler's temporaries and the total,
+against the chip's memory; whether it fits; the compile time; and the largest per-device
+batch that fits with the same settings (found by compiling a few sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass
+class Plan:
+    """One compiled train step: bytes per device, as the compiler lays them out."""
+
+    topology: str
+    num_devices: int
+    chip: str
+    hbm_bytes: int | None
+    mesh_shape: dict[str, int]
+    global_batch: int
+    micro_batches: int
+    device_batch: int  # sequences per device in one micro-batch
+    length: int
+    param_bytes: int
+    optimizer_bytes: int
+    batch_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    compile_seconds: float
+    out_of_memory: str | None = None  # the compiler's message when it refused the program
+
+    @property
+    def total_bytes(self) -> int:
+        """Arguments + outputs not aliased to them (the donated state) + temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        if self.out_of_memory:
+            return False
+        return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
+
+
+# --- devices ----------------------------------------------------------------------------------
+
+
+def plan_devices(topology: str) -> list[Any]:
+    """The devices to compile for: a TPU slice's compile-only devices, `cpu:N`, or `gpu`."""
+    import jax
+
+    from llava_jax.hardware import tpu_devices
+
+    if topology == "gpu":
+        try:
+            return jax.devices("gpu")
+        except RuntimeError as err:
+            raise ValueError(f"--topology=gpu, but this machine has no GPU: {err}") from None
+    if topology == "cpu" or topology.startswith("cpu:"):
+        wanted = int(topology.partition(":")[2] or 1)
+        devices = jax.devices("cpu")
+        if len(devices) < wanted:
+            raise ValueError(
+                f"--topology={topology}: JAX has {len(devices)} CPU devices; start it with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={wanted}"
+            )
+        return devices[:wanted]
+    return tpu_devices(topology)
+
+
+def _cpu_device_count(argv: list[str]) -> int | None:
+    """`--topology=cpu:N` among the arguments: N, so fake devices exist before JAX starts."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg.startswith("--topology="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--topology" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value and value.startswith("cpu:"):
+            return int(value.split(":", 1)[1])
+    return None
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+
+def check_mesh_divides_model(boxed_params: Any, mesh: Any, rules: Any) -> None:
+    """A mesh axis that does not divide the dimension a rule shards over would leave that
+    parameter replicated on every device; refuse it, naming the parameter and sizes."""
+    import flax.linen as nn
+    import jax
+
+    from llava_jax.sharding import path_string
+
+    table = dict(rules)
+    problems = []
+    leaves = jax.tree_util.tree_leaves_with_path(
+        boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+    for path, leaf in leaves:
+        if not isinstance(leaf, nn.Partitioned):
+            continue
+        for name, dim in zip(leaf.names, leaf.value.shape, strict=True):
+            axes = table.get(name)
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            size = math.prod(mesh.shape[a] for a in axes)
+            if size > 1 and dim % size:
+                problems.append(f"{path_string(path)}: {name}={dim} over {'x'.join(axes)}={size}")
+    if problems:
+        shown = "; ".join(problems[:6]) + (
+            f"; … ({len(problems)} in all)" if len(problems) > 6 else ""
+        )
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} does not divide the model ({shown}). Choose mesh axis "
+            "sizes that divide these dimensions (config.mesh.shape)."
+        )
+
+
+def _abstract_batch(config: Any, model_config: Any, global_batch: int, sharding: Any) -> dict:
+    import jax
+    import numpy as np
+
+    length = config.data.max_len
+    size = model_config.vision.image_size
+    shapes = {
+        "input_ids": ((global_batch, length), np.int32),
+        "loss_mask": ((global_batch, length), np.float32),
+        "attention_mask": ((global_batch, length), np.int32),
+        "images": ((global_batch, 1, size, size, 3), np.float32),
+        "image_mask": ((global_batch, 1), np.bool_),
+    }
+    return {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        for k, (shape, dtype) in shapes.items()
+    }
+
+
+def _device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def plan_train_step(
+    config: Any,
+    devices: list[Any],
+    topology: str,
+    *,
+    device_batch: int | None = None,
+    hbm_bytes: int | None = None,
+) -> Plan:
+    """Compile the run's train step for `devices` and read the compiler's memory plan.
+
+    `device_batch` (sequences per device per micro-batch) replaces the config's global
+    batch size by `device_batch × data-parallel size × micro-batches`. `hbm_bytes`: the
+    memory to plan against, instead of the chip's.
+    """
+    import flax.linen as nn
+    import jax
+
+    from llava_jax.config import micro_batches as resolve_micro_batches
+    from llava_jax.config import model_config_from
+    from llava_jax.hardware import chip_for
+    from llava_jax.models.llava import abstract_params
+    from llava_jax.sharding import batch_sharding, data_parallel_size, make_mesh
+    from llava_jax.train.step import jit_train_step, make_train_step
+    from llava_jax.train.trainer import make_run_setup
+
+    model_config = model_config_from(config)
+    mesh = make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape, devices=devices)
+    rules = tuple(map(tuple, config.mesh.rules))
+    check_mesh_divides_model(abstract_params(model_config), mesh, rules)
+    data_parallel = data_parallel_size(mesh)
+    global_batch = config.data.global_batch_size
+    if device_batch is None:
+        micro_batches = resolve_micro_batches(config, data_parallel)
+    else:  # the same global batch, accumulated over micro-batches of this size if it divides
+        micro_batches = max(global_batch // (device_batch * data_parallel), 1)
+        global_batch = device_batch * data_parallel * micro_batches
+    setup, schedule = make_run_setup(config, model_config, total_steps=1000, mesh=mesh)
+    step_fn = make_train_step(
+        setup,
+        schedule,
+        micro_batches=micro_batches,
+        z_loss_weight=config.train.z_loss_weight,
+        loss_chunk_size=config.train.loss_chunk_size,
+    )
+    step = jit_train_step(setup, step_fn, global_batch, micro_batches)
+    batch = _abstract_batch(config, model_config, global_batch, batch_sharding(mesh))
+    start = time.perf_counter()
+    chip = chip_for(devices[0])
+    state = setup.abstract_state
+    arguments = _device_bytes(state) + _device_bytes(batch)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        lowered = step.jitted.lower(state, batch)
+        try:
+            memory = lowered.compile().memory_analysis()
+            refused = None
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            # The TPU compiler refuses a program that cannot fit: keep what it needed.
+            refused = str(err).splitlines()[0]
+            memory = _memory_from_refusal(refused, arguments)
+    seconds = time.perf_counter() - start
+    return Plan(
+        topology=topology,
+        num_devices=len(devices),
+        chip=chip.name,
+        hbm_bytes=hbm_bytes or chip.hbm_bytes,
+        mesh_shape=dict(mesh.shape),
+        global_batch=global_batch,
+        micro_batches=micro_batches,
+        device_batch=global_batch // (data_parallel * micro_batches),
+        length=config.data.max_len,
+        param_bytes=_device_bytes(state.params),
+        optimizer_bytes=_device_bytes(state.opt_state),
+        batch_bytes=_device_bytes(batch),
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        compile_seconds=seconds,
+        out_of_memory=refused,
+    )
+
+
+_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _memory_from_refusal(message: str, argument_bytes: int) -> Any:
+    """What an out-of-memory refusal says was needed, as `memory_analysis()` fields."""
+    import re
+    import types
+
+    def amount(pattern: str) -> int | None:
+        match = re.search(pattern, message)
+        return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else None
+
+    temporaries = amount(r"temporaries \(([\d.]+)([KMGT])")
+    if temporaries is None:
+        used = amount(r"[Uu]sed ([\d.]+)([KMGT])")
+        temporaries = max((used or 0) - argument_bytes, 0)
+    return types.SimpleNamespace(
+        argument_size_in_bytes=argument_bytes,
+        output_size_in_bytes=0,
+        alias_size_in_bytes=0,
+        temp_size_in_bytes=temporaries,
+    )
+
+
+def largest_device_batch(
+    config: Any, devices: list[Any], topology: str, first: Plan, limit: int = 256
+) -> tuple[int, list[Plan]]:
+    """The largest sequences-per-device (per micro-batch) whose step fits the chip: a line
+    through two compiled sizes predicts it, compiles confirm it. Returns (size, plans)."""
+    if first.hbm_bytes is None:
+        raise ValueError(f"the memory of {first.chip} is not known; nothing to search against")
+    plans = {first.device_batch: first}
+
+    def fits(size: int) -> bool:
+        if size not in plans:
+            plans[size] = plan_train_step(
+                config, devices, topology, device_batch=size, hbm_bytes=first.hbm_bytes
+            )
+        return bool(plans[size].fits)
+
+    other = first.device_batch * 2 if first.device_batch > 1 or first.fits else 2
+    if first.device_batch == 1 and not first.fits:
+        return 0, list(plans.values())
+    if other not in plans:
+        fits(other)
+    small, large = sorted((first.device_batch, other))
+    slope = max((plans[large].total_bytes - plans[small].total_bytes) / (large - small), 1.0)
+    guess = small + (first.hbm_bytes - plans[small].total_bytes) / slope
+    guess = int(min(max(guess, 1), limit))
+    low, high = 0, limit + 1  # low fits (0: nothing), high does not
+    for size, plan in plans.items():
+        if plan.fits:
+            low = max(low, size)
+        else:
+            high = min(high, size)
+    probe = min(max(guess, low + 1), high - 1) if high - low > 1 else None
+    while probe is not None:
+        if fits(probe):
+            low = probe
+            probe = probe + 1 if probe + 1 < high else None
+        else:
+            high = probe
+            probe = (low + high) // 2 if high - low > 1 else None
+            if probe == low:
+                probe = None
+    return low, list(plans.values())
+
+
+def format_plan(plan: Plan, config_name: str, largest: int | None = None) -> str:
+    def gib(n: int | None) -> str:
+        if n is None:
+            return "?"
+        return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
+
+    verdict = {True: "fits", False: "does NOT fit", None: "memory unknown"}[plan.fits]
+    if plan.out_of_memory:
+        verdict += " (the compiler refused it)"
+    mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh_shape.items())
+    batch = f"{plan.global_batch} x {plan.length} tokens"
+    if plan.micro_batches > 1:
+        batch += f" in {plan.micro_batches} micro-batches"
+    rows = [
+        f"{config_name} on {plan.topology}: {plan.num_devices} x {plan.chip} "
+        f"({gib(plan.hbm_bytes)} each), mesh {mesh}",
+        f"  global batch        {batch}; {plan.device_batch} per device per micro-batch",
+        f"  parameters          {gib(plan.param_bytes)}",
+        f"  optimizer state     {gib(plan.optimizer_bytes)}",
+        f"  batch               {gib(plan.batch_bytes)}",
+        f"  temporaries         {gib(plan.temp_bytes)}",
+        f"  total per device    {gib(plan.total_bytes)} of {gib(plan.hbm_bytes)}: {verdict}",
+        f"  compile time        {plan.compile_seconds:.1f} s",
+    ]
+    if largest == 0:
+        rows.append("  largest batch       none fits, not even 1 per device")
+    elif largest is not None:
+        rows.append(f"  largest batch       {largest} per device per micro-batch fits")
+    return "\n".join(rows)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def main() -> None:
+    count = _cpu_device_count(sys.argv)
+    if count:  # fake CPU devices must exist before JAX starts
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+        ).strip()
+    if "gpu" not in sys.argv and "--topology=gpu" not in sys.argv:
+        # Compiling for a slice needs no local accelerator: do not probe for one.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
+    )
+    flags.DEFINE_string("topology", None, "v4-32, v5e:8x8, v5p:2x2x2, cpu:8, gpu, …")
+    flags.DEFINE_bool("search_batch", True, "Also find the largest per-device batch that fits.")
+    flags.DEFINE_float("hbm_gib", None, "Plan against this much memory per device instead.")
+    flags.mark_flags_as_required(["config", "topology"])
+
+    def run(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        FLAGS = flags.FLAGS
+        try:
+            devices = plan_devices(FLAGS.topology)
+            hbm = int(FLAGS.hbm_gib * GIB) if FLAGS.hbm_gib else None
+            plan = plan_train_step(FLAGS.config, devices, FLAGS.topology, hbm_bytes=hbm)
+        except (ValueError, RuntimeError) as err:
+            print(f"plan: {err}", file=sys.stderr)
+            sys.exit(2)
+        name = _config_name(sys.argv)
+        largest = None
+        if FLAGS.search_batch and plan.hbm_bytes is not None:
+            largest, _ = largest_device_batch(FLAGS.config, devices, FLAGS.topology, plan)
+        print(format_plan(plan, name, largest))
+
+    app.run(run)
+
+
+def _config_name(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "config"
+
+
+if __name__ == "__main__":
+    main()

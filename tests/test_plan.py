@@ -1,0 +1,131 @@
+"""The ahead-of-time plan: a TPU slice compiled on this CPU machine, per-device bytes, the
+batch search, and clear errors for unknown topologies and meshes that do not divide."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from llava_jax.config import model_config_from
+from llava_jax.hardware import tpu_topology_name
+from llava_jax.models.llava import abstract_params
+from llava_jax.plan import largest_device_batch, plan_devices, plan_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(mesh=(-1, 1, 1), **overrides):
+    sys.path.insert(0, ROOT)
+    from configs.tiny import get_config
+
+    config = get_config()
+    config.mesh.shape = mesh
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    return config
+
+
+def _param_bytes(config) -> int:
+    shapes = nn.meta.unbox(abstract_params(model_config_from(config)))
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def test_plans_the_tiny_config_for_a_tpu_slice():
+    """Compiled by libtpu for 4 v5e chips, without a TPU: the per-device bytes follow the
+    mesh (replicated under data parallelism, about a quarter under FSDP)."""
+    devices = plan_devices("v5e:2x2")
+    assert [d.platform for d in devices] == ["tpu"] * 4
+    data = plan_train_step(tiny((-1, 1, 1)), devices, "v5e:2x2")
+    assert data.chip == "TPU v5e" and data.hbm_bytes == 16 * 1024**3
+    assert data.fits and data.temp_bytes > 0 and data.compile_seconds > 0
+    assert data.param_bytes == _param_bytes(tiny())
+    # Adam's two moments of every (trainable) parameter, and its step counters.
+    assert 2 * data.param_bytes <= data.optimizer_bytes <= 2 * data.param_bytes + 64
+    assert data.device_batch == 32 // 4
+    fsdp = plan_train_step(tiny((1, -1, 1)), devices, "v5e:2x2")
+    assert fsdp.param_bytes < data.param_bytes / 3
+
+
+def test_cli_prints_the_plan(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_jax.plan",
+            "--config=configs/tiny.py",
+            "--topology=v5e-4",
+            "--search_batch=false",
+            "--config.model.remat_policy=full",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "on v5e-4: 4 x TPU v5e (16.0 GiB each)" in out
+    for row in ("parameters", "optimizer state", "temporaries", "total per device", "compile"):
+        assert row in out
+    assert ": fits" in out
+
+
+@pytest.mark.parametrize(
+    "topology, message",
+    [
+        ("v7:4x4", "topology 'v7:4x4' is not known"),
+        ("v4-31", "TPU slice 'v4-31' is not one this plan knows"),
+        ("v5e:2x2x2", "v5e slices are 2-dimensional"),
+    ],
+)
+def test_unknown_topologies_are_refused(topology, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        tpu_topology_name(topology)
+
+
+def test_cli_error_is_one_line_and_exit_2():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_jax.plan",
+            "--config=configs/tiny.py",
+            "--topology=v9-8",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "plan: topology 'v9-8' is not known" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_mesh_that_does_not_divide_the_model_is_refused():
+    # 4 query heads and 2 KV heads cannot be split 8 ways over `tensor`.
+    with pytest.raises(ValueError, match=r"does not divide the model.*heads=4 over tensor=8"):
+        plan_train_step(tiny((1, 1, 8)), jax.devices()[:8], "cpu:8")
+
+
+def test_batch_search_finds_the_largest_batch_that_fits():
+    """Against a made-up memory size: the answer fits, one more sequence does not."""
+    config = tiny((-1, 1, 1))
+    devices = jax.devices()[:8]
+    one = plan_train_step(config, devices, "cpu:8", device_batch=1)
+    two = plan_train_step(config, devices, "cpu:8", device_batch=2)
+    per_sequence = two.total_bytes - one.total_bytes
+    assert per_sequence > 0
+    budget = int(one.total_bytes + 2.5 * per_sequence)
+    first = plan_train_step(config, devices, "cpu:8", device_batch=1, hbm_bytes=budget)
+    largest, plans = largest_device_batch(config, devices, "cpu:8", first)
+    by_size = {plan.device_batch: plan for plan in plans}
+    assert largest >= 1 and by_size[largest].fits
+    assert largest + 1 in by_size and not by_size[largest + 1].fits
