@@ -28,7 +28,7 @@ def compile_seconds(num_layers: int, remat: str, scan: bool) -> tuple[float, flo
 
     from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
     from llava_jax.sharding import DEFAULT_RULES, batch_sharding, make_mesh
-    from llava_jax.train.optimizer import make_optimizer
+    from llava_jax.train.optimizer import OptimizerConfig, make_optimizer
     from llava_jax.train.state import make_setup
     from llava_jax.train.step import jit_train_step, make_train_step
 
@@ -55,7 +55,7 @@ def compile_seconds(num_layers: int, remat: str, scan: bool) -> tuple[float, flo
         remat_policy=remat,
     )
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    optimizer, schedule = make_optimizer(learning_rate=1e-5, total_steps=1000)
+    optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-5), total_steps=1000)
     setup = make_setup(config, optimizer, ".*", mesh, DEFAULT_RULES)
     step = jit_train_step(setup, make_train_step(setup, schedule, loss_chunk_size=128), 4)
     shapes = {

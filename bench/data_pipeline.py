@@ -26,7 +26,8 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from llava_jax.data import datasets
-from llava_jax.data.pipeline import DataConfig, ExampleEncoder, make_train_iterator
+from llava_jax.data.config import DataConfig
+from llava_jax.data.pipeline import ExampleEncoder, make_train_iterator
 from llava_jax.data.tokenizer import prepare_tokenizer
 
 WORDS = [

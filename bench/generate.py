@@ -1,4 +1,4 @@
-"""Benchmark: tokens per second of `Generator.generate` beside transformers' `generate`.
+"""Benchmark: tokens per second of `Engine.generate` beside transformers' `generate`.
 
 Both run the same tiny random LLaVA (LLaMA: hidden 256, 4 layers, 32000-token vocabulary;
 a small CLIP on one 28px image per prompt), float32, greedy, exactly `--new-tokens` new
@@ -92,7 +92,7 @@ def main() -> None:
     import torch
 
     from llava_jax.convert import load_hf
-    from llava_jax.inference import Generator, SamplingConfig
+    from llava_jax.inference import Engine, SamplingConfig
 
     default_threads = torch.get_num_threads()
     thread_counts = [int(n) or default_threads for n in args.torch_threads.split(",")]
@@ -100,7 +100,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         hf_config, hf_model = build_model(directory)
         config, params = load_hf(directory)
-    generator = Generator(config, params)
+    engine = Engine(config)
+    params = engine.place(params)
     image_token = hf_config.image_token_index
     hf_model.generation_config.pad_token_id = 0
     hf_model.generation_config.eos_token_id = None
@@ -123,7 +124,7 @@ def main() -> None:
         prompts, images = make_batch(batch_size, image_token)
 
         def ours(prompts=prompts, images=images):
-            result = generator.generate(prompts, images, sampling=sampling)
+            result = engine.generate(params, prompts, images, sampling=sampling)
             assert all(len(t) == new for t in result.tokens)
             return result
 

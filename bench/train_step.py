@@ -145,7 +145,7 @@ class JaxSide:
 
         from llava_jax.convert import load_hf
         from llava_jax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, place
-        from llava_jax.train.optimizer import make_optimizer
+        from llava_jax.train.optimizer import OptimizerConfig, make_optimizer
         from llava_jax.train.state import init_train_state, make_setup
         from llava_jax.train.step import jit_train_step, make_train_step
 
@@ -158,7 +158,9 @@ class JaxSide:
         )
         model_config = dataclasses.replace(model_config, attention=args.attention)
         mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-        optimizer, schedule = make_optimizer(learning_rate=1e-5, total_steps=1000, warmup_ratio=0.0)
+        optimizer, schedule = make_optimizer(
+            OptimizerConfig(learning_rate=1e-5, warmup_ratio=0.0), total_steps=1000
+        )
         self.setup = make_setup(model_config, optimizer, ".*", mesh, DEFAULT_RULES)
         self.model_config = model_config
         self.state = init_train_state(self.setup, jax.random.key(0), params)

@@ -12,19 +12,53 @@ Stage 1 trains the linear projector (lr 2e-3, batch 128); stage 2 (`:7b,finetune
 projector and LLM (lr 2e-5, batch 32, 3 epochs), as in the LLaVA paper.
 """
 
-from llava_jax.config import apply_recipe, base_config, parse_recipe_arg
+from llava_jax.config import base_config
+from llava_jax.models.presets import CLIP_VIT_L_14, VICUNA
+
+SIZES = tuple(VICUNA)
+STAGES = ("pretrain", "finetune")
 
 
 def get_config(arg: str | None = None):
-    size, stage = parse_recipe_arg(arg)
+    size, _, stage = (arg or "7b,pretrain").partition(",")
+    if size not in SIZES or stage not in STAGES:
+        raise ValueError(
+            f"config argument {arg!r}: expected SIZE,STAGE with SIZE in {SIZES} and STAGE in "
+            f"{STAGES}, e.g. configs/llava_v1.py:7b,pretrain"
+        )
     config = base_config()
-    apply_recipe(config, size, stage, projector="linear")
-    config.model.vision.image_size = 224  # ViT-L/14 at 224 px
-    config.data.image_aspect = "resize"  # LLaVA-1 did not pad to a square
-    if stage == "pretrain":
-        config.optimizer.learning_rate = 2e-3
+
+    # The model: CLIP ViT-L/14 at 224 px (its second-to-last layer), one linear projector,
+    # Vicuna; bf16 compute, float32 parameters.
+    model = config.model
+    model.vision = CLIP_VIT_L_14.to_section()
+    model.text = VICUNA[size].to_section()
+    model.projector = "linear"
+    model.vision_feature_layer = -2
+    model.dtype = "bfloat16"
+    model.param_dtype = "float32"
+    model.remat_policy = "minimal" if size == "7b" else "full"
+    config.train.per_device_batch_size = 2
+
+    # The data: LLaVA JSON, images resized (LLaVA-1 did not pad to a square), 2048 tokens.
+    config.data.source = "llava_json"
+    config.data.image_aspect = "resize"
+    config.data.max_len = 2048
+    config.data.num_workers = 8
+    config.optimizer.warmup_ratio = 0.03
+    config.mesh.shape = (1, -1, 1)
+
+    if stage == "pretrain":  # CC3M-595K captions; the projector only
+        config.init.mode = "towers"
+        config.data.template = "plain"
         config.data.global_batch_size = 128
-    else:
+        config.optimizer.learning_rate = 2e-3
+        config.train.train_pattern = "proj/.*"
+    else:  # LLaVA-Instruct-158K; projector and language model, 3 epochs
+        config.init.mode = "checkpoint"
+        config.data.template = "vicuna_v1"
         config.data.global_batch_size = 32
+        config.optimizer.learning_rate = 2e-5
         config.train.num_epochs = 3.0
+        config.train.train_pattern = "proj/.*|llm/.*"
     return config

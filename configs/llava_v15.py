@@ -1,6 +1,6 @@
-"""LLaVA-1.5 (7B or 13B), stage 1 `pretrain` (feature alignment) or 2 `finetune`.
+"""LLaVA-1.5 (7B or 13B): stage 1 `pretrain` (feature alignment) or 2 `finetune`.
 
-Stage 1 (projector only; CLIP ViT-L/14-336 and Vicuna frozen), from separate towers:
+Stage 1 (the projector only; CLIP ViT-L/14-336 and Vicuna frozen), from separate towers:
 
     python -m llava_jax.main --config=configs/llava_v15.py:7b,pretrain \
         --workdir=gs://BUCKET/llava-v15-7b-pretrain \
@@ -19,16 +19,68 @@ Stage 2 (projector + LLM), from stage 1's checkpoint:
         --config.data.image_dir=/path/to/images \
         --config.data.tokenizer_path=/path/to/vicuna-7b-v1.5
 
-The recipe (DESIGN.md): AdamW, weight decay 0, cosine with 3% warm-up, 1 epoch, bf16
-compute, max length 2048; stage 1: batch 256, lr 1e-3, template `plain`; stage 2:
-batch 128, lr 2e-5, template `vicuna_v1`.
+Before creating the pod, `python -m llava_jax.plan --config=configs/llava_v15.py:7b,finetune
+--topology=v4-32` shows the memory per chip.
 """
 
-from llava_jax.config import apply_recipe, base_config, parse_recipe_arg
+from llava_jax.config import base_config
+from llava_jax.models.presets import CLIP_VIT_L_14_336, VICUNA
+
+SIZES = tuple(VICUNA)
+STAGES = ("pretrain", "finetune")
 
 
 def get_config(arg: str | None = None):
-    size, stage = parse_recipe_arg(arg)
+    size, _, stage = (arg or "7b,pretrain").partition(",")
+    if size not in SIZES or stage not in STAGES:
+        raise ValueError(
+            f"config argument {arg!r}: expected SIZE,STAGE with SIZE in {SIZES} and STAGE in "
+            f"{STAGES}, e.g. configs/llava_v15.py:7b,pretrain"
+        )
     config = base_config()
-    apply_recipe(config, size, stage, projector="mlp2x_gelu")
+
+    # The model: CLIP ViT-L/14-336 (576 image tokens from its second-to-last layer, CLS
+    # dropped), a two-layer GELU MLP projector, Vicuna; bf16 compute, float32 parameters.
+    model = config.model
+    model.vision = CLIP_VIT_L_14_336.to_section()
+    model.text = VICUNA[size].to_section()
+    model.projector = "mlp2x_gelu"
+    model.vision_feature_layer = -2
+    model.vision_feature_select_strategy = "default"
+    model.dtype = "bfloat16"
+    model.param_dtype = "float32"
+    model.scan_layers = True
+    # Fits a 16 GiB v5e chip and a 32 GiB v4 chip at LLaVA's global batch, as
+    # `python -m llava_jax.plan` shows, with 2 sequences per device per pass: 7B keeps
+    # every projection for the backward pass, 13B recomputes each layer.
+    model.remat_policy = "minimal" if size == "7b" else "full"
+    config.train.per_device_batch_size = 2
+
+    # The data: LLaVA JSON, images padded to a square with the CLIP mean, 2048 tokens.
+    config.data.source = "llava_json"
+    config.data.image_aspect = "pad"
+    config.data.max_len = 2048
+    config.data.num_workers = 8
+
+    # AdamW, weight decay 0, cosine with 3% warm-up, one epoch; FSDP over every device.
+    config.optimizer.warmup_ratio = 0.03
+    config.optimizer.schedule = "cosine"
+    config.optimizer.weight_decay = 0.0
+    config.train.num_epochs = 1.0
+    config.train.log_every = 10
+    config.train.checkpoint_every = 500
+    config.mesh.shape = (1, -1, 1)
+
+    if stage == "pretrain":  # 558K image-caption pairs; trains the projector only
+        config.init.mode = "towers"
+        config.data.template = "plain"
+        config.data.global_batch_size = 256
+        config.optimizer.learning_rate = 1e-3
+        config.train.train_pattern = "proj/.*"
+    else:  # 665K conversations; trains the projector and the language model
+        config.init.mode = "checkpoint"
+        config.data.template = "vicuna_v1"
+        config.data.global_batch_size = 128
+        config.optimizer.learning_rate = 2e-5
+        config.train.train_pattern = "proj/.*|llm/.*"
     return config

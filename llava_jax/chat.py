@@ -4,7 +4,7 @@
         [--max-new-tokens 512 --temperature 0.2 --top-k 0 --top-p 1 --seed 0 --template NAME]
 
 Each turn reads `USER: `, then prints `ASSISTANT: ` and the answer as it is generated
-(`Generator.stream`). The template renders the whole conversation every turn, the image
+(`Engine.stream`). The template renders the whole conversation every turn, the image
 (`<image>\\n` in front of the first question) included, so the model sees the history.
 `exit` or `quit`, end of input (Ctrl-D) or Ctrl-C at the prompt leave (exit code 0); an
 empty line is ignored; Ctrl-C while an answer streams drops that turn. A turn that would
@@ -20,16 +20,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from llava_jax.generate import (
-    add_model_arguments,
-    add_sampling_arguments,
-    check_image_file,
-    check_sampling_arguments,
-    model_from_args,
-    run_cli,
-)
-from llava_jax.inference.generate import GenerationResult
-from llava_jax.inference.load import ROLES, LoadedModel, PromptTooLongError
+from llava_jax import cli
+from llava_jax.inference.errors import PromptTooLongError
+from llava_jax.inference.load import ROLES, LoadedModel
 
 EXIT_WORDS = ("exit", "quit")
 
@@ -71,7 +64,6 @@ class ChatSession:
         self.chunk_size = chunk_size
         self.sampling = sampling
         self.turns: list[dict] = []
-        self.generator = model.generator()
 
     def ask(self, question: str, write: Callable[[str], None]) -> str:
         """Answer `question` with the history; pieces of the answer go to `write` as they
@@ -88,23 +80,16 @@ class ChatSession:
         knobs = {**self.sampling, "max_new_tokens": fits}
         knobs["seed"] = knobs.get("seed", 0) + len(self.turns) // 2
         sampling = model.sampling(**knobs)
-        stream = self.generator.stream(
-            [ids], self.images, None, sampling, chunk_size=self.chunk_size
-        )
+        stream = model.stream([ids], self.images, None, sampling, chunk_size=self.chunk_size)
         tokens: list[int] = []
         shown = ""
-        while True:
-            try:
-                pieces = next(stream)
-            except StopIteration as finished:
-                result: GenerationResult = finished.value
-                break
+        for pieces in stream:
             tokens.extend(pieces[0].tolist())
             text = visible_text(model.decode(tokens), sampling.stop_strings)
             if text.startswith(shown) and len(text) > len(shown):
                 write(text[len(shown) :])
                 shown = text
-        answer = result.texts[0].strip()
+        answer = stream.result.texts[0].strip()
         if answer.startswith(shown):
             write(answer[len(shown) :])
         self.turns = [*turns, {"from": "gpt", "value": answer}]
@@ -158,29 +143,22 @@ def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = read_li
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     parser.add_argument("--image", help="image file to talk about (omit: text only)")
-    add_sampling_arguments(parser, max_new_tokens=512, temperature=0.2)
+    cli.add_sampling_arguments(parser, max_new_tokens=512, temperature=0.2)
     parser.add_argument("--chunk-size", type=int, default=1, help="tokens per streamed piece")
     args = parser.parse_args(argv)
-    check_sampling_arguments(parser, args)
+    cli.check_sampling_arguments(parser, args)
     if args.chunk_size < 1:
         parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
 
     def body() -> int:
         if args.image is not None:
-            check_image_file(args.image)
-        model = model_from_args(args)
+            cli.check_image_file(args.image)
+        model = cli.model_from_args(args)
         images = None if args.image is None else model.load_image(args.image)[None, None]
         session = ChatSession(
-            model,
-            images,
-            chunk_size=args.chunk_size,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
+            model, images, chunk_size=args.chunk_size, **cli.sampling_from_args(args)
         )
         print(
             f"Chatting with {args.checkpoint} (template {model.template.name}). "
@@ -190,7 +168,7 @@ def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = read_li
         )
         return chat_loop(session, read)
 
-    return run_cli(body)
+    return cli.run(body, args)
 
 
 if __name__ == "__main__":

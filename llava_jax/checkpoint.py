@@ -130,15 +130,24 @@ class TrainCheckpoints:
         self.manager.close()
 
 
-def read_run_config(workdir: str) -> tuple[int, dict]:
-    """(step, config dict) of a training workdir's newest checkpoint."""
+def read_run_config(workdir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, run config dict) of a training workdir's checkpoint (default: the newest)."""
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
     if not steps:
         raise FileNotFoundError(f"{workdir}: no checkpoint in {directory}")
-    step = max(steps)
+    step = max(steps) if step is None else step
     with open(os.path.join(directory, str(step), "config", "metadata")) as f:
-        return step, json.load(f)
+        return step, _migrated(json.load(f))
+
+
+def _migrated(run_config: dict) -> dict:
+    """A run config saved by an earlier version, in today's layout."""
+    model = run_config.get("model", {})
+    if "vocab_follows_tokenizer" in model:  # now config.init.vocab_follows_tokenizer
+        follows = model.pop("vocab_follows_tokenizer")
+        run_config.setdefault("init", {}).setdefault("vocab_follows_tokenizer", follows)
+    return run_config
 
 
 def restore_params(workdir: str, abstract_params: Any = None, step: int | None = None) -> Any:

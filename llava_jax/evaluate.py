@@ -21,14 +21,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from llava_jax import cli
 from llava_jax.evaluation.batch import evaluate_file, read_questions
-from llava_jax.generate import (
-    add_model_arguments,
-    add_sampling_arguments,
-    check_sampling_arguments,
-    model_from_args,
-    run_cli,
-)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,16 +31,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     parser.add_argument("--questions", required=True, help="LLaVA questions JSONL")
     parser.add_argument("--image-dir", help="folder of the questions' images")
     parser.add_argument("--out", required=True, help="answers JSONL to write")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model-id", help="the answers' model_id")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_sampling_arguments(parser, max_new_tokens=128, temperature=0.0)
+    cli.add_sampling_arguments(parser, max_new_tokens=128, temperature=0.0)
     args = parser.parse_args(argv)
-    check_sampling_arguments(parser, args)
+    cli.check_sampling_arguments(parser, args)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
 
@@ -54,10 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_questions(args.questions)  # a malformed file fails before the model loads
         image_dir = args.image_dir or os.path.dirname(os.path.abspath(args.questions))
         model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
-        model = model_from_args(args)
-        sampling = model.sampling(
-            args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
-        )
+        model = cli.model_from_args(args)
+        sampling = model.sampling(**cli.sampling_from_args(args))
         counts = evaluate_file(
             model,
             args.questions,
@@ -71,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"out": args.out, **counts}), file=sys.stderr)
         return 0
 
-    return run_cli(body)
+    return cli.run(body, args)
 
 
 if __name__ == "__main__":

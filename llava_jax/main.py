@@ -1,7 +1,13 @@
 """Command line: flags -> config -> `train_and_evaluate(config, workdir)`.
 
     python -m llava_jax.main --config=configs/tiny.py --workdir=workdir/tiny \
-        [--config.train.num_steps=100 ...]
+        [--config.train.num_steps=100 ...] [--verbose] [--compilation_cache=DIR]
+
+The terminal shows a start-up summary, the progress bar, warnings and the final figures;
+every library's INFO lines go to WORKDIR/train.log (`--verbose` shows them here too).
+Compiled programs are kept in the compilation cache (default: $JAX_COMPILATION_CACHE_DIR
+or ~/.cache/llava_jax/xla), so the next start skips compiling. A start-up problem the user
+can fix (an unknown config key, a missing path, a bad mesh) is one line and exit status 2.
 
 Several hosts: on TPU pods (`--distributed`) and SLURM clusters,
 `jax.distributed.initialize()` finds its peers by itself; elsewhere (GPU clusters,
@@ -34,6 +40,8 @@ flags.DEFINE_bool(
     "Join the other hosts, found by JAX itself (TPU pods, "
     "SLURM); also LLAVA_DISTRIBUTED=1. launch/tpu_pod.sh sets it.",
 )
+flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logs on the terminal too.")
+flags.DEFINE_string("compilation_cache", None, "Directory for compiled programs ('none': off).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -74,12 +82,20 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    from llava_jax import cli
+
+    cli.setup_logging(FLAGS.verbose, os.path.join(FLAGS.workdir, "train.log"))
     initialize_distributed()
-    from llava_jax.train.trainer import TrainingStopped, train_and_evaluate
+    cli.enable_compilation_cache(FLAGS.compilation_cache)
+    from llava_jax.train.trainer import Run, TrainingStopped
 
     try:
-        summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        run = Run(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError, PermissionError, cli.InputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(cli.EXIT_INPUT_ERROR)
+    try:
+        summary = run.execute()
     except TrainingStopped as err:
         logging.error("%s", err)
         sys.exit(1)

@@ -181,22 +181,23 @@ def plan_train_step(
     import flax.linen as nn
     import jax
 
-    from llava_jax.config import micro_batches as resolve_micro_batches
-    from llava_jax.config import model_config_from
+    from llava_jax.config import RunConfig
     from llava_jax.hardware import chip_for
     from llava_jax.models.llava import abstract_params
-    from llava_jax.sharding import batch_sharding, data_parallel_size, make_mesh
+    from llava_jax.sharding import batch_sharding, data_parallel_size
     from llava_jax.train.step import jit_train_step, make_train_step
     from llava_jax.train.trainer import make_run_setup
 
-    model_config = model_config_from(config)
-    mesh = make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape, devices=devices)
-    rules = tuple(map(tuple, config.mesh.rules))
+    if not isinstance(config, RunConfig):
+        config = RunConfig.from_config(config)
+    model_config = config.model
+    mesh = config.mesh.make_mesh(devices)
+    rules = config.mesh.rules
     check_mesh_divides_model(abstract_params(model_config), mesh, rules)
     data_parallel = data_parallel_size(mesh)
     global_batch = config.data.global_batch_size
     if device_batch is None:
-        micro_batches = resolve_micro_batches(config, data_parallel)
+        micro_batches = config.train.micro_batches_for(global_batch, data_parallel)
     else:  # the same global batch, accumulated over micro-batches of this size if it divides
         micro_batches = max(global_batch // (device_batch * data_parallel), 1)
         global_batch = device_batch * data_parallel * micro_batches

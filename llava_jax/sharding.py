@@ -7,6 +7,7 @@ replicated rather than padded, so odd sizes (a 32001-token vocabulary) still run
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -18,10 +19,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llava_jax.section import Section
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# DESIGN.md, Sharding: a short, fixed vocabulary.
+# docs/design.md, Sharding: a short, fixed vocabulary.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
@@ -35,6 +38,31 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 Rules = Sequence[tuple[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Section):
+    """The device mesh (`config.mesh`): `shape` per slice over (data, fsdp, tensor), -1 for
+    the remaining devices; `dcn_shape` across slices of a multi-slice pod (e.g. (2, 1, 1));
+    `rules` map logical axis names to mesh axes."""
+
+    shape: tuple[int, ...] = (-1, 1, 1)
+    dcn_shape: tuple[int, ...] | None = None
+    rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.dcn_shape is not None:
+            object.__setattr__(self, "dcn_shape", tuple(int(s) for s in self.dcn_shape))
+        rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in self.rules)
+        object.__setattr__(self, "rules", rules)
+        if len(self.shape) != len(MESH_AXES):
+            raise ValueError(
+                f"config.mesh.shape={self.shape} must have {len(MESH_AXES)} entries {MESH_AXES}"
+            )
+
+    def make_mesh(self, devices: Sequence[Any] | None = None) -> Mesh:
+        return make_mesh(self.shape, dcn_shape=self.dcn_shape, devices=devices)
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -129,6 +157,21 @@ def param_shardings(boxed: Any, mesh: Mesh, rules: Rules) -> Any:
         return NamedSharding(mesh, spec)
 
     return jax.tree.map(one, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def abstract_arrays(shapes: Any, shardings: Any) -> Any:
+    """`ShapeDtypeStruct`s of a tree of shapes, each with its sharding: a target to restore
+    a checkpoint onto, or to lower a program for, without allocating anything."""
+    return jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        shapes,
+        shardings,
+    )
+
+
+def sharded_params(boxed: Any, mesh: Mesh, rules: Rules) -> Any:
+    """The abstract parameters of a boxed (`nn.Partitioned`) tree, on their mesh shardings."""
+    return abstract_arrays(nn.meta.unbox(boxed), param_shardings(boxed, mesh, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

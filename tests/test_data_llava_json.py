@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from llava_jax.data import datasets
+from llava_jax.data.config import DataConfig
 from llava_jax.data.datasets.llava_json import REPORT_FILE, BadRecordsError, validate
 from llava_jax.data.datasets.record import from_stored
-from llava_jax.data.pipeline import DataConfig
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "data", "llava_bad")
 JSONL = os.path.join(FIXTURE, "records.jsonl")

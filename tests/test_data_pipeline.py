@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from llava_jax.data import datasets
+from llava_jax.data.config import DataConfig
 from llava_jax.data.pipeline import (
-    DataConfig,
     make_dataset,
     make_eval_questions,
     make_train_iterator,

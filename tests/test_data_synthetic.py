@@ -83,8 +83,8 @@ def test_tokenizer_loads_with_auto_tokenizer_and_covers_the_vocabulary(tmp_path)
 
 def test_builder_for_the_default_config_can_be_made():
     """Regression: a custom config named like a registered one made TFDS refuse it."""
+    from llava_jax.data.config import DataConfig
     from llava_jax.data.datasets import builder_for
-    from llava_jax.data.pipeline import DataConfig
 
     builder = builder_for(DataConfig(data_dir="/nonexistent-never-prepared"))
     assert builder.builder_config.num_train == DataConfig().synthetic_num_train

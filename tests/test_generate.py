@@ -19,8 +19,8 @@ from transformers.generation.logits_process import (
 )
 
 from llava_jax.convert import load_hf
-from llava_jax.inference import Generator, SamplingConfig, filter_logits
-from llava_jax.inference.generate import select_tokens
+from llava_jax.inference import Engine, SamplingConfig, filter_logits
+from llava_jax.inference.engine import SamplingParams, select_tokens
 from llava_jax.models.llama import init_cache
 from llava_jax.models.llava import Llava
 from llava_jax.sharding import make_mesh
@@ -66,9 +66,30 @@ def models(tmp_path_factory):
     return get
 
 
+class Bound:
+    """An engine and parameters placed once: each call passes them, as a caller with the
+    parameters of a run or a loaded model does."""
+
+    def __init__(self, engine, params):
+        self.engine, self.params = engine, engine.place(params)
+
+    def generate(self, *args, **kwargs):
+        return self.engine.generate(self.params, *args, **kwargs)
+
+    def stream(self, *args, **kwargs):
+        return self.engine.stream(self.params, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def Generator(config, params, **kwargs):  # noqa: N802 - reads like the engine it binds
+    return Bound(Engine(config, **kwargs), params)
+
+
 @pytest.fixture(scope="module")
 def generator(models):
-    """A Generator of the first model, shared so its compilations are reused across tests."""
+    """An engine of the first model, shared so its compilations are reused across tests."""
     _, _, config, params = models("gqa_default_select")
     return Generator(config, params, tokenizer=DigitTokenizer())
 
@@ -231,15 +252,22 @@ def test_filter_logits_equals_transformers_warpers(temperature, top_k, top_p):
 def test_sampled_frequencies_follow_the_tempered_distribution():
     logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
     temperature = 0.5
-    knobs = {
-        "suppress": jnp.asarray([-1]),
-        "temperature": jnp.float32(temperature),
-        "top_k": jnp.int32(0),
-        "top_p": jnp.float32(1.0),
-        "seed": jnp.uint32(0),
-    }
+    sampling = SamplingParams(
+        temperature=jnp.float32(temperature),
+        top_k=jnp.int32(0),
+        top_p=jnp.float32(1.0),
+        seed=jnp.uint32(0),
+        pad=jnp.int32(0),
+        max_new=jnp.int32(1),
+        eos=jnp.zeros(4, jnp.int32),
+        eos_valid=jnp.zeros(4, bool),
+        stop=jnp.zeros((4, 1), jnp.int32),
+        stop_valid=jnp.zeros((4, 1), bool),
+        suppress=jnp.int32(0),
+        suppress_valid=jnp.bool_(False),
+    )
     rows = jnp.broadcast_to(logits, (20000, 4))  # one draw per row
-    draws = select_tokens(rows, knobs, jnp.int32(3), greedy=False)
+    draws = select_tokens(rows, sampling, jnp.int32(3), greedy=False)
     frequencies = np.bincount(np.asarray(draws), minlength=4) / len(draws)
     expected = np.asarray(jax.nn.softmax(logits[0] / temperature))
     np.testing.assert_allclose(frequencies, expected, atol=0.015)
@@ -326,13 +354,8 @@ def test_stream_yields_the_generated_tokens_without_recompiling(generator):
     expected = generator.generate(prompts, sampling=sampling)
     before = dict(generator.trace_counts)
     stream = generator.stream(prompts, sampling=sampling, chunk_size=3)
-    chunks = []
-    while True:
-        try:
-            chunks.append(next(stream))
-        except StopIteration as finished:
-            result = finished.value
-            break
+    chunks = list(stream)
+    result = stream.result
     assert len(chunks) == 5  # token 1 from the prefill, then 3 per chunk: 1+3+3+3+3 = 13
     for b in range(2):
         streamed = np.concatenate([chunk[b] for chunk in chunks])

@@ -118,8 +118,12 @@ def hf_dir(tmp_path_factory):
 def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tmp_path):
     directory, hf_model = hf_dir
     from_hf = load_model(str(directory))
-    assert (from_hf.kind, from_hf.template.name, from_hf.image.aspect) == ("hf", "vicuna_v1", "pad")
-    assert from_hf.image.size == 28 and from_hf.image.mean == (0.5, 0.5, 0.5)
+    assert (from_hf.kind, from_hf.template.name, from_hf.data.image_aspect) == (
+        "hf",
+        "vicuna_v1",
+        "pad",
+    )
+    assert from_hf.data.image_size == 28 and from_hf.data.image_mean == (0.5, 0.5, 0.5)
     assert from_hf.tokenizer.image_token_id == from_hf.config.image_token_id == IMAGE_TOKEN
 
     params_dir = tmp_path / "params"
@@ -139,10 +143,10 @@ def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tm
     answers, tokens = [], []
     for loaded in (from_hf, from_params, on_mesh):
         # The params checkpoint knows no processor config: give it the same normalisation.
-        loaded.image = from_hf.image
+        loaded.data = from_hf.data
         images = loaded.load_image(str(image_path))[None, None]
         ids = loaded.prompt_ids([loaded.user_turn(QUESTION, with_image=True)])
-        result = loaded.generator().generate([ids], images, None, loaded.sampling(MAX_NEW))
+        result = loaded.generate([ids], images, None, loaded.sampling(MAX_NEW))
         answers.append(result.texts[0])
         tokens.append(result.tokens[0])
     assert answers[0] == answers[1] == answers[2]
@@ -185,7 +189,7 @@ def test_chat_session_streams_and_keeps_the_history(hf_dir, tmp_path):
     # The second answer was generated from the whole history, as a fresh greedy call shows.
     ids = model.prompt_ids(turns[:3])
     assert np.sum(ids == IMAGE_TOKEN) == model.config.num_image_tokens
-    fresh = model.generator().generate([ids], images, None, model.sampling(8))
+    fresh = model.generate([ids], images, None, model.sampling(8))
     assert fresh.texts[0].strip() == turns[3]["value"]
 
     # End of input leaves cleanly.
@@ -501,3 +505,46 @@ def test_directories_without_a_checkpoint_are_named(tmp_path, images, capsys):
     )
     err = _generate_error(capsys, tmp_path / "absent", images / "first.png")
     assert f"does not exist: {tmp_path / 'absent'}" in err
+
+
+def _cache_report(stderr: str) -> tuple[int, int]:
+    """(hits, misses) from the `compilation cache DIR: N hits, M misses` line."""
+    line = next(x for x in stderr.splitlines() if "compilation cache" in x and " hits, " in x)
+    hits, misses = line.rsplit(": ", 1)[1].split(", ")
+    return int(hits.split()[0]), int(misses.split()[0])
+
+
+def test_a_second_run_compiles_nothing_it_has_in_the_cache(trained, images, tmp_path):
+    cache = tmp_path / "xla"
+    args = [
+        "--checkpoint",
+        trained,
+        "--image",
+        images / "second.png",
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        MAX_NEW,
+        "--compilation-cache",
+        cache,
+        "--verbose",
+    ]
+    first = run_module("llava_jax.generate", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    hits, misses = _cache_report(first.stderr)
+    assert hits == 0 and misses > 0
+    assert any(cache.iterdir())  # the compiled programs were written there
+    second = run_module("llava_jax.generate", *args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout == first.stdout
+    hits, misses = _cache_report(second.stderr)
+    assert hits > 0 and misses == 0, (hits, misses)
+
+
+def test_inference_programs_do_not_import_the_training_input_pipeline():
+    code = (
+        "import sys, llava_jax.generate, llava_jax.chat, llava_jax.evaluate\n"
+        "loaded = [m for m in ('grain', 'tensorflow_datasets') if m in sys.modules]\n"
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=cli_env())

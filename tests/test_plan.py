@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from llava_jax.config import model_config_from
 from llava_jax.hardware import tpu_topology_name
+from llava_jax.models.config import ModelConfig
 from llava_jax.models.llava import abstract_params
 from llava_jax.plan import largest_device_batch, plan_devices, plan_train_step
 
@@ -33,7 +33,7 @@ def tiny(mesh=(-1, 1, 1), **overrides):
 
 
 def _param_bytes(config) -> int:
-    shapes = nn.meta.unbox(abstract_params(model_config_from(config)))
+    shapes = nn.meta.unbox(abstract_params(ModelConfig.from_section(config.model)))
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 

@@ -21,9 +21,11 @@ from trainer_fixtures import (
 )
 
 from llava_jax import checkpoint as ckpt
-from llava_jax.config import micro_batches
+from llava_jax.config import RunConfig
 from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokenizer_for
+from llava_jax.train.config import TrainConfig
 from llava_jax.train.trainer import (
+    Run,
     _data_config,
     initial_model,
     make_run_setup,
@@ -117,12 +119,13 @@ def test_restore_onto_another_mesh(tmp_path, data_dir):
     config = tiny_config(data_dir, train__num_steps=4, mesh__shape=(8, 1, 1))
     train_and_evaluate(config, workdir)
 
-    tokenizer = tokenizer_for(config.data)
-    model_config, _ = initial_model(config, tokenizer)
-    data = _data_config(config, model_config)
+    run = RunConfig.from_config(config)
+    tokenizer = tokenizer_for(run.data)
+    model_config, _ = initial_model(run, tokenizer)
+    data = _data_config(run.data, model_config)
     results = {}
     for shape in ((8, 1, 1), (2, 2, 2)):
-        setup, schedule = make_run_setup(config, model_config, 4, mesh=make_mesh(shape))
+        setup, schedule = make_run_setup(run, model_config, 4, mesh=make_mesh(shape))
         iterator = make_train_iterator(data, tokenizer)
         step, state = ckpt.TrainCheckpoints(workdir).restore_latest(setup.abstract_state, iterator)
         assert step == 4
@@ -229,13 +232,12 @@ def test_missing_data_path_is_named(tmp_path, data_dir):
         train_and_evaluate(config, str(tmp_path / "w"))
 
 
-def test_per_device_batch_size_sets_the_micro_batches(data_dir):
-    config = tiny_config(data_dir, data__global_batch_size=32, train__per_device_batch_size=2)
-    assert micro_batches(config, data_parallel_size=8) == 2  # 32 = 2 per device x 8 x 2
-    assert micro_batches(tiny_config(data_dir, train__micro_batches=4), 8) == 4  # unset
-    config.train.per_device_batch_size = 3
+def test_per_device_batch_size_sets_the_micro_batches():
+    train = TrainConfig(per_device_batch_size=2)
+    assert train.micro_batches_for(32, data_parallel_size=8) == 2  # 32 = 2 per device x 8 x 2
+    assert TrainConfig(micro_batches=4).micro_batches_for(32, 8) == 4  # unset: as given
     with pytest.raises(ValueError, match="per_device_batch_size=3.*32 is not a multiple of 3 x 8"):
-        micro_batches(config, data_parallel_size=8)
+        TrainConfig(per_device_batch_size=3).micro_batches_for(32, data_parallel_size=8)
 
 
 def test_unwritable_workdir_is_named(tmp_path, data_dir):
@@ -342,3 +344,24 @@ def test_local_multiprocess_trains_checkpoints_and_resumes_like_one_process(tmp_
     np.testing.assert_allclose(
         [multi[s] for s in sorted(multi)], [one[s] for s in sorted(one)], rtol=1e-5
     )
+
+
+def test_three_evaluations_in_one_run_compile_each_program_once(tmp_path, data_dir):
+    """The evaluator is built once: the eval-loss step, the prefill and the decode loop are
+    each traced (compiled) once for the periodic evaluations and the final one."""
+    config = tiny_config(
+        data_dir,
+        train__num_steps=30,
+        train__eval_every=10,
+        eval__num_records=6,
+        eval__batch_size=8,
+        eval__loss_batches=2,
+        eval__max_new_tokens=4,
+    )
+    run = Run(config, str(tmp_path / "run"))
+    summary = run.execute()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [10, 20, 30]
+    assert summary["eval"]["num_examples"] > 8  # more than one batch of questions
+    assert all(e["answer"] for e in summary["eval"]["examples"])  # the decode loop ran
+    assert run.evaluator.all_trace_counts == {"eval_loss": 1, "prefill": 1, "decode": 1}

@@ -9,7 +9,7 @@ from flax.traverse_util import flatten_dict
 from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
 from llava_jax.models.llava import init_params
 from llava_jax.sharding import DEFAULT_RULES, make_mesh
-from llava_jax.train.optimizer import make_optimizer
+from llava_jax.train.optimizer import OptimizerConfig, make_optimizer
 from llava_jax.train.state import init_train_state, make_setup
 from llava_jax.train.step import jit_train_step, make_train_step
 
@@ -90,9 +90,9 @@ def build(
 ):
     """(setup, state, jitted step) on a mesh, from the same host parameters every time."""
     mesh = make_mesh(mesh_shape, devices=devices)
-    kwargs = dict(learning_rate=1e-2, total_steps=10, warmup_ratio=0.0)
+    kwargs = dict(learning_rate=1e-2, warmup_ratio=0.0)
     kwargs.update(optimizer_kwargs)
-    optimizer, schedule = make_optimizer(**kwargs)
+    optimizer, schedule = make_optimizer(OptimizerConfig(**kwargs), total_steps=10)
     setup = make_setup(config, optimizer, train_pattern, mesh, DEFAULT_RULES)
     state = init_train_state(
         setup, jax.random.key(0), params if params is not None else host_params()

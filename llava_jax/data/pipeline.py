@@ -31,73 +31,20 @@ import numpy as np
 from absl import flags
 
 from llava_jax.data import datasets
-from llava_jax.data.conversation import (
-    DroppedExample,
-    generation_prompt,
-    get_template,
-    tokenize_conversation,
-)
+from llava_jax.data.config import DataConfig
+from llava_jax.data.conversation import DroppedExample, get_template, tokenize_conversation
 from llava_jax.data.datasets.record import Record, from_stored
-from llava_jax.data.image import ASPECT_MODES, CLIP_MEAN, CLIP_STD, load_and_preprocess
+from llava_jax.data.image import load_and_preprocess
+from llava_jax.data.prompt import prompt_ids
 from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer
 from llava_jax.sharding import batch_sharding
 
 BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask", "images", "image_mask")
 
 
-@dataclasses.dataclass
-class DataConfig:
-    """Every setting of the data package. Any object with these attributes works
-    (e.g. an ``ml_collections.ConfigDict``); missing ones take these defaults."""
-
-    source: str = "synthetic"  # 'synthetic' | 'llava_json'
-    data_dir: str = "~/tensorflow_datasets"  # where TFDS writes the prepared shards
-    json_path: str | None = None  # llava_json: LLaVA JSON list or JSONL (split 'train')
-    test_json_path: str | None = None  # llava_json: optional split 'test'
-    image_dir: str | None = None  # llava_json: folder the `image` paths are relative to
-    dataset_name: str | None = None  # llava_json: builder config name (default: json stem)
-    on_bad_record: str = "error"  # llava_json: 'error' | 'skip'
-    synthetic_style: str = "instruct"  # 'caption' (stage 1) | 'instruct' (stage 2)
-    synthetic_image_size: int = 32
-    synthetic_num_train: int = 4000
-    synthetic_num_test: int = 400
-    synthetic_seed: int = 0
-    template: str = "vicuna_v1"  # plain | vicuna_v1 | llava_llama_2 | chatml
-    tokenizer_path: str | None = None  # None with 'synthetic': the built-in tokenizer
-    image_size: int = 32
-    image_aspect: str = "pad"  # pad | resize | crop
-    image_mean: tuple[float, ...] = CLIP_MEAN
-    image_std: tuple[float, ...] = CLIP_STD
-    num_image_tokens: int = 16
-    max_images_per_sample: int = 1
-    max_len: int = 128
-    global_batch_size: int = 32
-    seed: int = 0
-    num_epochs: int | None = None  # None: repeat forever, reshuffling every epoch
-    num_workers: int = 0  # grain worker processes (0: preprocess in this process)
-    worker_buffer_size: int = 4  # examples each worker prepares ahead
-
-
-def resolve_config(config) -> DataConfig:
-    """A ``DataConfig`` from any attribute-style config (unknown fields are ignored)."""
-    if isinstance(config, DataConfig):
-        return config
-    values = {}
-    for field in dataclasses.fields(DataConfig):
-        try:
-            values[field.name] = getattr(config, field.name)
-        except (AttributeError, KeyError):
-            continue
-    resolved = DataConfig(**values)
-    resolved.image_mean = tuple(resolved.image_mean)
-    resolved.image_std = tuple(resolved.image_std)
-    return resolved
-
-
-def tokenizer_for(config) -> LoadedTokenizer:
+def tokenizer_for(config: DataConfig) -> LoadedTokenizer:
     """The configured tokenizer; for 'synthetic' without a path, the built-in one
     (built once under ``data_dir/synthetic_tokenizer``)."""
-    config = resolve_config(config)
     path = config.tokenizer_path
     if path is None:
         if config.source != "synthetic":
@@ -119,10 +66,7 @@ class ExampleEncoder:
     only ``id``, ``file``, ``detail`` and a non-empty ``drop_reason``.
     """
 
-    def __init__(self, config, tokenizer: LoadedTokenizer):
-        config = resolve_config(config)
-        if config.image_aspect not in ASPECT_MODES:
-            raise ValueError(f"image_aspect must be one of {ASPECT_MODES}")
+    def __init__(self, config: DataConfig, tokenizer: LoadedTokenizer):
         self.config = config
         self.template = get_template(config.template)
         self.tokenizer = tokenizer.tokenizer
@@ -293,7 +237,7 @@ def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
 
 
 def make_dataset(
-    config,
+    config: DataConfig,
     tokenizer: LoadedTokenizer,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -305,7 +249,6 @@ def make_dataset(
     ``source`` overrides the prepared TFDS split (any random-access sequence of stored
     record dicts).
     """
-    config = resolve_config(config)
     process_index, process_count = _process_index_and_count(process_index, process_count)
     if source is None:
         source = datasets.open_split(config, split)
@@ -339,7 +282,7 @@ def make_dataset(
 
 
 def make_train_iterator(
-    config,
+    config: DataConfig,
     tokenizer: LoadedTokenizer,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -350,7 +293,6 @@ def make_train_iterator(
 
     ``it.get_state()`` / ``it.set_state(state)`` save and restore the position exactly.
     """
-    config = resolve_config(config)
     process_index, process_count = _process_index_and_count(process_index, process_count)
     dataset = make_dataset(config, tokenizer, process_index, process_count, split, source)
     return BatchIterator(iter(dataset), config.global_batch_size // process_count)
@@ -386,15 +328,8 @@ class EvalQuestion:
     stop: str
 
 
-def encode_prompt(text: str, tokenizer: LoadedTokenizer, num_image_tokens: int) -> np.ndarray:
-    """``int32[L]``: ``text`` tokenized, each image token repeated ``num_image_tokens``."""
-    ids = np.asarray(tokenizer.tokenizer(text)["input_ids"], np.int32)
-    repeats = np.where(ids == tokenizer.image_token_id, num_image_tokens, 1)
-    return np.repeat(ids, repeats)
-
-
 def make_eval_questions(
-    config,
+    config: DataConfig,
     tokenizer: LoadedTokenizer,
     split: str = "test",
     limit: int | None = None,
@@ -402,7 +337,6 @@ def make_eval_questions(
 ) -> list[EvalQuestion]:
     """Every assistant turn of the first ``limit`` records of ``split`` as a question
     (records with unreadable images are left out, and logged)."""
-    config = resolve_config(config)
     if source is None:
         source = datasets.open_split(config, split)
     encoder = ExampleEncoder(config, tokenizer)
@@ -418,12 +352,13 @@ def make_eval_questions(
             continue
         turns = list(record.conversations)
         for turn in range(1, len(turns), 2):
-            prompt = generation_prompt(turns[:turn], template)
             questions.append(
                 EvalQuestion(
                     record_id=record.id,
                     turn=turn,
-                    prompt_ids=encode_prompt(prompt, tokenizer, config.num_image_tokens),
+                    prompt_ids=prompt_ids(
+                        turns[:turn], template, tokenizer, config.num_image_tokens
+                    ),
                     images=images,
                     image_mask=image_mask,
                     answer=turns[turn]["value"],

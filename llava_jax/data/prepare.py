@@ -16,8 +16,9 @@ import os
 import sys
 
 from llava_jax.data import datasets
+from llava_jax.data.config import DataConfig
 from llava_jax.data.datasets.llava_json import REPORT_FILE, BadRecordsError
-from llava_jax.data.pipeline import DataConfig, tokenizer_for
+from llava_jax.data.pipeline import tokenizer_for
 
 
 def parse_args(argv: list[str]) -> DataConfig:

@@ -29,13 +29,15 @@ import dataclasses
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from llava_jax.inference.generate import Generator, SamplingConfig
-from llava_jax.inference.load import InputError, LoadedModel
+from llava_jax.evaluation.jsonl import read_records
+from llava_jax.inference.engine import Engine, SamplingConfig
+from llava_jax.inference.errors import InputError
+from llava_jax.inference.load import LoadedModel
 
 
 class QuestionFileError(InputError):
@@ -60,26 +62,11 @@ def read_questions(path: str) -> list[Question]:
     missing or non-string `text`, a missing `question_id`, a non-string `image`, or a
     `question_id` seen before.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise QuestionFileError(f"questions file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise QuestionFileError(f"cannot read questions file {path}: {err}") from None
+    if not os.path.exists(path):
+        raise QuestionFileError(f"questions file not found: {path}")
     questions, seen = [], {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, obj in read_records(path, QuestionFileError):
         where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QuestionFileError(f"{where}: malformed JSON: {err.msg}") from None
-        if not isinstance(obj, dict):
-            raise QuestionFileError(f"{where}: expected a JSON object")
-        if "question_id" not in obj:
-            raise QuestionFileError(f"{where}: missing 'question_id'")
         if not isinstance(obj.get("text"), str):
             raise QuestionFileError(f"{where}: 'text' must be a string")
         image = obj.get("image")
@@ -141,24 +128,44 @@ def _prepare(
     return _Prepared(question, prompt_ids, image)
 
 
-def _generate(
-    generator: Generator,
-    batch: list[_Prepared],
-    batch_size: int,
-    image_shape: tuple[int, ...],
+def generate_answers(
+    engine: Engine,
+    params: Any,
+    prompts: Sequence[np.ndarray],
+    images: Sequence[np.ndarray | None],
+    image_masks: Sequence[np.ndarray | None],
     sampling: SamplingConfig,
+    *,
+    batch_size: int,
+    image_slots: tuple[int, ...],
+    length: int | None = None,
 ) -> list[str]:
-    """Answers of `batch` (the generator pads it to `batch_size` rows)."""
-    images = np.zeros((len(batch), 1, *image_shape), np.float32)
-    image_mask = np.zeros((len(batch), 1), bool)
-    for row, item in enumerate(batch):
-        if item.image is not None:
-            images[row, 0] = item.image
-            image_mask[row, 0] = True
-    result = generator.generate(
-        [p.prompt_ids for p in batch], images, image_mask, sampling, batch_rows=batch_size
-    )
-    return [text.strip() for text in result.texts]
+    """Answers to `prompts` (int32[L] each) about their `images` (float32[I, H, W, 3] with
+    `image_masks` bool[I], or None for text only), in order, `batch_size` at a time.
+
+    `image_slots` is (I, H, W, 3). Every batch is padded to `batch_size` rows, so one
+    compiled program serves them all (and, with `length`, one prompt length).
+    """
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = range(start, min(start + batch_size, len(prompts)))
+        pixels = np.zeros((len(rows), *image_slots), np.float32)
+        image_mask = np.zeros((len(rows), image_slots[0]), bool)
+        for row, index in enumerate(rows):
+            if images[index] is not None:
+                pixels[row] = images[index]
+                image_mask[row] = image_masks[index]
+        result = engine.generate(
+            params,
+            [prompts[i] for i in rows],
+            pixels,
+            image_mask,
+            sampling,
+            batch_rows=batch_size,
+            length=length,
+        )
+        answers.extend(text.strip() for text in result.texts)
+    return answers
 
 
 def answer_questions(
@@ -169,25 +176,35 @@ def answer_questions(
     *,
     batch_size: int = 8,
     model_id: str = "llava_jax",
-    generator: Generator | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> Iterator[dict]:
     """Yield one answer entry per question, in order (see the module docstring).
 
-    sampling: e.g. `model.sampling(max_new_tokens=128, temperature=0)`. generator: reuse
-    one (and its compiled programs) across calls; default: `model.generator()`.
-    on_progress(n): called with the number of questions just finished.
+    sampling: e.g. `model.sampling(max_new_tokens=128, temperature=0)`; the model's one
+    engine (and its compiled programs) serves every call. on_progress(n): called with the
+    number of questions just finished.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    generator = generator or model.generator()
-    image_shape = (model.image.size, model.image.size, model.config.vision.num_channels)
+    size = model.data.image_size
+    image_slots = (1, size, size, model.config.vision.num_channels)
     window: list[dict | _Prepared] = []  # entries in question order; _Prepared to generate
 
     def flush() -> Iterator[dict]:
         todo = [item for item in window if isinstance(item, _Prepared)]
         answers = iter(
-            _generate(generator, todo, batch_size, image_shape, sampling) if todo else []
+            generate_answers(
+                model.engine,
+                model.params,
+                [item.prompt_ids for item in todo],
+                [None if item.image is None else item.image[None] for item in todo],
+                [np.ones(1, bool) for _ in todo],
+                sampling,
+                batch_size=batch_size,
+                image_slots=image_slots,
+            )
+            if todo
+            else []
         )
         for item in window:
             if isinstance(item, _Prepared):

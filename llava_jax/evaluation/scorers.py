@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llava_jax.evaluation.jsonl import read_records
 from llava_jax.evaluation.vqa_normalize import normalize_vqa_answer
 
 __all__ = [
@@ -313,25 +314,7 @@ class ScorerInputError(ValueError):
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; every line must be a JSON object."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ScorerInputError(f"{path}: cannot read: {e.strerror or e}") from e
-    rows = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ScorerInputError(f"{path}:{lineno}: malformed JSON: {e.msg}") from e
-        if not isinstance(obj, dict):
-            raise ScorerInputError(f"{path}:{lineno}: expected a JSON object")
-        if "question_id" not in obj:
-            raise ScorerInputError(f"{path}:{lineno}: missing 'question_id'")
-        rows.append((lineno, obj))
-    return rows
+    return read_records(path, ScorerInputError)
 
 
 def _index_annotations(path: Path) -> dict[str, tuple[int, dict[str, Any]]]:

@@ -1,18 +1,24 @@
-"""Inference: generation with a KV cache (on-device decode loop, sampling, streaming)."""
+"""Inference: a pure prefill and decode loop with a KV cache (`engine`), and loading a model
+for it from a workdir, a Hugging Face directory or a params checkpoint (`load`)."""
 
-from llava_jax.inference.generate import (
+from llava_jax.inference.engine import (
+    DecodeState,
+    Engine,
     GenerationResult,
-    Generator,
-    PreparedBatch,
+    GenerationStream,
     SamplingConfig,
     default_length_bucket,
     filter_logits,
 )
+from llava_jax.inference.errors import InputError, PromptTooLongError
 
 __all__ = [
+    "DecodeState",
+    "Engine",
     "GenerationResult",
-    "Generator",
-    "PreparedBatch",
+    "GenerationStream",
+    "InputError",
+    "PromptTooLongError",
     "SamplingConfig",
     "default_length_bucket",
     "filter_logits",

@@ -12,10 +12,12 @@
   needs a tokenizer (`tokenizer=`, or a `tokenizer/` folder inside it); template and
   image settings as for Hugging Face.
 
-`LoadedModel` then turns a conversation into prompt tokens, an image file into the
-normalised array the model takes, and the CLI knobs into a `SamplingConfig` that stops at
-the template's end of answer. Problems the user can fix (a path, an image, a prompt that
-does not fit) raise `InputError` with a message that names the thing.
+`LoadedModel` then turns a conversation into prompt tokens and an image file into the
+normalised array the model takes, exactly as training did (its `data` settings: template,
+image size, aspect, mean and std), makes the CLI knobs a `SamplingConfig` that stops at the
+template's end of answer, and generates with one `Engine` (built once, so its compiled
+programs serve every call). Problems the user can fix (a path, an image, a prompt that does
+not fit) raise `InputError` with a message that names the thing.
 """
 
 from __future__ import annotations
@@ -33,26 +35,27 @@ import numpy as np
 from PIL import Image
 
 from llava_jax import checkpoint as ckpt
-from llava_jax.data.conversation import (
-    IMAGE_PLACEHOLDER,
-    DroppedExample,
-    Template,
-    generation_prompt,
-    get_template,
-)
+from llava_jax.data.config import DataConfig
+from llava_jax.data.conversation import IMAGE_PLACEHOLDER, DroppedExample, Template, get_template
 from llava_jax.data.image import (
-    ASPECT_MODES,
     CLIP_MEAN,
     CLIP_STD,
     ImageDecodeError,
     decode_image,
     preprocess_image,
 )
-from llava_jax.data.pipeline import encode_prompt
+from llava_jax.data.prompt import prompt_ids, user_turn
 from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer
-from llava_jax.inference.generate import Generator, SamplingConfig
+from llava_jax.inference.engine import (
+    Engine,
+    GenerationResult,
+    GenerationStream,
+    SamplingConfig,
+    fit_new_tokens,
+)
+from llava_jax.inference.errors import InputError
 from llava_jax.models.config import ModelConfig
-from llava_jax.sharding import DEFAULT_RULES, Rules, param_shardings
+from llava_jax.sharding import DEFAULT_RULES, Rules, sharded_params
 
 HF_DEFAULT_TEMPLATE = "vicuna_v1"  # LLaVA-1.5's conversation format
 HF_CONFIG_FILE = "config.json"
@@ -61,28 +64,10 @@ TOKENIZER_DIR = "tokenizer"  # inside a training workdir (or a params checkpoint
 ROLES = ("USER", "ASSISTANT")  # as LLaVA's serve.cli shows them
 
 
-class InputError(Exception):
-    """Something the user gave cannot be used (a path, an image, a prompt): the CLIs print
-    the message, which names the thing, and exit with code 2."""
-
-
-class PromptTooLongError(InputError):
-    """The prompt does not fit the model's context."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageSettings:
-    """How an image file becomes `float32[size, size, 3]`, as the model was trained."""
-
-    size: int
-    aspect: str = "pad"  # pad | resize | crop
-    mean: tuple[float, ...] = CLIP_MEAN
-    std: tuple[float, ...] = CLIP_STD
-
-
 @dataclasses.dataclass
 class LoadedModel:
-    """A model ready to run: config, parameters, tokenizer, template, image settings.
+    """A model ready to run: config, parameters (on the mesh or first device), tokenizer,
+    and the data settings it was trained with (template, image size/aspect/mean/std).
 
     kind: "workdir" | "hf" | "params"; step: the training step (workdirs only).
     """
@@ -90,15 +75,19 @@ class LoadedModel:
     config: ModelConfig
     params: Any
     tokenizer: LoadedTokenizer
-    template: Template
-    image: ImageSettings
+    data: DataConfig
     path: str
     kind: str
     step: int | None = None
     mesh: Any = None
     rules: Rules = DEFAULT_RULES
+    _engine: Engine | None = dataclasses.field(default=None, repr=False)
 
     # --- text -----------------------------------------------------------------------------
+    @property
+    def template(self) -> Template:
+        return get_template(self.data.template)
+
     @property
     def context_length(self) -> int:
         return self.config.text.max_position_embeddings
@@ -131,19 +120,16 @@ class LoadedModel:
 
     def user_turn(self, text: str, with_image: bool) -> dict:
         """A human turn; with an image, `<image>\\n` comes first, as LLaVA's CLIs do."""
-        if with_image and IMAGE_PLACEHOLDER not in text:
-            text = f"{IMAGE_PLACEHOLDER}\n{text}"
-        return {"from": "human", "value": text}
+        return user_turn(text, with_image)
 
     def prompt_ids(self, turns: Sequence[dict]) -> np.ndarray:
         """`int32[L]`: the conversation rendered with the template, ending where the
         assistant's next answer starts, tokenized, each `<image>` expanded to
         `config.num_image_tokens` image tokens."""
         try:
-            text = generation_prompt(turns, self.template)
+            return prompt_ids(turns, self.template, self.tokenizer, self.config.num_image_tokens)
         except DroppedExample as err:  # roles out of order: a caller's mistake
             raise ValueError(f"cannot render the conversation: {err}") from None
-        return encode_prompt(text, self.tokenizer, self.config.num_image_tokens)
 
     def check_prompt(self, prompt_ids: np.ndarray, max_new_tokens: int, clamp: bool = False) -> int:
         """The number of new tokens the prompt `int32[L]` leaves room for.
@@ -151,23 +137,14 @@ class LoadedModel:
         Raises `PromptTooLongError` naming the lengths when the prompt leaves no room for an
         answer, or (unless `clamp`) when `L + max_new_tokens` exceeds the context.
         """
-        context, length = self.context_length, len(prompt_ids)
-        if length >= context:
-            images = int(np.sum(np.asarray(prompt_ids) == self.config.image_token_id))
-            of_images = f", {images} of them for the image" if images else ""
-            raise PromptTooLongError(
-                f"the prompt has {length} tokens{of_images}, but the model's context is "
-                f"{context} tokens: no room is left for the answer"
-            )
-        if length + max_new_tokens > context:
-            if clamp:
-                return context - length
-            raise PromptTooLongError(
-                f"the prompt has {length} tokens; with max_new_tokens={max_new_tokens} it "
-                f"needs {length + max_new_tokens} positions, more than the model's context "
-                f"of {context} tokens"
-            )
-        return max_new_tokens
+        image_tokens = int(np.sum(np.asarray(prompt_ids) == self.config.image_token_id))
+        return fit_new_tokens(
+            len(prompt_ids),
+            max_new_tokens,
+            self.context_length,
+            clamp=clamp,
+            image_tokens=image_tokens,
+        )
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.tokenizer.decode(list(map(int, tokens)))
@@ -178,9 +155,9 @@ class LoadedModel:
 
         Raises `InputError` naming the file when it is missing or not a readable image.
         """
-        image = read_image(path)
+        data = self.data
         return preprocess_image(
-            image, self.image.size, self.image.aspect, self.image.mean, self.image.std
+            read_image(path), data.image_size, data.image_aspect, data.image_mean, data.image_std
         )
 
     # --- generation -----------------------------------------------------------------------
@@ -205,16 +182,24 @@ class LoadedModel:
             pad_token_id=self.pad_token_id,
         )
 
-    def generator(self, **kwargs: Any) -> Generator:
-        """A `Generator` on this model's mesh, decoding text with its tokenizer."""
-        return Generator(
-            self.config,
-            self.params,
-            mesh=self.mesh,
-            rules=self.rules,
-            tokenizer=self.tokenizer.tokenizer,
-            **kwargs,
-        )
+    @property
+    def engine(self) -> Engine:
+        """The model's one `Engine` (on its mesh, decoding text with its tokenizer)."""
+        if self._engine is None:
+            self._engine = Engine(
+                self.config, mesh=self.mesh, rules=self.rules, tokenizer=self.tokenizer.tokenizer
+            )
+        return self._engine
+
+    def generate(
+        self, prompts: Sequence[np.ndarray], *args: Any, **kwargs: Any
+    ) -> GenerationResult:
+        """`Engine.generate` with this model's parameters."""
+        return self.engine.generate(self.params, prompts, *args, **kwargs)
+
+    def stream(self, prompts: Sequence[np.ndarray], *args: Any, **kwargs: Any) -> GenerationStream:
+        """`Engine.stream` with this model's parameters."""
+        return self.engine.stream(self.params, prompts, *args, **kwargs)
 
 
 def read_image(path: str) -> Image.Image:
@@ -308,70 +293,57 @@ def _check_tokenizer(config: ModelConfig, tokenizer: LoadedTokenizer, where: str
         )
 
 
-def _hf_image_settings(path: str, size: int) -> ImageSettings:
-    """LLaVA-1.5 pads to a square; mean/std from the processor config when present."""
+def _hf_data(path: str, size: int) -> DataConfig:
+    """LLaVA-1.5's conversation format and images padded to a square; mean/std from the
+    processor config when present."""
     processor = os.path.join(path, HF_PREPROCESSOR_FILE)
     mean, std = CLIP_MEAN, CLIP_STD
     if os.path.isfile(processor):
         values = _read_json(processor)
         mean = tuple(values.get("image_mean", mean))
         std = tuple(values.get("image_std", std))
-    return ImageSettings(size=size, aspect="pad", mean=mean, std=std)
-
-
-def _abstract_target(config: ModelConfig, mesh: Any, rules: Rules) -> Any:
-    """`ShapeDtypeStruct`s with the mesh shardings, to restore parameters straight onto."""
-    import flax.linen as nn
-
-    from llava_jax.models.llava import abstract_params
-
-    boxed = abstract_params(config)
-    shardings = param_shardings(boxed, mesh, rules)
-    return jax.tree.map(
-        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        nn.meta.unbox(boxed),
-        shardings,
-    )
+    return DataConfig(
+        template=HF_DEFAULT_TEMPLATE, image_size=size, image_aspect="pad", image_mean=mean,
+        image_std=std,
+    )  # fmt: skip
 
 
 # --- the loaders -------------------------------------------------------------------------------
 
 
 def _load_workdir(
-    workdir: str, step: int | None, tokenizer: str | None, mesh: Any, rules: Rules, dtype
-) -> tuple[ModelConfig, Any, LoadedTokenizer, str, ImageSettings, int]:
+    workdir: str, step: int | None, tokenizer: str | None, mesh: Any, rules: Rules, dtype: Any
+) -> tuple[ModelConfig, Any, LoadedTokenizer, DataConfig, int]:
     directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
-    try:
-        newest, run_config = ckpt.read_run_config(workdir)
+    if step is not None and not os.path.isdir(os.path.join(directory, str(step))):
+        raise InputError(f"{workdir}: no checkpoint for step {step} in {directory}")
+    try:  # the run config saved with that step
+        step, run_config = ckpt.read_run_config(workdir, step)
     except FileNotFoundError:
         raise InputError(
             f"{workdir}: no checkpoint in {directory} (has the training run saved one yet?)"
         ) from None
-    step = newest if step is None else step
-    if not os.path.isdir(os.path.join(directory, str(step))):
-        raise InputError(f"{workdir}: no checkpoint for step {step} in {directory}")
-    values = dict(run_config["model"])
-    values.pop("vocab_follows_tokenizer", None)
-    config = ModelConfig.from_dict(values)
+    config = ModelConfig.from_section(run_config["model"])
     if dtype is not None:
-        config = dataclasses.replace(config, dtype=jax.numpy.dtype(dtype).name)
-    target = _abstract_target(config, mesh, rules) if mesh is not None else None
-    params = ckpt.restore_params(workdir, target, step=step)
+        config = config.replace(dtype=jax.numpy.dtype(dtype).name)
+    params = ckpt.restore_params(workdir, _restore_target(config, mesh, rules), step=step)
     tokenizer_dir = _find_tokenizer(
         workdir,
         tokenizer,
         os.path.join(workdir, TOKENIZER_DIR),
         "the training run saves it in WORKDIR/tokenizer; give --tokenizer",
     )
-    data = run_config.get("data", {})
-    image = ImageSettings(
-        size=config.vision.image_size,
-        aspect=data.get("image_aspect", "pad"),
-        mean=tuple(data.get("image_mean", CLIP_MEAN)),
-        std=tuple(data.get("image_std", CLIP_STD)),
-    )
-    template = data.get("template", HF_DEFAULT_TEMPLATE)
-    return config, params, _load_tokenizer(tokenizer_dir), template, image, step
+    data = DataConfig.from_section(run_config.get("data", {}), "the run's data config")
+    return config, params, _load_tokenizer(tokenizer_dir), data, step
+
+
+def _restore_target(config: ModelConfig, mesh: Any, rules: Rules) -> Any:
+    """Where to restore parameters: onto the mesh's shardings, or None (the first device)."""
+    if mesh is None:
+        return None
+    from llava_jax.models.llava import abstract_params
+
+    return sharded_params(abstract_params(config), mesh, rules)
 
 
 def load_model(
@@ -400,7 +372,7 @@ def load_model(
     numerics = {} if dtype is None else {"dtype": jax.numpy.dtype(dtype).name}
     try:
         if kind == "workdir":
-            config, params, loaded_tokenizer, default_template, image, run_step = _load_workdir(
+            config, params, loaded_tokenizer, data, run_step = _load_workdir(
                 directory, step, tokenizer, mesh, rules, dtype
             )
         elif kind == "hf":
@@ -410,8 +382,7 @@ def load_model(
             loaded_tokenizer = _load_tokenizer(
                 _find_tokenizer(directory, tokenizer, directory, "give --tokenizer")
             )
-            default_template = HF_DEFAULT_TEMPLATE
-            image = _hf_image_settings(directory, config.vision.image_size)
+            data = _hf_data(directory, config.vision.image_size)
         else:
             tokenizer_dir = _find_tokenizer(
                 directory,
@@ -422,26 +393,23 @@ def load_model(
                 "a params checkpoint holds no tokenizer; give --tokenizer DIR",
             )
             with open(os.path.join(directory, ckpt.MODEL_CONFIG_FILE)) as f:
-                config = ModelConfig.from_dict(json.load(f))
-            target = _abstract_target(config, mesh, rules) if mesh is not None else None
-            _, params = ckpt.load_params(directory, target)
+                config = ModelConfig.from_section(json.load(f))
+            _, params = ckpt.load_params(directory, _restore_target(config, mesh, rules))
             if dtype is not None:
-                config = dataclasses.replace(config, **numerics)
+                config = config.replace(**numerics)
             loaded_tokenizer = _load_tokenizer(tokenizer_dir)
-            default_template = HF_DEFAULT_TEMPLATE
-            image = ImageSettings(size=config.vision.image_size)
+            data = DataConfig(template=HF_DEFAULT_TEMPLATE, image_size=config.vision.image_size)
     except InputError:
         raise
     except (OSError, ValueError, KeyError) as err:
         # A damaged checkpoint or config: say which directory, keep the reason.
         raise InputError(f"cannot load the model in {path}: {type(err).__name__}: {err}") from err
-    if image.aspect not in ASPECT_MODES:
-        raise InputError(f"{path}: image aspect {image.aspect!r} is not one of {ASPECT_MODES}")
     _check_tokenizer(config, loaded_tokenizer, path)
     try:
-        chosen = get_template(template or default_template)
+        chosen = get_template(template or data.template)
     except ValueError as err:
         raise InputError(str(err)) from None
+    data = data.replace(template=chosen.name, num_image_tokens=config.num_image_tokens)
     logging.info(
         "Loaded %s (%s%s): template %s, %d image tokens, context %d",
         path,
@@ -451,12 +419,13 @@ def load_model(
         config.num_image_tokens,
         config.text.max_position_embeddings,
     )
+    if mesh is None:  # on the first device once, not at every call
+        params = jax.device_put(params)
     return LoadedModel(
         config=config,
         params=params,
         tokenizer=loaded_tokenizer,
-        template=chosen,
-        image=image,
+        data=data,
         path=path,
         kind=kind,
         step=run_step,

@@ -11,6 +11,8 @@ import dataclasses
 import re
 from typing import Any
 
+from llava_jax.section import Section
+
 # Remat policies as maxtext names them (models/layers.py says what each keeps): from
 # `none` (keep every activation) through `minimal` (keep every projection) to `full`
 # (keep only each layer's input).
@@ -32,7 +34,7 @@ _MLP_PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(Section):
     """CLIP vision transformer (defaults: ViT-L/14 at 336 pixels, as in LLaVA-1.5)."""
 
     hidden_size: int = 1024
@@ -55,7 +57,7 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RopeConfig:
+class RopeConfig(Section):
     """Rotary embedding, as transformers' `rope_parameters` describes it."""
 
     theta: float = 10000.0
@@ -67,7 +69,7 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(Section):
     """LLaMA-family decoder (defaults: LLaMA/Vicuna-7B)."""
 
     vocab_size: int = 32000
@@ -94,7 +96,7 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """A whole LLaVA: vision tower, projector, decoder, and the numerics to run them."""
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -115,6 +117,13 @@ class ModelConfig:
         if isinstance(self.vision_feature_layer, list):
             object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
         self.validate()
+
+    # Fields that say how the same weights are run, not what the architecture is.
+    NUMERICS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention")
+
+    def numerics(self) -> dict[str, Any]:
+        """`{dtype, param_dtype, scan_layers, remat_policy, attention}` of this config."""
+        return {name: getattr(self, name) for name in self.NUMERICS}
 
     # --- derived sizes -------------------------------------------------------------------
     @property
@@ -185,11 +194,12 @@ class ModelConfig:
             )
 
     # --- plain-dict round trip (configs, checkpoints, JSON) --------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        if isinstance(self.vision_feature_layer, tuple):
-            out["vision_feature_layer"] = list(self.vision_feature_layer)
-        return out
+    @classmethod
+    def from_section(cls, section: Any, where: str = "model") -> ModelConfig:
+        """From the run config's `model` block (or nested plain values, as saved in JSON);
+        an unknown key is an error that names it."""
+        values = section.to_dict() if hasattr(section, "to_dict") else section
+        return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:

@@ -1,6 +1,6 @@
 """Pieces shared by the vision tower and the decoder.
 
-Every parameter carries logical axis names from a small vocabulary (DESIGN.md, Sharding):
+Every parameter carries logical axis names from a small vocabulary (docs/design.md, Sharding):
 `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`, `layers`; activations use
 `batch`, `length`, `embed`. The rules that map them onto mesh axes live in the config.
 """

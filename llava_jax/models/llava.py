@@ -3,7 +3,7 @@
 `Llava(config).apply({"params": params}, input_ids, images, image_mask, attention_mask)`
 gives `float32[B, T, V]` logits. The image features take, in order, the positions where
 `input_ids == config.image_token_id`; shapes are static, so one compiled step serves every
-batch. The parameter tree has three towers: `img`, `proj`, `llm` (DESIGN.md).
+batch. The parameter tree has three towers: `img`, `proj`, `llm` (docs/design.md).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ freezing by path regex: frozen parameters get no gradients and no optimizer stat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
@@ -10,9 +11,11 @@ from typing import Any
 import jax
 import optax
 
+from llava_jax.section import Section
 from llava_jax.sharding import path_string
 
 PROJECTOR_PATTERN = r"proj/.*"
+SCHEDULES = ("cosine", "constant")
 
 
 def trainable_mask(params: Any, train_pattern: str) -> Any:
@@ -85,35 +88,51 @@ def _decays(path: tuple, _: Any) -> bool:
     return path_string(path).rsplit("/", 1)[-1] not in ("bias", "scale")
 
 
-def make_optimizer(
-    *,
-    learning_rate: float,
-    total_steps: int,
-    warmup_ratio: float = 0.03,
-    schedule: str = "cosine",
-    weight_decay: float = 0.0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    grad_clip_norm: float | None = 1.0,
-    projector_learning_rate: float | None = None,
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW for the trainable tree (see `split_trainable`), and the main schedule.
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig(Section):
+    """AdamW and its schedule (`config.optimizer`), LLaVA's defaults.
 
-    With `projector_learning_rate` (LLaVA's `mm_projector_lr`), `proj/*` follows its own
-    schedule of the same shape.
+    projector_learning_rate: LLaVA's `mm_projector_lr`; `proj/*` then follows its own
+    schedule of the same shape. grad_clip_norm: 0 or None, no clipping.
     """
 
-    def adamw(peak: float) -> optax.GradientTransformation:
-        lr = learning_rate_schedule(peak, total_steps, warmup_ratio, schedule)
-        mask = (
-            (lambda tree: jax.tree_util.tree_map_with_path(_decays, tree)) if weight_decay else None
-        )
-        return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+    learning_rate: float = 2e-5
+    projector_learning_rate: float | None = None
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip_norm: float | None = 1.0
 
-    main_schedule = learning_rate_schedule(learning_rate, total_steps, warmup_ratio, schedule)
-    if projector_learning_rate is None:
-        tx = adamw(learning_rate)
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"config.optimizer.schedule={self.schedule!r} is not one of {SCHEDULES}"
+            )
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"config.optimizer.warmup_ratio={self.warmup_ratio} must be in [0, 1]")
+
+
+def make_optimizer(
+    config: OptimizerConfig, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW for the trainable tree (see `split_trainable`), and the main schedule."""
+
+    def adamw(peak: float) -> optax.GradientTransformation:
+        lr = learning_rate_schedule(peak, total_steps, config.warmup_ratio, config.schedule)
+        decay = config.weight_decay
+        mask = (lambda tree: jax.tree_util.tree_map_with_path(_decays, tree)) if decay else None
+        return optax.adamw(
+            lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=decay, mask=mask
+        )
+
+    main_schedule = learning_rate_schedule(
+        config.learning_rate, total_steps, config.warmup_ratio, config.schedule
+    )
+    if config.projector_learning_rate is None:
+        tx = adamw(config.learning_rate)
     else:
 
         def labels(tree: Any) -> Any:
@@ -125,9 +144,12 @@ def make_optimizer(
             )
 
         tx = optax.multi_transform(
-            {"projector": adamw(projector_learning_rate), "default": adamw(learning_rate)},
+            {
+                "projector": adamw(config.projector_learning_rate),
+                "default": adamw(config.learning_rate),
+            },
             labels,
         )
-    if grad_clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+    if config.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     return tx, main_schedule

@@ -17,6 +17,7 @@ from llava_jax.models.config import ModelConfig
 from llava_jax.models.llava import Llava, abstract_params, dummy_inputs
 from llava_jax.sharding import (
     Rules,
+    abstract_arrays,
     global_array,
     param_shardings,
     place,
@@ -80,11 +81,7 @@ def make_setup(
     shapes_state = TrainState(
         step=jax.ShapeDtypeStruct((), np.int32), params=shapes, opt_state=abstract_opt_state
     )
-    abstract_state = jax.tree.map(
-        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-        shapes_state,
-        state_shardings,
-    )
+    abstract_state = abstract_arrays(shapes_state, state_shardings)
     return TrainSetup(model_config, mask, optimizer, mesh, rules, state_shardings, abstract_state)
 
 

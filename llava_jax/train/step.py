@@ -7,6 +7,7 @@ one batch of B. Gradients are taken only for the trainable leaves.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -185,12 +186,17 @@ def metrics_to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
 
 
 def make_eval_step(
-    setup: TrainSetup, loss_chunk_size: int = 0
+    setup: TrainSetup,
+    loss_chunk_size: int = 0,
+    trace_counts: collections.Counter | None = None,
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """Jitted `(params, batch) -> {'loss_sum', 'supervised_tokens'}` for held-out loss."""
+    """Jitted `(params, batch) -> {'loss_sum', 'supervised_tokens'}` for held-out loss;
+    `trace_counts['eval_loss']` counts its compilations."""
     model = setup.model
 
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        if trace_counts is not None:
+            trace_counts["eval_loss"] += 1
         with nn.logical_axis_rules(setup.rules):
             _, ce, _, tokens = loss_sums(model, params, batch, loss_chunk_size=loss_chunk_size)
         return {"loss_sum": ce, "supervised_tokens": tokens}

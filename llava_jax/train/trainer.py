@@ -8,13 +8,13 @@ evaluation (`eval.json`) and the loss curve (`loss.png`).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -25,19 +25,22 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llava_jax import checkpoint as ckpt
-from llava_jax.config import check_config, micro_batches, model_config_from
+from llava_jax.config import RunConfig
 from llava_jax.convert import load_hf, load_towers
 from llava_jax.data import datasets
+from llava_jax.data.config import DataConfig
 from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokenizer_for
 from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.hardware import chip_for, measured_matmul_peak
 from llava_jax.models.config import ModelConfig
-from llava_jax.sharding import data_parallel_size, make_mesh
+from llava_jax.sharding import data_parallel_size
+from llava_jax.train.config import TrainConfig
+from llava_jax.train.evaluator import Evaluator
 from llava_jax.train.flops import pattern_trains, train_step_flops
 from llava_jax.train.metrics import MetricsWriter, plot_losses
 from llava_jax.train.optimizer import make_optimizer
 from llava_jax.train.state import TrainSetup, TrainState, init_train_state, make_setup
-from llava_jax.train.step import jit_train_step, make_eval_step, make_train_step, metrics_to_host
+from llava_jax.train.step import jit_train_step, make_train_step, metrics_to_host
 
 Params = dict[str, Any]
 
@@ -58,17 +61,6 @@ def check_workdir(workdir: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise PermissionError(f"workdir {workdir} cannot be written: {err}") from None
-
-
-def _numerics(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    model = config.model
-    return dict(
-        dtype=model.dtype,
-        param_dtype=model.param_dtype,
-        scan_layers=model.scan_layers,
-        remat_policy=model.remat_policy,
-        attention=model.attention,
-    )
 
 
 def _follow_tokenizer(model_config: ModelConfig, tokenizer: LoadedTokenizer, pin: bool):
@@ -107,59 +99,55 @@ def resize_vocabulary(params: Params, vocab_size: int) -> Params:
     return {**params, "llm": llm}
 
 
-def initial_model(
-    config: ml_collections.ConfigDict, tokenizer: LoadedTokenizer
-) -> tuple[ModelConfig, Params | None]:
+def initial_model(run: RunConfig, tokenizer: LoadedTokenizer) -> tuple[ModelConfig, Params | None]:
     """The model config and host parameters the run starts from (None: init from scratch
     or, for `checkpoint`, restored later onto the mesh)."""
-    mode, pin = config.init.mode, not config.model.vocab_follows_tokenizer
-    if mode == "scratch":
-        return _follow_tokenizer(model_config_from(config), tokenizer, pin), None
-    if mode == "hf":
-        model_config, params = load_hf(config.init.hf_path, **_numerics(config))
-    elif mode == "towers":
-        model = config.model
+    init, model = run.init, run.model
+    pin = not init.vocab_follows_tokenizer
+    if init.mode == "scratch":
+        return _follow_tokenizer(model, tokenizer, pin), None
+    if init.mode == "hf":
+        model_config, params = load_hf(init.hf_path, **model.numerics())
+    elif init.mode == "towers":
         model_config, params = load_towers(
-            config.init.vision_path,
-            config.init.text_path,
-            rng=jax.random.key(config.init.seed),
+            init.vision_path,
+            init.text_path,
+            rng=jax.random.key(init.seed),
             projector=model.projector,
             projector_bias=model.projector_bias,
             projector_act=model.projector_act,
             vision_feature_layer=model.vision_feature_layer,
             vision_feature_select_strategy=model.vision_feature_select_strategy,
-            **_numerics(config),
+            **model.numerics(),
         )
     else:  # checkpoint: the architecture of the run it continues, numerics of this one
-        source = config.init.checkpoint_path
+        source = init.checkpoint_path
         if os.path.exists(os.path.join(source, ckpt.MODEL_CONFIG_FILE)):
             model_config, params = ckpt.load_params(source)
             params = jax.tree.map(np.asarray, params)
         else:
             _, run_config = ckpt.read_run_config(source)
-            values = dict(run_config["model"])
-            values.pop("vocab_follows_tokenizer", None)
-            model_config, params = ModelConfig.from_dict(values), None
-        model_config = dataclasses.replace(model_config, **_numerics(config))
+            model_config, params = ModelConfig.from_section(run_config["model"]), None
+        model_config = model_config.replace(**model.numerics())
     model_config = _follow_tokenizer(model_config, tokenizer, pin)
     if params is not None:
         params = resize_vocabulary(params, model_config.text.vocab_size)
     return model_config, params
 
 
-def _data_config(config: ml_collections.ConfigDict, model_config: ModelConfig):
+def _data_config(data: DataConfig, model_config: ModelConfig) -> DataConfig:
     """The data settings the model dictates: image size and tokens per image."""
-    data = copy.deepcopy(config.data)
-    data.image_size = model_config.vision.image_size
-    data.num_image_tokens = model_config.num_image_tokens
-    return data
+    return data.replace(
+        image_size=model_config.vision.image_size,
+        num_image_tokens=model_config.num_image_tokens,
+    )
 
 
-def _total_steps(config: ml_collections.ConfigDict, data) -> int:
-    if config.train.num_steps:
-        return int(config.train.num_steps)
+def _total_steps(train: TrainConfig, data: DataConfig) -> int:
+    if train.num_steps:
+        return int(train.num_steps)
     records = len(datasets.open_split(data, "train"))
-    return max(1, math.floor(records * config.train.num_epochs / data.global_batch_size))
+    return max(1, math.floor(records * train.num_epochs / data.global_batch_size))
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -206,35 +194,18 @@ def peak_flops_per_device(mesh: Any, dtype: str) -> float:
     return peak if peak else measured_matmul_peak(dtype)
 
 
-def make_optimizer_from(config: ml_collections.ConfigDict, total_steps: int):
-    """(optimizer, learning-rate schedule) from `config.optimizer`."""
-    opt = config.optimizer
-    return make_optimizer(
-        learning_rate=opt.learning_rate,
-        total_steps=total_steps,
-        warmup_ratio=opt.warmup_ratio,
-        schedule=opt.schedule,
-        weight_decay=opt.weight_decay,
-        b1=opt.b1,
-        b2=opt.b2,
-        eps=opt.eps,
-        grad_clip_norm=opt.grad_clip_norm,
-        projector_learning_rate=opt.projector_learning_rate,
-    )
-
-
 def make_run_setup(
-    config: ml_collections.ConfigDict, model_config: ModelConfig, total_steps: int, mesh=None
+    run: RunConfig, model_config: ModelConfig, total_steps: int, mesh: Any = None
 ) -> tuple[TrainSetup, Any]:
-    """(setup, schedule) for `config` on `mesh` (default: `config.mesh`)."""
+    """(setup, schedule) for `run` on `mesh` (default: `run.mesh`)."""
     if mesh is None:
-        mesh = make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
-    optimizer, schedule = make_optimizer_from(config, total_steps)
-    rules = tuple(map(tuple, config.mesh.rules))
-    return make_setup(model_config, optimizer, config.train.train_pattern, mesh, rules), schedule
+        mesh = run.mesh.make_mesh()
+    optimizer, schedule = make_optimizer(run.optimizer, total_steps)
+    setup = make_setup(model_config, optimizer, run.train.train_pattern, mesh, run.mesh.rules)
+    return setup, schedule
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> dict:
     """Train as `config` says, in `workdir`, resuming from its newest checkpoint; then
     evaluate. Returns a summary: final step, whether it stopped early, eval results."""
     return Run(config, workdir).execute()
@@ -243,8 +214,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 class Run:
     """One invocation of the trainer: everything fixed at start-up, then `execute()`."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        check_config(config)
+    def __init__(self, config: ml_collections.ConfigDict | RunConfig, workdir: str):
+        if not isinstance(config, RunConfig):
+            config = RunConfig.from_config(config)
+        config.check_sources()
         check_workdir(workdir)
         self.config = config
         self.workdir = workdir
@@ -256,10 +229,12 @@ class Run:
         multihost_utils.sync_global_devices("data prepared")
         if jax.process_index() != 0:
             self._load_tokenizer_and_model()
-        self.total_steps = _total_steps(config, self.data_config)
+        self.total_steps = _total_steps(config.train, self.data_config)
         self.setup, schedule = make_run_setup(config, self.model_config, self.total_steps)
         train = config.train
-        accumulate = micro_batches(config, data_parallel_size(self.setup.mesh))
+        accumulate = train.micro_batches_for(
+            self.data_config.global_batch_size, data_parallel_size(self.setup.mesh)
+        )
         step_fn = make_train_step(
             self.setup,
             schedule,
@@ -279,17 +254,51 @@ class Run:
             trainable=pattern_trains(train.train_pattern),
         )
         self.peak_flops = peak_flops_per_device(self.setup.mesh, self.model_config.dtype)
+        self.evaluator: Evaluator | None = None
         # What was run: the model as built and the data settings the model dictated.
-        self.run_config = json.loads(config.to_json_best_effort())
-        self.run_config["model"].update(self.model_config.to_dict())
-        self.run_config["data"] = json.loads(self.data_config.to_json_best_effort())
+        self.run_config = dataclasses.replace(
+            config, model=self.model_config, data=self.data_config
+        ).to_dict()
 
     def _load_tokenizer_and_model(self) -> None:
         self.tokenizer = tokenizer_for(self.config.data)
         self.model_config, self.host_params = initial_model(self.config, self.tokenizer)
-        self.data_config = _data_config(self.config, self.model_config)
+        self.data_config = _data_config(self.config.data, self.model_config)
+
+    def _say(self, message: str) -> None:
+        """One line for the person at the terminal (process 0 only)."""
+        if jax.process_index() == 0:
+            print(f"llava_jax: {message}", file=sys.stderr, flush=True)
+
+    def startup_summary(self) -> str:
+        """Model size, mesh, data and workdir, in a few lines."""
+        shapes = self.setup.abstract_state.params
+        sizes = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in shapes.items()}
+        trainable = sum(
+            x.size
+            for x, m in zip(jax.tree.leaves(shapes), jax.tree.leaves(self.setup.mask), strict=True)
+            if m
+        )
+        towers = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sizes.items())
+        mesh = self.setup.mesh
+        data = self.data_config
+        return "\n".join(
+            [
+                f"model: {sum(sizes.values()) / 1e6:.1f}M parameters ({towers}); "
+                f"{trainable / 1e6:.1f}M train ({self.config.train.train_pattern}); "
+                f"{self.model_config.dtype} compute",
+                f"mesh: {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} over "
+                f"{mesh.size} {mesh.devices.flat[0].platform} devices, "
+                f"{jax.process_count()} process(es)",
+                f"data: {data.source}, template {data.template}, batch "
+                f"{data.global_batch_size} x {data.max_len} tokens, {self.total_steps} steps",
+                f"workdir: {self.workdir} (log: {os.path.join(self.workdir, 'train.log')})",
+            ]
+        )
 
     def execute(self) -> dict[str, Any]:
+        for line in self.startup_summary().splitlines():
+            self._say(line)
         self.iterator = make_train_iterator(self.data_config, self.tokenizer)
         self.checkpoints = ckpt.TrainCheckpoints(
             self.workdir, keep=self.config.train.keep_checkpoints
@@ -322,7 +331,7 @@ class Run:
         restored = self.checkpoints.restore_latest(self.setup.abstract_state, self.iterator)
         if restored is not None:
             step, state = restored
-            logging.info("Resumed from %s at step %d", self.checkpoints.directory, step)
+            self._say(f"Resumed from {self.checkpoints.directory} at step {step}")
             return state, step
         rng = jax.random.key(self.config.init.seed)
         params = self.host_params
@@ -412,27 +421,15 @@ class Run:
 
     def _evaluate(self, state: TrainState, step: int, final: bool = False) -> dict[str, Any]:
         """Held-out loss, and answer accuracy by greedy decoding (also with blank images)."""
-        config = self.config
-        eval_data = copy.deepcopy(self.data_config)
-        eval_data.num_epochs = 1
-        eval_data.global_batch_size = min(eval_data.global_batch_size, config.eval.batch_size)
-        results: dict[str, Any] = {}
-        loss = _eval_loss(
-            self.setup,
-            state,
-            self.tokenizer,
-            eval_data,
-            config.eval.loss_batches,
-            config.train.loss_chunk_size,
-        )
-        if loss is not None:
-            results["eval_loss"] = loss
-        if config.eval.num_records > 0:
-            from llava_jax.evaluation.answers import answer_accuracy
-
-            results.update(
-                answer_accuracy(self.setup, state.params, self.tokenizer, eval_data, config.eval)
+        if self.evaluator is None:  # built once: its compiled programs serve every evaluation
+            self.evaluator = Evaluator(
+                self.setup,
+                self.tokenizer,
+                self.data_config,
+                self.config.eval,
+                self.config.train.loss_chunk_size,
             )
+        results = self.evaluator(state.params)
         self.writer.write(
             step, {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)}
         )
@@ -452,27 +449,3 @@ def _save_tokenizer_and_config(workdir: str, tokenizer: LoadedTokenizer, run_con
     tokenizer.tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(run_config, f, indent=2)
-
-
-def _eval_loss(setup, state, tokenizer, eval_data, max_batches, loss_chunk_size) -> float | None:
-    if max_batches <= 0:
-        return None
-    try:
-        iterator = make_train_iterator(eval_data, tokenizer, split="test")
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        logging.warning("No held-out split for the eval loss: %s", err)
-        return None
-    eval_step = make_eval_step(setup, loss_chunk_size)
-    total, tokens = 0.0, 0.0
-    try:
-        for _ in range(max_batches):
-            try:
-                batch = to_global_batch(next(iterator), setup.mesh)
-            except StopIteration:
-                break
-            sums = metrics_to_host(eval_step(state.params, batch))
-            total += sums["loss_sum"]
-            tokens += sums["supervised_tokens"]
-    finally:
-        iterator.close()
-    return total / tokens if tokens else None

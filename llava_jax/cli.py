@@ -1,0 +1,214 @@
+"""What the command-line programs share: model and sampling arguments, the persistent
+compilation cache, a quiet terminal, and one way to report the user's mistakes.
+
+Every program (`python -m llava_jax.generate`, `.chat`, `.evaluate`, `.main`) has the same
+layout: a docstring that says how to run it, a `main(argv) -> int`, and its work inside
+`run(body)`, which turns an `InputError` (a path, an image, a prompt the user can fix) into
+one line, `error: …`, on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import collections
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from llava_jax.inference.errors import InputError
+
+EXIT_INPUT_ERROR = 2  # as argparse uses for a bad command line
+DEFAULT_CACHE = "~/.cache/llava_jax/xla"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# --- the terminal and the log --------------------------------------------------------------------
+
+
+def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
+    """Warnings (and the program's own prints) on the terminal; with `verbose`, every
+    library's INFO lines too. `log_file` receives the INFO lines either way."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setLevel(logging.INFO if verbose else logging.WARNING)
+    terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(terminal)
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        to_file = logging.FileHandler(log_file)
+        to_file.setLevel(logging.INFO)
+        to_file.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(to_file)
+    # Orbax, TFDS and grain log through absl's logger: let its INFO lines reach the file.
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+
+
+# --- the persistent compilation cache ------------------------------------------------------------
+
+_cache_events: collections.Counter[str] = collections.Counter()
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+    """Keep compiled programs on disk, so a second run does not compile them again.
+
+    `directory`: the flag's value; "" or "none" turns the cache off. Default: the
+    environment's `JAX_COMPILATION_CACHE_DIR`, else `~/.cache/llava_jax/xla`. Returns the
+    directory in use. The hits and misses are logged (INFO) when the program ends.
+    """
+    import jax
+
+    if directory is not None and directory.lower() in ("", "none"):
+        return None
+    directory = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE
+    directory = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if not _cache_events:
+        jax.monitoring.register_event_listener(_count_cache_event)
+        atexit.register(_report_cache, directory)
+    _cache_events["enabled"] = 1
+    return directory
+
+
+def _count_cache_event(event: str, **_: Any) -> None:
+    if event.startswith("/jax/compilation_cache/cache_"):
+        _cache_events[event.rsplit("_", 1)[-1]] += 1  # hits | misses
+
+
+def _report_cache(directory: str) -> None:
+    logging.info(
+        "compilation cache %s: %d hits, %d misses",
+        directory,
+        _cache_events["hits"],
+        _cache_events["misses"],
+    )
+
+
+def cache_stats() -> dict[str, int]:
+    """Persistent-cache hits and misses of this process so far."""
+    return {"hits": _cache_events["hits"], "misses": _cache_events["misses"]}
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compilation-cache",
+        help=f"directory for compiled programs (default: $JAX_COMPILATION_CACHE_DIR or "
+        f"{DEFAULT_CACHE}; 'none' turns it off)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show the libraries' INFO logs too"
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="training workdir, Hugging Face LLaVA directory, or params checkpoint",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's own)")
+    parser.add_argument("--template", help="conversation template (default: the model's)")
+    parser.add_argument("--step", type=int, help="workdir checkpoint step (default: newest)")
+    parser.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (default: as saved)")
+    parser.add_argument(
+        "--mesh",
+        help="DATA,FSDP,TENSOR device mesh, -1 for the rest, e.g. --mesh=-1,1,1 (default: one "
+        "device)",
+    )
+    add_common_arguments(parser)
+
+
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float
+) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0: greedy (argmax)")
+    parser.add_argument("--top-k", type=int, default=0, help="0: all tokens")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: all tokens")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Bad knobs are command-line errors (exit 2 with usage), before the model loads."""
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        parser.error(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0.0 < args.top_p <= 1.0:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling knobs as `LoadedModel.sampling` takes them."""
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def mesh_from_args(args: argparse.Namespace) -> Any:
+    """The `--mesh` of this process's devices, or None."""
+    if not args.mesh:
+        return None
+    from llava_jax.sharding import make_mesh
+
+    try:
+        shape = tuple(int(size) for size in args.mesh.split(","))
+        return make_mesh(shape)
+    except ValueError as err:
+        raise InputError(f"--mesh {args.mesh}: {err}") from None
+
+
+def model_from_args(args: argparse.Namespace) -> Any:
+    """The `LoadedModel` the model arguments name."""
+    from llava_jax.inference.load import load_model
+
+    return load_model(
+        args.checkpoint,
+        mesh=mesh_from_args(args),
+        template=args.template,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        step=args.step,
+    )
+
+
+def check_image_file(path: str) -> None:
+    """Fail before the (slow) model load when the image is missing or cannot be decoded."""
+    from llava_jax.inference.load import read_image
+
+    read_image(path)
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def run(body: Callable[[], int], args: argparse.Namespace | None = None) -> int:
+    """Run a program's body: the terminal set up (quiet unless `--verbose`), the compilation
+    cache on; an `InputError` becomes `error: <message>` on stderr and exit status 2."""
+    verbose = bool(getattr(args, "verbose", False))
+    setup_logging(verbose)
+    try:
+        enable_compilation_cache(getattr(args, "compilation_cache", None))
+        return body()
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INPUT_ERROR

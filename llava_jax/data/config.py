@@ -1,0 +1,69 @@
+"""The data settings: one typed section of the run config (`config.data`).
+
+Also what inference needs to turn a conversation and an image into model inputs the way the
+model was trained: the template and the image settings (size, aspect, mean, std) are these
+fields, whichever program reads them. Imports nothing heavy (no grain, no TFDS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from llava_jax.data.image import ASPECT_MODES, CLIP_MEAN, CLIP_STD
+from llava_jax.section import Section
+
+SOURCES = ("synthetic", "llava_json")
+ON_BAD_RECORD = ("error", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Section):
+    """Every setting of the data package (`config.data`).
+
+    The model dictates `image_size` and `num_image_tokens`; the trainer fills them in from
+    the model config.
+    """
+
+    source: str = "synthetic"  # synthetic | llava_json
+    data_dir: str = "~/tensorflow_datasets"  # where TFDS writes the prepared shards
+    json_path: str | None = None  # llava_json: LLaVA JSON list or JSONL (split 'train')
+    test_json_path: str | None = None  # llava_json: optional split 'test'
+    image_dir: str | None = None  # llava_json: folder the `image` paths are relative to
+    dataset_name: str | None = None  # llava_json: builder config name (default: json stem)
+    on_bad_record: str = "error"  # llava_json: error | skip
+    synthetic_style: str = "instruct"  # caption (stage 1) | instruct (stage 2)
+    synthetic_image_size: int = 32
+    synthetic_num_train: int = 4000
+    synthetic_num_test: int = 400
+    synthetic_seed: int = 0
+    template: str = "vicuna_v1"  # plain | vicuna_v1 | llava_llama_2 | chatml
+    tokenizer_path: str | None = None  # None with 'synthetic': the built-in tokenizer
+    image_size: int = 32
+    image_aspect: str = "pad"  # pad | resize | crop
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    num_image_tokens: int = 16
+    max_images_per_sample: int = 1
+    max_len: int = 128
+    global_batch_size: int = 32
+    seed: int = 0
+    num_epochs: int | None = None  # None: repeat forever, reshuffling every epoch
+    num_workers: int = 0  # grain worker processes (0: preprocess in this process)
+    worker_buffer_size: int = 4  # examples each worker prepares ahead
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_mean", tuple(self.image_mean))
+        object.__setattr__(self, "image_std", tuple(self.image_std))
+        if self.source not in SOURCES:
+            raise ValueError(f"config.data.source={self.source!r} is not one of {SOURCES}")
+        if self.image_aspect not in ASPECT_MODES:
+            raise ValueError(
+                f"config.data.image_aspect={self.image_aspect!r} is not one of {ASPECT_MODES}"
+            )
+        if self.on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(
+                f"config.data.on_bad_record={self.on_bad_record!r} is not one of {ON_BAD_RECORD}"
+            )
+        for field in ("global_batch_size", "max_len", "max_images_per_sample", "image_size"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"config.data.{field}={getattr(self, field)} must be >= 1")

@@ -1,0 +1,43 @@
+"""How a prompt becomes tokens, the same for training's held-out questions and for inference.
+
+A conversation (LLaVA's `{"from": "human"|"gpt", "value": ...}` turns) is rendered with the
+template up to where the assistant's next answer starts, tokenized once, and every `<image>`
+is expanded to the number of image tokens the model gives an image. Imports neither grain
+nor TFDS, so inference does not load the training input pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from llava_jax.data.conversation import IMAGE_PLACEHOLDER, Template, generation_prompt
+from llava_jax.data.tokenizer import LoadedTokenizer
+
+
+def encode_prompt(text: str, tokenizer: LoadedTokenizer, num_image_tokens: int) -> np.ndarray:
+    """`int32[L]`: `text` tokenized, each image token repeated `num_image_tokens` times."""
+    ids = np.asarray(tokenizer.tokenizer(text)["input_ids"], np.int32)
+    repeats = np.where(ids == tokenizer.image_token_id, num_image_tokens, 1)
+    return np.repeat(ids, repeats)
+
+
+def prompt_ids(
+    turns: Sequence[dict],
+    template: Template,
+    tokenizer: LoadedTokenizer,
+    num_image_tokens: int,
+) -> np.ndarray:
+    """`int32[L]`: the conversation rendered with `template`, ending where the assistant's
+    next answer starts, tokenized, each `<image>` expanded. Raises `DroppedExample` when
+    the roles are out of order."""
+    text = generation_prompt(turns, template)
+    return encode_prompt(text, tokenizer, num_image_tokens)
+
+
+def user_turn(text: str, with_image: bool) -> dict:
+    """A human turn; with an image, `<image>\\n` comes first, as LLaVA's CLIs do."""
+    if with_image and IMAGE_PLACEHOLDER not in text:
+        text = f"{IMAGE_PLACEHOLDER}\n{text}"
+    return {"from": "human", "value": text}

@@ -1,0 +1,31 @@
+"""Reading LLaVA's question, answer and annotation files: JSON Lines, one object a line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_records(path: str | Path, error: type[Exception]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of `path`; each line must be a JSON
+    object with a `question_id`. Anything else raises `error` naming `path:line`."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise error(f"{path}: cannot read: {reason}") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: malformed JSON: {err.msg}") from None
+        if not isinstance(obj, dict):
+            raise error(f"{path}:{number}: expected a JSON object")
+        if "question_id" not in obj:
+            raise error(f"{path}:{number}: missing 'question_id'")
+        records.append((number, obj))
+    return records
