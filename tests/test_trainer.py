@@ -365,3 +365,13 @@ def test_three_evaluations_in_one_run_compile_each_program_once(tmp_path, data_d
     assert summary["eval"]["num_examples"] > 8  # more than one batch of questions
     assert all(e["answer"] for e in summary["eval"]["examples"])  # the decode loop ran
     assert run.evaluator.all_trace_counts == {"eval_loss": 1, "prefill": 1, "decode": 1}
+
+
+def test_profile_steps_write_a_trace_of_those_steps(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    config = tiny_config(data_dir, train__num_steps=4, train__profile_steps=(2, 3))
+    train_and_evaluate(config, str(workdir))
+    traces = list((workdir / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    with pytest.raises(ValueError, match=r"profile_steps=\(3, 2\)"):
+        train_and_evaluate(tiny_config(data_dir, train__profile_steps=(3, 2)), str(workdir))

@@ -56,6 +56,8 @@ class TrainConfig(Section):
     positions, so the float32 [B, T, vocab] logits never exist (0: whole logits).
     eval_every: 0, only at the end. stop_at_step: leave (with a checkpoint) once this step
     is done, for jobs with a time limit; the schedule still spans num_steps.
+    profile_steps: (first, last): a JAX profiler trace of these steps in WORKDIR/profile
+    (TensorBoard's profile tab or Perfetto shows it).
     """
 
     num_steps: int | None = None
@@ -71,8 +73,16 @@ class TrainConfig(Section):
     keep_checkpoints: int = 3
     eval_every: int = 0
     stop_at_step: int | None = None
+    profile_steps: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.profile_steps is not None:
+            steps = tuple(self.profile_steps)
+            if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+                raise ValueError(
+                    f"config.train.profile_steps={self.profile_steps}: give (first, last) "
+                    "with 1 <= first <= last"
+                )
         for field in ("log_every", "checkpoint_every", "keep_checkpoints", "micro_batches"):
             if getattr(self, field) < 1:
                 raise ValueError(f"config.train.{field}={getattr(self, field)} must be >= 1")

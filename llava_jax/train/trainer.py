@@ -366,8 +366,14 @@ class Run:
                     )
                     return state, step
                 batch = to_global_batch(next(self.iterator), self.setup.mesh)
+                profile = train.profile_steps
+                if profile and step + 1 == profile[0]:
+                    jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
                 state, metrics = self.train_step(state, batch)
                 step += 1
+                if profile and step == profile[1]:
+                    jax.block_until_ready(metrics)
+                    jax.profiler.stop_trace()
                 host = metrics_to_host(metrics)
                 if not math.isfinite(host["loss"]) or not math.isfinite(host["grad_norm"]):
                     raise TrainingStopped(
