@@ -28,6 +28,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # --- the terminal and the log --------------------------------------------------------------------
 
 
+# Warnings that say nothing the user can act on; they still reach the log file.
+_ROUTINE_WARNINGS = ("Using custom data configuration",)
+
+
+def _not_routine(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_ROUTINE_WARNINGS)
+
+
 def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
     """Warnings (and the program's own prints) on the terminal; with `verbose`, every
     library's INFO lines too. `log_file` receives the INFO lines either way."""
@@ -38,6 +46,8 @@ def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
     terminal = logging.StreamHandler(sys.stderr)
     terminal.setLevel(logging.INFO if verbose else logging.WARNING)
     terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    if not verbose:
+        terminal.addFilter(_not_routine)
     root.addHandler(terminal)
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
@@ -49,6 +59,22 @@ def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.INFO)
+
+
+def skip_absent_accelerators() -> None:
+    """On a machine with neither a TPU nor a GPU, run on the CPU without probing for them:
+    an installed libtpu (the test extra brings it, to compile for TPU slices) would
+    otherwise fill the terminal with start-up errors. A `JAX_PLATFORMS` the user set wins.
+    Call it before JAX touches a device."""
+    import glob
+
+    if os.environ.get("JAX_PLATFORMS"):
+        return
+    devices = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+    if not any(glob.glob(pattern) for pattern in devices):
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
 
 
 # --- the persistent compilation cache ------------------------------------------------------------
@@ -206,6 +232,7 @@ def run(body: Callable[[], int], args: argparse.Namespace | None = None) -> int:
     cache on; an `InputError` becomes `error: <message>` on stderr and exit status 2."""
     verbose = bool(getattr(args, "verbose", False))
     setup_logging(verbose)
+    skip_absent_accelerators()
     try:
         enable_compilation_cache(getattr(args, "compilation_cache", None))
         return body()

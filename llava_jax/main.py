@@ -85,6 +85,7 @@ def main(argv: list[str]) -> None:
     from llava_jax import cli
 
     cli.setup_logging(FLAGS.verbose, os.path.join(FLAGS.workdir, "train.log"))
+    cli.skip_absent_accelerators()
     initialize_distributed()
     cli.enable_compilation_cache(FLAGS.compilation_cache)
     from llava_jax.train.trainer import Run, TrainingStopped
