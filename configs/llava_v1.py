@@ -12,8 +12,8 @@ Stage 1 trains the linear projector (lr 2e-3, batch 128); stage 2 (`:7b,finetune
 projector and LLM (lr 2e-5, batch 32, 3 epochs), as in the LLaVA paper.
 """
 
-from llava_jax.config import base_config
 from llava_jax.models.presets import CLIP_VIT_L_14, VICUNA
+from llava_jax.train.config import base_config
 
 SIZES = tuple(VICUNA)
 STAGES = ("pretrain", "finetune")

@@ -23,8 +23,8 @@ Before creating the pod, `python -m llava_jax.plan --config=configs/llava_v15.py
 --topology=v4-32` shows the memory per chip.
 """
 
-from llava_jax.config import base_config
 from llava_jax.models.presets import CLIP_VIT_L_14_336, VICUNA
+from llava_jax.train.config import base_config
 
 SIZES = tuple(VICUNA)
 STAGES = ("pretrain", "finetune")

@@ -7,7 +7,7 @@ LLaVA-1.5 model layout (CLIP-style ViT, mlp2x_gelu projector, LLaMA decoder) and
 `vicuna_v1` template. Prepares the synthetic data on first use.
 """
 
-from llava_jax.config import base_config
+from llava_jax.train.config import base_config
 
 
 def get_config(arg: str | None = None):

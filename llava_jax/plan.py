@@ -181,10 +181,10 @@ def plan_train_step(
     import flax.linen as nn
     import jax
 
-    from llava_jax.config import RunConfig
     from llava_jax.hardware import chip_for
     from llava_jax.models.llava import abstract_params
     from llava_jax.sharding import batch_sharding, data_parallel_size
+    from llava_jax.train.config import RunConfig
     from llava_jax.train.step import jit_train_step, make_train_step
     from llava_jax.train.trainer import make_run_setup
 

@@ -21,9 +21,8 @@ from trainer_fixtures import (
 )
 
 from llava_jax import checkpoint as ckpt
-from llava_jax.config import RunConfig
 from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokenizer_for
-from llava_jax.train.config import TrainConfig
+from llava_jax.train.config import RunConfig, TrainConfig
 from llava_jax.train.trainer import (
     Run,
     _data_config,

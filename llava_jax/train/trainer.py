@@ -25,7 +25,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llava_jax import checkpoint as ckpt
-from llava_jax.config import RunConfig
 from llava_jax.convert import load_hf, load_towers
 from llava_jax.data import datasets
 from llava_jax.data.config import DataConfig
@@ -34,7 +33,7 @@ from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.hardware import chip_for, measured_matmul_peak
 from llava_jax.models.config import ModelConfig
 from llava_jax.sharding import data_parallel_size
-from llava_jax.train.config import TrainConfig
+from llava_jax.train.config import RunConfig, TrainConfig
 from llava_jax.train.evaluator import Evaluator
 from llava_jax.train.flops import pattern_trains, train_step_flops
 from llava_jax.train.metrics import MetricsWriter, plot_losses
