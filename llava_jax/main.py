@@ -42,6 +42,7 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logs on the terminal too.")
 flags.DEFINE_string("compilation_cache", None, "Directory for compiled programs ('none': off).")
+flags.DEFINE_bool("debug", False, "Show start-up errors with their Python traceback.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -88,18 +89,34 @@ def main(argv: list[str]) -> None:
     cli.skip_absent_accelerators()
     initialize_distributed()
     cli.enable_compilation_cache(FLAGS.compilation_cache)
+    from llava_jax.checkpoint import CheckpointSaveFailed
+    from llava_jax.data.pipeline import NoUsableData
     from llava_jax.train.trainer import Run, TrainingStopped
 
     try:
         run = Run(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, PermissionError, cli.InputError) as err:
+        if FLAGS.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(cli.EXIT_INPUT_ERROR)
+    except KeyboardInterrupt:
+        print("llava_jax: interrupted during start-up; nothing was saved", file=sys.stderr)
+        sys.exit(130)
     try:
         summary = run.execute()
-    except TrainingStopped as err:
-        logging.error("%s", err)
+    except CheckpointSaveFailed as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        # The failed save's writer threads are left behind; the interpreter's teardown would
+        # print their stacks. The leftover temporary folder is removed at the next start.
+        logging.shutdown()
+        os._exit(1)
+    except (TrainingStopped, NoUsableData) as err:
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as err:  # a second Ctrl-C / SIGTERM: out at once
+        print(f"llava_jax: {err or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
     if summary.get("preempted"):
         logging.warning("Stopped at step %d on request; run again to continue.", summary["step"])
     elif "eval" in summary:
@@ -107,5 +124,22 @@ def main(argv: list[str]) -> None:
     sys.stdout.flush()
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, but a bad flag or config override (a typo'd key, a value of the wrong
+    type, a missing config file) is one line and exit status 2, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except Exception as err:  # noqa: BLE001 - config_flags raises several types
+        if "--debug" in argv:
+            raise
+        cause: object = err
+        while isinstance(cause, AttributeError | KeyError) and cause.args:
+            cause = cause.args[0]  # config_flags wraps a KeyError whose text is the message
+        lines = str(cause).splitlines()
+        message = " ".join(line.strip() for line in lines if line.strip())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

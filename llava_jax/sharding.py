@@ -187,11 +187,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global batch") -> None:
+def check_batch_size(
+    global_batch_size: int, mesh: Mesh, what: str = "config.data.global_batch_size"
+) -> None:
     size = data_parallel_size(mesh)
     if global_batch_size % size:
         raise ValueError(
-            f"{what} size {global_batch_size} is not divisible by the data-parallel size "
+            f"{what}={global_batch_size} is not divisible by the data-parallel size "
             f"{size} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
         )
 

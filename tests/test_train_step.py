@@ -203,8 +203,7 @@ def test_mesh_device_mismatch_names_both_numbers():
 def test_indivisible_batch_names_both_numbers():
     with pytest.raises(
         ValueError,
-        match=r"batch size 6 is not divisible by the data-parallel "
-        r"size 4",
+        match=r"batch_size=6 is not divisible by the data-parallel size 4",
     ):
         build((2, 2, 2), batch_size=6)
 

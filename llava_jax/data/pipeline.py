@@ -136,20 +136,45 @@ class ExampleEncoder:
         }
 
 
+class NoUsableData(RuntimeError):
+    """Every record of a whole pass over the data was dropped: training would wait forever."""
+
+
 class BatchIterator(grain.DatasetIterator):
     """Filters dropped samples (counting them by reason) and stacks ``batch_size``
     examples into a batch (see the module docstring for shapes).
+
+    ``records_per_pass``: this process's records in one pass over the data; when that many
+    in a row are dropped, no record is usable and ``NoUsableData`` says why, instead of
+    spinning forever.
 
     ``get_state()`` is a JSON-serialisable dict: the grain state after the last
     example used, plus the drop counters.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int, max_logged: int = 20):
+    def __init__(
+        self,
+        parent: grain.DatasetIterator,
+        batch_size: int,
+        max_logged: int = 20,
+        records_per_pass: int | None = None,
+    ):
         super().__init__(parent)
         self.batch_size = batch_size
         self.dropped: collections.Counter = collections.Counter()
         self.examples_seen = 0
         self.max_logged = max_logged
+        self.records_per_pass = records_per_pass
+        self._dropped_in_a_row: collections.Counter = collections.Counter()
+
+    def _check_progress(self) -> None:
+        run = sum(self._dropped_in_a_row.values())
+        if self.records_per_pass is not None and run >= max(self.records_per_pass, 1):
+            reasons = ", ".join(f"{k}: {v}" for k, v in self._dropped_in_a_row.most_common())
+            raise NoUsableData(
+                f"no usable example: all of the last {run} records (a whole pass over the "
+                f"data) were dropped ({reasons}); see the warnings above for examples"
+            )
 
     def __next__(self) -> dict[str, np.ndarray]:
         kept = []
@@ -158,6 +183,8 @@ class BatchIterator(grain.DatasetIterator):
             self.examples_seen += 1
             reason = example["drop_reason"]
             if reason:
+                self._dropped_in_a_row[reason] += 1
+                self._check_progress()
                 self.dropped[reason] += 1
                 log = logging.warning if sum(self.dropped.values()) <= self.max_logged else None
                 if log:
@@ -169,6 +196,7 @@ class BatchIterator(grain.DatasetIterator):
                         example.get("detail", ""),
                     )
                 continue
+            self._dropped_in_a_row.clear()
             kept.append(example)
         return {key: np.stack([example[key] for example in kept]) for key in BATCH_KEYS}
 
@@ -294,8 +322,14 @@ def make_train_iterator(
     ``it.get_state()`` / ``it.set_state(state)`` save and restore the position exactly.
     """
     process_index, process_count = _process_index_and_count(process_index, process_count)
+    if source is None:
+        source = datasets.open_split(config, split)
     dataset = make_dataset(config, tokenizer, process_index, process_count, split, source)
-    return BatchIterator(iter(dataset), config.global_batch_size // process_count)
+    return BatchIterator(
+        iter(dataset),
+        config.global_batch_size // process_count,
+        records_per_pass=len(source) // process_count,
+    )
 
 
 def to_global_batch(

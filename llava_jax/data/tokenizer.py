@@ -4,6 +4,8 @@ with the ``<image>`` placeholder and a pad token added when missing."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -68,3 +70,25 @@ def load_tokenizer(path: str) -> LoadedTokenizer:
         loaded.pad_token_id,
     )
     return loaded
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the vocabulary (every token and its id) and the special tokens: two
+    tokenizers with the same fingerprint turn the same text into the same ids."""
+    blob = json.dumps(
+        [sorted(tokenizer.get_vocab().items()), sorted(tokenizer.special_tokens_map.items())],
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenizer_difference(old: PreTrainedTokenizerBase, new: PreTrainedTokenizerBase) -> str:
+    """What differs between two tokenizers, in a few words (for an error message)."""
+    old_vocab, new_vocab = old.get_vocab(), new.get_vocab()
+    if len(old_vocab) != len(new_vocab):
+        return f"{len(old_vocab)} tokens before, {len(new_vocab)} now"
+    for token in sorted(old_vocab, key=old_vocab.get):
+        if new_vocab.get(token) != old_vocab[token]:
+            now = new_vocab.get(token)
+            return f"same size, but {token!r} was id {old_vocab[token]} and is {now}"
+    return f"special tokens {old.special_tokens_map} before, {new.special_tokens_map} now"

@@ -43,6 +43,8 @@ class InitConfig(Section):
     checkpoint with a fresh projector; checkpoint: a training workdir (its newest
     checkpoint) or a params checkpoint. vocab_follows_tokenizer: the embedding table grows to
     the tokenizer's vocabulary (added `<image>`, pad), as LLaVA resizes its embeddings.
+    accept_new_tokenizer: continue a workdir with a tokenizer other than the one it was
+    trained with (refused by default: the embeddings belong to the old ids).
     """
 
     mode: str = "scratch"
@@ -52,6 +54,7 @@ class InitConfig(Section):
     text_path: str | None = None
     checkpoint_path: str | None = None
     vocab_follows_tokenizer: bool = True
+    accept_new_tokenizer: bool = False
 
     def __post_init__(self):
         if self.mode not in INIT_MODES:
@@ -98,6 +101,14 @@ class TrainConfig(Section):
     profile_steps: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ValueError(
+                f"config.train.num_steps={self.num_steps} must be >= 1; for a number of "
+                "epochs instead, leave it unset (None) and set config.train.num_epochs "
+                "(e.g. 1)"
+            )
+        if self.num_epochs <= 0:
+            raise ValueError(f"config.train.num_epochs={self.num_epochs} must be > 0")
         if self.profile_steps is not None:
             steps = tuple(self.profile_steps)
             if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
@@ -108,6 +119,8 @@ class TrainConfig(Section):
         for field in ("log_every", "checkpoint_every", "keep_checkpoints", "micro_batches"):
             if getattr(self, field) < 1:
                 raise ValueError(f"config.train.{field}={getattr(self, field)} must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"config.train.eval_every={self.eval_every} must be >= 0 (0: at end)")
         if self.loss_chunk_size < 0:
             raise ValueError(
                 f"config.train.loss_chunk_size={self.loss_chunk_size} must be >= 0 "
@@ -138,6 +151,16 @@ class EvalConfig(Section):
     max_new_tokens: int = 16
     batch_size: int = 32
     loss_batches: int = 4
+
+    def __post_init__(self):
+        for field, least in (
+            ("batch_size", 1),
+            ("max_new_tokens", 1),
+            ("num_records", 0),
+            ("loss_batches", 0),
+        ):
+            if getattr(self, field) < least:
+                raise ValueError(f"config.eval.{field}={getattr(self, field)} must be >= {least}")
 
 
 SECTIONS: dict[str, type] = {

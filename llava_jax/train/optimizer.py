@@ -27,7 +27,9 @@ def trainable_mask(params: Any, train_pattern: str) -> Any:
     try:
         compiled = re.compile(train_pattern)
     except re.error as err:
-        raise ValueError(f"train pattern {train_pattern!r} is not a regex: {err}") from None
+        raise ValueError(
+            f"config.train.train_pattern={train_pattern!r} is not a regex: {err}"
+        ) from None
     paths = [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     for alternative in _top_level_alternatives(train_pattern):
         if not any(re.fullmatch(alternative, path) for path in paths):

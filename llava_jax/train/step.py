@@ -163,7 +163,11 @@ def jit_train_step(
             f"{micro_batches} micro-batches"
         )
     if micro_batches > 1:
-        check_batch_size(global_batch_size // micro_batches, setup.mesh, "micro-batch")
+        check_batch_size(
+            global_batch_size // micro_batches,
+            setup.mesh,
+            "the micro-batch (global batch / micro_batches)",
+        )
     jitted = jax.jit(
         step_fn,
         in_shardings=(setup.state_shardings, batch_sharding(setup.mesh)),

@@ -28,7 +28,9 @@ from llava_jax import checkpoint as ckpt
 from llava_jax.convert import load_hf, load_towers
 from llava_jax.data import datasets
 from llava_jax.data.config import DataConfig
+from llava_jax.data.conversation import IMAGE_PLACEHOLDER, get_template
 from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokenizer_for
+from llava_jax.data.prompt import prompt_ids
 from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.hardware import chip_for, measured_matmul_peak
 from llava_jax.models.config import ModelConfig
@@ -38,6 +40,7 @@ from llava_jax.train.evaluator import Evaluator
 from llava_jax.train.flops import pattern_trains, train_step_flops
 from llava_jax.train.metrics import MetricsWriter, plot_losses
 from llava_jax.train.optimizer import make_optimizer
+from llava_jax.train.resume import check_resumable
 from llava_jax.train.state import TrainSetup, TrainState, init_train_state, make_setup
 from llava_jax.train.step import jit_train_step, make_train_step, metrics_to_host
 
@@ -52,14 +55,36 @@ class TrainingStopped(RuntimeError):
 
 
 def check_workdir(workdir: str) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise PermissionError(f"workdir {workdir} cannot be written: {err}") from None
+    """The workdir and its checkpoint folder can be written (a save into a read-only folder
+    would otherwise fail late, in the background)."""
+    checkpoints = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+    for folder in (workdir, checkpoints):
+        what = "workdir" if folder == workdir else "checkpoint folder"
+        try:
+            if folder == workdir:
+                os.makedirs(folder, exist_ok=True)
+            elif not os.path.isdir(folder):
+                continue
+            probe = os.path.join(folder, f".write_probe_{jax.process_index()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as err:
+            raise PermissionError(f"{what} {folder} cannot be written: {err}") from None
+
+
+def check_room_for_an_answer(data: DataConfig, tokenizer: LoadedTokenizer) -> None:
+    """`data.max_len` holds a one-image prompt of the template and at least one answer
+    token; otherwise every record would be dropped as too long."""
+    turns = [{"from": "human", "value": IMAGE_PLACEHOLDER}]
+    template = get_template(data.template)
+    needed = len(prompt_ids(turns, template, tokenizer, data.num_image_tokens)) + 2
+    if data.max_len < needed:
+        raise ValueError(
+            f"config.data.max_len={data.max_len} leaves no room for an answer: one image is "
+            f"{data.num_image_tokens} tokens, and the {data.template!r} template's shortest "
+            f"prompt with an image plus one answer token and its end is {needed} tokens"
+        )
 
 
 def _follow_tokenizer(model_config: ModelConfig, tokenizer: LoadedTokenizer, pin: bool):
@@ -152,25 +177,39 @@ def _total_steps(train: TrainConfig, data: DataConfig) -> int:
 # --- the run ----------------------------------------------------------------------------------
 
 
-class _Preemption:
-    """SIGTERM (TPU preemption) is noted here and acted on at the next step boundary."""
+class StopNow(KeyboardInterrupt):
+    """A second stop signal: leave at once, without saving."""
+
+
+class _StopSignals:
+    """SIGTERM (TPU preemption) and SIGINT (Ctrl-C) are noted here and acted on at the next
+    step boundary (save, then exit); a second one leaves at once (`StopNow`)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         if threading_is_main():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving at the next step boundary, then exiting")
+        name = signal.Signals(signum).name
+        if self.requested:
+            raise StopNow(f"{name} received again: leaving at once, without saving")
         self.requested = True
+        logging.warning(
+            "%s received: saving at the next step boundary, then exiting (again: leave at once)",
+            name,
+        )
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def agreed(self) -> bool:
         """All processes stop together if any of them was signalled."""
@@ -228,9 +267,16 @@ class Run:
         multihost_utils.sync_global_devices("data prepared")
         if jax.process_index() != 0:
             self._load_tokenizer_and_model()
+        check_room_for_an_answer(self.data_config, self.tokenizer)
         self.total_steps = _total_steps(config.train, self.data_config)
         self.setup, schedule = make_run_setup(config, self.model_config, self.total_steps)
         train = config.train
+        evaluates = config.eval.num_records > 0 or config.eval.loss_batches > 0
+        if evaluates and config.eval.batch_size % data_parallel_size(self.setup.mesh):
+            raise ValueError(
+                f"config.eval.batch_size={config.eval.batch_size} is not a multiple of the "
+                f"data-parallel size {data_parallel_size(self.setup.mesh)}"
+            )
         accumulate = train.micro_batches_for(
             self.data_config.global_batch_size, data_parallel_size(self.setup.mesh)
         )
@@ -258,6 +304,14 @@ class Run:
         self.run_config = dataclasses.replace(
             config, model=self.model_config, data=self.data_config
         ).to_dict()
+        # Before anything in the workdir is written: its checkpoints must be this run's.
+        check_resumable(
+            workdir,
+            self.run_config,
+            self.tokenizer,
+            self.setup.abstract_state,
+            accept_new_tokenizer=config.init.accept_new_tokenizer,
+        )
 
     def _load_tokenizer_and_model(self) -> None:
         self.tokenizer = tokenizer_for(self.config.data)
@@ -305,17 +359,17 @@ class Run:
         self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
         summary: dict[str, Any] = {"preempted": False}
         try:
-            state, start_step = self._restore_or_init()
-            with _Preemption() as preemption:
-                state, step = self._loop(state, start_step, preemption)
-            summary["step"] = step
-            if step < self.total_steps:
-                summary["preempted"] = True  # by SIGTERM or stop_at_step: run again to go on
-                return summary
-            if step not in self.checkpoints.steps():
-                self._save(step, state)
-            self.checkpoints.wait()
-            summary["eval"] = self._evaluate(state, step, final=True)
+            with _StopSignals() as stop_signals:
+                state, start_step = self._restore_or_init()
+                state, step = self._loop(state, start_step, stop_signals)
+                summary["step"] = step
+                if step < self.total_steps:
+                    summary["preempted"] = True  # by a signal or stop_at_step: run again to go on
+                    return summary
+                if step not in self.checkpoints.steps():
+                    self._save(step, state)
+                self.checkpoints.wait()
+                summary["eval"] = self._evaluate(state, step, final=True)
         finally:
             self.checkpoints.close()
             self.writer.close()
@@ -331,6 +385,9 @@ class Run:
         if restored is not None:
             step, state = restored
             self._say(f"Resumed from {self.checkpoints.directory} at step {step}")
+            if self.config.init.accept_new_tokenizer and jax.process_index() == 0:
+                # the user chose the new tokenizer: inference must read it, not the old one
+                self.tokenizer.tokenizer.save_pretrained(os.path.join(self.workdir, "tokenizer"))
             return state, step
         rng = jax.random.key(self.config.init.seed)
         params = self.host_params
@@ -341,7 +398,7 @@ class Run:
             _save_tokenizer_and_config(self.workdir, self.tokenizer, self.run_config)
         return init_train_state(self.setup, rng, params), 0
 
-    def _loop(self, state: TrainState, step: int, preemption: _Preemption):
+    def _loop(self, state: TrainState, step: int, stop_signals: _StopSignals):
         from tqdm import tqdm
 
         train = self.config.train
@@ -356,7 +413,7 @@ class Run:
         try:
             while step < self.total_steps:
                 stop_here = train.stop_at_step is not None and step >= train.stop_at_step
-                if stop_here or preemption.agreed():
+                if stop_here or stop_signals.agreed():
                     if step not in self.checkpoints.steps():
                         self._save(step, state)
                     self.checkpoints.wait()
@@ -370,6 +427,7 @@ class Run:
                     jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
                 state, metrics = self.train_step(state, batch)
                 step += 1
+                self.checkpoints.check_saves()  # a failed background save, reported now
                 if profile and step == profile[1]:
                     jax.block_until_ready(metrics)
                     jax.profiler.stop_trace()
