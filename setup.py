@@ -34,6 +34,13 @@ setup(
         "tpu": ["jax[tpu]"],
         # torch only runs the transformers reference in tests; the CPU build is pinned
         # because an unpinned torch pulls a multi-GB CUDA build. The tests plan a TPU slice.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "ruff>=0.6", "jax[tpu]"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "pytest-timeout>=2.3",
+            "torch==2.13.0",
+            "ruff>=0.6",
+            "jax[tpu]",
+        ],
     },
 )

@@ -3,9 +3,12 @@
 Each record: ``id``, ``image`` (a path relative to the image folder, a list of paths,
 or absent for text-only samples as in mix665k), ``conversations``
 ``[{"from": "human"|"gpt", "value": str}, ...]``. Records are validated while
-preparing; the report counts problems by kind. Policy ``on_bad_record``: ``error``
-stops before anything is written, listing the first offending ids and files;
-``skip`` leaves them out and reports how many of each.
+preparing; the report counts problems by kind. An image path must name a regular file
+inside the image folder once symlinks are resolved: ``../x.png``, ``/abs/x.png``, a link
+out of the folder (``outside_image_dir``) or a FIFO, directory or device
+(``not_regular_file``) drop the record, and nothing outside the folder is read. Policy
+``on_bad_record``: ``error`` stops before anything is written, listing the first
+offending ids and files; ``skip`` leaves them out and reports how many of each.
 """
 
 from __future__ import annotations
@@ -20,11 +23,19 @@ from tqdm import tqdm
 
 from llava_jax.data.conversation import IMAGE_PLACEHOLDER, DroppedExample, check_roles
 from llava_jax.data.datasets.record import Record, features
-from llava_jax.data.image import ImageDecodeError, decode_image
+from llava_jax.data.image import (
+    ImageDecodeError,
+    ImageFileError,
+    check_image_path,
+    decode_image,
+    read_image_file,
+)
 
 PROBLEMS = (
     "bad_json",
     "missing_file",
+    "outside_image_dir",
+    "not_regular_file",
     "unreadable_image",
     "roles_out_of_order",
     "image_count_mismatch",
@@ -153,17 +164,23 @@ def check_record(record, image_dir: str) -> tuple[list[str], Problem | None]:
         return [], Problem("image_count_mismatch", record_id, ",".join(paths), detail)
     full_paths = [os.path.join(image_dir, p) for p in paths]
     for path in full_paths:
-        if not os.path.isfile(path):
+        try:
+            # containment first: a path outside the folder is refused unlooked-at
+            check_image_path(path, image_dir)
+        except ImageFileError as error:
+            return [], Problem(error.kind, record_id, path, error.reason)
+        except FileNotFoundError:
             return [], Problem("missing_file", record_id, path, "no such file")
+        except (OSError, ValueError) as error:  # e.g. a path through a file, a NUL byte
+            return [], Problem("missing_file", record_id, path, str(error))
     return full_paths, None
 
 
-def _unreadable(path: str) -> str:
+def _unreadable(path: str, image_dir: str) -> str:
     """'' if the image at ``path`` decodes fully, else why not."""
     try:
-        with open(path, "rb") as file:
-            decode_image(file.read())
-    except (OSError, ImageDecodeError) as error:
+        decode_image(read_image_file(path, image_dir))
+    except (OSError, ImageDecodeError, ImageFileError) as error:
         return str(error)
     return ""
 
@@ -191,7 +208,7 @@ def validate(
     all_paths = sorted({p for _, paths, _ in candidates for p in paths})
     with ThreadPoolExecutor(num_threads) as pool:  # PIL decodes outside the GIL
         checks = tqdm(
-            pool.map(_unreadable, all_paths),
+            pool.map(lambda path: _unreadable(path, image_dir), all_paths),
             total=len(all_paths),
             desc="Checking images",
             unit="img",
@@ -267,8 +284,8 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
         for index, record in enumerate(records):
             images = []
             for path in record.image_paths:
-                with open(os.path.join(image_dir, path), "rb") as file:
-                    images.append(file.read())  # the original bytes, never re-encoded
+                # the original bytes, never re-encoded; checked again, as when validated
+                images.append(read_image_file(os.path.join(image_dir, path), image_dir))
             stored = dataclasses.replace(record, image_bytes=tuple(images))
             # ids are not guaranteed unique in LLaVA files; the index keeps keys unique
             yield f"{index:09d}-{record.id}", stored.to_example()
