@@ -9,7 +9,11 @@ Each turn reads `USER: `, then prints `ASSISTANT: ` and the answer as it is gene
 `exit` or `quit`, end of input (Ctrl-D) or Ctrl-C at the prompt leave (exit code 0); an
 empty line is ignored; Ctrl-C while an answer streams drops that turn. A turn that would
 not fit the model's context prints an error and is left out of the history; when the
-answer might not fit, it gets the room that is left. Sampled turns use `seed + turn`.
+answer might not fit, it gets the room that is left. A line that is not valid UTF-8 or
+writes `<image>` where no image goes (after the first turn, or without `--image`) is
+left out the same way: one `error: ...` line, and the chat goes on. Sampled turns use
+`seed + turn`. Start-up problems (a missing image or checkpoint, an unknown template)
+print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from llava_jax import cli
-from llava_jax.inference.errors import PromptTooLongError
+from llava_jax.inference.errors import InputError
 from llava_jax.inference.load import ROLES, LoadedModel
 
 EXIT_WORDS = ("exit", "quit")
@@ -69,12 +73,16 @@ class ChatSession:
         """Answer `question` with the history; pieces of the answer go to `write` as they
         come. The turn joins the history only when it completes.
 
-        Raises `PromptTooLongError` (history unchanged) when the conversation no longer fits.
+        Raises `PromptTooLongError` (history unchanged) when the conversation no longer
+        fits, and `InputError` (history unchanged) when the question is not valid Unicode
+        or writes `<image>` where there is no image to put (any turn but the first, or a
+        chat without an image).
         """
         model = self.model
         first = not self.turns
         turns = [*self.turns, model.user_turn(question, first and self.images is not None)]
         ids = model.prompt_ids(turns)
+        model.check_image_tokens(ids, 0 if self.images is None else 1)
         max_new = self.sampling.get("max_new_tokens", 512)
         fits = model.check_prompt(ids, max_new, clamp=True)
         knobs = {**self.sampling, "max_new_tokens": fits}
@@ -111,6 +119,11 @@ def chat_loop(session: ChatSession, read: Callable[[str], str], out=None) -> int
         except (EOFError, KeyboardInterrupt):
             write("\n")
             return 0
+        except UnicodeDecodeError as err:  # a stdin that does not let bytes through
+            cli.report_error(
+                InputError(f"the line is not valid UTF-8 ({err.reason}); type it again")
+            )
+            continue
         question = question.strip()
         if not question:
             continue
@@ -119,9 +132,9 @@ def chat_loop(session: ChatSession, read: Callable[[str], str], out=None) -> int
         write(f"{assistant}: ")
         try:
             session.ask(question, write)
-        except PromptTooLongError as err:
+        except InputError as err:  # too long, not valid Unicode, a stray <image>
             write("\n")
-            print(f"error: {err}; this turn is left out (type exit to leave)", file=sys.stderr)
+            cli.report_error(InputError(f"{err}; this turn is left out (type exit to leave)"))
             continue
         except KeyboardInterrupt:
             write(" [interrupted]\n")
@@ -156,6 +169,10 @@ def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = read_li
         if args.image is not None:
             cli.check_image_file(args.image)
         model = cli.model_from_args(args)
+        if read is read_line and hasattr(sys.stdin, "reconfigure"):
+            # Bytes that are not UTF-8 reach the session (as lone surrogates), which refuses
+            # that one line, instead of an exception that ends the chat.
+            sys.stdin.reconfigure(errors="surrogateescape")
         images = None if args.image is None else model.load_image(args.image)[None, None]
         session = ChatSession(
             model, images, chunk_size=args.chunk_size, **cli.sampling_from_args(args)

@@ -4,7 +4,7 @@ compilation cache, a quiet terminal, and one way to report the user's mistakes.
 Every program (`python -m llava_jax.generate`, `.chat`, `.evaluate`, `.main`) has the same
 layout: a docstring that says how to run it, a `main(argv) -> int`, and its work inside
 `run(body)`, which turns an `InputError` (a path, an image, a prompt the user can fix) into
-one line, `error: …`, on stderr and exit status 2.
+one line, `error: …`, on stderr and exit status 2 (`--debug`: the traceback instead).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import collections
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -32,8 +33,25 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _ROUTINE_WARNINGS = ("Using custom data configuration",)
 
 
+BACKGROUND_LOGGER = "llava_jax.background"
+
+
 def _not_routine(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(_ROUTINE_WARNINGS)
+    if str(record.msg).startswith(_ROUTINE_WARNINGS):
+        return False
+    # A failed background save: Orbax's threads and asyncio log it many times over, with
+    # stacks; the program reports it itself in one line (the details stay in the log file).
+    if record.name in ("asyncio", BACKGROUND_LOGGER) or f"{os.sep}orbax{os.sep}" in (
+        record.pathname or ""
+    ):
+        return record.levelno >= logging.CRITICAL
+    # Orbax, when the parameters are read from a training checkpoint's `state` item alone:
+    # that item never has the step's metadata file, so the warning comes every time.
+    message = record.getMessage()
+    state_metadata = os.path.join("state", "_CHECKPOINT_METADATA")
+    return not (
+        message.startswith("Metadata file does not exist") and message.endswith(state_metadata)
+    )
 
 
 def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
@@ -59,6 +77,17 @@ def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.INFO)
+    threading.excepthook = _log_thread_exception
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """A background thread's uncaught exception goes to the log, not the terminal: the
+    main thread reports what it means for the run (e.g. a failed save) in one line."""
+    logging.getLogger(BACKGROUND_LOGGER).error(
+        "Exception in thread %s",
+        getattr(args.thread, "name", "?"),
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
 
 
 def skip_absent_accelerators() -> None:
@@ -136,6 +165,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="show the libraries' INFO logs too"
+    )
+    add_debug_argument(parser)
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an input error, show the traceback instead of one line",
     )
 
 
@@ -224,12 +262,21 @@ def check_image_file(path: str) -> None:
     read_image(path)
 
 
+def check_text(text: str, what: str) -> None:
+    """Fail before the model load when `text` (a command-line argument) is not valid
+    Unicode, e.g. bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    from llava_jax.inference.load import check_text as check
+
+    check(text, what)
+
+
 # --- running -------------------------------------------------------------------------------------
 
 
 def run(body: Callable[[], int], args: argparse.Namespace | None = None) -> int:
     """Run a program's body: the terminal set up (quiet unless `--verbose`), the compilation
-    cache on; an `InputError` becomes `error: <message>` on stderr and exit status 2."""
+    cache on; an `InputError` becomes `error: <message>` on stderr and exit status 2 (with
+    `--debug`, it propagates with its traceback)."""
     verbose = bool(getattr(args, "verbose", False))
     setup_logging(verbose)
     skip_absent_accelerators()
@@ -237,5 +284,15 @@ def run(body: Callable[[], int], args: argparse.Namespace | None = None) -> int:
         enable_compilation_cache(getattr(args, "compilation_cache", None))
         return body()
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if getattr(args, "debug", False):
+            raise
+        report_error(err)
         return EXIT_INPUT_ERROR
+
+
+def report_error(err: BaseException) -> None:
+    """`error: <message>` on stderr, on one line (a message that is not valid Unicode or
+    spans lines is escaped rather than breaking the terminal or the line)."""
+    message = " ".join(str(err).split("\n"))
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    print(f"error: {message}", file=sys.stderr, flush=True)

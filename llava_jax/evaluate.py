@@ -7,10 +7,19 @@
 
 Questions and answers are in LLaVA's JSONL formats (see `llava_jax/evaluation/batch.py`).
 `--image-dir` defaults to the questions file's folder; `--model-id` to the checkpoint's
-folder name. A question whose image is missing or unreadable (or whose prompt does not
-fit the context) gets an answer entry with an `error` field naming the cause, and the run
-goes on; a malformed questions file stops before any generation, naming the file and line
-(exit code 2). A summary goes to stderr at the end.
+folder name. A question whose image is missing or unreadable, whose prompt does not fit
+the context, whose text is not valid Unicode (e.g. JSON's "\\ud800") or writes `<image>`
+without an image to put there gets an answer entry with an `error` field naming the
+cause, and the run goes on; a malformed questions file stops before any generation,
+naming the file and line (exit code 2). A summary goes to stderr at the end.
+
+The answers are written as each is produced (a line, flushed) to `OUT.partial` beside
+`--out`, which is renamed to `--out` at the end: a run that is cut short never leaves an
+empty or truncated `--out` (an earlier one stays as it was), and its answers so far are
+in `OUT.partial`. An `--out` that is the questions file (under any spelling, or a link
+to it) or a folder is refused before the model loads, as are a missing checkpoint, an
+unknown template or a `--step` the workdir has not saved: one line, exit code 2
+(`--debug`: the traceback).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import sys
 from collections.abc import Sequence
 
 from llava_jax import cli
-from llava_jax.evaluation.batch import evaluate_file, read_questions
+from llava_jax.evaluation.batch import check_output_path, evaluate_file, read_questions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
 
     def body() -> int:
+        check_output_path(args.questions, args.out)  # never write over the questions
         read_questions(args.questions)  # a malformed file fails before the model loads
         image_dir = args.image_dir or os.path.dirname(os.path.abspath(args.questions))
         model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))

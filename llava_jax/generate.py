@@ -11,9 +11,12 @@ LLaVA does; the template's generation prompt follows. The answer goes to stdout.
 
 When the prompt fits the model's context but the answer might not, `--max-new-tokens` is
 lowered to what fits (with a note on stderr). Problems with the inputs (a missing or
-unreadable image, a prompt longer than the context, a directory without a checkpoint)
-print one line, `error: ...`, and exit with code 2. Compiled programs are kept in the
-compilation cache (`--compilation-cache`), so the next run starts faster.
+unreadable image, a prompt longer than the context, a prompt that is not valid UTF-8 or
+writes `<image>` without an image to put there, a directory without a checkpoint, a
+`--step` it has not saved, an unknown `--template` or `--dtype`) print one line,
+`error: ...`, and exit with code 2 (`--debug`: the traceback). `--step N` loads step N
+with the run config saved with it. Compiled programs are kept in the compilation cache
+(`--compilation-cache`), so the next run starts faster.
 """
 
 from __future__ import annotations
@@ -39,13 +42,15 @@ def answer(
 ) -> str:
     """The model's answer to `prompt` about the image at `image_path` (or no image).
 
-    Raises `InputError` for an image that is missing or unreadable, or a prompt that
-    leaves no room for an answer in the context.
+    Raises `InputError` for an image that is missing or unreadable, a prompt that leaves
+    no room for an answer in the context, is not valid Unicode, or writes `<image>` more
+    often than it has images (once at most, where the image goes; never without one).
     """
     images = None
     if image_path is not None:
         images = model.load_image(image_path)[None, None]  # float32[1, 1, H, W, 3]
     ids = model.prompt_ids([model.user_turn(prompt, with_image=images is not None)])
+    model.check_image_tokens(ids, 0 if images is None else 1)
     fits = model.check_prompt(ids, max_new_tokens, clamp=True)
     if fits < max_new_tokens:
         print(
@@ -71,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.check_sampling_arguments(parser, args)
 
     def body() -> int:
+        cli.check_text(args.prompt, "--prompt")
         if args.image is not None:
             cli.check_image_file(args.image)
         model = cli.model_from_args(args)

@@ -1,24 +1,124 @@
 """Convert weights between Hugging Face and llava_jax params checkpoints.
 
-  python -m llava_jax.convert hf-to-params --hf DIR --out CKPT
-  python -m llava_jax.convert params-to-hf --params CKPT --out DIR [--dtype bfloat16]
-  python -m llava_jax.convert towers --vision CLIP_DIR --text LLAMA_DIR --out CKPT \
-      [--projector mlp2x_gelu] [--image-token-id N]
+  python -m llava_jax.convert hf-to-params --hf DIR --out CKPT [--overwrite]
+  python -m llava_jax.convert params-to-hf --params CKPT --out DIR [--dtype bfloat16] \\
+      [--overwrite]
+  python -m llava_jax.convert towers --vision CLIP_DIR --text LLAMA_DIR --out CKPT \\
+      [--projector mlp2x_gelu] [--image-token-id N] [--overwrite]
+
+`--out` is a folder that is new or empty; one that holds anything (an earlier export, say)
+is refused unless `--overwrite`, which replaces it whole: nothing of what it held stays
+beside the new files. Either way the output is written to a hidden sibling folder first
+and renamed into place at the end, so a run cut short never leaves a half-written folder,
+or a mix of old and new files, at `--out`.
+
+Problems with the inputs or the output (a missing or unreadable checkpoint, an unsupported
+architecture, an `--out` that is a file, not empty, or the input itself) print one line,
+`error: ...`, and exit with code 2 (`--debug`: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from llava_jax.checkpoint import load_params, save_params
+from llava_jax.cli import (
+    EXIT_INPUT_ERROR,
+    add_debug_argument,
+    report_error,
+    setup_logging,
+    skip_absent_accelerators,
+)
 from llava_jax.convert.hf import load_hf, load_towers, save_hf
 from llava_jax.convert.safetensors_io import CheckpointError
+from llava_jax.inference.errors import InputError
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class OutputError(InputError):
+    """`--out` cannot be written as asked; the message names the folder and why."""
+
+
+def check_output_folder(out: str, inputs: Sequence[str], overwrite: bool) -> None:
+    """Raises `OutputError` when `out` is a file, lies under a file, is (or holds, or lies
+    inside) one of the `inputs`, or is a folder that is not empty without `overwrite`."""
+    target = os.path.realpath(out)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise OutputError(f"--out {out} is a file, not a folder")
+    ancestor = os.path.dirname(target)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise OutputError(f"--out {out}: {ancestor} is a file, not a folder")
+    for source in inputs:
+        source_path = os.path.realpath(source)
+        inside = (target + os.sep).startswith(source_path + os.sep)
+        if inside or (source_path + os.sep).startswith(target + os.sep):
+            raise OutputError(f"--out {out} overlaps the input {source}: write somewhere else")
+    if os.path.isdir(target) and not overwrite:
+        names = sorted(os.listdir(target))
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise OutputError(
+                f"--out {out} is not empty (it holds {shown}): give --overwrite to replace "
+                "it whole, or choose a new or empty folder"
+            )
+
+
+def read_input(what: str, path: str, load: Callable[[], Any]) -> Any:
+    """`load()`; an error becomes an `InputError` that names `what` and `path` (with its
+    kind where the message may not say it: a damaged checkpoint can fail deep inside
+    Orbax), unless its message names the path already."""
+    try:
+        return load()
+    except (InputError, CheckpointError, FileNotFoundError) as err:
+        if path in str(err) or os.path.abspath(path) in str(err):
+            raise
+        raise InputError(f"{what} {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - reported with its type; --debug shows more
+        raise InputError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from err
+
+
+def write_folder(out: str, write: Callable[[str], None]) -> None:
+    """`write(folder)` into a new hidden sibling of `out`, then put it in `out`'s place
+    (the folder `out` held before, if any, is removed only once the new one is in place).
+
+    A run cut short leaves `out` as it was; the sibling `.NAME.partial-*` is removed when
+    `write` raises.
+    """
+    target = os.path.realpath(out)  # a link to a folder: replace the folder it names
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    staging = os.path.join(parent, f".{name}.partial-{tag}")
+    os.mkdir(staging)
+    try:
+        write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if os.path.lexists(target):
+        old = os.path.join(parent, f".{name}.old-{tag}")
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,15 +127,28 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out folder whole (default: refuse it)",
+    )
+    add_debug_argument(output)
     commands = parser.add_subparsers(dest="command", required=True)
-    hf_in = commands.add_parser("hf-to-params", help="HF LLaVA directory -> params checkpoint")
+    hf_in = commands.add_parser(
+        "hf-to-params", parents=[output], help="HF LLaVA directory -> params checkpoint"
+    )
     hf_in.add_argument("--hf", required=True)
     hf_in.add_argument("--out", required=True)
-    hf_out = commands.add_parser("params-to-hf", help="params checkpoint -> HF LLaVA directory")
+    hf_out = commands.add_parser(
+        "params-to-hf", parents=[output], help="params checkpoint -> HF LLaVA directory"
+    )
     hf_out.add_argument("--params", required=True)
     hf_out.add_argument("--out", required=True)
     hf_out.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    towers = commands.add_parser("towers", help="CLIP + LLaMA directories -> params checkpoint")
+    towers = commands.add_parser(
+        "towers", parents=[output], help="CLIP + LLaMA directories -> params checkpoint"
+    )
     towers.add_argument("--vision", required=True)
     towers.add_argument("--text", required=True)
     towers.add_argument("--out", required=True)
@@ -47,24 +160,48 @@ def main(argv: list[str] | None = None) -> int:
         help="default: the LLaMA vocabulary size (one token past it)",
     )
     args = parser.parse_args(argv)
+    setup_logging()
+    skip_absent_accelerators()
     try:
         if args.command == "hf-to-params":
-            config, params = load_hf(args.hf)
-            save_params(args.out, config, params)
+            check_output_folder(args.out, [args.hf], args.overwrite)
+            config, params = read_input(
+                "the Hugging Face directory", args.hf, lambda: load_hf(args.hf)
+            )
+            write_folder(args.out, lambda folder: save_params(folder, config, params))
         elif args.command == "params-to-hf":
-            config, params = load_params(args.params)
-            save_hf(config, params, args.out, dtype=DTYPES.get(args.dtype))
+            check_output_folder(args.out, [args.params], args.overwrite)
+            config, params = read_input(
+                "the params checkpoint", args.params, lambda: load_params(args.params)
+            )
+            dtype = DTYPES.get(args.dtype)
+            write_folder(args.out, lambda folder: save_hf(config, params, folder, dtype=dtype))
         else:
+            check_output_folder(args.out, [args.vision, args.text], args.overwrite)
             fields = {"projector": args.projector}
             if args.image_token_id is not None:
                 fields["image_token_id"] = args.image_token_id
-            config, params = load_towers(args.vision, args.text, **fields)
-            save_params(args.out, config, params)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            config, params = read_input(
+                "the towers",
+                f"{args.vision} + {args.text}",
+                lambda: load_towers(args.vision, args.text, **fields),
+            )
+            write_folder(args.out, lambda folder: save_params(folder, config, params))
+    except (InputError, CheckpointError, OSError, ValueError, KeyError) as err:
+        if args.debug:
+            raise
+        report_error(err if isinstance(err, InputError) else _described(err))
+        return EXIT_INPUT_ERROR
     print(f"wrote {args.out}")
     return 0
+
+
+def _described(err: Exception) -> Exception:
+    """The error with its kind in front where its message alone would not say it (a
+    `KeyError` is only the key)."""
+    if isinstance(err, (CheckpointError, FileNotFoundError)) or type(err) is ValueError:
+        return err
+    return InputError(f"{type(err).__name__}: {err}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -91,11 +92,32 @@ def _weight_map(directory: str) -> dict[str, str]:
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
+SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
 def write_safetensors(
     tensors: dict[str, np.ndarray], directory: str, max_shard_bytes: int = 5 * 2**30
 ) -> list[str]:
-    """Write `tensors` as one file, or as shards plus an index when larger than a shard."""
+    """Write `tensors` as one file, or as shards plus an index when larger than a shard.
+
+    Weights files of an earlier export in `directory` (`model.safetensors`, an index,
+    `model-NNNNN-of-NNNNN.safetensors` shards) that this one does not write are removed
+    afterwards: a stale index or shard would otherwise be read instead of, or beside, the
+    new weights.
+    """
     os.makedirs(directory, exist_ok=True)
+    written = _write_safetensors(tensors, directory, max_shard_bytes)
+    keep = set(written) | ({INDEX_FILE} if len(written) > 1 else set())
+    for name in os.listdir(directory):
+        stale = name in (SINGLE_FILE, INDEX_FILE) or SHARD_PATTERN.fullmatch(name)
+        if stale and name not in keep:
+            os.remove(os.path.join(directory, name))
+    return written
+
+
+def _write_safetensors(
+    tensors: dict[str, np.ndarray], directory: str, max_shard_bytes: int
+) -> list[str]:
     shards: list[dict[str, np.ndarray]] = [{}]
     shard_bytes = 0
     for key in sorted(tensors):

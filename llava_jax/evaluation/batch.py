@@ -12,11 +12,19 @@ is optional. Answers, one per question and in the questions' order, in LLaVA's f
      "model_id": "llava-tiny", "metadata": {}}
 
 (`metadata` carries `category` when the question has one.) A question whose image is
-missing or unreadable, or whose prompt does not fit the model's context, gets the same
-entry with `"text": ""` and an `"error"` naming the file or the lengths; the run goes on,
-and the scorers count it as wrong. A malformed questions file (a line that is not a JSON
-object, lacks `question_id` or `text`, or repeats a `question_id`) is refused before any
-generation, with a `QuestionFileError` naming the file and the line.
+missing or unreadable, whose prompt does not fit the model's context, whose text is not
+valid Unicode (a lone surrogate such as JSON's "\\ud800", or bytes that are not UTF-8), or
+that writes `<image>` more often than it has images (a question with an image may place
+it with one `<image>`; a text-only question may not have one) gets the same entry with
+`"text": ""` and an `"error"` naming the cause; the run goes on, and the scorers count it
+as wrong. A malformed questions file (a line that is not a JSON object, lacks
+`question_id` or `text`, or repeats a `question_id`) is refused before any generation,
+with a `QuestionFileError` naming the file and the line.
+
+`evaluate_file` writes each answer as soon as it is produced (a line, flushed) to
+`OUT.partial` beside the output and renames it to `OUT` at the end: a run cut short never
+leaves a truncated `OUT`, and its answers so far are in `OUT.partial`. It refuses an `OUT`
+that is the questions file (`OutputFileError`).
 
 Batches: questions are taken in file order, `batch_size` with a readable image at a time,
 and every batch is padded to `batch_size` rows (by the generator), so one
@@ -44,6 +52,38 @@ class QuestionFileError(InputError):
     """The questions file cannot be used; the message names the file and the line."""
 
 
+class OutputFileError(InputError):
+    """The answers cannot be written where asked; the message names the path."""
+
+
+PARTIAL_SUFFIX = ".partial"  # the answers file while it is being written
+
+
+def check_output_path(questions_path: str, out_path: str) -> None:
+    """Raises `OutputFileError` when `out_path` (or its `.partial`) is the questions file,
+    under any spelling (a relative path, `..`, a symbolic or hard link), is a folder, or
+    lies in a folder that is a file."""
+    for path in (out_path, out_path + PARTIAL_SUFFIX):
+        same = os.path.realpath(path) == os.path.realpath(questions_path)
+        if not same and os.path.exists(path) and os.path.exists(questions_path):
+            same = os.path.samefile(path, questions_path)
+        if same:
+            what = "" if path == out_path else f" (its file in progress, {path})"
+            raise OutputFileError(
+                f"--out {out_path}{what} is the questions file {questions_path}: the answers "
+                "would replace the questions; choose another --out"
+            )
+    if os.path.isdir(out_path):
+        raise OutputFileError(f"--out {out_path} is a folder; give the answers file's path")
+    parent = os.path.dirname(os.path.abspath(out_path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise OutputFileError(f"--out {out_path}: {parent} is a file, not a folder")
+    if parent and not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputFileError(f"--out {out_path}: cannot write in {parent} (permission denied)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Question:
     """One line of a questions file (`line`: its 1-based line number)."""
@@ -65,7 +105,9 @@ def read_questions(path: str) -> list[Question]:
     if not os.path.exists(path):
         raise QuestionFileError(f"questions file not found: {path}")
     questions, seen = [], {}
-    for number, obj in read_records(path, QuestionFileError):
+    # Bytes that are not UTF-8 stay in the text as lone surrogates: that question gets an
+    # error entry, the others their answers.
+    for number, obj in read_records(path, QuestionFileError, errors="surrogateescape"):
         where = f"{path}:{number}"
         if not isinstance(obj.get("text"), str):
             raise QuestionFileError(f"{where}: 'text' must be a string")
@@ -118,10 +160,20 @@ def _entry(question: Question, model_id: str, text: str = "", error: str | None 
 def _prepare(
     model: LoadedModel, question: Question, image_dir: str, max_new_tokens: int
 ) -> _Prepared:
-    """Raises `InputError` (image missing or unreadable, prompt too long) naming the cause."""
+    """Raises `InputError` (image missing, unreadable, not a regular file or outside
+    `image_dir`, prompt too long) naming the cause; an image error names the question.
+
+    The image path is the question's, under `image_dir`; `../x.png`, `/abs/x.png` or a
+    symlink that resolves outside the folder is refused, never opened.
+    """
     image = None
     if question.image is not None:
-        image = model.load_image(os.path.join(image_dir, question.image))
+        path = os.path.join(image_dir, question.image)
+        try:
+            image = model.load_image(path, root=image_dir)
+        except InputError as err:
+            where = f"question {question.question_id!r} (line {question.line})"
+            raise InputError(f"{where}: {err}") from None
     turns = [model.user_turn(question.text, with_image=image is not None)]
     prompt_ids = model.prompt_ids(turns)
     model.check_prompt(prompt_ids, max_new_tokens)
@@ -218,7 +270,10 @@ def answer_questions(
     ready = 0
     for question in questions:
         try:
-            window.append(_prepare(model, question, image_dir, sampling.max_new_tokens))
+            prepared = _prepare(model, question, image_dir, sampling.max_new_tokens)
+            # exactly the image tokens of its images, or the batch's generation would fail
+            model.check_image_tokens(prepared.prompt_ids, int(prepared.image is not None))
+            window.append(prepared)
             ready += 1
         except InputError as err:
             window.append(_entry(question, model_id, error=str(err)))
@@ -240,20 +295,31 @@ def evaluate_file(
     model_id: str = "llava_jax",
     progress: bool = True,
 ) -> dict[str, int]:
-    """Answer every question of `questions_path` into `out_path` (JSONL, written as it goes).
+    """Answer every question of `questions_path` into `out_path` (JSONL).
+
+    Each answer is written as it is produced (a line, flushed) to `out_path + ".partial"`,
+    which is renamed to `out_path` when every question has its entry: a run cut short
+    leaves `out_path` as it was (never empty or truncated) and its answers so far in the
+    `.partial` file.
 
     Returns `{"num_questions", "num_answered", "num_errors"}`. The questions file is
-    checked whole before the first generation (`QuestionFileError`).
+    checked whole before the first generation (`QuestionFileError`); an `out_path` that is
+    the questions file (under any spelling) or a folder is refused (`OutputFileError`).
     """
     from tqdm import tqdm
 
+    check_output_path(questions_path, out_path)
     questions = read_questions(questions_path)
     directory = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise OutputFileError(f"--out {out_path}: cannot make {directory}: {err}") from None
     counts = {"num_questions": len(questions), "num_answered": 0, "num_errors": 0}
+    partial = out_path + PARTIAL_SUFFIX
     with (
         tqdm(total=len(questions), unit="question", disable=not progress) as bar,
-        open(out_path, "w", encoding="utf-8") as out,
+        _open_for_writing(partial, out_path) as out,
     ):
         entries = answer_questions(
             model,
@@ -265,7 +331,28 @@ def evaluate_file(
             on_progress=bar.update,
         )
         for entry in entries:
-            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            out.write(_json_line(entry))
             out.flush()  # a run cut short keeps the answers it has
             counts["num_errors" if "error" in entry else "num_answered"] += 1
+    os.replace(partial, out_path)
     return counts
+
+
+def _open_for_writing(path: str, out_path: str) -> Any:
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as err:
+        raise OutputFileError(
+            f"--out {out_path}: cannot write {path}: {err.strerror or err}"
+        ) from None
+
+
+def _json_line(entry: dict) -> str:
+    """One JSON line, UTF-8 as it is, but escaped (`\\udcff`) where a string is not valid
+    Unicode: such text cannot be written as UTF-8, and the line must still be written."""
+    line = json.dumps(entry, ensure_ascii=False) + "\n"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(entry) + "\n"
+    return line

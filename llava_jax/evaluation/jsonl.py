@@ -7,11 +7,19 @@ from pathlib import Path
 from typing import Any
 
 
-def read_records(path: str | Path, error: type[Exception]) -> list[tuple[int, dict[str, Any]]]:
+def read_records(
+    path: str | Path, error: type[Exception], errors: str = "strict"
+) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of `path`; each line must be a JSON
-    object with a `question_id`. Anything else raises `error` naming `path:line`."""
+    object with a `question_id`. Anything else raises `error` naming `path:line`.
+
+    errors: how bytes that are not UTF-8 are decoded; "surrogateescape" keeps them as lone
+    surrogates in the strings, for the caller to refuse one record rather than the file.
+    """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        # Lines end at "\n" only: JSON strings may hold U+2028 or U+0085 unescaped, which
+        # `str.splitlines` would take for line ends.
+        lines = Path(path).read_text(encoding="utf-8", errors=errors).split("\n")
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or err
         raise error(f"{path}: cannot read: {reason}") from None

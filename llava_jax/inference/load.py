@@ -41,11 +41,18 @@ from llava_jax.data.image import (
     CLIP_MEAN,
     CLIP_STD,
     ImageDecodeError,
+    ImageFileError,
     decode_image,
     preprocess_image,
+    read_image_file,
 )
 from llava_jax.data.prompt import prompt_ids, user_turn
-from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer
+from llava_jax.data.tokenizer import (
+    LoadedTokenizer,
+    load_tokenizer,
+    tokenizer_difference,
+    tokenizer_fingerprint,
+)
 from llava_jax.inference.engine import (
     Engine,
     GenerationResult,
@@ -119,8 +126,35 @@ class LoadedModel:
         return (end,) if end else ()
 
     def user_turn(self, text: str, with_image: bool) -> dict:
-        """A human turn; with an image, `<image>\\n` comes first, as LLaVA's CLIs do."""
+        """A human turn; with an image, `<image>\\n` comes first, as LLaVA's CLIs do (or
+        the image goes where the text already has its one `<image>`).
+
+        Raises `InputError` when `text` is not valid Unicode (e.g. a lone surrogate, or
+        bytes that were not UTF-8) or has more `<image>` placeholders than the turn has
+        images: the model would be asked for image features it was not given.
+        """
+        check_text(text, "the prompt")
+        placeholders = text.count(IMAGE_PLACEHOLDER)
+        if placeholders > int(with_image):
+            images = "one image" if with_image else "no image"
+            raise InputError(
+                f"the prompt has {IMAGE_PLACEHOLDER} written {placeholders} time(s) but the "
+                f"turn has {images}: {IMAGE_PLACEHOLDER} marks where an image goes "
+                f"({'at most once' if with_image else 'give an image, or leave it out'})"
+            )
         return user_turn(text, with_image)
+
+    def check_image_tokens(self, prompt_ids: np.ndarray, num_images: int) -> None:
+        """Raises `InputError` unless the prompt `int32[L]` has `config.num_image_tokens`
+        image tokens for each of its `num_images` images (the engine needs exactly those)."""
+        per_image = self.config.num_image_tokens
+        found = int(np.sum(np.asarray(prompt_ids) == self.config.image_token_id))
+        if found != num_images * per_image:
+            raise InputError(
+                f"the prompt has {found} image tokens ({found / per_image:g} "
+                f"{IMAGE_PLACEHOLDER}) but {num_images} image(s), which need "
+                f"{num_images * per_image} ({per_image} per image)"
+            )
 
     def prompt_ids(self, turns: Sequence[dict]) -> np.ndarray:
         """`int32[L]`: the conversation rendered with the template, ending where the
@@ -150,14 +184,17 @@ class LoadedModel:
         return self.tokenizer.tokenizer.decode(list(map(int, tokens)))
 
     # --- images ---------------------------------------------------------------------------
-    def load_image(self, path: str) -> np.ndarray:
+    def load_image(self, path: str, root: str | None = None) -> np.ndarray:
         """An image file -> `float32[size, size, 3]`, normalised as in training.
 
-        Raises `InputError` naming the file when it is missing or not a readable image.
+        Raises `InputError` naming the file when it is missing, not a regular file (a FIFO
+        would block), outside the folder `root` (when given, symlinks resolved) or not a
+        readable image.
         """
         data = self.data
+        image = read_image(path, root)
         return preprocess_image(
-            read_image(path), data.image_size, data.image_aspect, data.image_mean, data.image_std
+            image, data.image_size, data.image_aspect, data.image_mean, data.image_std
         )
 
     # --- generation -----------------------------------------------------------------------
@@ -202,15 +239,33 @@ class LoadedModel:
         return self.engine.stream(self.params, prompts, *args, **kwargs)
 
 
-def read_image(path: str) -> Image.Image:
-    """Decode an image file to RGB; `InputError` naming the file if missing or unreadable."""
+def check_text(text: str, what: str) -> None:
+    """Raises `InputError` naming `what` and the position when `text` is not valid Unicode
+    (a lone surrogate: from JSON's "\\ud800", or bytes that were not UTF-8 on the command
+    line or on stdin); a tokenizer cannot take it."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start : err.end].encode("utf-8", "backslashreplace").decode("ascii")
+        raise InputError(
+            f"{what} is not valid Unicode text: {bad} at character {err.start} (bytes that "
+            "are not UTF-8, or a lone surrogate)"
+        ) from None
+
+
+def read_image(path: str, root: str | None = None) -> Image.Image:
+    """Decode an image file to RGB; `InputError` naming the file if missing, not a regular
+    file, outside the folder `root` (when given) or unreadable."""
+    try:
+        data = read_image_file(path, root)
+    except ImageFileError as err:  # the message names the path and the reason
+        raise InputError(str(err)) from None
     except FileNotFoundError:
         raise InputError(f"image not found: {path}") from None
     except OSError as err:
         raise InputError(f"cannot read image {path}: {err.strerror or err}") from None
+    except ValueError as err:  # e.g. "embedded null byte" in the path
+        raise InputError(f"cannot read image {path!r}: {err}") from None
     try:
         return decode_image(data)
     except ImageDecodeError as err:
@@ -263,7 +318,25 @@ def _find_tokenizer(path: str, tokenizer: str | None, default: str | None, hint:
     if candidate is None or not os.path.isdir(candidate):
         where = f" ({candidate} is not a directory)" if candidate else ""
         raise InputError(f"no tokenizer for {path}{where}: {hint}")
+    if tokenizer and default and os.path.isdir(default):
+        _warn_if_another_tokenizer(tokenizer, default)
     return candidate
+
+
+def _warn_if_another_tokenizer(given: str, saved: str) -> None:
+    """`--tokenizer` other than the one the model was trained with: the same ids must mean
+    the same words, or the answers are garbage (said, not refused: the user chose it)."""
+    try:
+        given_tok, saved_tok = load_tokenizer(given).tokenizer, load_tokenizer(saved).tokenizer
+    except (OSError, ValueError):
+        return  # the load that follows names the problem
+    if tokenizer_fingerprint(given_tok) != tokenizer_fingerprint(saved_tok):
+        logging.warning(
+            "--tokenizer %s is not the tokenizer this model was trained with (%s): %s",
+            given,
+            saved,
+            tokenizer_difference(saved_tok, given_tok),
+        )
 
 
 def _load_tokenizer(path: str) -> LoadedTokenizer:
@@ -310,18 +383,36 @@ def _hf_data(path: str, size: int) -> DataConfig:
 
 # --- the loaders -------------------------------------------------------------------------------
 
+_KIND_NAMES = {
+    "workdir": "training workdir",
+    "hf": "Hugging Face LLaVA directory",
+    "params": "params checkpoint",
+}
+
 
 def _load_workdir(
     workdir: str, step: int | None, tokenizer: str | None, mesh: Any, rules: Rules, dtype: Any
 ) -> tuple[ModelConfig, Any, LoadedTokenizer, DataConfig, int]:
     directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
-    if step is not None and not os.path.isdir(os.path.join(directory, str(step))):
-        raise InputError(f"{workdir}: no checkpoint for step {step} in {directory}")
-    try:  # the run config saved with that step
-        step, run_config = ckpt.read_run_config(workdir, step)
-    except FileNotFoundError:
+    saved = _saved_steps(directory)
+    if step is not None and step not in saved:
+        have = ", ".join(map(str, saved)) if saved else "none yet"
+        raise InputError(
+            f"{workdir}: no checkpoint for step {step} in {directory} (saved steps: {have})"
+        )
+    if not saved:
         raise InputError(
             f"{workdir}: no checkpoint in {directory} (has the training run saved one yet?)"
+        )
+    try:  # the run config saved with that step (the newest readable one without a step)
+        step, run_config = ckpt.read_run_config(workdir, step)
+    except (OSError, ValueError) as err:  # missing, unreadable or malformed: name the file
+        if step is None:
+            which = f"any checkpoint in {directory} (steps {', '.join(map(str, saved))})"
+        else:
+            which = os.path.join(directory, str(step), "config", "metadata")
+        raise InputError(
+            f"{workdir}: cannot read the run config of {which}: {type(err).__name__}: {err}"
         ) from None
     config = ModelConfig.from_section(run_config["model"])
     if dtype is not None:
@@ -335,6 +426,13 @@ def _load_workdir(
     )
     data = DataConfig.from_section(run_config.get("data", {}), "the run's data config")
     return config, params, _load_tokenizer(tokenizer_dir), data, step
+
+
+def _saved_steps(directory: str) -> list[int]:
+    """The steps with a folder under `workdir/checkpoints` (complete or not), in order."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def _restore_target(config: ModelConfig, mesh: Any, rules: Rules) -> Any:
@@ -367,7 +465,32 @@ def load_model(
     Raises `InputError` naming the path: not a model directory, no checkpoint, no tokenizer.
     """
     kind, directory, named_step = detect_kind(path)
+    if step is not None and kind != "workdir":
+        raise InputError(
+            f"--step {step}: {path} is a {_KIND_NAMES[kind]}, which has no steps (a step "
+            "names a checkpoint of a training workdir)"
+        )
+    if step is not None and named_step is not None and step != named_step:
+        raise InputError(
+            f"--step {step} contradicts the checkpoint path {path} (step {named_step})"
+        )
     step = named_step if step is None else step
+    if step is not None and step < 0:
+        raise InputError(f"--step must be a step number >= 0, got {step}")
+    if template is not None:  # before the (slow) load
+        try:
+            get_template(template)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+    if dtype is not None:
+        try:
+            dtype = jax.numpy.dtype(dtype)
+        except TypeError:
+            raise InputError(
+                f"unknown dtype {dtype!r}: e.g. float32, bfloat16 or float16"
+            ) from None
+        if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            raise InputError(f"--dtype must be a floating-point type, got {dtype.name}")
     run_step = None
     numerics = {} if dtype is None else {"dtype": jax.numpy.dtype(dtype).name}
     try:
