@@ -41,9 +41,11 @@ def _not_routine(record: logging.LogRecord) -> bool:
         return False
     # A failed background save: Orbax's threads and asyncio log it many times over, with
     # stacks; the program reports it itself in one line (the details stay in the log file).
-    if record.name in ("asyncio", BACKGROUND_LOGGER) or f"{os.sep}orbax{os.sep}" in (
-        record.pathname or ""
-    ):
+    if record.name in (
+        "asyncio",
+        "concurrent.futures",
+        BACKGROUND_LOGGER,
+    ) or f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
         return record.levelno >= logging.CRITICAL
     # Orbax, when the parameters are read from a training checkpoint's `state` item alone:
     # that item never has the step's metadata file, so the warning comes every time.
@@ -78,6 +80,7 @@ def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
 
     absl_logging.set_verbosity(absl_logging.INFO)
     threading.excepthook = _log_thread_exception
+    sys.unraisablehook = _log_unraisable
 
 
 def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
@@ -87,6 +90,17 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
         "Exception in thread %s",
         getattr(args.thread, "name", "?"),
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    """Errors Python cannot raise anywhere (a callback of tensorstore's writer threads
+    after a failed save, a `__del__`) go to the log; they change nothing in the run."""
+    logging.getLogger(BACKGROUND_LOGGER).error(
+        "%s %s",
+        unraisable.err_msg or "Exception ignored in",
+        "" if unraisable.object is None else repr(unraisable.object),
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
     )
 
 
