@@ -8,6 +8,8 @@ setup(
     description="LLaVA (CLIP ViT + projector + LLaMA) in JAX/Flax: train, convert, serve.",
     python_requires=">=3.10",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    # The chat page of `python -m llava_jax.serve` (plain HTML and JavaScript).
+    package_data={"llava_jax.serve": ["static/*"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.10",
@@ -32,6 +34,8 @@ setup(
         # libtpu (~700 MB): compiling for TPU slices, ahead of time, without a TPU
         # (python -m llava_jax.plan); also what a TPU VM runs on.
         "tpu": ["jax[tpu]"],
+        # python -m llava_jax.serve: the OpenAI-compatible HTTP server.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         # torch only runs the transformers reference in tests; the CPU build is pinned
         # because an unpinned torch pulls a multi-GB CUDA build. The tests plan a TPU slice.
         "test": [
@@ -41,6 +45,12 @@ setup(
             "torch==2.13.0",
             "ruff>=0.6",
             "jax[tpu]",
+            # The server's tests: the official client, and the chat page in a headless
+            # Chromium (the browser itself comes from apt: see the README's test command).
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "openai>=1.40",
+            "selenium>=4.20",
         ],
     },
 )

@@ -1,7 +1,8 @@
 """Talk with a model about an image, turn after turn (LLaVA's `serve.cli`).
 
     python -m llava_jax.chat --checkpoint WORKDIR_OR_MODEL_DIR --image cat.jpg \\
-        [--max-new-tokens 512 --temperature 0.2 --top-k 0 --top-p 1 --seed 0 --template NAME]
+        [--max-new-tokens 512 --temperature 0.2 --top-k 0 --top-p 1 --seed 0 --template NAME \\
+        --quantize int8]
 
 Each turn reads `USER: `, then prints `ASSISTANT: ` and the answer as it is generated
 (`Engine.stream`). The template renders the whole conversation every turn, the image
@@ -12,8 +13,9 @@ not fit the model's context prints an error and is left out of the history; when
 answer might not fit, it gets the room that is left. A line that is not valid UTF-8 or
 writes `<image>` where no image goes (after the first turn, or without `--image`) is
 left out the same way: one `error: ...` line, and the chat goes on. Sampled turns use
-`seed + turn`. Start-up problems (a missing image or checkpoint, an unknown template)
-print one line and exit with code 2.
+`seed + turn`. `--quantize int8`: the decoder's attention and MLP weights in int8
+(`llava_jax/models/quantize.py`). Start-up problems (a missing image or checkpoint, an
+unknown template or `--quantize`) print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from llava_jax import cli
-from llava_jax.inference.errors import InputError
+from llava_jax import cli, program
+from llava_jax.errors import InputError
 from llava_jax.inference.load import ROLES, LoadedModel
 
 EXIT_WORDS = ("exit", "quit")
@@ -120,7 +122,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str], out=None) -> int
             write("\n")
             return 0
         except UnicodeDecodeError as err:  # a stdin that does not let bytes through
-            cli.report_error(
+            program.report_error(
                 InputError(f"the line is not valid UTF-8 ({err.reason}); type it again")
             )
             continue
@@ -134,7 +136,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str], out=None) -> int
             session.ask(question, write)
         except InputError as err:  # too long, not valid Unicode, a stray <image>
             write("\n")
-            cli.report_error(InputError(f"{err}; this turn is left out (type exit to leave)"))
+            program.report_error(InputError(f"{err}; this turn is left out (type exit to leave)"))
             continue
         except KeyboardInterrupt:
             write(" [interrupted]\n")
@@ -185,7 +187,7 @@ def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = read_li
         )
         return chat_loop(session, read)
 
-    return cli.run(body, args)
+    return program.run(body, args)
 
 
 if __name__ == "__main__":

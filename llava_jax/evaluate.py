@@ -2,7 +2,8 @@
 
     python -m llava_jax.evaluate --checkpoint WORKDIR_OR_MODEL_DIR \\
         --questions questions.jsonl --image-dir images/ --out answers.jsonl \\
-        [--batch-size 8 --max-new-tokens 128 --temperature 0 --model-id NAME ...]
+        [--batch-size 8 --max-new-tokens 128 --temperature 0 --model-id NAME \\
+         --quantize int8 ...]
     python -m llava_jax.evaluation.scorers vqa --answers answers.jsonl --annotations ann.jsonl
 
 Questions and answers are in LLaVA's JSONL formats (see `llava_jax/evaluation/batch.py`).
@@ -18,8 +19,9 @@ The answers are written as each is produced (a line, flushed) to `OUT.partial` b
 empty or truncated `--out` (an earlier one stays as it was), and its answers so far are
 in `OUT.partial`. An `--out` that is the questions file (under any spelling, or a link
 to it) or a folder is refused before the model loads, as are a missing checkpoint, an
-unknown template or a `--step` the workdir has not saved: one line, exit code 2
-(`--debug`: the traceback).
+unknown template or `--quantize`, or a `--step` the workdir has not saved: one line, exit
+code 2 (`--debug`: the traceback). `--quantize int8` answers with the decoder's attention
+and MLP weights in int8 (`llava_jax/models/quantize.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from llava_jax import cli
+from llava_jax import cli, program
 from llava_jax.evaluation.batch import check_output_path, evaluate_file, read_questions
 
 
@@ -73,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"out": args.out, **counts}), file=sys.stderr)
         return 0
 
-    return cli.run(body, args)
+    return program.run(body, args)
 
 
 if __name__ == "__main__":

@@ -2,19 +2,22 @@
 
     python -m llava_jax.generate --checkpoint WORKDIR_OR_MODEL_DIR --image cat.jpg \\
         --prompt "What is in the picture?" [--max-new-tokens 128 --temperature 0 --top-k 0 \\
-        --top-p 1 --seed 0 --template vicuna_v1 --tokenizer DIR --dtype bfloat16]
+        --top-p 1 --seed 0 --template vicuna_v1 --tokenizer DIR --dtype bfloat16 \\
+        --quantize int8]
 
 `--checkpoint` is a training workdir (its newest checkpoint, or `--step`), a Hugging Face
 LLaVA directory or a params checkpoint (`--tokenizer` then names the tokenizer); see
-`llava_jax/inference/load.py`. With an image, the prompt gets `<image>\\n` in front, as
-LLaVA does; the template's generation prompt follows. The answer goes to stdout.
+`llava_jax/inference/load.py`. `--quantize int8` runs the decoder's attention and MLP
+weights in int8 (per-channel scales, `llava_jax/models/quantize.py`). With an image, the
+prompt gets `<image>\\n` in front, as LLaVA does; the template's generation prompt follows.
+The answer goes to stdout.
 
 When the prompt fits the model's context but the answer might not, `--max-new-tokens` is
 lowered to what fits (with a note on stderr). Problems with the inputs (a missing or
 unreadable image, a prompt longer than the context, a prompt that is not valid UTF-8 or
 writes `<image>` without an image to put there, a directory without a checkpoint, a
-`--step` it has not saved, an unknown `--template` or `--dtype`) print one line,
-`error: ...`, and exit with code 2 (`--debug`: the traceback). `--step N` loads step N
+`--step` it has not saved, an unknown `--template`, `--dtype` or `--quantize`) print one
+line, `error: ...`, and exit with code 2 (`--debug`: the traceback). `--step N` loads step N
 with the run config saved with it. Compiled programs are kept in the compilation cache
 (`--compilation-cache`), so the next run starts faster.
 """
@@ -25,7 +28,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from llava_jax import cli
+from llava_jax import cli, program
 from llava_jax.inference.load import LoadedModel
 
 
@@ -83,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(answer(model, args.prompt, args.image, **cli.sampling_from_args(args)), flush=True)
         return 0
 
-    return cli.run(body, args)
+    return program.run(body, args)
 
 
 if __name__ == "__main__":

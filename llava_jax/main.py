@@ -83,23 +83,24 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from llava_jax import cli
+    from llava_jax import program
+    from llava_jax.errors import InputError
 
-    cli.setup_logging(FLAGS.verbose, os.path.join(FLAGS.workdir, "train.log"))
-    cli.skip_absent_accelerators()
+    program.setup_logging(FLAGS.verbose, os.path.join(FLAGS.workdir, "train.log"))
+    program.skip_absent_accelerators()
     initialize_distributed()
-    cli.enable_compilation_cache(FLAGS.compilation_cache)
+    program.enable_compilation_cache(FLAGS.compilation_cache)
     from llava_jax.checkpoint import CheckpointSaveFailed
     from llava_jax.data.pipeline import NoUsableData
     from llava_jax.train.trainer import Run, TrainingStopped
 
     try:
         run = Run(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, PermissionError, cli.InputError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, InputError) as err:
         if FLAGS.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(cli.EXIT_INPUT_ERROR)
+        sys.exit(program.EXIT_INPUT_ERROR)
     except KeyboardInterrupt:
         print("llava_jax: interrupted during start-up; nothing was saved", file=sys.stderr)
         sys.exit(130)

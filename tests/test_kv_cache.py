@@ -92,3 +92,93 @@ def test_left_padded_prompts_decode_like_their_unpadded_selves(converted):
     alone = np.asarray(model.apply({"params": params}, jnp.asarray(alone_ids)))
     np.testing.assert_allclose(np.asarray(logits)[1, pad:], alone[0, :-1], atol=1e-4)
     np.testing.assert_allclose(np.asarray(step_logits)[1, 0], alone[0, -1], atol=1e-4)
+
+
+# --- the cache is updated in place --------------------------------------------------------
+
+
+def _long_cache_model(scan_layers: bool):
+    """A tiny 4-layer decoder whose KV cache (k, v: 4 MiB each at 4 x 4096) dominates."""
+    from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
+    from llava_jax.models.llava import init_params, to_unscanned_layout
+
+    config = ModelConfig(
+        vision=VisionConfig(
+            hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=28
+        ),
+        text=TextConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=8192,
+        ),
+        image_token_id=63,
+        scan_layers=scan_layers,
+    )
+    params = init_params(config, jax.random.key(0))
+    if not scan_layers:
+        params = to_unscanned_layout(params, config)
+    return config, params
+
+
+def _assert_cache_in_place(compiled, cache_bytes: int):
+    """The cache's buffers are the outputs' (aliased), and no second cache lives meanwhile:
+    the compiler's temporaries stay under half the cache (one layer's slice is a quarter)."""
+    assert "input_output_alias" in compiled.as_text()
+    memory = compiled.memory_analysis()
+    assert memory.alias_size_in_bytes >= cache_bytes
+    assert memory.temp_size_in_bytes < cache_bytes / 2, (memory.temp_size_in_bytes, cache_bytes)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_decode_step_updates_the_donated_cache_in_place(scan_layers):
+    config, params = _long_cache_model(scan_layers)
+    model = Llava(config)
+    cache = init_cache(config.text, batch_size=4, max_length=4096, dtype=jnp.float32)
+    cache_bytes = cache["k"].nbytes + cache["v"].nbytes  # 8 MiB
+    step = jax.jit(
+        lambda p, ids, c: model.apply({"params": p}, ids, c, method=Llava.decode),
+        donate_argnums=2,
+    )
+    ids = jnp.ones((4, 1), jnp.int32)
+    _assert_cache_in_place(step.lower(params, ids, cache).compile(), cache_bytes)
+    _, new_cache = step(params, ids, cache)
+    assert cache["k"].is_deleted() and new_cache["k"].shape == (4, 4, 4096, 2, 8)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_the_engine_decode_loop_donates_and_updates_the_cache_in_place(scan_layers):
+    from llava_jax.inference import Engine, SamplingConfig
+    from llava_jax.inference.engine import PromptBatch
+
+    config, params = _long_cache_model(scan_layers)
+    engine = Engine(config)
+    sampling = engine.sampling_params(SamplingConfig(max_new_tokens=16))
+    rows, length = 4, 4096 - 16
+    batch = PromptBatch(
+        input_ids=jnp.ones((rows, length), jnp.int32),
+        attention_mask=jnp.ones((rows, length), jnp.int32),
+        images=None,
+        image_mask=None,
+        filler=jnp.zeros((rows,), bool),
+    )
+    static = dict(capacity=16, greedy=True, return_logits=False, cache_dtype=jnp.float32)
+    state = jax.eval_shape(lambda: engine._prefill(params, batch, sampling, **static))
+    cache_bytes = state.cache["k"].size * 4 * 2
+    compiled = engine._decode.lower(params, state, sampling, np.int32(4), greedy=True).compile()
+    _assert_cache_in_place(compiled, cache_bytes)
+
+    short = PromptBatch(
+        input_ids=jnp.ones((rows, 8), jnp.int32),
+        attention_mask=jnp.ones((rows, 8), jnp.int32),
+        images=None,
+        image_mask=None,
+        filler=jnp.zeros((rows,), bool),
+    )
+    state = engine._prefill(params, short, sampling, **static)
+    new_state = engine._decode(params, state, sampling, np.int32(4), greedy=True)
+    assert state.cache["k"].is_deleted()  # donated: the loop wrote into its buffers
+    assert int(new_state.step) == 5

@@ -26,9 +26,9 @@ from llava_jax import checkpoint as ckpt
 from llava_jax.convert import __main__ as convert_main
 from llava_jax.convert import load_hf, save_hf
 from llava_jax.convert.hf import to_hf_tensors
+from llava_jax.errors import InputError
 from llava_jax.evaluation import batch
 from llava_jax.evaluation.jsonl import read_records
-from llava_jax.inference.errors import InputError
 from llava_jax.inference.load import load_model
 
 MAX_NEW = 4

@@ -35,8 +35,8 @@ from llava_jax.data.image import (
     read_image_file,
     resize_and_crop,
 )
+from llava_jax.errors import InputError
 from llava_jax.evaluation.batch import Question, _prepare, answer_questions
-from llava_jax.inference.errors import InputError
 from llava_jax.inference.load import LoadedModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -31,16 +31,16 @@ import ml_dtypes
 import numpy as np
 
 from llava_jax.checkpoint import load_params, save_params
-from llava_jax.cli import (
+from llava_jax.convert.hf import load_hf, load_towers, save_hf
+from llava_jax.convert.safetensors_io import CheckpointError
+from llava_jax.errors import InputError
+from llava_jax.program import (
     EXIT_INPUT_ERROR,
     add_debug_argument,
     report_error,
     setup_logging,
     skip_absent_accelerators,
 )
-from llava_jax.convert.hf import load_hf, load_towers, save_hf
-from llava_jax.convert.safetensors_io import CheckpointError
-from llava_jax.inference.errors import InputError
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 

@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from llava_jax.errors import InputError
 from llava_jax.evaluation.jsonl import read_records
 from llava_jax.inference.engine import Engine, SamplingConfig
-from llava_jax.inference.errors import InputError
 from llava_jax.inference.load import LoadedModel
 
 

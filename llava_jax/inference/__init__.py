@@ -1,6 +1,7 @@
 """Inference: a pure prefill and decode loop with a KV cache (`engine`), and loading a model
 for it from a workdir, a Hugging Face directory or a params checkpoint (`load`)."""
 
+from llava_jax.errors import InputError, PromptTooLongError
 from llava_jax.inference.engine import (
     DecodeState,
     Engine,
@@ -10,7 +11,6 @@ from llava_jax.inference.engine import (
     default_length_bucket,
     filter_logits,
 )
-from llava_jax.inference.errors import InputError, PromptTooLongError
 
 __all__ = [
     "DecodeState",

@@ -20,7 +20,10 @@ Compilation. Shapes are static, so each distinct shape compiles once:
 - the batch is padded with filler rows up to `batch_rows` and a multiple of the mesh's
   data-parallel size,
 - greedy (`temperature == 0`) and sampling are two programs; temperature, top-k, top-p, the
-  seed, eos ids and stop sequences are traced (`SamplingParams`),
+  seed, eos ids and stop sequences are traced (`SamplingParams`). With one `SamplingConfig`
+  per prompt, each row has its own temperature, top-k, top-p, seed, max_new_tokens and stop
+  strings (a batch with a sampled row runs the sampling program, its greedy rows taking the
+  argmax), so a server can batch unrelated requests (`llava_jax/serve/batcher.py`),
 - the decode loop runs at most `chunk` steps per call, `chunk` traced, so streaming in
   chunks of N tokens reuses the program of one long call.
 
@@ -55,7 +58,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llava_jax.inference.errors import PromptTooLongError
+from llava_jax.errors import PromptTooLongError
 from llava_jax.models.config import ModelConfig
 from llava_jax.models.llama import init_cache
 from llava_jax.models.llava import Llava, abstract_params
@@ -142,26 +145,58 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+def batch_sampling(configs: Sequence[SamplingConfig]) -> SamplingConfig:
+    """One config for a batch of per-row configs: the longest max_new_tokens, greedy only
+    when every row is, every row's stop strings (each row still stops on its own).
+
+    Raises ValueError when the rows disagree on what the batch shares: eos ids, stop token
+    sequences, the pad token, suppressing the image token.
+    """
+    if not configs:
+        raise ValueError("no sampling configs given")
+    first = configs[0]
+    for name in ("eos_token_ids", "stop_token_sequences", "pad_token_id", "suppress_image_token"):
+        values = {getattr(c, name) for c in configs}
+        if len(values) > 1:
+            raise ValueError(
+                f"the rows of a batch must share {name}, got {sorted(map(repr, values))}"
+            )
+    greedy = all(c.greedy for c in configs)
+    return dataclasses.replace(
+        first,
+        max_new_tokens=max(c.max_new_tokens for c in configs),
+        temperature=0.0 if greedy else max(c.temperature for c in configs),
+        stop_strings=tuple(dict.fromkeys(s for c in configs for s in c.stop_strings)),
+    )
+
+
 # --- device-side state ------------------------------------------------------------------------
 
 
 @struct.dataclass
 class SamplingParams:
-    """A `SamplingConfig` as traced values: changing them does not recompile. Lists are
-    padded to few distinct shapes, with a validity mask."""
+    """A `SamplingConfig` (or one per row) as traced values: changing them does not
+    recompile. Lists are padded to few distinct shapes, with a validity mask.
 
-    temperature: Array  # float32[]: 1 when greedy (unused then)
-    top_k: Array  # int32[]: 0 = every token
-    top_p: Array  # float32[]: 1 = every token
-    seed: Array  # uint32[]
+    temperature, top_k, top_p and seed are scalars for the whole batch or [B], one per row
+    (`Engine.sampling_params` makes them [B]): with [B], row b draws with its own key
+    `fold_in(key(seed[b]), t)`, so its tokens do not depend on the other rows, and a row
+    with temperature 0 takes the argmax (in the sampling program too).
+    """
+
+    temperature: Array  # float32[] or [B]: 0 = greedy row (1 = unused when greedy program)
+    top_k: Array  # int32[] or [B]: 0 = every token
+    top_p: Array  # float32[] or [B]: 1 = every token
+    seed: Array  # uint32[] or [B]
     pad: Array  # int32[]: emitted by finished rows
-    max_new: Array  # int32[]: tokens to generate at most
+    max_new: Array  # int32[]: tokens to generate at most (the longest row's limit)
     eos: Array  # int32[E]: eos ids
     eos_valid: Array  # bool[E]
     stop: Array  # int32[M, W]: stop sequences, right-aligned
     stop_valid: Array  # bool[M, W]: the positions each sequence has
     suppress: Array  # int32[]: a token never picked (the image token)
     suppress_valid: Array  # bool[]
+    row_max_new: Array | None = None  # int32[B]: each row's limit (None: max_new for all)
 
 
 @struct.dataclass
@@ -197,10 +232,12 @@ class DecodeState:
 def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
     """Temperature, then top-k, then top-p; dropped tokens get -inf.
 
-    logits: float32[B, V]; temperature: float32[] (> 0); top_k: int32[] (0 = off);
-    top_p: float32[] (1 = off). All traced, so changing them does not recompile.
+    logits: float32[B, V]; temperature: float32[] or [B] (> 0); top_k: int32[] or [B]
+    (0 = off); top_p: float32[] or [B] (1 = off). All traced, so changing them does not
+    recompile.
     """
     vocab = logits.shape[-1]
+    temperature, top_k, top_p = (jnp.reshape(x, (-1, 1)) for x in (temperature, top_k, top_p))
     scaled = logits / temperature
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
@@ -220,11 +257,30 @@ def select_tokens(logits: Array, sampling: SamplingParams, step: Array, greedy: 
     """Next tokens int32[B] from `logits: float32[B, V]`; the key is folded with `step`."""
     banned = (jnp.arange(logits.shape[-1]) == sampling.suppress) & sampling.suppress_valid
     logits = jnp.where(banned, -jnp.inf, logits)
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-    key = jax.random.fold_in(jax.random.key(sampling.seed), step)
-    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        return argmax
+    temperature = sampling.temperature
+    greedy_rows = temperature == 0
+    temperature = jnp.where(greedy_rows, 1.0, temperature)
+    # Top-k/top-p sort the vocabulary, slow on CPUs: only when some row asks for them
+    # (without them, filter_logits is the scaling alone).
+    top_k, top_p = sampling.top_k, sampling.top_p
+    filtered = jax.lax.cond(
+        jnp.any(top_k > 0) | jnp.any(top_p < 1.0),
+        lambda: filter_logits(logits, temperature, top_k, top_p),
+        lambda: logits / jnp.reshape(temperature, (-1, 1)),
+    )
+    if jnp.ndim(sampling.seed) == 0:  # one key for the batch
+        key = jax.random.fold_in(jax.random.key(sampling.seed), step)
+        drawn = jax.random.categorical(key, filtered, axis=-1)
+    else:  # a key per row: a row draws the same tokens in any batch
+
+        def draw(seed: Array, row: Array) -> Array:
+            return jax.random.categorical(jax.random.fold_in(jax.random.key(seed), step), row)
+
+        drawn = jax.vmap(draw)(sampling.seed, filtered)
+    return jnp.where(greedy_rows, argmax, drawn.astype(jnp.int32))
 
 
 def record_token(
@@ -248,6 +304,8 @@ def record_token(
     ).astype(jnp.int32)
     # Tokens the row keeps: the eos is left out, a stop sequence is kept.
     kept = jnp.where(is_eos, step, step + 1)
+    if sampling.row_max_new is not None:  # a row at its own limit stops ("length")
+        is_stop = is_stop | ((step + 1 >= sampling.row_max_new) & ~done & ~is_eos)
     logits_out = state.logits
     if logits_out is not None:
         logits_out = jax.lax.dynamic_update_slice(
@@ -453,6 +511,11 @@ class GenerationStream:
                 self.result = self._finish()
             raise
 
+    @property
+    def finished(self) -> list[bool] | None:
+        """Which rows have stopped (eos, a stop, their length) as of the latest chunk."""
+        return getattr(self._chunks, "finished", None)
+
 
 class Engine:
     """Generates text from a LLaVA with a KV cache; compiled programs are cached per shape.
@@ -496,9 +559,10 @@ class Engine:
             traced_prefill,
             static_argnames=("capacity", "greedy", "return_logits", "cache_dtype"),
         )
-        # Donating the state lets XLA update the cache in place; the CPU backend cannot.
-        donate = () if jax.default_backend() == "cpu" else (1,)
-        self._decode = jax.jit(traced_decode, static_argnames=("greedy",), donate_argnums=donate)
+        # The state is donated: its KV cache (the loop's carry, each layer writing its slice
+        # with dynamic_update_slice) is updated in place, never copied whole, on every backend.
+        # A state passed to `_decode` is consumed; use the one it returns.
+        self._decode = jax.jit(traced_decode, static_argnames=("greedy",), donate_argnums=(1,))
 
     # --- placement ------------------------------------------------------------------------
     def place(self, params: Any) -> Any:
@@ -608,8 +672,21 @@ class Engine:
         }
         return fields, batch
 
-    def sampling_params(self, sampling: SamplingConfig) -> SamplingParams:
-        """The traced form of `sampling`; lists padded to multiples of 4 entries."""
+    def sampling_params(
+        self, sampling: SamplingConfig | Sequence[SamplingConfig], rows: int | None = None
+    ) -> SamplingParams:
+        """The traced form of `sampling`; lists padded to multiples of 4 entries.
+
+        With one config per row (a sequence; `rows` >= its length, filler rows taking the
+        first's values), temperature, top-k, top-p, the seed and the row's max_new_tokens
+        are [rows] (`SamplingParams`); eos ids, stop sequences, pad and the image token are
+        the batch's and must agree (`batch_sampling`).
+        """
+        per_row = None if isinstance(sampling, SamplingConfig) else list(sampling)
+        if per_row is not None:
+            sampling = batch_sampling(per_row)
+            filler = [per_row[0]] * (max(rows or 0, len(per_row)) - len(per_row))
+            per_row = per_row + filler
         eos = list(sampling.eos_token_ids)
         size = _round_up(max(len(eos), 1), 4)
         eos_ids, eos_valid = np.zeros(size, np.int32), np.zeros(size, bool)
@@ -637,6 +714,18 @@ class Engine:
             suppress=np.int32(image if suppress else 0),
             suppress_valid=np.bool_(suppress),
         )
+        if per_row is not None:
+
+            def column(name: str, dtype: Any) -> np.ndarray:
+                return np.asarray([getattr(c, name) for c in per_row], dtype)
+
+            values = values.replace(
+                temperature=column("temperature", np.float32),
+                top_k=column("top_k", np.int32),
+                top_p=column("top_p", np.float32),
+                seed=column("seed", np.uint32),
+                row_max_new=column("max_new_tokens", np.int32),
+            )
         return self._put_replicated(values)
 
     def generate(
@@ -645,7 +734,7 @@ class Engine:
         prompts: Sequence[np.ndarray],
         images: np.ndarray | None = None,
         image_mask: np.ndarray | None = None,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(),
         *,
         return_logits: bool = False,
         batch_rows: int | None = None,
@@ -658,9 +747,12 @@ class Engine:
         (default all True). batch_rows: pad the batch to this many rows (filler rows that
         stop at once), so a last, smaller batch reuses the compiled programs. length: pad
         every prompt to this length instead of its bucket. Without stop strings the whole
-        generation is one device call.
+        generation is one device call. sampling: one config for every row, or one per
+        prompt (each row with its own temperature, top-k, top-p, seed, max_new_tokens and
+        stop strings; see `batch_sampling` for what they share).
         """
-        chunk = DEFAULT_STOP_CHECK_INTERVAL if sampling.stop_strings else None
+        shared = sampling if isinstance(sampling, SamplingConfig) else batch_sampling(sampling)
+        chunk = DEFAULT_STOP_CHECK_INTERVAL if shared.stop_strings else None
         run = self._run(
             params, prompts, images, image_mask, sampling, chunk, return_logits, batch_rows, length
         )
@@ -675,15 +767,20 @@ class Engine:
         prompts: Sequence[np.ndarray],
         images: np.ndarray | None = None,
         image_mask: np.ndarray | None = None,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(),
         *,
         chunk_size: int = 8,
+        batch_rows: int | None = None,
     ) -> GenerationStream:
         """Each row's new tokens after every `chunk_size` decoded tokens (every chunk is one
-        call of the same compiled loop); `stream.result` once it is exhausted."""
+        call of the same compiled loop); `stream.result` once it is exhausted, and
+        `stream.finished` says which rows have stopped so far. sampling and batch_rows: as
+        for `generate`."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-        run = self._run(params, prompts, images, image_mask, sampling, chunk_size, False, None)
+        run = self._run(
+            params, prompts, images, image_mask, sampling, chunk_size, False, batch_rows
+        )
         return GenerationStream(run, run.finish)
 
     def _run(
@@ -692,20 +789,31 @@ class Engine:
         prompts: Sequence[np.ndarray],
         images: np.ndarray | None,
         image_mask: np.ndarray | None,
-        sampling: SamplingConfig,
+        sampling: SamplingConfig | Sequence[SamplingConfig],
         chunk_size: int | None,
         return_logits: bool,
         batch_rows: int | None,
         length: int | None = None,
     ) -> _Run:
-        if sampling.stop_strings and self.tokenizer is None:
+        if isinstance(sampling, SamplingConfig):
+            shared, per_row = sampling, None
+        else:
+            per_row = list(sampling)
+            if len(per_row) != len(prompts):
+                raise ValueError(f"{len(per_row)} sampling configs for {len(prompts)} prompts")
+            shared = batch_sampling(per_row)
+        if shared.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need an Engine(tokenizer=...) to decode text")
+        if per_row is not None:  # each prompt with its own answer length must fit
+            for b, (prompt, config) in enumerate(zip(prompts, per_row, strict=True)):
+                context = self.config.text.max_position_embeddings
+                fit_new_tokens(np.size(prompt), config.max_new_tokens, context, where=f"prompt {b}")
         fields, rows = self.prepare(
             prompts,
             images,
             image_mask,
-            sampling.pad_token_id,
-            sampling.max_new_tokens,
+            shared.pad_token_id,
+            shared.max_new_tokens if per_row is None else 0,
             batch_rows,
             length,
         )
@@ -732,17 +840,23 @@ class _Run:
 
     def __init__(self, engine, params, fields, rows, sampling, chunk_size, return_logits):
         self.engine, self.params, self.rows = engine, params, rows
-        self.sampling, self.chunk_size = sampling, chunk_size
+        self.chunk_size = chunk_size
         self.return_logits = return_logits
-        self.sampling_params = engine.sampling_params(sampling)
+        if isinstance(sampling, SamplingConfig):
+            self.sampling, self.row_sampling = sampling, [sampling] * rows
+            self.sampling_params = engine.sampling_params(sampling)
+        else:  # one config per row: `self.sampling` is what the batch shares
+            self.sampling, self.row_sampling = batch_sampling(sampling), list(sampling)
+            self.sampling_params = engine.sampling_params(sampling, len(fields["filler"]))
+        self.finished = [False] * rows  # rows stopped so far (as of the latest chunk)
         batch = PromptBatch(**{k: engine._put(v) for k, v in fields.items()})
         with engine._tracing():
             self.state = engine._prefill(
                 params,
                 batch,
                 self.sampling_params,
-                capacity=_capacity(sampling.max_new_tokens),
-                greedy=sampling.greedy,
+                capacity=_capacity(self.sampling.max_new_tokens),
+                greedy=self.sampling.greedy,
                 return_logits=return_logits,
                 cache_dtype=engine.cache_dtype,
             )
@@ -772,20 +886,22 @@ class _Run:
                 lengths = [min(int(length[b]), step) for b in range(rows)]
                 if sampling.stop_strings:
                     for b in range(rows):
-                        if b in self.stopped_at or done[b]:
+                        stops = self.row_sampling[b].stop_strings
+                        # A row that stopped in this chunk (eos, its length) is looked at once.
+                        if b in self.stopped_at or self.finished[b] or not stops:
                             continue
-                        cut = engine._find_stop_string(
-                            tokens[b, : lengths[b]], sampling.stop_strings
-                        )
+                        cut = engine._find_stop_string(tokens[b, : lengths[b]], stops)
                         if cut is not None:
                             self.stopped_at[b] = cut
                             done[b] = True
                     for b, cut in self.stopped_at.items():
                         lengths[b] = cut
+                self.finished = [bool(d) for d in done]
                 if self.chunk_size is not None:
                     yield [tokens[b, emitted[b] : lengths[b]] for b in range(rows)]
                     emitted = list(lengths)
                 if step >= sampling.max_new_tokens or done.all():
+                    self.finished = [True] * rows
                     return
                 if self.stopped_at:
                     # Rows that met a stop string stop on device too (pad from now on).
@@ -826,7 +942,7 @@ class _Run:
                 logits.append(host["logits"][b, :n].copy())
             if engine.tokenizer is not None:
                 text = engine.tokenizer.decode(tokens[-1].tolist())
-                cuts = [text.find(s) for s in sampling.stop_strings if s in text]
+                cuts = [text.find(s) for s in self.row_sampling[b].stop_strings if s in text]
                 texts.append(text[: min(cuts)] if cuts else text)
         return GenerationResult(
             tokens=tokens,

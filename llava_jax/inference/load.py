@@ -53,6 +53,7 @@ from llava_jax.data.tokenizer import (
     tokenizer_difference,
     tokenizer_fingerprint,
 )
+from llava_jax.errors import InputError
 from llava_jax.inference.engine import (
     Engine,
     GenerationResult,
@@ -60,9 +61,14 @@ from llava_jax.inference.engine import (
     SamplingConfig,
     fit_new_tokens,
 )
-from llava_jax.inference.errors import InputError
 from llava_jax.models.config import ModelConfig
-from llava_jax.sharding import DEFAULT_RULES, Rules, sharded_params
+from llava_jax.models.quantize import (
+    check_mode,
+    decoder_dense_bytes,
+    quantize_abstract,
+    quantize_params,
+)
+from llava_jax.sharding import DEFAULT_RULES, Rules, param_shardings, sharded_params
 
 HF_DEFAULT_TEMPLATE = "vicuna_v1"  # LLaVA-1.5's conversation format
 HF_CONFIG_FILE = "config.json"
@@ -76,7 +82,8 @@ class LoadedModel:
     """A model ready to run: config, parameters (on the mesh or first device), tokenizer,
     and the data settings it was trained with (template, image size/aspect/mean/std).
 
-    kind: "workdir" | "hf" | "params"; step: the training step (workdirs only).
+    kind: "workdir" | "hf" | "params"; step: the training step (workdirs only). quantize:
+    "int8" when the decoder's dense layers hold int8 weights (models/quantize.py), else None.
     """
 
     config: ModelConfig
@@ -88,6 +95,7 @@ class LoadedModel:
     step: int | None = None
     mesh: Any = None
     rules: Rules = DEFAULT_RULES
+    quantize: str | None = None
     _engine: Engine | None = dataclasses.field(default=None, repr=False)
 
     # --- text -----------------------------------------------------------------------------
@@ -191,8 +199,23 @@ class LoadedModel:
         would block), outside the folder `root` (when given, symlinks resolved) or not a
         readable image.
         """
+        return self.preprocess_image(read_image(path, root))
+
+    def image_from_bytes(self, data: bytes, what: str = "the image") -> np.ndarray:
+        """Encoded image bytes (PNG, JPEG, …, e.g. from a request) -> `float32[size, size,
+        3]`, as `load_image` does for a file. Raises `InputError` naming `what` when the
+        bytes are not an image that can be decoded (or claim too many pixels)."""
+        try:
+            image = decode_image(data)
+        except ImageDecodeError as err:
+            reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
+            raise InputError(f"unreadable image {what}: {reason}") from None
+        return self.preprocess_image(image)
+
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """A decoded RGB image -> `float32[size, size, 3]`: padded/resized/normalised with
+        the model's data settings."""
         data = self.data
-        image = read_image(path, root)
         return preprocess_image(
             image, data.image_size, data.image_aspect, data.image_mean, data.image_std
         )
@@ -444,6 +467,25 @@ def _restore_target(config: ModelConfig, mesh: Any, rules: Rules) -> Any:
     return sharded_params(abstract_params(config), mesh, rules)
 
 
+def _quantize(config: ModelConfig, params: Any, mesh: Any, rules: Rules) -> Any:
+    """The decoder's dense layers in int8 (`quantize_params`), computed where the parameters
+    are; on a mesh, each quantized leaf takes the shardings of its logical axes."""
+    from llava_jax.models.llava import abstract_params
+
+    before = decoder_dense_bytes(params)
+    shardings = None
+    if mesh is not None:
+        boxed = quantize_abstract(config, abstract_params(config))
+        shardings = param_shardings(boxed, mesh, rules)
+    params = jax.jit(lambda p: quantize_params(config, p), out_shardings=shardings)(params)
+    logging.info(
+        "Quantized the decoder's dense layers to int8: %.2f MB -> %.2f MB",
+        before / 1e6,
+        decoder_dense_bytes(params) / 1e6,
+    )
+    return params
+
+
 def load_model(
     path: str,
     *,
@@ -453,6 +495,7 @@ def load_model(
     tokenizer: str | None = None,
     dtype: Any = None,
     step: int | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a training workdir, a Hugging Face LLaVA directory or a params checkpoint.
 
@@ -460,10 +503,17 @@ def load_model(
     the first device. template: override the conversation template. tokenizer: a
     tokenizer directory (required for params checkpoints without `tokenizer/`). dtype:
     the compute dtype (e.g. "bfloat16"); parameters keep the dtype they were saved in.
-    step: a workdir's checkpoint (default: the newest).
+    step: a workdir's checkpoint (default: the newest). quantize: "int8" turns the
+    decoder's attention and MLP kernels into int8 weights with per-channel scales
+    (models/quantize.py) once loaded; None or "none" keeps them as saved.
 
-    Raises `InputError` naming the path: not a model directory, no checkpoint, no tokenizer.
+    Raises `InputError` naming the path: not a model directory, no checkpoint, no tokenizer,
+    an unknown `quantize`.
     """
+    try:  # before the (slow) load
+        quantize = check_mode(quantize)
+    except ValueError as err:
+        raise InputError(f"--quantize: {err}") from None
     kind, directory, named_step = detect_kind(path)
     if step is not None and kind != "workdir":
         raise InputError(
@@ -542,6 +592,8 @@ def load_model(
         config.num_image_tokens,
         config.text.max_position_embeddings,
     )
+    if quantize is not None:
+        params = _quantize(config, params, mesh, rules)
     if mesh is None:  # on the first device once, not at every call
         params = jax.device_put(params)
     return LoadedModel(
@@ -554,4 +606,5 @@ def load_model(
         step=run_step,
         mesh=mesh,
         rules=rules,
+        quantize=quantize,
     )

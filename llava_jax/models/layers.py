@@ -101,6 +101,11 @@ class Dense(nn.Module):
 
     Unlike `nn.DenseGeneral`, the kernel is created in its final shape, so its logical
     sharding constraint holds when Flax re-applies it under a mesh.
+
+    Applied to weight-only int8 parameters (`kernel_int8: int8[*contracted, *features]`,
+    `scale: float32[*features]`, from models/quantize.py) instead of `kernel`, the int8
+    weight is converted to the compute dtype inside the matmul and the output multiplied
+    by the per-channel scale.
     """
 
     features: tuple[int, ...]
@@ -113,13 +118,25 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         contracted = x.shape[x.ndim - self.num_contract :]
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(default_kernel_init, self.axes),
-            (*contracted, *self.features),
-            self.param_dtype,
-        )
-        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.num_contract)
+        shape = (*contracted, *self.features)
+        if self.has_variable("params", "kernel_int8"):
+            kernel = self.get_variable("params", "kernel_int8")
+            scale = self.get_variable("params", "scale")
+            if kernel.shape != shape or scale.shape != self.features:
+                raise ValueError(
+                    f"{self.name}: int8 kernel {kernel.shape} / scale {scale.shape} do not fit "
+                    f"inputs contracting {contracted} into {self.features}"
+                )
+            y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.num_contract)
+            y = y * scale.astype(self.dtype)
+        else:
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(default_kernel_init, self.axes),
+                shape,
+                self.param_dtype,
+            )
+            y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.num_contract)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -226,13 +243,38 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 # --- attention ------------------------------------------------------------------------------
 
 
+def update_kv_cache(
+    cache: dict[str, Array], layer: Array | int, index: Array, k: Array, v: Array
+) -> tuple[dict[str, Array], Array, Array]:
+    """Write `k, v: [B, T, K, D]` into the stacked `cache['k'|'v']: [L, B, S, K, D]` at
+    `(layer, :, index)` and read layer `layer` back -> (new cache, k, v `[B, S, K, D]`).
+
+    One `dynamic_update_slice` of T tokens per buffer (XLA updates it in place: the old
+    buffer is not used afterwards) and one `dynamic_slice` of the layer; no `.at[].set`,
+    no concatenation, nothing the size of the whole cache. (XLA:CPU still materialises the
+    layer's slice, transposed for the attention matmul: a temporary of one layer's size.)
+    """
+    new_cache, layers = {}, []
+    for name, value in (("k", k), ("v", v)):
+        buffer = cache[name]
+        zero = jnp.zeros((), jnp.int32)
+        start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
+        buffer = jax.lax.dynamic_update_slice(buffer, value[None].astype(buffer.dtype), start)
+        new_cache[name] = buffer
+        layers.append(jax.lax.dynamic_index_in_dim(buffer, layer, axis=0, keepdims=False))
+    return new_cache, layers[0], layers[1]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with optional RoPE, GQA and a KV cache.
 
     Over a whole sequence, `segment_ids: int32[B, T]` (0 = padding) marks the tokens and the
-    `implementation` (models/attention.py) computes it. With a cache (`{'k','v': [B, S, K, D]}`
-    for this layer), the new keys and values are written at `cache_index` and attention
-    runs over the buffer under `cache_mask: bool[B, T, S]`.
+    `implementation` (models/attention.py) computes it. With a cache (`{'k','v': [L, B, S, K,
+    D]}`, every layer's), this is layer `cache_layer` (an int or int32[]): its new keys and
+    values are written into the stacked buffers at `(cache_layer, :, cache_index)` with
+    `dynamic_update_slice` (in place when the buffers are a donated argument or a loop
+    carry: nothing else holds them), its slice is read back, and attention runs over it
+    under `cache_mask: bool[B, T, S]`. Returns the output and the updated stacked cache.
     """
 
     num_heads: int
@@ -254,6 +296,7 @@ class Attention(nn.Module):
         cache: dict[str, Array] | None = None,
         cache_index: Array | None = None,
         cache_mask: Array | None = None,
+        cache_layer: Array | int = 0,
     ) -> tuple[Array, dict[str, Array] | None]:
         common = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         q = dense(
@@ -271,10 +314,7 @@ class Attention(nn.Module):
             k = apply_rope(k, positions, inv_freq)
         new_cache = None
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            new_cache = {"k": k, "v": v}
+            new_cache, k, v = update_kv_cache(cache, cache_layer, cache_index, k, v)
             out = reference_attention(q, k.astype(self.dtype), v.astype(self.dtype), cache_mask)
         else:
             with jax.named_scope("attention"):

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.models.config import TextConfig
@@ -51,10 +52,14 @@ def causal_padding_mask(query_slots: Array, key_valid: Array) -> Array:
 
 
 class DecoderBlock(nn.Module):
-    """x + attn(norm(x)), then x + swiglu(norm(x)). Per-layer input/output: the KV cache.
+    """x + attn(norm(x)), then x + swiglu(norm(x)).
 
-    Over a whole sequence `segment_ids: int32[B, T]` marks the real tokens (`cache_mask`
-    is None); with a cache, `cache_mask: bool[B, T, S]` says which slots each query sees.
+    Over a whole sequence the carry is `x`, and `segment_ids: int32[B, T]` marks the real
+    tokens (`cache_mask` is None). With a KV cache the carry is `(x, cache)`: the whole
+    stacked cache (`k, v: [L, B, S, K, D]`) passes from layer to layer, each layer writing
+    its new keys and values into its own slice (`layer`: this block's index, the per-layer
+    input), so the cache is updated in place, never copied whole; `cache_mask: bool[B, T, S]`
+    says which slots each query sees.
     """
 
     config: TextConfig
@@ -65,14 +70,15 @@ class DecoderBlock(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x: Array,
-        cache: dict[str, Array] | None,
+        carry: Array | tuple[Array, dict[str, Array]],
+        layer: Array | None,
         segment_ids: Array | None,
         cache_mask: Array | None,
         positions: Array,
         cache_index: Array | None,
-    ) -> tuple[Array, dict[str, Array] | None]:
+    ) -> tuple[Array | tuple[Array, dict[str, Array]], None]:
         cfg = self.config
+        x, cache = carry if isinstance(carry, tuple) else (carry, None)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, name="attn_norm", **kw)(x)
@@ -86,7 +92,7 @@ class DecoderBlock(nn.Module):
             implementation=self.attention,
             name="attn",
             **kw,
-        )(h, positions, segment_ids, cache, cache_index, cache_mask)
+        )(h, positions, segment_ids, cache, cache_index, cache_mask, cache_layer=layer)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
         mlp = dict(use_bias=cfg.mlp_bias, **kw)
@@ -96,7 +102,8 @@ class DecoderBlock(nn.Module):
         h = dense(cfg.hidden_size, ("mlp", "embed"), name="down", **mlp)(
             activation(cfg.hidden_act)(gate) * up
         )
-        return x + checkpoint_name(h, "mlpwo"), cache
+        x = x + checkpoint_name(h, "mlpwo")
+        return (x if cache is None else (x, cache)), None
 
 
 class LlamaDecoder(nn.Module):
@@ -169,11 +176,13 @@ class LlamaDecoder(nn.Module):
                 cache["mask"], attention_mask.astype(jnp.int32), (0, index)
             )
             mask = causal_padding_mask(index + jnp.arange(length), key_valid)
-            layer_caches = {"k": cache["k"], "v": cache["v"]}
-            x, layer_caches = run_layer_stack(
-                self.layers, embeddings, layer_caches, None, mask, positions, index
+            # The stacked k/v buffers are the layers' carry; each layer gets its index.
+            layer_ids = np.arange(self.config.num_layers, dtype=np.int32)
+            kv = {"k": cache["k"], "v": cache["v"]}
+            (x, kv), _ = run_layer_stack(
+                self.layers, (embeddings, kv), layer_ids, None, mask, positions, index
             )
-            new_cache = {**layer_caches, "mask": key_valid, "index": index + length}
+            new_cache = {**kv, "mask": key_valid, "index": index + length}
         if last_position_only:
             x = x[:, -1:]
         x = self.final_norm(x)

@@ -1,0 +1,110 @@
+"""Serve a model over HTTP with OpenAI's chat completions API, and a chat page at `/`.
+
+    python -m llava_jax.serve --checkpoint WORKDIR_OR_MODEL_DIR [--host 127.0.0.1] \\
+        [--port 8000] [--max-batch 8] [--batch-wait-ms 10] [--chunk-size 4] \\
+        [--model-name NAME] [--max-image-bytes 10485760]
+
+`--checkpoint` and the other model arguments are those of `generate` and `chat`. Requests
+that arrive within `--batch-wait-ms` of each other are decoded together, up to
+`--max-batch` (1: one request at a time). Any OpenAI client works:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is in the picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}])
+
+The model name is `--model-name`, default the checkpoint directory's name (`GET
+/v1/models` says it). Images come inline as data URLs; the server fetches nothing.
+Start-up problems (a missing checkpoint, a port in use) print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from llava_jax import cli, program
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llava_jax.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cli.add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=10.0,
+        help="how long a request waits for others to fill a batch",
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=4, help="tokens decoded between streamed pieces"
+    )
+    parser.add_argument("--model-name", help="the model's id in the API (default: dir name)")
+    parser.add_argument(
+        "--max-image-bytes", type=int, default=10 << 20, help="largest image accepted"
+    )
+    args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.batch_wait_ms < 0:
+        parser.error(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+    if args.chunk_size < 1:
+        parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_image_bytes < 1:
+        parser.error(f"--max-image-bytes must be >= 1, got {args.max_image_bytes}")
+
+    def body() -> int:
+        import uvicorn
+
+        from llava_jax.serve.app import create_app
+        from llava_jax.serve.batcher import Batcher
+
+        model = cli.model_from_args(args)
+        name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+        batcher = Batcher(
+            model,
+            max_batch=args.max_batch,
+            batch_wait_s=args.batch_wait_ms / 1000,
+            chunk_size=args.chunk_size,
+        )
+        app = create_app(
+            model,
+            batcher,
+            name,
+            max_image_bytes=args.max_image_bytes,
+            max_request_bytes=2 * args.max_image_bytes + (1 << 20),
+        )
+        print(
+            f"Serving {name} (template {model.template.name}) on http://{args.host}:{args.port} "
+            f"(max batch {args.max_batch}, batch wait {args.batch_wait_ms:g} ms)",
+            file=sys.stderr,
+            flush=True,
+        )
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="info" if args.verbose else "warning",
+            access_log=args.verbose,
+            timeout_graceful_shutdown=5,
+        )
+        server = uvicorn.Server(config)
+        server.run()
+        return 0 if server.started else 1
+
+    return program.run(body, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
