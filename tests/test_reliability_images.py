@@ -103,6 +103,7 @@ class FakeModel:
     `load_image` (the function `generate --image` and `chat` call)."""
 
     load_image = LoadedModel.load_image
+    preprocess_image = LoadedModel.preprocess_image
 
     def __init__(self):
         self.data = types.SimpleNamespace(
