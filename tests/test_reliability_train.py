@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -339,12 +338,16 @@ def test_a_second_stop_signal_leaves_at_once(sig):
 # --- 17. a save that fails ------------------------------------------------------------------------
 
 
-def _limit_file_size(limit: int):
-    def apply():  # in the child: writes beyond `limit` bytes fail with EFBIG (as a full disk)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
+def _with_file_size_limit(command: list[str], limit: int) -> list[str]:
+    """`command` (a `python …` line) started by a Python that first limits the size of any
+    file it writes to `limit` bytes (EFBIG past it, as a full disk; Python ignores
+    SIGXFSZ), then replaces itself: no `preexec_fn`, so no fork of this threaded process."""
+    limit_and_exec = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    return [command[0], "-c", limit_and_exec, *command[1:]]
 
 
 @pytest.mark.timeout(400)
@@ -354,13 +357,12 @@ def test_a_failed_background_save_is_reported_in_one_line_and_its_leftovers_clea
     workdir = str(tmp_path / "w")
     command = main_command(workdir, data_dir, train__num_steps=6) + ["--compilation_cache=none"]
     result = subprocess.run(
-        command,
+        _with_file_size_limit(command, 400 * 1024),  # logs fit, array data does not
         cwd=REPO,
         env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
-        preexec_fn=_limit_file_size(400 * 1024),  # logs fit, array data does not
     )
     assert result.returncode == 1, result.stderr[-3000:]
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
