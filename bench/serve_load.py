@@ -29,48 +29,22 @@ import time
 import urllib.request
 
 import numpy as np
+from generate import MODELS as GENERATE_MODELS  # bench/, beside this script
+from generate import VOCAB
+from generate import build_model as build_llava
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 32000
 WORDS = 200  # real words; the rest of the vocabulary is fillers
 
 
 def build_model(directory: str) -> None:
     """A small LLaVA (CLIP 28px, 4 image tokens; LLaMA hidden 256, 4 layers, 32000-token
-    vocabulary, context 1024: bench/generate.py's "quick" shape, ~25M parameters) with a
+    vocabulary, context 2048: bench/generate.py's "quick" shape, ~25M parameters) with a
     word-level tokenizer of VOCAB ids, `<image>` the last."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import PreTrainedTokenizerFast
 
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            max_position_embeddings=1024,
-        ),
-        image_token_index=VOCAB - 1,
-    )
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).eval().save_pretrained(directory)
+    build_llava(directory, GENERATE_MODELS["quick"])  # bench/generate.py's quick model
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     template_words = "A chat between a curious human and an artificial intelligence assistant ."
     words = [*specials, *dict.fromkeys(f"{template_words} USER : ASSISTANT".split())]
