@@ -26,8 +26,8 @@ def converted(tmp_path_factory):
     return hf_config, config, params
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_prefill_then_single_steps_equal_full_forward(converted, scan_layers):
+@pytest.mark.parametrize("scan_layers, per_layer", [(True, False), (False, False), (False, True)])
+def test_prefill_then_single_steps_equal_full_forward(converted, scan_layers, per_layer):
     hf_config, config, params = converted
     if not scan_layers:
         from llava_jax.models.llava import to_unscanned_layout
@@ -44,7 +44,9 @@ def test_prefill_then_single_steps_equal_full_forward(converted, scan_layers):
         jnp.asarray(inputs["image_mask"]),
     )
 
-    cache = init_cache(config.text, batch_size=2, max_length=40, dtype=jnp.float32)
+    cache = init_cache(
+        config.text, batch_size=2, max_length=40, dtype=jnp.float32, per_layer=per_layer
+    )
     decode = jax.jit(
         lambda p, ids, c, *imgs: model.apply({"params": p}, ids, c, *imgs, method=Llava.decode)
     )
@@ -146,7 +148,7 @@ def test_a_decode_step_updates_the_donated_cache_in_place(scan_layers):
     ids = jnp.ones((4, 1), jnp.int32)
     _assert_cache_in_place(step.lower(params, ids, cache).compile(), cache_bytes)
     _, new_cache = step(params, ids, cache)
-    assert cache["k"].is_deleted() and new_cache["k"].shape == (4, 4, 4096, 2, 8)
+    assert cache["k"].is_deleted() and new_cache["k"].shape == (4, 4, 2, 8, 4096)
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -167,9 +169,14 @@ def test_the_engine_decode_loop_donates_and_updates_the_cache_in_place(scan_laye
     )
     static = dict(capacity=16, greedy=True, return_logits=False, cache_dtype=jnp.float32)
     state = jax.eval_shape(lambda: engine._prefill(params, batch, sampling, **static))
-    cache_bytes = state.cache["k"].size * 4 * 2
+    buffers = jax.tree.leaves((state.cache["k"], state.cache["v"]))
+    cache_bytes = sum(x.size * 4 for x in buffers)
     compiled = engine._decode.lower(params, state, sampling, np.int32(4), greedy=True).compile()
     _assert_cache_in_place(compiled, cache_bytes)
+    if not scan_layers:  # one buffer per layer: each layer reads its own, none is copied
+        assert isinstance(state.cache["k"], tuple) and len(state.cache["k"]) == 4
+        # (one layer's keys alone are cache / 8; the temporaries are the attention scores)
+        assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes / 8
 
     short = PromptBatch(
         input_ids=jnp.ones((rows, 8), jnp.int32),
@@ -180,5 +187,6 @@ def test_the_engine_decode_loop_donates_and_updates_the_cache_in_place(scan_laye
     )
     state = engine._prefill(params, short, sampling, **static)
     new_state = engine._decode(params, state, sampling, np.int32(4), greedy=True)
-    assert state.cache["k"].is_deleted()  # donated: the loop wrote into its buffers
+    # donated: the loop wrote into its buffers
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.cache["k"]))
     assert int(new_state.step) == 5

@@ -62,6 +62,7 @@ from llava_jax.errors import PromptTooLongError
 from llava_jax.models.config import ModelConfig
 from llava_jax.models.llama import init_cache
 from llava_jax.models.llava import Llava, abstract_params
+from llava_jax.models.quantize import is_quantized, quantize_abstract
 from llava_jax.sharding import (
     BATCH_AXES,
     DEFAULT_RULES,
@@ -214,7 +215,7 @@ class PromptBatch:
 class DecodeState:
     """The decode loop's carry; C is the new-token capacity, S = prompt length + C."""
 
-    cache: dict[str, Array]  # k, v: [L, B, S, K, D]; mask: int32[B, S]; index: int32[]
+    cache: dict[str, Any]  # k, v, mask: int32[B, S], index: int32[] (`init_cache`)
     tokens: Array  # int32[B, C]: new tokens (pad after a row finished)
     logprobs: Array  # float32[B, C]: log-probability of each token (temperature 1)
     step: Array  # int32[]: tokens generated so far
@@ -327,17 +328,21 @@ def record_token(
 # --- the two programs -------------------------------------------------------------------------
 
 _CACHE_AXES = {
-    "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "k": ("layers", "batch", "kv_heads", "head_dim", "length"),
+    "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
     "mask": ("batch", "length"),
 }
 
 
-def _constrain_cache(cache: dict[str, Array]) -> dict[str, Array]:
+def _constrain_cache(cache: dict[str, Any]) -> dict[str, Any]:
     """The cache split like the batch (a no-op without a mesh and logical axis rules)."""
     out = dict(cache)
     for name, axes in _CACHE_AXES.items():
-        out[name] = nn.with_logical_constraint(cache[name], axes)
+        value = cache[name]
+        if isinstance(value, (tuple, list)):  # one buffer per layer
+            out[name] = tuple(nn.with_logical_constraint(x, axes[1:]) for x in value)
+        else:
+            out[name] = nn.with_logical_constraint(value, axes)
     return out
 
 
@@ -354,7 +359,13 @@ def prefill(
 ) -> DecodeState:
     """Fill the cache with the prompts `[B, P]` and pick the first token -> `DecodeState`."""
     rows, prompt_length = batch.input_ids.shape
-    cache = init_cache(model.config.text, rows, prompt_length + capacity, cache_dtype)
+    cache = init_cache(
+        model.config.text,
+        rows,
+        prompt_length + capacity,
+        cache_dtype,
+        per_layer=not model.config.scan_layers,
+    )
     # Only the last position's logits are needed: float32[B, P, V] would dominate the
     # prefill's memory (GBs for long multimodal prompts and large vocabularies).
     logits, cache = model.apply(
@@ -569,7 +580,10 @@ class Engine:
         """Host (or differently placed) parameters onto this engine's mesh or device."""
         if self.mesh is None:
             return jax.device_put(params)
-        return place(params, param_shardings(abstract_params(self.config), self.mesh, self.rules))
+        abstract = abstract_params(self.config)
+        if is_quantized(params):  # int8 kernels and their scales, not the float kernels
+            abstract = quantize_abstract(self.config, abstract)
+        return place(params, param_shardings(abstract, self.mesh, self.rules))
 
     def _put(self, value: np.ndarray | None) -> Array | None:
         if value is None:

@@ -65,6 +65,7 @@ from llava_jax.models.config import ModelConfig
 from llava_jax.models.quantize import (
     check_mode,
     decoder_dense_bytes,
+    is_quantized,
     quantize_abstract,
     quantize_params,
 )
@@ -486,6 +487,21 @@ def _quantize(config: ModelConfig, params: Any, mesh: Any, rules: Rules) -> Any:
     return params
 
 
+def _relayout(config: ModelConfig, params: Any, scan: bool, mesh: Any, rules: Rules) -> Any:
+    """`params` in the scanned (stacked) or unscanned (one tree per layer) layout of `scan`,
+    on the mesh's shardings of that layout when there is a mesh."""
+    from llava_jax.models.llava import abstract_params, to_scan_layout, to_unscanned_layout
+
+    target = config.replace(scan_layers=scan)
+    convert = to_scan_layout if scan else to_unscanned_layout
+    if mesh is None:
+        return convert(params, config)
+    boxed = abstract_params(target)
+    if is_quantized(params):
+        boxed = quantize_abstract(target, boxed)
+    return jax.device_put(convert(params, config), param_shardings(boxed, mesh, rules))
+
+
 def load_model(
     path: str,
     *,
@@ -496,6 +512,7 @@ def load_model(
     dtype: Any = None,
     step: int | None = None,
     quantize: str | None = None,
+    scan_layers: bool | None = None,
 ) -> LoadedModel:
     """Load a training workdir, a Hugging Face LLaVA directory or a params checkpoint.
 
@@ -505,7 +522,10 @@ def load_model(
     the compute dtype (e.g. "bfloat16"); parameters keep the dtype they were saved in.
     step: a workdir's checkpoint (default: the newest). quantize: "int8" turns the
     decoder's attention and MLP kernels into int8 weights with per-channel scales
-    (models/quantize.py) once loaded; None or "none" keeps them as saved.
+    (models/quantize.py) once loaded; None or "none" keeps them as saved. scan_layers:
+    the layer layout to run with (False: one parameter tree per layer, which decodes about
+    1.3-1.8x faster on XLA:CPU than the stacked, scanned layers; True: stacked); None keeps the
+    saved layout. `LoadedModel.params` and `.config` are in the layout chosen.
 
     Raises `InputError` naming the path: not a model directory, no checkpoint, no tokenizer,
     an unknown `quantize`.
@@ -594,6 +614,9 @@ def load_model(
     )
     if quantize is not None:
         params = _quantize(config, params, mesh, rules)
+    if scan_layers is not None and bool(scan_layers) != config.scan_layers:
+        params = _relayout(config, params, bool(scan_layers), mesh, rules)
+        config = config.replace(scan_layers=bool(scan_layers))
     if mesh is None:  # on the first device once, not at every call
         params = jax.device_put(params)
     return LoadedModel(

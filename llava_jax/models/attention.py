@@ -128,6 +128,39 @@ def reference_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Arr
     return out.reshape(batch, length, num_heads, head_dim)
 
 
+def cache_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """`reference_attention` over a heads-major KV cache as `init_cache` stores it:
+    `q: [B, T, H, D]`, keys transposed `k: [B, K, D, S]`, values `v: [B, K, S, D]`,
+    `mask: bool[B, T, S]` -> `[B, T, H, D]`.
+
+    The queries of one KV head's group (and all T positions) are stacked, so both matmuls
+    are plain `[M, D] x [D, S]` and `[M, S] x [S, D]` products batched over (B, K), reading
+    the cache in its layout: nothing the size of the cache is transposed or copied (only q
+    and the output, T tokens, move). Decode (T = 1) is `[B, K, G, D] x [B, K, D, S]`. (On
+    XLA:CPU, a `[M, D] x [S, D]^T` form of the scores, keys stored `[B, K, S, D]`, ran
+    6-8x slower than this.)
+    """
+    batch, length, num_heads, head_dim = q.shape
+    num_kv_heads, slots = k.shape[1], k.shape[3]
+    group = num_heads // num_kv_heads
+    qh = q.reshape(batch, length, num_kv_heads, group, head_dim)
+    if length > 1:
+        qh = jnp.transpose(qh, (0, 2, 3, 1, 4))  # [B, K, G, T, D]
+    qh = qh.reshape(batch, num_kv_heads, group * length, head_dim)
+    scores = jnp.einsum("bkqd,bkds->bkqs", qh, k, preferred_element_type=jnp.float32)
+    scores = scores * np.float32(1.0 / math.sqrt(head_dim))
+    if mask is not None:
+        scores = scores.reshape(batch, num_kv_heads, group, length, slots)
+        scores = jnp.where(mask[:, None, None], scores, _NEG)
+        scores = scores.reshape(batch, num_kv_heads, group * length, slots)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)  # [B, K, G*T, D]
+    out = out.reshape(batch, num_kv_heads, group, length, head_dim)
+    if length > 1:
+        out = jnp.transpose(out, (0, 3, 1, 2, 4))
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
 def chunked_attention(
     q: Array, k: Array, v: Array, mask: Array | None, *, causal: bool, chunk: int = CHUNK
 ) -> Array:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llava_jax.models.attention import attend, reference_attention
+from llava_jax.models.attention import attend, cache_attention
 from llava_jax.models.config import REMAT_POLICIES, RopeConfig
 
 Dtype = Any
@@ -244,24 +244,40 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 def update_kv_cache(
-    cache: dict[str, Array], layer: Array | int, index: Array, k: Array, v: Array
-) -> tuple[dict[str, Array], Array, Array]:
-    """Write `k, v: [B, T, K, D]` into the stacked `cache['k'|'v']: [L, B, S, K, D]` at
-    `(layer, :, index)` and read layer `layer` back -> (new cache, k, v `[B, S, K, D]`).
+    cache: dict[str, Any], layer: Array | int, index: Array, k: Array, v: Array
+) -> tuple[dict[str, Any], Array, Array]:
+    """Write `k, v: [B, T, K, D]` into layer `layer` of the heads-major cache at token slot
+    `index` and read the layer back -> (new cache, keys `[B, K, D, S]`, values
+    `[B, K, S, D]`), the operands of `cache_attention`.
 
-    One `dynamic_update_slice` of T tokens per buffer (XLA updates it in place: the old
-    buffer is not used afterwards) and one `dynamic_slice` of the layer; no `.at[].set`,
-    no concatenation, nothing the size of the whole cache. (XLA:CPU still materialises the
-    layer's slice, transposed for the attention matmul: a temporary of one layer's size.)
+    `cache['k'|'v']` is either one stacked buffer `[L, B, K, D, S]` / `[L, B, K, S, D]`
+    (scanned layers: `layer` may be traced) or a tuple of L per-layer buffers (unscanned:
+    `layer` is a Python or numpy int). One `dynamic_update_slice` of T tokens per buffer
+    (XLA updates it in place: the old buffer is not used afterwards); no `.at[].set`, no
+    concatenation, nothing the size of the whole cache. Per layer, the attention's matmuls
+    read the updated buffer itself; stacked, XLA:CPU materialises the layer's slice (a
+    temporary of one layer's size). Neither needs a transposed copy.
     """
     new_cache, layers = {}, []
-    for name, value in (("k", k), ("v", v)):
-        buffer = cache[name]
-        zero = jnp.zeros((), jnp.int32)
-        start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
-        buffer = jax.lax.dynamic_update_slice(buffer, value[None].astype(buffer.dtype), start)
-        new_cache[name] = buffer
-        layers.append(jax.lax.dynamic_index_in_dim(buffer, layer, axis=0, keepdims=False))
+    zero = jnp.zeros((), jnp.int32)
+    index = jnp.asarray(index, jnp.int32)
+    # The T new tokens (small) in the cache's layouts: keys [B, K, D, T], values [B, K, T, D].
+    new = {"k": jnp.transpose(k, (0, 2, 3, 1)), "v": jnp.swapaxes(v, 1, 2)}
+    starts = {"k": (zero, zero, zero, index), "v": (zero, zero, index, zero)}
+    for name in ("k", "v"):
+        buffers, value, start = cache[name], new[name], starts[name]
+        if isinstance(buffers, (tuple, list)):
+            if not isinstance(layer, (int, np.integer)):
+                raise TypeError(f"a per-layer cache needs a static layer index, got {layer!r}")
+            i = int(layer)
+            buffer = jax.lax.dynamic_update_slice(buffers[i], value.astype(buffers[i].dtype), start)
+            new_cache[name] = (*buffers[:i], buffer, *buffers[i + 1 :])
+            layers.append(buffer)
+            continue
+        start = (jnp.asarray(layer, jnp.int32), *start)
+        buffers = jax.lax.dynamic_update_slice(buffers, value[None].astype(buffers.dtype), start)
+        new_cache[name] = buffers
+        layers.append(jax.lax.dynamic_index_in_dim(buffers, layer, axis=0, keepdims=False))
     return new_cache, layers[0], layers[1]
 
 
@@ -269,12 +285,14 @@ class Attention(nn.Module):
     """Multi-head self-attention with optional RoPE, GQA and a KV cache.
 
     Over a whole sequence, `segment_ids: int32[B, T]` (0 = padding) marks the tokens and the
-    `implementation` (models/attention.py) computes it. With a cache (`{'k','v': [L, B, S, K,
-    D]}`, every layer's), this is layer `cache_layer` (an int or int32[]): its new keys and
-    values are written into the stacked buffers at `(cache_layer, :, cache_index)` with
+    `implementation` (models/attention.py) computes it. With a cache (`{'k','v'}`, every
+    layer's: stacked `[L, ...]` or a tuple of L buffers, see `update_kv_cache`),
+    this is layer `cache_layer` (an int or int32[]): its new keys and values are written
+    into its buffers at token slot `cache_index` with
     `dynamic_update_slice` (in place when the buffers are a donated argument or a loop
     carry: nothing else holds them), its slice is read back, and attention runs over it
-    under `cache_mask: bool[B, T, S]`. Returns the output and the updated stacked cache.
+    under `cache_mask: bool[B, T, S]` (`cache_attention`). Returns the output and the
+    updated stacked cache.
     """
 
     num_heads: int
@@ -315,7 +333,7 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:
             new_cache, k, v = update_kv_cache(cache, cache_layer, cache_index, k, v)
-            out = reference_attention(q, k.astype(self.dtype), v.astype(self.dtype), cache_mask)
+            out = cache_attention(q, k.astype(self.dtype), v.astype(self.dtype), cache_mask)
         else:
             with jax.named_scope("attention"):
                 out = attend(

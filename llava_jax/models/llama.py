@@ -21,21 +21,29 @@ from llava_jax.models.layers import (
 )
 
 Array = jax.Array
-KVCache = dict[str, Array]  # k, v: [L, B, S, K, D]; mask: int32[B, S]; index: int32[]
+KVCache = dict[str, Any]  # k: [L, B, K, D, S], v: [L, B, K, S, D] (`init_cache`); mask, index
 
 
-def init_cache(config: TextConfig, batch_size: int, max_length: int, dtype: Any) -> KVCache:
-    """An empty KV cache for `batch_size` sequences of up to `max_length` tokens."""
-    shape = (
-        config.num_layers,
-        batch_size,
-        max_length,
-        config.num_kv_heads,
-        config.resolved_head_dim,
-    )
+def init_cache(
+    config: TextConfig, batch_size: int, max_length: int, dtype: Any, per_layer: bool = False
+) -> KVCache:
+    """An empty KV cache for `batch_size` sequences of up to `max_length` tokens.
+
+    Heads-major, in the layouts `cache_attention`'s matmuls read as they are: keys
+    transposed, `k: [L, B, K, D, S]`, values `v: [L, B, K, S, D]`, one stacked buffer each
+    (for scanned layers, whose carry it is), or with `per_layer` (unscanned layers) a tuple
+    of L buffers each, which every layer updates and reads in place (a stacked buffer's
+    layer is copied out to be read).
+    """
+    batch, heads, head_dim = batch_size, config.num_kv_heads, config.resolved_head_dim
+    shapes = {"k": (batch, heads, head_dim, max_length), "v": (batch, heads, max_length, head_dim)}
+    layers = config.num_layers
+    if per_layer:
+        buffers = {n: tuple(jnp.zeros(s, dtype) for _ in range(layers)) for n, s in shapes.items()}
+    else:
+        buffers = {n: jnp.zeros((layers, *s), dtype) for n, s in shapes.items()}
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        **buffers,
         "mask": jnp.zeros((batch_size, max_length), jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }
@@ -56,9 +64,10 @@ class DecoderBlock(nn.Module):
 
     Over a whole sequence the carry is `x`, and `segment_ids: int32[B, T]` marks the real
     tokens (`cache_mask` is None). With a KV cache the carry is `(x, cache)`: the whole
-    stacked cache (`k, v: [L, B, S, K, D]`) passes from layer to layer, each layer writing
-    its new keys and values into its own slice (`layer`: this block's index, the per-layer
-    input), so the cache is updated in place, never copied whole; `cache_mask: bool[B, T, S]`
+    cache (`init_cache`: stacked buffers, or one per layer) passes from layer to layer, each
+    layer writing its new keys and values into its own part (`layer`: this block's index,
+    the per-layer input), so the cache is updated in place, never copied whole;
+    `cache_mask: bool[B, T, S]`
     says which slots each query sees.
     """
 
@@ -176,7 +185,7 @@ class LlamaDecoder(nn.Module):
                 cache["mask"], attention_mask.astype(jnp.int32), (0, index)
             )
             mask = causal_padding_mask(index + jnp.arange(length), key_valid)
-            # The stacked k/v buffers are the layers' carry; each layer gets its index.
+            # The k/v buffers are the layers' carry; each layer gets its index.
             layer_ids = np.arange(self.config.num_layers, dtype=np.int32)
             kv = {"k": cache["k"], "v": cache["v"]}
             (x, kv), _ = run_layer_stack(
