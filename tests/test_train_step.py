@@ -229,3 +229,22 @@ def test_bf16_compute_trains_with_float32_parameters_and_loss():
     state, losses = run_steps(step, state)
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
     assert np.isfinite(losses).all()
+
+
+def test_fresh_init_on_a_mesh_runs_a_slice_of_the_scanned_vision_stack():
+    """Regression: with the feature layer short of the last (LLaVA's -2), the vision tower
+    runs a slice of its scanned stack; at init under a mesh its boxed parameters carried
+    the `layers` axis name into the per-layer body and the sharding constraint failed."""
+    from llava_jax.models.llava import init_params
+    from llava_jax.sharding import DEFAULT_RULES
+    from llava_jax.train.optimizer import OptimizerConfig, make_optimizer
+    from llava_jax.train.state import init_train_state, make_setup
+
+    assert TINY.vision_feature_layer == -2 and TINY.scan_layers
+    optimizer, _ = make_optimizer(OptimizerConfig(), 10)
+    setup = make_setup(TINY, optimizer, "proj/.*", make_mesh((2, 2, 2)), DEFAULT_RULES)
+    state = init_train_state(setup, jax.random.key(0))
+    expected = flat_params(init_params(TINY, jax.random.key(0)))
+    got = flat_params(state.params)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, err_msg=key)

@@ -130,7 +130,10 @@ class VisionTransformer(nn.Module):
         policy = remat_policy(self.remat_policy)
         if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        stacked = jax.tree.map(lambda p: p[start:stop], self.layers.variables["params"])
+        # Unboxed: at init the stacked leaves are `nn.Partitioned` whose names include the
+        # `layers` axis, which the per-layer slices in `body` no longer have.
+        params = nn.meta.unbox(self.layers.variables["params"])
+        stacked = jax.tree.map(lambda p: p[start:stop], params)
         return jax.lax.scan(body, x, stacked)[0]
 
 
