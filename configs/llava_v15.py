@@ -19,6 +19,20 @@ Stage 2 (projector + LLM), from stage 1's checkpoint:
         --config.data.image_dir=/path/to/images \
         --config.data.tokenizer_path=/path/to/vicuna-7b-v1.5
 
+Stage 2 with LoRA (LLaVA's `finetune_lora.sh`: rank 128, alpha 256, dropout 0.05 on every
+dense layer of the decoder's blocks, learning rate 2e-4, projector 2e-5; the base frozen),
+from stage 1's checkpoint (`lora_int8` also stores the frozen base in int8, QLoRA's idea):
+
+    python -m llava_jax.main --config=configs/llava_v15.py:7b,lora \
+        --workdir=gs://BUCKET/llava-v15-7b-lora \
+        --config.init.checkpoint_path=gs://BUCKET/llava-v15-7b-pretrain \
+        --config.data.json_path=/path/to/llava_v1_5_mix665k.json \
+        --config.data.image_dir=/path/to/images \
+        --config.data.tokenizer_path=/path/to/vicuna-7b-v1.5
+
+Then `python -m llava_jax.convert params-to-hf --merge-lora` writes the merged model, and
+`python -m llava_jax.convert lora-to-peft` the adapter alone, for transformers and PEFT.
+
 Before creating the pod, `python -m llava_jax.plan --config=configs/llava_v15.py:7b,finetune
 --topology=v4-32` shows the memory per chip.
 """
@@ -27,7 +41,7 @@ from llava_jax.models.presets import CLIP_VIT_L_14_336, VICUNA
 from llava_jax.train.config import base_config
 
 SIZES = tuple(VICUNA)
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "lora", "lora_int8")
 
 
 def get_config(arg: str | None = None):
@@ -77,10 +91,22 @@ def get_config(arg: str | None = None):
         config.data.global_batch_size = 256
         config.optimizer.learning_rate = 1e-3
         config.train.train_pattern = "proj/.*"
-    else:  # 665K conversations; trains the projector and the language model
+    elif stage == "finetune":  # 665K conversations; trains the projector and the LLM
         config.init.mode = "checkpoint"
         config.data.template = "vicuna_v1"
         config.data.global_batch_size = 128
         config.optimizer.learning_rate = 2e-5
         config.train.train_pattern = "proj/.*|llm/.*"
+    else:  # the same data; adapters on the frozen LLM, and the projector
+        config.init.mode = "checkpoint"
+        config.data.template = "vicuna_v1"
+        config.data.global_batch_size = 128
+        lora = model.lora
+        lora.rank = 128
+        lora.alpha = 256.0
+        lora.dropout = 0.05
+        lora.base_dtype = "int8" if stage == "lora_int8" else "param"
+        config.optimizer.learning_rate = 2e-4
+        config.optimizer.projector_learning_rate = 2e-5
+        config.train.train_pattern = "proj/.*"
     return config

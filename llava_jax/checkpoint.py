@@ -74,6 +74,20 @@ def load_params(directory: str, target: Any = None) -> tuple[ModelConfig, Any]:
         ) from None
 
 
+def load_model_params(path: str) -> tuple[ModelConfig, Any]:
+    """A params checkpoint (`save_params`), or a training workdir's newest checkpoint:
+    (model config, parameters on the default device)."""
+    if os.path.exists(os.path.join(path, MODEL_CONFIG_FILE)):
+        return load_params(path)
+    if not os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        raise FileNotFoundError(
+            f"{path}: neither a params checkpoint (no {MODEL_CONFIG_FILE}) nor a training "
+            f"workdir (no {CHECKPOINT_DIR}/)"
+        )
+    step, run_config = read_run_config(path)
+    return ModelConfig.from_section(run_config["model"]), restore_params(path, step=step)
+
+
 # --- integrity ------------------------------------------------------------------------------
 
 

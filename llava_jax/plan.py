@@ -152,18 +152,6 @@ def _abstract_batch(config: Any, model_config: Any, global_batch: int, sharding:
     }
 
 
-def _device_bytes(tree: Any) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
-    import jax
-    import numpy as np
-
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shard = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-    return total
-
-
 def plan_train_step(
     config: Any,
     devices: list[Any],
@@ -183,7 +171,7 @@ def plan_train_step(
 
     from llava_jax.hardware import chip_for
     from llava_jax.models.llava import abstract_params
-    from llava_jax.sharding import batch_sharding, data_parallel_size
+    from llava_jax.sharding import batch_sharding, data_parallel_size, device_bytes
     from llava_jax.train.config import RunConfig
     from llava_jax.train.step import jit_train_step, make_train_step
     from llava_jax.train.trainer import make_run_setup
@@ -214,7 +202,7 @@ def plan_train_step(
     start = time.perf_counter()
     chip = chip_for(devices[0])
     state = setup.abstract_state
-    arguments = _device_bytes(state) + _device_bytes(batch)
+    arguments = device_bytes(state) + device_bytes(batch)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         lowered = step.jitted.lower(state, batch)
         try:
@@ -237,9 +225,9 @@ def plan_train_step(
         micro_batches=micro_batches,
         device_batch=global_batch // (data_parallel * micro_batches),
         length=config.data.max_len,
-        param_bytes=_device_bytes(state.params),
-        optimizer_bytes=_device_bytes(state.opt_state),
-        batch_bytes=_device_bytes(batch),
+        param_bytes=device_bytes(state.params),
+        optimizer_bytes=device_bytes(state.opt_state),
+        batch_bytes=device_bytes(batch),
         argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes,

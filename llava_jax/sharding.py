@@ -35,6 +35,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("layers", None),
     ("head_dim", None),
+    # A LoRA factor's rank axis: its other axis may map to a mesh axis that is absent or
+    # small (`tensor`), so without this a factor would sit whole on every device.
+    ("lora_rank", "fsdp"),
 )
 
 Rules = Sequence[tuple[str, Any]]
@@ -236,6 +239,15 @@ def global_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
         return jax.device_put(value, sharding)
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded `ShapeDtypeStruct`s (or arrays)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
 
 
 def place(tree: Any, shardings: Any) -> Any:

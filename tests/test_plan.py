@@ -129,3 +129,34 @@ def test_batch_search_finds_the_largest_batch_that_fits():
     by_size = {plan.device_batch: plan for plan in plans}
     assert largest >= 1 and by_size[largest].fits
     assert largest + 1 in by_size and not by_size[largest + 1].fits
+
+
+def test_lora_plan_counts_the_int8_base_and_only_trainable_optimizer_state():
+    """A LoRA run with an int8 base: parameters count each int8 kernel at one byte (plus its
+    float32 scales), the optimizer holds Adam's moments of the adapters and projector only,
+    and the frozen base passes through the donated step without a second copy."""
+    from llava_jax.train.optimizer import trainable_mask
+
+    config = tiny((-1, 1, 1), train__train_pattern="proj/.*")
+    config.model.lora.rank = 4
+    config.model.lora.dropout = 0.05
+    config.model.lora.base_dtype = "int8"
+    shapes = nn.meta.unbox(abstract_params(ModelConfig.from_section(config.model)))
+    dtypes = {x.dtype for x in jax.tree.leaves(shapes)}
+    assert np.dtype(np.int8) in dtypes
+    mask = trainable_mask(shapes, "proj/.*")
+    trainable = sum(
+        int(np.prod(x.shape)) * x.dtype.itemsize
+        for x, m in zip(jax.tree.leaves(shapes), jax.tree.leaves(mask), strict=True)
+        if m
+    )
+    devices = plan_devices("v5e:2x2")
+    plan = plan_train_step(config, devices, "v5e:2x2")
+    assert plan.fits and plan.temp_bytes > 0
+    assert plan.param_bytes == _param_bytes(config)
+    full = tiny((-1, 1, 1))
+    assert plan.param_bytes < _param_bytes(full)  # int8 kernels, though adapters were added
+    assert 2 * trainable <= plan.optimizer_bytes <= 2 * trainable + 64
+    assert plan.optimizer_bytes < plan.param_bytes
+    # The new state is written over the donated one: frozen leaves are not counted twice.
+    assert plan.output_bytes - plan.alias_bytes < plan.param_bytes // 10

@@ -15,9 +15,9 @@ from trainer_fixtures import (
     REPO,
     checkpoint_params,
     main_command,
+    run_until,
     subprocess_env,
     tiny_config,
-    wait_for_step,
 )
 
 from llava_jax import checkpoint as ckpt
@@ -54,22 +54,7 @@ def uninterrupted(tmp_path_factory, data_dir):
 
 
 def _run_until(workdir, data_dir, step, sig):
-    process = subprocess.Popen(
-        main_command(workdir, data_dir),
-        cwd=REPO,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for_step(workdir, step, process)
-    except AssertionError:
-        process.kill()
-        raise AssertionError(process.communicate()[1][-3000:]) from None
-    process.send_signal(sig)
-    _, stderr = process.communicate(timeout=300)
-    return process.returncode, stderr
+    return run_until(main_command(workdir, data_dir), workdir, step, sig)
 
 
 def _assert_bitwise_equal(a, b):

@@ -81,6 +81,27 @@ def wait_for_step(workdir: str, step: int, process: subprocess.Popen, timeout: f
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+def run_until(command: list[str], workdir: str, step: int, sig: int) -> tuple[int, str]:
+    """Start `command` (a training run in `workdir`), send `sig` once it has logged `step`,
+    wait for it to end -> (exit code, stderr)."""
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_step(workdir, step, process)
+    except AssertionError:
+        process.kill()
+        raise AssertionError(process.communicate()[1][-3000:]) from None
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
+
+
 def checkpoint_params(workdir: str, step: int) -> dict[str, np.ndarray]:
     """The parameters saved at `step`, flattened to `path -> numpy`, on the host."""
     params = restore_params(workdir, step=step)

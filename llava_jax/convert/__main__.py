@@ -2,9 +2,26 @@
 
   python -m llava_jax.convert hf-to-params --hf DIR --out CKPT [--overwrite]
   python -m llava_jax.convert params-to-hf --params CKPT --out DIR [--dtype bfloat16] \\
-      [--overwrite]
+      [--merge-lora] [--overwrite]
   python -m llava_jax.convert towers --vision CLIP_DIR --text LLAMA_DIR --out CKPT \\
       [--projector mlp2x_gelu] [--image-token-id N] [--overwrite]
+  python -m llava_jax.convert lora-to-peft --params CKPT --out DIR \\
+      [--base-model NAME_OR_PATH] [--overwrite]
+  python -m llava_jax.convert peft-to-params --params BASE_CKPT --adapter DIR --out CKPT \\
+      [--overwrite]
+  python -m llava_jax.convert merge-lora --params CKPT --out CKPT [--overwrite]
+
+Wherever `--params` is read, it may also be a training workdir (its newest checkpoint), e.g.
+`params-to-hf --params workdir/llava-lora --merge-lora --out hf_out` after a LoRA run.
+
+LoRA (`config.model.lora`): a params checkpoint of a LoRA model holds the frozen base and
+the adapters' factors. `params-to-hf` writes such a checkpoint only with `--merge-lora` (each
+adapted kernel becomes `W + (alpha/rank)·A·B`); `lora-to-peft` writes the adapters alone as a
+Hugging Face PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`;
+`--base-model` is recorded as its `base_model_name_or_path`); `peft-to-params` puts a PEFT
+adapter on a plain params checkpoint of its base model, giving a LoRA params checkpoint;
+`merge-lora` turns a LoRA params checkpoint into the plain one it stands for (e.g. to start
+another training stage from it).
 
 `--out` is a folder that is new or empty; one that holds anything (an earlier export, say)
 is refused unless `--overwrite`, which replaces it whole: nothing of what it held stays
@@ -30,10 +47,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from llava_jax.checkpoint import load_params, save_params
+from llava_jax.checkpoint import load_model_params, save_params
 from llava_jax.convert.hf import load_hf, load_towers, save_hf
+from llava_jax.convert.peft import export_peft_adapter, import_peft_adapter
 from llava_jax.convert.safetensors_io import CheckpointError
 from llava_jax.errors import InputError
+from llava_jax.models.lora import merge_lora
 from llava_jax.program import (
     EXIT_INPUT_ERROR,
     add_debug_argument,
@@ -146,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     hf_out.add_argument("--params", required=True)
     hf_out.add_argument("--out", required=True)
     hf_out.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    hf_out.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="write a LoRA checkpoint's merged model (default: refuse a LoRA checkpoint)",
+    )
     towers = commands.add_parser(
         "towers", parents=[output], help="CLIP + LLaMA directories -> params checkpoint"
     )
@@ -159,6 +183,29 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: the LLaMA vocabulary size (one token past it)",
     )
+    to_peft = commands.add_parser(
+        "lora-to-peft", parents=[output], help="LoRA params checkpoint -> PEFT adapter folder"
+    )
+    to_peft.add_argument("--params", required=True)
+    to_peft.add_argument("--out", required=True)
+    to_peft.add_argument(
+        "--base-model",
+        default=None,
+        help="the adapter's base_model_name_or_path (a hub name or a folder; default: none)",
+    )
+    from_peft = commands.add_parser(
+        "peft-to-params",
+        parents=[output],
+        help="base params checkpoint + PEFT adapter folder -> LoRA params checkpoint",
+    )
+    from_peft.add_argument("--params", required=True, help="the base model's params checkpoint")
+    from_peft.add_argument("--adapter", required=True)
+    from_peft.add_argument("--out", required=True)
+    merge = commands.add_parser(
+        "merge-lora", parents=[output], help="LoRA params checkpoint -> plain params checkpoint"
+    )
+    merge.add_argument("--params", required=True)
+    merge.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     setup_logging()
     skip_absent_accelerators()
@@ -172,10 +219,52 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "params-to-hf":
             check_output_folder(args.out, [args.params], args.overwrite)
             config, params = read_input(
-                "the params checkpoint", args.params, lambda: load_params(args.params)
+                "the params checkpoint", args.params, lambda: load_model_params(args.params)
             )
+            if config.lora.enabled and not args.merge_lora:
+                raise InputError(
+                    f"the params checkpoint {args.params} holds a LoRA model "
+                    f"(lora.rank={config.lora.rank}): give --merge-lora to write the merged "
+                    "model, or write the adapter alone with lora-to-peft"
+                )
             dtype = DTYPES.get(args.dtype)
-            write_folder(args.out, lambda folder: save_hf(config, params, folder, dtype=dtype))
+            write_folder(
+                args.out,
+                lambda folder: save_hf(
+                    config, params, folder, dtype=dtype, merge_lora=args.merge_lora
+                ),
+            )
+        elif args.command == "lora-to-peft":
+            check_output_folder(args.out, [args.params], args.overwrite)
+            config, params = _read_lora_checkpoint(args.params, "nothing to export")
+            write_folder(
+                args.out,
+                lambda folder: export_peft_adapter(
+                    config, params, folder, base_model_name_or_path=args.base_model
+                ),
+            )
+        elif args.command == "peft-to-params":
+            check_output_folder(args.out, [args.params, args.adapter], args.overwrite)
+            config, params = read_input(
+                "the params checkpoint", args.params, lambda: load_model_params(args.params)
+            )
+            if config.lora.enabled:
+                raise InputError(
+                    f"the params checkpoint {args.params} holds a LoRA model already "
+                    f"(lora.rank={config.lora.rank}): give the plain base model's checkpoint "
+                    "(merge-lora makes one of it)"
+                )
+            config, params = read_input(
+                "the PEFT adapter",
+                args.adapter,
+                lambda: import_peft_adapter(config, params, args.adapter),
+            )
+            write_folder(args.out, lambda folder: save_params(folder, config, params))
+        elif args.command == "merge-lora":
+            check_output_folder(args.out, [args.params], args.overwrite)
+            config, params = _read_lora_checkpoint(args.params, "nothing to merge")
+            config, params = merge_lora(config, params)
+            write_folder(args.out, lambda folder: save_params(folder, config, params))
         else:
             check_output_folder(args.out, [args.vision, args.text], args.overwrite)
             fields = {"projector": args.projector}
@@ -194,6 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT_ERROR
     print(f"wrote {args.out}")
     return 0
+
+
+def _read_lora_checkpoint(path: str, otherwise: str) -> tuple[Any, Any]:
+    """(config, params) of the params checkpoint `path`, which must hold a LoRA model."""
+    config, params = read_input("the params checkpoint", path, lambda: load_model_params(path))
+    if not config.lora.enabled:
+        raise InputError(
+            f"the params checkpoint {path} holds no LoRA adapters (lora.rank=0): {otherwise}"
+        )
+    return config, params
 
 
 def _described(err: Exception) -> Exception:

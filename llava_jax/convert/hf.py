@@ -26,6 +26,7 @@ from llava_jax.models.config import ModelConfig, RopeConfig, TextConfig, VisionC
 from llava_jax.models.layers import activation
 from llava_jax.models.llava import abstract_params, init_params, to_scan_layout
 from llava_jax.models.llava import to_unscanned_layout as _unscan
+from llava_jax.models.lora import merge_lora as merged_lora_model
 
 Params = dict[str, Any]
 
@@ -584,9 +585,21 @@ def save_hf(
     *,
     dtype: Any = None,
     max_shard_bytes: int = 5 * 2**30,
+    merge_lora: bool = False,
 ) -> None:
     """Write config.json + safetensors that `LlavaForConditionalGeneration.from_pretrained`
-    loads. `dtype` (e.g. `ml_dtypes.bfloat16`) casts the weights; default keeps theirs."""
+    loads. `dtype` (e.g. `ml_dtypes.bfloat16`) casts the weights; default keeps theirs.
+
+    A LoRA model is written merged (`merge_lora=True`: each adapted kernel becomes
+    `W + (alpha/rank)·A·B`); without it, it is refused rather than written without its
+    adapters. Its adapters alone travel as a PEFT adapter (convert/peft.py)."""
+    if model_config.lora.enabled:
+        if not merge_lora:
+            raise ValueError(
+                "save_hf: this is a LoRA model; pass merge_lora=True to write the merged "
+                "weights (or export the adapter with convert.peft.export_peft_adapter)"
+            )
+        model_config, params = merged_lora_model(model_config, params)
     hf_config = model_config_to_hf(model_config)
     tensors = to_hf_tensors(model_config, params, dtype)
     os.makedirs(out_dir, exist_ok=True)

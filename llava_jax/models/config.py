@@ -30,6 +30,7 @@ REMAT_POLICIES = (
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "dot_product", "cudnn", "splash")
 ROPE_TYPES = ("default", "linear", "llama3")
 FEATURE_SELECT_STRATEGIES = ("default", "full")
+LORA_BASE_DTYPES = ("param", "bfloat16", "int8")
 _MLP_PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
 
 
@@ -96,6 +97,56 @@ class TextConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig(Section):
+    """Low-rank adapters (`config.model.lora`, models/lora.py): rank 0 = none.
+
+    Each dense layer whose path (`llm/layers/attn/query`, scanned, or `llm/layers_3/…`)
+    fully matches `target` gets `lora_a: [*contracted, rank]` (random) and
+    `lora_b: [rank, *features]` (zeros) and computes `x·W + (alpha/rank)·(dropout(x)·A)·B`.
+    The default targets every dense layer of the decoder's blocks, as LLaVA's
+    `find_all_linear_names` does (not the LM head, projector or vision tower).
+    base_dtype: how the adapted (frozen) kernels are stored: `param` (model.param_dtype),
+    `bfloat16`, or `int8` (per output channel, models/quantize.py; QLoRA's idea).
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target: str = r"llm/layers(_\d+)?/.*"
+    base_dtype: str = "param"
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank={self.rank} must be >= 0 (0: no LoRA)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if self.base_dtype not in LORA_BASE_DTYPES:
+            raise ValueError(
+                f"lora.base_dtype={self.base_dtype!r} is not one of {LORA_BASE_DTYPES}"
+            )
+        try:
+            re.compile(self.target)
+        except re.error as err:
+            raise ValueError(f"lora.target={self.target!r} is not a regex: {err}") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, PEFT's scaling (without rsLoRA)."""
+        return self.alpha / self.rank
+
+    def adapts(self, path: tuple[str, ...] | str) -> bool:
+        """Whether the dense layer at module `path` gets adapters."""
+        if not self.enabled:
+            return False
+        name = path if isinstance(path, str) else "/".join(path)
+        return re.fullmatch(self.target, name) is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig(Section):
     """A whole LLaVA: vision tower, projector, decoder, and the numerics to run them."""
 
@@ -112,6 +163,7 @@ class ModelConfig(Section):
     scan_layers: bool = True
     remat_policy: str = "none"  # REMAT_POLICIES
     attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS (models/attention.py)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     def __post_init__(self):
         if isinstance(self.vision_feature_layer, list):
@@ -174,6 +226,11 @@ class ModelConfig(Section):
                     f"projector='identity' needs vision features ({width}) as wide as "
                     f"text.hidden_size ({self.text.hidden_size})"
                 )
+        if self.lora.adapts("llm/lm_head"):
+            raise ValueError(
+                f"lora.target={self.lora.target!r} adapts the LM head (llm/lm_head), which the "
+                "fused loss reads as a plain kernel: leave it out of the target"
+            )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
@@ -208,8 +265,9 @@ class ModelConfig(Section):
         text = dict(values.pop("text", {}))
         rope = RopeConfig(**_known(RopeConfig, text.pop("rope", {}), "text.rope"))
         vision = VisionConfig(**_known(VisionConfig, values.pop("vision", {}), "vision"))
+        lora = LoraConfig(**_known(LoraConfig, values.pop("lora", {}), "lora"))
         text_config = TextConfig(rope=rope, **_known(TextConfig, text, "text"))
-        return cls(vision=vision, text=text_config, **_known(cls, values, "model"))
+        return cls(vision=vision, text=text_config, lora=lora, **_known(cls, values, "model"))
 
 
 def _known(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.models.attention import attend, cache_attention
-from llava_jax.models.config import REMAT_POLICIES, RopeConfig
+from llava_jax.models.config import REMAT_POLICIES, LoraConfig, RopeConfig
 
 Dtype = Any
 Array = jax.Array
@@ -106,6 +106,11 @@ class Dense(nn.Module):
     `scale: float32[*features]`, from models/quantize.py) instead of `kernel`, the int8
     weight is converted to the compute dtype inside the matmul and the output multiplied
     by the per-channel scale.
+
+    Where `lora` adapts this layer's path (models/lora.py), it also holds
+    `lora_a: [*contracted, rank]` and `lora_b: [rank, *features]` and adds
+    `(alpha/rank) · (dropout(x) · lora_a) · lora_b`; dropout runs only when the caller
+    passes a `dropout` rng (training), so inference needs no flag.
     """
 
     features: tuple[int, ...]
@@ -114,6 +119,7 @@ class Dense(nn.Module):
     use_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -137,6 +143,8 @@ class Dense(nn.Module):
                 self.param_dtype,
             )
             y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.num_contract)
+        if self.lora is not None and self.lora.adapts(self.path):
+            y = y + self._low_rank(x, contracted)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -149,6 +157,39 @@ class Dense(nn.Module):
             y = y + bias.astype(self.dtype)
         return y
 
+    def _low_rank(self, x: Array, contracted: tuple[int, ...]) -> Array:
+        """`scale · (dropout(x) · lora_a) · lora_b`; the factors carry the kernel's logical
+        names on their kernel-side axes (so they shard like it) and `lora_rank` on the rank
+        (sharded over a mesh axis the other axis leaves free)."""
+        lora = self.lora
+        fan_in = math.prod(contracted)
+        # PEFT's A: kaiming-uniform(a=sqrt(5)), i.e. uniform(±1/sqrt(fan_in)); B: zeros, so
+        # a fresh adapter changes nothing.
+        bound = 1 / math.sqrt(fan_in)
+
+        def a_init(rng: Array, shape: tuple[int, ...], dtype: Dtype) -> Array:
+            return jax.random.uniform(rng, shape, dtype, -bound, bound)
+
+        lora_a = self.param(
+            "lora_a",
+            nn.with_logical_partitioning(a_init, (*self.axes[: self.num_contract], "lora_rank")),
+            (*contracted, lora.rank),
+            self.param_dtype,
+        )
+        lora_b = self.param(
+            "lora_b",
+            nn.with_logical_partitioning(
+                nn.initializers.zeros, ("lora_rank", *self.axes[self.num_contract :])
+            ),
+            (lora.rank, *self.features),
+            self.param_dtype,
+        )
+        if lora.dropout > 0 and self.has_rng("dropout"):
+            x = nn.Dropout(lora.dropout, deterministic=False, name="lora_dropout")(x)
+        h = matmul(x.astype(self.dtype), lora_a.astype(self.dtype), self.num_contract)
+        out = matmul(h, lora_b.astype(self.dtype), 1)
+        return out * jnp.asarray(lora.scale, self.dtype)
+
 
 def dense(
     features: int | tuple[int, ...],
@@ -159,6 +200,7 @@ def dense(
     use_bias: bool = False,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
+    lora: LoraConfig | None = None,
 ) -> Dense:
     """A `Dense` whose kernel carries logical `axes` (contracted axes, then output axes)."""
     return Dense(
@@ -168,6 +210,7 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
+        lora=lora,
         name=name,
     )
 
@@ -304,6 +347,7 @@ class Attention(nn.Module):
     implementation: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(
@@ -316,7 +360,9 @@ class Attention(nn.Module):
         cache_mask: Array | None = None,
         cache_layer: Array | int = 0,
     ) -> tuple[Array, dict[str, Array] | None]:
-        common = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(
+            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora
+        )
         q = dense(
             (self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **common
         )(x)
@@ -376,7 +422,7 @@ def make_layer_stack(
         scanned = nn.scan(
             block,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(0,) + (nn.broadcast,) * num_broadcast,
             length=num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},

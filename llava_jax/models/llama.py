@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llava_jax.models.config import TextConfig
+from llava_jax.models.config import LoraConfig, TextConfig
 from llava_jax.models.layers import (
     Attention,
     RMSNorm,
@@ -75,6 +75,7 @@ class DecoderBlock(nn.Module):
     attention: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(
@@ -99,12 +100,13 @@ class DecoderBlock(nn.Module):
             use_bias=cfg.attention_bias,
             rope=cfg.rope,
             implementation=self.attention,
+            lora=self.lora,
             name="attn",
             **kw,
         )(h, positions, segment_ids, cache, cache_index, cache_mask, cache_layer=layer)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
-        mlp = dict(use_bias=cfg.mlp_bias, **kw)
+        mlp = dict(use_bias=cfg.mlp_bias, lora=self.lora, **kw)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate", **mlp)(h)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), name="up", **mlp)(h)
         gate, up = checkpoint_name(gate, "mlpwi"), checkpoint_name(up, "mlpwi")
@@ -124,6 +126,7 @@ class LlamaDecoder(nn.Module):
     attention: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: LoraConfig | None = None
 
     def setup(self):
         cfg = self.config
@@ -144,11 +147,12 @@ class LlamaDecoder(nn.Module):
             num_broadcast=4,
             config=cfg,
             attention=self.attention,
+            lora=self.lora,
             **kw,
         )
         self.final_norm = RMSNorm(cfg.rms_norm_eps, **kw)
         if not cfg.tie_word_embeddings:
-            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), **kw)
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), lora=self.lora, **kw)
 
     def embed_tokens(self, input_ids: Array) -> Array:
         """`input_ids: int32[B, T]` -> `[B, T, D]` in compute dtype."""

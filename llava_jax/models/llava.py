@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from llava_jax.models.config import ModelConfig
 from llava_jax.models.layers import stack_layers, unstack_layers
 from llava_jax.models.llama import KVCache, LlamaDecoder
+from llava_jax.models.lora import prepare_base, prepare_base_abstract
 from llava_jax.models.projector import Projector
 from llava_jax.models.vit import VisionTransformer
 
@@ -71,7 +72,8 @@ class Llava(nn.Module):
 
     def setup(self):
         cfg = self.config
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        lora = cfg.lora if cfg.lora.enabled else None
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), lora=lora)
         stack = dict(
             scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, attention=cfg.attention
         )
@@ -188,15 +190,19 @@ def _for_init(config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, attention="xla")
 
 
-def abstract_params(config: ModelConfig) -> dict:
-    """The parameter tree as `nn.Partitioned`-boxed `ShapeDtypeStruct`s (no memory used)."""
+def abstract_params(config: ModelConfig, *, stored: bool = True) -> dict:
+    """The parameter tree as `nn.Partitioned`-boxed `ShapeDtypeStruct`s (no memory used),
+    with a LoRA model's frozen base as `lora.base_dtype` stores it (models/lora.py), or,
+    `stored=False`, as the model initialises it (float kernels)."""
     inputs = dummy_inputs(config)
     variables = jax.eval_shape(
         lambda: Llava(_for_init(config)).init(
             jax.random.key(0), inputs["input_ids"], inputs["images"]
         )
     )
-    return variables["params"]
+    if not stored:
+        return variables["params"]
+    return prepare_base_abstract(config, variables["params"])
 
 
 def init_params(config: ModelConfig, rng: Array) -> dict:
@@ -204,7 +210,7 @@ def init_params(config: ModelConfig, rng: Array) -> dict:
     inputs = dummy_inputs(config)
     model = Llava(_for_init(config))
     init = jax.jit(lambda rng: model.init(rng, inputs["input_ids"], inputs["images"]))
-    return nn.meta.unbox(init(rng)["params"])
+    return prepare_base(config, nn.meta.unbox(init(rng)["params"]))
 
 
 def lm_head_kernel(config: ModelConfig, params: dict) -> Array:

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llava_jax.models.config import LoraConfig
 from llava_jax.models.layers import activation, dense
 
 Array = jax.Array
@@ -26,10 +27,13 @@ class Projector(nn.Module):
     act: str = "gelu"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, features: Array) -> Array:
-        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(
+            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora
+        )
         x = features.astype(self.dtype)
         if self.depth == 1:
             return dense(self.out_features, ("embed", "mlp"), name="fc", **kw)(x)

@@ -129,17 +129,27 @@ def quantize_abstract(config: ModelConfig, boxed: dict) -> dict:
     the kernel's logical names, `scale` takes the leading and output axes' names."""
 
     def one(node: dict, num_contract: int, leading: int) -> dict:
-        box = node.pop("kernel")
-        value, names = box.value, tuple(box.names)
-        kept = list(range(leading)) + list(range(leading + num_contract, len(value.shape)))
-        q = box.replace(value=jax.ShapeDtypeStruct(value.shape, jnp.int8))
-        scale = box.replace(
-            value=jax.ShapeDtypeStruct(tuple(value.shape[i] for i in kept), jnp.float32),
-            names=tuple(names[i] for i in kept),
-        )
-        return {"kernel_int8": q, "scale": scale, **node}
+        if "kernel_int8" in node:  # already int8 (a LoRA model's int8 base)
+            return node
+        return quantize_abstract_node(node, num_contract, leading)
 
     return _map_decoder_dense(config, boxed, one)
+
+
+def quantize_abstract_node(node: dict, num_contract: int, leading: int) -> dict:
+    """A boxed dense node `{"kernel", …}` -> `{"kernel_int8", "scale", …}` as
+    `quantize_kernel` would make them: the int8 kernel keeps the kernel's logical names,
+    the scale takes the leading and output axes' names."""
+    node = dict(node)
+    box = node.pop("kernel")
+    value, names = box.value, tuple(box.names)
+    kept = list(range(leading)) + list(range(leading + num_contract, len(value.shape)))
+    q = box.replace(value=jax.ShapeDtypeStruct(value.shape, jnp.int8))
+    scale = box.replace(
+        value=jax.ShapeDtypeStruct(tuple(value.shape[i] for i in kept), jnp.float32),
+        names=tuple(names[i] for i in kept),
+    )
+    return {"kernel_int8": q, "scale": scale, **node}
 
 
 def is_quantized(params: dict) -> bool:

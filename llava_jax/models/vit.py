@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llava_jax.models.config import VisionConfig
+from llava_jax.models.config import LoraConfig, VisionConfig
 from llava_jax.models.layers import (
     Attention,
     activation,
@@ -30,6 +30,7 @@ class VisionBlock(nn.Module):
     attention: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array, _per_layer: None) -> tuple[Array, None]:
@@ -44,14 +45,16 @@ class VisionBlock(nn.Module):
             causal=False,
             use_bias=True,
             implementation=self.attention,
+            lora=self.lora,
             name="attn",
             **kw,
         )(h)
         x = x + h
         h = layer_norm(cfg.layer_norm_eps, name="mlp_norm", **kw)(x)
-        h = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h)
+        mlp = dict(use_bias=True, lora=self.lora, **kw)
+        h = dense(cfg.intermediate_size, ("embed", "mlp"), name="fc1", **mlp)(h)
         h = activation(cfg.hidden_act)(checkpoint_name(h, "mlpwi"))
-        h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=True, name="fc2", **kw)(h)
+        h = dense(cfg.hidden_size, ("mlp", "embed"), name="fc2", **mlp)(h)
         x = x + checkpoint_name(h, "mlpwo")
         return x, None
 
@@ -72,6 +75,7 @@ class VisionTransformer(nn.Module):
     attention: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: LoraConfig | None = None
 
     def setup(self):
         cfg = self.config
@@ -86,6 +90,7 @@ class VisionTransformer(nn.Module):
             num_broadcast=0,
             config=cfg,
             attention=self.attention,
+            lora=self.lora,
             **kw,
         )
         self.post_norm = layer_norm(cfg.layer_norm_eps, **kw)
@@ -121,6 +126,7 @@ class VisionTransformer(nn.Module):
             attention=self.attention,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            lora=self.lora,
             parent=None,
         )
 

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import optax
 
+from llava_jax.models.lora import LORA_FACTORS
 from llava_jax.section import Section
 from llava_jax.sharding import path_string
 
@@ -19,10 +20,13 @@ SCHEDULES = ("cosine", "constant")
 
 
 def trainable_mask(params: Any, train_pattern: str) -> Any:
-    """Tree of bools: True where the path (`llm/layers/attn/query/kernel`) fully matches.
+    """Tree of bools: True where the path (`llm/layers/attn/query/kernel`) fully matches,
+    and on every LoRA factor (`…/lora_a`, `…/lora_b`).
 
     A pattern, or an alternative of it (`proj/.*|llm/.*`), that matches nothing is an error:
-    a typo would otherwise silently freeze a tower.
+    a typo would otherwise silently freeze a tower. With LoRA the pattern may be empty (only
+    the adapters train); it may not name a kernel that LoRA adapts (that kernel is the
+    frozen base) or an int8 kernel (integers have no gradient).
     """
     try:
         compiled = re.compile(train_pattern)
@@ -31,14 +35,31 @@ def trainable_mask(params: Any, train_pattern: str) -> Any:
             f"config.train.train_pattern={train_pattern!r} is not a regex: {err}"
         ) from None
     paths = [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    factors = [p for p in paths if p.rsplit("/", 1)[-1] in LORA_FACTORS]
     for alternative in _top_level_alternatives(train_pattern):
+        if factors and not alternative:
+            continue
         if not any(re.fullmatch(alternative, path) for path in paths):
             raise ValueError(
                 f"train pattern {train_pattern!r}: {alternative!r} matches no parameter "
                 f"(paths look like {paths[0]!r}, {paths[-1]!r})"
             )
+    adapted = {p.rsplit("/", 1)[0] for p in factors}
+    for path in paths:
+        node, name = path.rsplit("/", 1)
+        frozen_base = node in adapted and name in ("kernel", "kernel_int8", "scale")
+        if compiled.fullmatch(path) and (frozen_base or name == "kernel_int8"):
+            raise ValueError(
+                f"train pattern {train_pattern!r} trains {path}, the frozen base of a "
+                "LoRA-adapted layer: train the adapters and e.g. the projector only "
+                "(config.train.train_pattern='proj/.*')"
+            )
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: compiled.fullmatch(path_string(p)) is not None, params
+        lambda p, _: (
+            compiled.fullmatch(path_string(p)) is not None
+            or path_string(p).rsplit("/", 1)[-1] in LORA_FACTORS
+        ),
+        params,
     )
 
 

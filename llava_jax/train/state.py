@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import optax
 from flax import struct
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh
 
 from llava_jax.models.config import ModelConfig
 from llava_jax.models.llava import Llava, abstract_params, dummy_inputs
+from llava_jax.models.lora import is_lora_factor, prepare_base, without_lora
 from llava_jax.sharding import (
     Rules,
     abstract_arrays,
@@ -85,6 +86,17 @@ def make_setup(
     return TrainSetup(model_config, mask, optimizer, mesh, rules, state_shardings, abstract_state)
 
 
+def base_abstract_params(setup: TrainSetup) -> Any:
+    """Sharded `ShapeDtypeStruct`s of the parameters a run starts from: the state's, or,
+    for a LoRA run, those of its base model (no factors, kernels as trained), to restore an
+    earlier run's checkpoint into before `init_train_state` adds the adapters."""
+    if not setup.model_config.lora.enabled:
+        return setup.abstract_state.params
+    boxed = abstract_params(without_lora(setup.model_config))
+    shardings = param_shardings(boxed, setup.mesh, setup.rules)
+    return abstract_arrays(nn.meta.unbox(boxed), shardings)
+
+
 def init_train_state(setup: TrainSetup, rng: jax.Array, params: Any = None) -> TrainState:
     """A sharded train state: fresh parameters from `rng`, or `params` given on the host
     (numpy, e.g. from `load_hf`), each placed shard by shard so no device holds a full copy.
@@ -95,12 +107,12 @@ def init_train_state(setup: TrainSetup, rng: jax.Array, params: Any = None) -> T
 
         def init(rng: jax.Array) -> Any:
             variables = setup.model.init(rng, inputs["input_ids"], inputs["images"])
-            return nn.meta.unbox(variables["params"])
+            return prepare_base(setup.model_config, nn.meta.unbox(variables["params"]))
 
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
             params = jax.jit(init, out_shardings=shardings.params)(rng)
     else:
-        params = place(params, shardings.params)
+        params = _with_fresh_adapters(setup, rng, params)
 
     def init_opt(params: Any) -> Any:
         return setup.optimizer.init(split_trainable(params, setup.mask))
@@ -108,3 +120,42 @@ def init_train_state(setup: TrainSetup, rng: jax.Array, params: Any = None) -> T
     opt_state = jax.jit(init_opt, out_shardings=shardings.opt_state)(params)
     step = global_array(np.zeros((), np.int32), shardings.step)
     return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def _with_fresh_adapters(setup: TrainSetup, rng: jax.Array, params: Any) -> Any:
+    """Host `params` placed on the mesh. A base model starting LoRA lacks the factors: they
+    are initialised from `rng` on the devices (only those leaves are computed; the rest of
+    the init is dead code to XLA), then the frozen base is stored as `lora.base_dtype`
+    says, on the devices, each shard where it will live."""
+    final = flatten_dict(setup.state_shardings.params)
+    given = flatten_dict(params)
+    if set(given) == set(final):
+        return place(params, setup.state_shardings.params)
+    config = setup.model_config
+    raw = flatten_dict(
+        param_shardings(abstract_params(config, stored=False), setup.mesh, setup.rules)
+    )
+    missing = [path for path in raw if path not in given]
+    unknown = [path for path in missing if not is_lora_factor(path)]
+    unknown += [path for path in given if path not in raw]
+    if unknown:
+        raise ValueError(
+            "the initial parameters do not fit the model: "
+            + ", ".join("/".join(p) for p in unknown[:3])
+        )
+    inputs = dummy_inputs(config)
+
+    def init(rng: jax.Array) -> dict:
+        variables = setup.model.init(rng, inputs["input_ids"], inputs["images"])
+        flat = flatten_dict(nn.meta.unbox(variables["params"]))
+        return {path: flat[path] for path in missing}
+
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        fresh = jax.jit(init, out_shardings={path: raw[path] for path in missing})(rng)
+    placed = flatten_dict(place(params, unflatten_dict({p: raw[p] for p in given})))
+    tree = unflatten_dict({path: (placed | fresh)[path] for path in raw})
+    return jax.jit(
+        lambda tree: prepare_base(config, tree),
+        out_shardings=setup.state_shardings.params,
+        donate_argnums=0,
+    )(tree)

@@ -39,19 +39,22 @@ def loss_sums(
     *,
     loss_chunk_size: int = 0,
     z_loss_weight: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """`(objective, Σ CE·mask, Σ z_loss·mask, Σ mask)` of `model` on `batch`; gradients
     flow through `objective` (= CE + z-loss). With `loss_chunk_size`, the LM head and the
-    loss run fused, in chunks of that many positions (train/loss.py)."""
+    loss run fused, in chunks of that many positions (train/loss.py). `dropout_rng` turns
+    on the model's dropout (LoRA's); None runs it deterministically."""
     inputs = _model_inputs(batch)
+    rngs = {} if dropout_rng is None else {"rngs": {"dropout": dropout_rng}}
     if not loss_chunk_size:
-        logits = model.apply({"params": params}, **inputs)
+        logits = model.apply({"params": params}, **inputs, **rngs)
         with jax.named_scope("lm_head_loss"):
             ce, z, tokens = masked_cross_entropy_sums(
                 logits, batch["input_ids"], batch["loss_mask"], z_loss_weight
             )
         return ce + z, ce, z, tokens
-    hidden = model.apply({"params": params}, **inputs, return_hidden=True)
+    hidden = model.apply({"params": params}, **inputs, return_hidden=True, **rngs)
     with jax.named_scope("lm_head_loss"):
         return linear_cross_entropy_sums(
             hidden,
@@ -71,32 +74,44 @@ def make_train_step(
     micro_batches: int = 1,
     z_loss_weight: float = 0.0,
     loss_chunk_size: int = 0,
+    seed: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure step function (not yet jitted; see `jit_train_step`).
 
     batch: `input_ids int32[B, T]`, `loss_mask float32[B, T]`, `attention_mask int32[B, T]`,
-    optionally `images float32[B, I, H, W, 3]` and `image_mask bool[B, I]`.
+    optionally `images float32[B, I, H, W, 3]` and `image_mask bool[B, I]`. A model with
+    dropout (LoRA's) draws its masks from `seed` folded with the step and micro-batch, so a
+    resumed run draws the same ones.
     """
     model = setup.model
     mask = setup.mask
+    uses_dropout = model.config.lora.enabled and model.config.lora.dropout > 0
 
-    def summed_loss(trainable: Any, params: Any, batch: Batch) -> tuple[jax.Array, tuple]:
+    def summed_loss(
+        trainable: Any, params: Any, batch: Batch, rng: jax.Array
+    ) -> tuple[jax.Array, tuple]:
         full = merge_trainable(params, trainable, mask)
         objective, ce, z, tokens = loss_sums(
-            model, full, batch, loss_chunk_size=loss_chunk_size, z_loss_weight=z_loss_weight
+            model,
+            full,
+            batch,
+            loss_chunk_size=loss_chunk_size,
+            z_loss_weight=z_loss_weight,
+            dropout_rng=rng if uses_dropout else None,
         )
         return objective, (ce, z, tokens)
 
     grad_fn = jax.grad(summed_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
         with nn.logical_axis_rules(setup.rules):
             trainable = split_trainable(state.params, mask)
             if micro_batches == 1:
-                grads, (ce, z, tokens) = grad_fn(trainable, state.params, batch)
+                grads, (ce, z, tokens) = grad_fn(trainable, state.params, batch, rng)
             else:
                 grads, (ce, z, tokens) = _accumulate(
-                    grad_fn, trainable, state.params, batch, micro_batches, setup
+                    grad_fn, trainable, state.params, batch, rng, micro_batches, setup
                 )
             # One division for the whole global batch; no supervised token gives 0, not NaN.
             denominator = jnp.maximum(tokens, 1.0)
@@ -121,7 +136,7 @@ def make_train_step(
     return train_step
 
 
-def _accumulate(grad_fn, trainable, params, batch, micro_batches, setup):
+def _accumulate(grad_fn, trainable, params, batch, rng, micro_batches, setup):
     """Scan over k micro-batches, summing gradients and token sums in float32.
 
     Row r of the global batch goes to micro-batch r % k, so every device contributes its
@@ -134,13 +149,14 @@ def _accumulate(grad_fn, trainable, params, batch, micro_batches, setup):
         x = x.reshape(batch_size // micro_batches, micro_batches, *x.shape[1:])
         return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), split_sharding)
 
-    micro = jax.tree.map(split, batch)
+    micro = (jax.tree.map(split, batch), jnp.arange(micro_batches))
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
     init = (zeros, (jnp.float32(0), jnp.float32(0), jnp.float32(0)))
 
-    def body(carry, one_batch):
+    def body(carry, one):
         grads, sums = carry
-        g, aux = grad_fn(trainable, params, one_batch)
+        one_batch, index = one
+        g, aux = grad_fn(trainable, params, one_batch, jax.random.fold_in(rng, index))
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         return (grads, jax.tree.map(jnp.add, sums, aux)), None
 

@@ -34,14 +34,20 @@ from llava_jax.data.prompt import prompt_ids
 from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.hardware import chip_for, measured_matmul_peak
 from llava_jax.models.config import ModelConfig
-from llava_jax.sharding import data_parallel_size
+from llava_jax.sharding import data_parallel_size, device_bytes
 from llava_jax.train.config import RunConfig, TrainConfig
 from llava_jax.train.evaluator import Evaluator
 from llava_jax.train.flops import pattern_trains, train_step_flops
 from llava_jax.train.metrics import MetricsWriter, plot_losses
 from llava_jax.train.optimizer import make_optimizer
 from llava_jax.train.resume import check_resumable
-from llava_jax.train.state import TrainSetup, TrainState, init_train_state, make_setup
+from llava_jax.train.state import (
+    TrainSetup,
+    TrainState,
+    base_abstract_params,
+    init_train_state,
+    make_setup,
+)
 from llava_jax.train.step import jit_train_step, make_train_step, metrics_to_host
 
 Params = dict[str, Any]
@@ -153,6 +159,14 @@ def initial_model(run: RunConfig, tokenizer: LoadedTokenizer) -> tuple[ModelConf
             _, run_config = ckpt.read_run_config(source)
             model_config, params = ModelConfig.from_section(run_config["model"]), None
         model_config = model_config.replace(**model.numerics())
+        if model_config.lora.enabled:
+            raise ValueError(
+                f"config.init.checkpoint_path={source} holds a LoRA model: merge its adapters "
+                "first (python -m llava_jax.convert merge-lora), or resume that run in its own "
+                "workdir"
+            )
+    # This run's adapters (none, or new ones on the base it starts from).
+    model_config = model_config.replace(lora=model.lora)
     model_config = _follow_tokenizer(model_config, tokenizer, pin)
     if params is not None:
         params = resize_vocabulary(params, model_config.text.vocab_size)
@@ -286,6 +300,7 @@ class Run:
             micro_batches=accumulate,
             z_loss_weight=train.z_loss_weight,
             loss_chunk_size=train.loss_chunk_size,
+            seed=train.seed,
         )
         self.train_step = jit_train_step(
             self.setup, step_fn, self.data_config.global_batch_size, accumulate
@@ -333,13 +348,20 @@ class Run:
             if m
         )
         towers = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sizes.items())
+        lora = self.model_config.lora
+        adapters = f" + LoRA rank {lora.rank}" if lora.enabled else ""
+        state = self.setup.abstract_state
+        memory = (
+            f"per device: params {device_bytes(state.params) / 2**20:.1f} MiB, "
+            f"optimizer {device_bytes(state.opt_state) / 2**20:.1f} MiB"
+        )
         mesh = self.setup.mesh
         data = self.data_config
         return "\n".join(
             [
                 f"model: {sum(sizes.values()) / 1e6:.1f}M parameters ({towers}); "
-                f"{trainable / 1e6:.1f}M train ({self.config.train.train_pattern}); "
-                f"{self.model_config.dtype} compute",
+                f"{trainable / 1e6:.1f}M train ({self.config.train.train_pattern}{adapters}); "
+                f"{self.model_config.dtype} compute; {memory}",
                 f"mesh: {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} over "
                 f"{mesh.size} {mesh.devices.flat[0].platform} devices, "
                 f"{jax.process_count()} process(es)",
@@ -393,7 +415,7 @@ class Run:
         params = self.host_params
         if self.config.init.mode == "checkpoint" and params is None:
             source = self.config.init.checkpoint_path
-            params = ckpt.restore_params(source, self.setup.abstract_state.params)
+            params = ckpt.restore_params(source, base_abstract_params(self.setup))
         if jax.process_index() == 0:
             _save_tokenizer_and_config(self.workdir, self.tokenizer, self.run_config)
         return init_train_state(self.setup, rng, params), 0
