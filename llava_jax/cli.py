@@ -30,6 +30,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "default: none",
     )
     parser.add_argument(
+        "--layers",
+        choices=("auto", "scanned", "unscanned"),
+        default="auto",
+        help="the decoder's layer layout to run: unscanned (one parameter tree per layer) "
+        "decodes 1.3-1.8x faster on a CPU, scanned compiles faster; auto: unscanned on a CPU, "
+        "as saved elsewhere",
+    )
+    parser.add_argument(
         "--mesh",
         help="DATA,FSDP,TENSOR device mesh, -1 for the rest, e.g. --mesh=-1,1,1 (default: one "
         "device)",
@@ -95,7 +103,18 @@ def model_from_args(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         step=args.step,
         quantize=getattr(args, "quantize", None),
+        scan_layers=scan_layers_from_args(args),
     )
+
+
+def scan_layers_from_args(args: argparse.Namespace) -> bool | None:
+    """`--layers` as `load_model`'s `scan_layers`: None keeps the saved layout."""
+    import jax
+
+    choice = getattr(args, "layers", "auto")
+    if choice == "auto":
+        return False if jax.default_backend() == "cpu" else None
+    return choice == "scanned"
 
 
 def check_image_file(path: str) -> None:

@@ -548,3 +548,22 @@ def test_inference_programs_do_not_import_the_training_input_pipeline():
         "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=cli_env())
+
+
+def test_layers_flag_picks_the_layout_load_model_runs():
+    """`--layers auto` runs unscanned on a CPU (faster decoding there); the others force it."""
+    import argparse
+
+    from llava_jax import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_model_arguments(parser)
+    for flag, expected in (
+        ([], False),
+        (["--layers", "scanned"], True),
+        (["--layers", "unscanned"], False),
+    ):
+        args = parser.parse_args(["--checkpoint", "x", *flag])
+        assert cli.scan_layers_from_args(args) is expected
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint", "x", "--layers", "stacked"])
