@@ -9,6 +9,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -25,8 +26,6 @@ from llava_jax.models.lora import LORA_FACTORS, merge_lora
 from llava_jax.sharding import DEFAULT_RULES, make_mesh, param_shardings
 from llava_jax.train.optimizer import OptimizerConfig, make_optimizer, trainable_mask
 from llava_jax.train.state import init_train_state, make_setup
-
-peft = pytest.importorskip("peft")
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 
