@@ -54,16 +54,24 @@ def _command(workdir, data_dir, base):
     )
 
 
-def test_lora_from_a_checkpoint_resumes_bitwise_after_sigkill(tmp_path, data_dir, base):
-    uninterrupted = str(tmp_path / "uninterrupted")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir, base):
+    """A LoRA run (int8 base, dropout) from `base`, TOTAL steps without a stop."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
     subprocess.run(
-        _command(uninterrupted, data_dir, base),
+        _command(workdir, data_dir, base),
         cwd=REPO,
         env=subprocess_env(),
         check=True,
         capture_output=True,
         timeout=600,
     )
+    return workdir
+
+
+def test_lora_from_a_checkpoint_resumes_bitwise_after_sigkill(
+    tmp_path, data_dir, base, uninterrupted
+):
     workdir = str(tmp_path / "interrupted")
     code, _ = run_until(_command(workdir, data_dir, base), workdir, 7, signal.SIGKILL)
     assert code == -signal.SIGKILL
@@ -101,18 +109,8 @@ def test_lora_from_a_checkpoint_resumes_bitwise_after_sigkill(tmp_path, data_dir
     assert any(np.any(resumed[k]) for k in factors if k.endswith("['lora_b']"))
 
 
-def test_a_lora_checkpoint_is_not_a_base_to_start_from(tmp_path, data_dir, base):
-    lora_run = str(tmp_path / "lora")
-    train_and_evaluate(
-        tiny_config(
-            data_dir,
-            train__num_steps=1,
-            init__mode="checkpoint",
-            init__checkpoint_path=base,
-            **{k: v for k, v in LORA.items() if "dropout" not in k},
-        ),
-        lora_run,
-    )
+def test_a_lora_workdir_runs_converts_and_is_refused_as_a_base(tmp_path, data_dir, uninterrupted):
+    lora_run = uninterrupted
     with pytest.raises(ValueError, match="holds a LoRA model: merge its adapters"):
         train_and_evaluate(
             tiny_config(
