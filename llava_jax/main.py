@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -45,7 +46,23 @@ flags.DEFINE_string("compilation_cache", None, "Directory for compiled programs 
 flags.DEFINE_bool("debug", False, "Show start-up errors with their Python traceback.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
+_CLUSTER_ENV = ("CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def on_a_cluster(environ: Mapping[str, str]) -> bool:
+    """Whether the environment says this is one host of several (a TPU pod, SLURM).
+
+    `TPU_WORKER_HOSTNAMES` counts only when it names two or more hosts: one host
+    (`localhost`, set to quiet libtpu) is no pod, and libtpu itself may leave a warning
+    sentence in it (a process that initialised libtpu passes it to its children).
+    """
+    hosts = [h.strip() for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",")]
+    several_hosts = len(hosts) > 1 and all(h and " " not in h for h in hosts)
+    return (
+        several_hosts
+        or any(name in environ for name in _CLUSTER_ENV)
+        or int(environ.get("SLURM_NTASKS", "1")) > 1
+    )
 
 
 def _flag_or_env(name: str):
@@ -72,10 +89,7 @@ def initialize_distributed() -> None:
             process_id=int(_flag_or_env("process_id")),
         )
     elif (
-        FLAGS.distributed
-        or os.environ.get("LLAVA_DISTRIBUTED") == "1"
-        or any(name in os.environ for name in _CLUSTER_ENV)
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        FLAGS.distributed or os.environ.get("LLAVA_DISTRIBUTED") == "1" or on_a_cluster(os.environ)
     ):
         jax.distributed.initialize()  # TPU pod / SLURM: peers found automatically
 

@@ -615,3 +615,19 @@ def test_a_damaged_params_folder_is_one_line(params_dirs, hf_dir, tmp_path, caps
         capsys, "--checkpoint", damaged, "--tokenizer", str(hf_dir / "hf"), "--prompt", "q"
     )
     assert code == 2 and "params" in one_error_line(err)
+
+
+def test_one_host_or_libtpus_warning_in_tpu_worker_hostnames_is_no_pod():
+    """Regression: a parent process that had initialised libtpu passed on
+    TPU_WORKER_HOSTNAMES='WARNING: could not determine TPU worker hostnames…', and main
+    then called jax.distributed.initialize() with no coordinator and died."""
+    from llava_jax.main import on_a_cluster
+
+    warning = "WARNING: could not determine TPU worker hostnames or IP addresses"
+    assert not on_a_cluster({"TPU_WORKER_HOSTNAMES": warning})
+    assert not on_a_cluster({"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert not on_a_cluster({})
+    assert on_a_cluster({"TPU_WORKER_HOSTNAMES": "t1v-n-0,t1v-n-1,t1v-n-2,t1v-n-3"})
+    assert on_a_cluster({"CLOUD_TPU_TASK_ID": "0"})
+    assert on_a_cluster({"SLURM_NTASKS": "4"})
+    assert not on_a_cluster({"SLURM_NTASKS": "1"})
