@@ -50,6 +50,7 @@ _LAYER = re.compile(r"^layers_(\d+)$")
 class _Linear:
     node: tuple[str, ...]  # our unscanned path, e.g. ("llm", "layers_0", "attn", "query")
     module: str  # transformers' module name, e.g. "model.language_model.layers.0.self_attn.q_proj"
+    num_in: int  # leading input axes of our kernel (2 for the attention output)
 
 
 def linear_modules(config: ModelConfig) -> list[_Linear]:
@@ -64,7 +65,7 @@ def linear_modules(config: ModelConfig) -> list[_Linear]:
         for rule in rules:
             if rule.kind == "linear" and rule.path[-1] == "kernel":
                 module = MODULE_PREFIXES[tower] + rule.key.removesuffix(".weight")
-                found.append(_Linear((tower, *rule.path[:-1]), module))
+                found.append(_Linear((tower, *rule.path[:-1]), module, rule.num_in))
     return found
 
 
@@ -172,7 +173,7 @@ def import_peft_adapter(
     """
     raw = read_adapter_config(adapter_dir)
     rank, alpha = int(raw["r"]), float(raw["lora_alpha"])
-    by_module = {linear.module: linear.node for linear in linear_modules(config)}
+    by_module = {linear.module: linear for linear in linear_modules(config)}
     weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.exists(weights):
         raise CheckpointError(
@@ -197,11 +198,10 @@ def import_peft_adapter(
             raise CheckpointError(
                 f"{adapter_dir}: tensor {key!r} adapts {module!r}, which this model does not have"
             )
-        node = by_module[module]
+        node, num_in = by_module[module].node, by_module[module].num_in
         kernel = base.get((*node, "kernel"))
         if kernel is None:
             raise CheckpointError(f"{adapter_dir}: {'/'.join(node)} has no float kernel to adapt")
-        num_in = 2 if node[-1] == "out" and node[-2] == "attn" else 1
         in_shape, out_shape = kernel.shape[:num_in], kernel.shape[num_in:]
         expected = (
             (rank, int(np.prod(in_shape))) if which == "A" else (int(np.prod(out_shape)), rank)

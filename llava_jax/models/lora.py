@@ -159,7 +159,7 @@ def merge_lora(config: ModelConfig, params: Params) -> tuple[ModelConfig, Params
         return {"kernel": kernel.astype(dtype), **rest}
 
     merged = _map_adapted(params, one)
-    return dataclasses.replace(config, lora=LoraConfig()), merged
+    return without_lora(config), merged
 
 
 def without_lora(config: ModelConfig) -> ModelConfig:
