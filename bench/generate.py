@@ -144,6 +144,57 @@ def decode_bytes(params: dict, config, batch: int, prompt: int, new: int, cache_
     return weights, batch * per_token * live_tokens
 
 
+def weight_matrices(unscanned_params: dict) -> list[np.ndarray]:
+    """Every matrix a decode step multiplies by, as [in, out]: each decoder layer's
+    projections and the LM head (the embedding table is only gathered, so it is left out)."""
+    import jax
+
+    matrices = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(unscanned_params["llm"]):
+        name = jax.tree_util.keystr(path)
+        if not name.endswith("['kernel']"):
+            continue
+        kernel = np.asarray(leaf)  # q/k/v [in, heads, head_dim]; out [heads, head_dim, out]
+        if "['out']" in name:
+            matrices.append(kernel.reshape(-1, kernel.shape[-1]))
+        else:
+            matrices.append(kernel.reshape(kernel.shape[0], -1))
+    return matrices
+
+
+def matvec_ceiling(matrices: list[np.ndarray], batch: int, repeats: int = 20) -> dict[str, float]:
+    """Seconds for one chain of `batch`-row matrix products through `matrices` (each product
+    feeds the next, so nothing runs out of order): the weights-only part of a decode step, on
+    XLA (jit) and on numpy's BLAS. Medians of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+
+    def chain(xnp, ms):
+        x = xnp.ones((batch, ms[0].shape[0]), np.float32)
+        for m in ms:
+            x = xnp.resize(x, (batch, m.shape[0])) if x.shape[1] != m.shape[0] else x
+            x = x @ m
+            x = x / (1 + xnp.abs(x).mean())  # stays finite, and keeps the chain dependent
+        return x
+
+    on_device = [jnp.asarray(m) for m in matrices]
+    xla = jax.jit(lambda ms: chain(jnp, ms))
+
+    def median(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return {
+        "XLA": median(lambda: xla(on_device).block_until_ready()),
+        "numpy BLAS": median(lambda: chain(np, matrices)),
+    }
+
+
 def rates(runs: list[tuple[float, float]], batch: int, new: int) -> tuple[float, float]:
     """(end-to-end, decode-only) tokens/s from (total s, decode s) runs, medians."""
     total = statistics.median(r[0] for r in runs)
@@ -205,6 +256,7 @@ def main() -> None:
     hf_model.generation_config.eos_token_id = None
     sampling = SamplingConfig(max_new_tokens=new)
     num_params = sum(x.size for x in jax.tree.leaves(params))
+    matrices = weight_matrices(to_unscanned_layout(params, config))
 
     bandwidths = measure_bandwidth()
     bandwidth = max(bandwidths.values())
@@ -297,11 +349,19 @@ def main() -> None:
             lines = [("transformers", theirs_total, theirs_decode)]
             for layout in sides:
                 lines.append((f"llava_jax {layout}", *rates(ours_runs[layout], batch_size, new)))
+            ceilings = matvec_ceiling(matrices, batch_size)
             for side, total, decode in lines:
                 print(
                     f"{batch_size:>5} {prompt_length:>6} {side:<24} {total:>8.1f} "
                     f"{total / theirs_total:>5.2f}x | {decode:>12.1f} "
                     f"{decode / theirs_decode:>5.2f}x {decode / roofline:>10.0%}"
+                )
+            for kernel, seconds in ceilings.items():  # weights only: no attention, no cache
+                rate = batch_size / seconds
+                print(
+                    f"{batch_size:>5} {prompt_length:>6} {kernel + ' matvec chain':<24} "
+                    f"{'':>8} {'':>6} | {rate:>12.1f} {rate / theirs_decode:>5.2f}x "
+                    f"{rate / roofline:>10.0%}"
                 )
             print(
                 f"{batch_size:>5} {prompt_length:>6} {'memory roofline':<24} {'':>8} {'':>6} | "
@@ -313,6 +373,11 @@ def main() -> None:
                 flush=True,
             )
     print(f"ratios against transformers at the fastest of {thread_counts} torch threads")
+    print(
+        "matvec chain: the decode step's weight products alone (every layer's projections and "
+        "the LM head, each feeding the next), no attention or cache: what this CPU's matrix "
+        "kernels reach on these weights"
+    )
 
 
 if __name__ == "__main__":
