@@ -128,3 +128,36 @@ def test_splash_under_a_mesh_runs_per_shard():
     (_, logits), _ = _model_logits_and_grads(config, params, batch, mesh)
     real = host_batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(ref_logits)[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ("xla", *CPU_IMPLEMENTATIONS))
+def test_packed_segments_attend_only_within_themselves(implementation):
+    """A row packing three sequences (then padding): each sequence's output equals
+    attention over that sequence alone, causal from its own first token."""
+    rng = np.random.default_rng(1)
+    heads, kv_heads, head_dim = 4, 2, 8
+    lengths = (70, 50, 81)  # 201 tokens of 256: crosses splash's and chunked's 128 blocks
+    total = 256
+    q, k, v = (
+        rng.standard_normal((1, total, h, head_dim)).astype(np.float32)
+        for h in (heads, kv_heads, kv_heads)
+    )
+    segment_ids = np.zeros((1, total), np.int32)
+    start = 0
+    for index, length in enumerate(lengths):
+        segment_ids[0, start : start + length] = index + 1
+        start += length
+    packed = attend(
+        *map(jnp.asarray, (q, k, v)),
+        implementation=implementation,
+        causal=True,
+        segment_ids=jnp.asarray(segment_ids),
+    )
+    start = 0
+    for length in lengths:
+        part = slice(start, start + length)
+        alone = attend(
+            *(jnp.asarray(x[:, part]) for x in (q, k, v)), implementation="xla", causal=True
+        )
+        np.testing.assert_allclose(packed[:, part], alone, atol=TOLERANCE, rtol=0)
+        start += length

@@ -32,6 +32,8 @@ from llava_jax.train.trainer import (
 )
 
 TOTAL = 12
+# The resume test runs with packed rows: the packer's plan is part of what must resume.
+PACKED = {"data__packing": True, "data__max_len": 224}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def data_dir(tmp_path_factory):
 def uninterrupted(tmp_path_factory, data_dir):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
     subprocess.run(
-        main_command(workdir, data_dir),
+        main_command(workdir, data_dir, **PACKED),
         cwd=REPO,
         env=subprocess_env(),
         check=True,
@@ -54,7 +56,7 @@ def uninterrupted(tmp_path_factory, data_dir):
 
 
 def _run_until(workdir, data_dir, step, sig):
-    return run_until(main_command(workdir, data_dir), workdir, step, sig)
+    return run_until(main_command(workdir, data_dir, **PACKED), workdir, step, sig)
 
 
 def _assert_bitwise_equal(a, b):
@@ -65,7 +67,7 @@ def _assert_bitwise_equal(a, b):
 
 def test_sigkill_twice_and_sigterm_then_rerun_end_bitwise_equal(tmp_path, data_dir, uninterrupted):
     """Killed at two steps, preempted at a third, each time started again with the same
-    command: the final parameters equal an uninterrupted run's, bit for bit."""
+    command (packed rows): the final parameters equal an uninterrupted run's, bit for bit."""
     workdir = str(tmp_path / "interrupted")
     for kill_at in (2, 7):
         code, _ = _run_until(workdir, data_dir, kill_at, signal.SIGKILL)
@@ -80,7 +82,7 @@ def test_sigkill_twice_and_sigterm_then_rerun_end_bitwise_equal(tmp_path, data_d
         assert saved == max(json.loads(line)["step"] for line in f)
 
     result = subprocess.run(
-        main_command(workdir, data_dir),
+        main_command(workdir, data_dir, **PACKED),
         cwd=REPO,
         env=subprocess_env(),
         capture_output=True,
@@ -246,9 +248,17 @@ def test_run_writes_metrics_tensorboard_plot_and_eval(tmp_path, data_dir):
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [2, 4]
     for record in train_records:
-        for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "examples_seen"):
+        for key in (
+            "loss",
+            "learning_rate",
+            "grad_norm",
+            "real_tokens_per_second",
+            "padding_fraction",
+            "examples_seen",
+        ):
             assert np.isfinite(record[key]), key
     assert train_records[-1]["examples_seen"] == 4 * 8
+    assert all(0.1 < r["padding_fraction"] < 0.9 for r in train_records)  # rows of ~70 / 112
     # MFU: the counted FLOPs over the time against the peak (measured on this CPU).
     last = train_records[-1]
     assert 0.0 < last["mfu"] < 1.0

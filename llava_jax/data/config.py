@@ -45,6 +45,13 @@ class DataConfig(Section):
     num_image_tokens: int = 16
     max_images_per_sample: int = 1
     max_len: int = 128
+    # Whole conversations packed first-fit into rows of max_len tokens (data/packing.py);
+    # global_batch_size then counts rows. Attention stays within each conversation.
+    packing: bool = False
+    max_images_per_row: int = 4  # packing: image slots of a row
+    packing_window: int = 64  # packing: open rows a conversation may go into
+    # LLaVA's group_by_modality_length: image and text-only batches, each sorted by length.
+    group_by_modality_length: bool = False
     global_batch_size: int = 32
     seed: int = 0
     num_epochs: int | None = None  # None: repeat forever, reshuffling every epoch
@@ -64,6 +71,24 @@ class DataConfig(Section):
             raise ValueError(
                 f"config.data.on_bad_record={self.on_bad_record!r} is not one of {ON_BAD_RECORD}"
             )
-        for field in ("global_batch_size", "max_len", "max_images_per_sample", "image_size"):
+        if self.packing and self.group_by_modality_length:
+            raise ValueError(
+                "config.data.packing and config.data.group_by_modality_length are two ways to "
+                "cut padding; choose one"
+            )
+        if self.packing and self.max_images_per_row < self.max_images_per_sample:
+            raise ValueError(
+                f"config.data.max_images_per_row={self.max_images_per_row} is less than "
+                f"max_images_per_sample={self.max_images_per_sample}: a conversation's images "
+                "would not fit in a row"
+            )
+        for field in (
+            "global_batch_size",
+            "max_len",
+            "max_images_per_sample",
+            "max_images_per_row",
+            "packing_window",
+            "image_size",
+        ):
             if getattr(self, field) < 1:
                 raise ValueError(f"config.data.{field}={getattr(self, field)} must be >= 1")

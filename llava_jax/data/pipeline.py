@@ -12,9 +12,16 @@ A batch (``B`` = global batch / process count, ``T`` = max_len, ``I`` = max imag
 - ``input_ids int32[B, T]``: right-padded with the pad id; each ``<image>`` expanded to
   ``num_image_tokens`` copies of the image token id
 - ``loss_mask float32[B, T]``: 1 on assistant answer tokens and their end token
-- ``attention_mask int32[B, T]``: 1 on real tokens
+- ``attention_mask int32[B, T]``: the segment of each token, 0 on padding: 1 on every real
+  token of an unpacked row; with ``packing``, 1, 2, ... for the conversations of a row
+- ``positions int32[B, T]``: each token's position in its conversation (RoPE)
 - ``images float32[B, I, H, W, 3]``: normalised; unused slots are zeros
 - ``image_mask bool[B, I]``: valid images first
+
+With ``packing`` a row holds whole conversations placed first-fit (data/packing.py), ``I``
+is ``max_images_per_row`` and the row's images follow its image tokens' order; with
+``group_by_modality_length`` the records come in LLaVA's grouped order. Both keep the
+iterator's state an index, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -30,16 +37,21 @@ import jax
 import numpy as np
 from absl import flags
 
-from llava_jax.data import datasets
+from llava_jax.data import datasets, packing
 from llava_jax.data.config import DataConfig
-from llava_jax.data.conversation import DroppedExample, get_template, tokenize_conversation
+from llava_jax.data.conversation import (
+    DroppedExample,
+    TokenizedConversation,
+    get_template,
+    tokenize_conversation,
+)
 from llava_jax.data.datasets.record import Record, from_stored
 from llava_jax.data.image import load_and_preprocess
 from llava_jax.data.prompt import prompt_ids
-from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer
+from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer, tokenizer_fingerprint
 from llava_jax.sharding import batch_sharding
 
-BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask", "images", "image_mask")
+BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask", "positions", "images", "image_mask")
 
 
 def tokenizer_for(config: DataConfig) -> LoadedTokenizer:
@@ -106,17 +118,29 @@ class ExampleEncoder:
             mask[index] = True
         return images, mask
 
-    def encode(self, record: Record) -> dict:
-        c = self.config
-        tokens = tokenize_conversation(
+    def tokenize(self, record: Record) -> TokenizedConversation:
+        """The record's tokens, unpadded (raises ``DroppedExample``)."""
+        return tokenize_conversation(
             record.conversations,
             self.tokenizer,
             self.template,
             num_images=len(record.image_bytes),
-            num_image_tokens=c.num_image_tokens,
-            max_len=c.max_len,
+            num_image_tokens=self.config.num_image_tokens,
+            max_len=self.config.max_len,
             image_token_id=self.image_token_id,
         )
+
+    def measure(self, stored: dict) -> tuple[int, int, str]:
+        """(tokens, images, drop reason or '') of a stored record, no image decoded."""
+        record = from_stored(stored)
+        try:
+            return len(self.tokenize(record).input_ids), len(record.image_bytes), ""
+        except DroppedExample as error:
+            return 0, len(record.image_bytes), error.reason
+
+    def encode(self, record: Record) -> dict:
+        c = self.config
+        tokens = self.tokenize(record)
         images, image_mask = self.images(record)
         length = len(tokens.input_ids)
         input_ids = np.full((c.max_len,), self.pad_token_id, np.int32)
@@ -131,6 +155,74 @@ class ExampleEncoder:
             "input_ids": input_ids,
             "loss_mask": loss_mask,
             "attention_mask": attention_mask,
+            "positions": np.arange(c.max_len, dtype=np.int32),
+            "images": images,
+            "image_mask": image_mask,
+        }
+
+
+class RowEncoder:
+    """A packed row's stored records -> one example of the shapes ``ExampleEncoder`` gives
+    (``I`` = ``max_images_per_row``), conversation k of the row as segment k + 1 with
+    positions from 0. A record that fails here (an unreadable image) leaves its place
+    empty and is reported in ``dropped``; the row itself is never dropped, so every
+    process keeps the same rows."""
+
+    def __init__(self, config: DataConfig, tokenizer: LoadedTokenizer):
+        self.config = config
+        self.encoder = ExampleEncoder(config, tokenizer)
+
+    def __call__(self, row: dict) -> dict:
+        c = self.config
+        input_ids = np.full((c.max_len,), self.encoder.pad_token_id, np.int32)
+        loss_mask = np.zeros((c.max_len,), np.float32)
+        segments = np.zeros((c.max_len,), np.int32)
+        positions = np.zeros((c.max_len,), np.int32)
+        images = np.zeros((c.max_images_per_row, c.image_size, c.image_size, 3), np.float32)
+        image_mask = np.zeros((c.max_images_per_row,), bool)
+        ids, dropped = [], []
+        start, image_slot = 0, 0
+        for stored in row["records"]:
+            record = from_stored(stored)
+            try:
+                tokens = self.encoder.tokenize(record)
+                pictures, valid = self.encoder.images(record)
+            except DroppedExample as error:
+                dropped.append(
+                    {
+                        "id": record.id,
+                        "drop_reason": error.reason,
+                        "detail": error.detail,
+                        "file": error.file,
+                    }
+                )
+                continue
+            end = start + len(tokens.input_ids)
+            count = int(valid.sum())
+            if end > c.max_len or image_slot + count > c.max_images_per_row:
+                raise RuntimeError(  # the length table and this encoder disagree: a bug
+                    f"record {record.id} does not fit its packed row ({end} tokens, "
+                    f"{image_slot + count} images)"
+                )
+            input_ids[start:end] = tokens.input_ids
+            loss_mask[start:end] = tokens.loss_mask
+            # Position `start` is predicted from the previous conversation's last token:
+            # never a target, as a row's first token never is.
+            loss_mask[start] = 0.0
+            segments[start:end] = len(ids) + 1
+            positions[start:end] = np.arange(end - start)
+            images[image_slot : image_slot + count] = pictures[valid]
+            image_mask[image_slot : image_slot + count] = True
+            ids.append(record.id)
+            start, image_slot = end, image_slot + count
+        return {
+            "id": ",".join(ids),
+            "drop_reason": "",
+            "dropped": dropped,
+            "input_ids": input_ids,
+            "loss_mask": loss_mask,
+            "attention_mask": segments,
+            "positions": positions,
             "images": images,
             "image_mask": image_mask,
         }
@@ -186,19 +278,24 @@ class BatchIterator(grain.DatasetIterator):
                 self._dropped_in_a_row[reason] += 1
                 self._check_progress()
                 self.dropped[reason] += 1
-                log = logging.warning if sum(self.dropped.values()) <= self.max_logged else None
-                if log:
-                    log(
-                        "Dropped record %s%s: %s (%s)",
-                        example["id"],
-                        f" file {example['file']}" if example.get("file") else "",
-                        reason,
-                        example.get("detail", ""),
-                    )
+                self._log_drop(example)
                 continue
+            for part in example.get("dropped", ()):  # records left out of a packed row
+                self.dropped[part["drop_reason"]] += 1
+                self._log_drop(part)
             self._dropped_in_a_row.clear()
             kept.append(example)
         return {key: np.stack([example[key] for example in kept]) for key in BATCH_KEYS}
+
+    def _log_drop(self, example: dict) -> None:
+        if sum(self.dropped.values()) <= self.max_logged:
+            logging.warning(
+                "Dropped record %s%s: %s (%s)",
+                example["id"],
+                f" file {example['file']}" if example.get("file") else "",
+                example["drop_reason"],
+                example.get("detail", ""),
+            )
 
     def get_state(self) -> dict:
         return {
@@ -264,6 +361,68 @@ def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
     return process_index, process_count
 
 
+def length_table(
+    config: DataConfig,
+    tokenizer: LoadedTokenizer,
+    source: Sequence,
+    split: str | None = None,
+) -> packing.LengthTable:
+    """Every record's token and image counts (data/packing.py), measured with this
+    pipeline's tokenization; kept beside the prepared `split` when one is named (a given
+    in-memory source is measured each time)."""
+    encoder = ExampleEncoder(config, tokenizer)
+    cache_path = None
+    if split is not None:
+        key = packing.cache_key(
+            tokenizer_fingerprint(tokenizer.tokenizer),
+            tokenizer.image_token_id,
+            config.template,
+            config.max_len,
+            config.num_image_tokens,
+            config.max_images_per_sample,
+            len(source),
+        )
+        directory = datasets.builder_for(config).data_dir
+        cache_path = os.path.join(directory, "llava_jax_lengths", f"{split}-{key}.npz")
+    table = packing.measure_lengths(source, encoder.measure, cache_path)
+    dropped = table.dropped()
+    if len(table) and sum(dropped.values()) == len(table):
+        reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common())
+        raise NoUsableData(f"no usable example: all {len(table)} records are dropped ({reasons})")
+    if dropped:
+        first = np.flatnonzero(table.drop_reasons != "")[:5].tolist()
+        logging.warning(
+            "%d of %d records are left out before batching (%s), e.g. %s",
+            sum(dropped.values()),
+            len(table),
+            ", ".join(f"{k}: {v}" for k, v in dropped.most_common()),
+            ", ".join(from_stored(source[i]).id for i in first),
+        )
+    return table
+
+
+def train_sequences(config: DataConfig, tokenizer: LoadedTokenizer, num_epochs: float) -> int:
+    """Rows the train split gives in `num_epochs` epochs: its records, or with `packing`
+    the packed rows of those epochs (a fraction of an epoch counts that part of its rows)."""
+    source = datasets.open_split(config, "train")
+    if not config.packing:
+        return int(len(source) * num_epochs)
+    rows = packing.PackedRows(
+        grain.MapDataset.source(source),
+        length_table(config, tokenizer, source, "train"),
+        seed=config.seed,
+        max_len=config.max_len,
+        max_images=config.max_images_per_row,
+        window=config.packing_window,
+        num_epochs=None,
+    )
+    whole, part = divmod(num_epochs, 1)
+    total = sum(len(rows.plan(epoch)) for epoch in range(int(whole)))
+    if part:
+        total += part * len(rows.plan(int(whole)))
+    return int(total)
+
+
 def make_dataset(
     config: DataConfig,
     tokenizer: LoadedTokenizer,
@@ -278,12 +437,34 @@ def make_dataset(
     record dicts).
     """
     process_index, process_count = _process_index_and_count(process_index, process_count)
+    prepared = source is None
     if source is None:
         source = datasets.open_split(config, split)
     dataset = grain.MapDataset.source(source)
-    # shuffle before repeat: the epoch number is folded into the seed, so every epoch
-    # is a different permutation
-    dataset = dataset.shuffle(seed=config.seed).repeat(config.num_epochs)
+    encoder = ExampleEncoder(config, tokenizer)
+    if config.packing:
+        dataset = packing.PackedRows(
+            dataset,
+            length_table(config, tokenizer, source, split if prepared else None),
+            seed=config.seed,
+            max_len=config.max_len,
+            max_images=config.max_images_per_row,
+            window=config.packing_window,
+            num_epochs=config.num_epochs,
+        )
+        encoder = RowEncoder(config, tokenizer)
+    elif config.group_by_modality_length:
+        dataset = packing.ModalityLengthOrder(
+            dataset,
+            length_table(config, tokenizer, source, split if prepared else None),
+            batch_size=config.global_batch_size,
+            seed=config.seed,
+            num_epochs=config.num_epochs,
+        )
+    else:
+        # shuffle before repeat: the epoch number is folded into the seed, so every epoch
+        # is a different permutation
+        dataset = dataset.shuffle(seed=config.seed).repeat(config.num_epochs)
     if config.global_batch_size % process_count:
         raise ValueError(
             f"global_batch_size {config.global_batch_size} is not divisible by "
@@ -292,7 +473,7 @@ def make_dataset(
     dataset = ProcessShare(
         dataset, config.global_batch_size // process_count, process_index, process_count
     )
-    dataset = dataset.map(ExampleEncoder(config, tokenizer))
+    dataset = dataset.map(encoder)
     iter_dataset = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=0 if config.num_workers else 2, prefetch_buffer_size=16)
     )

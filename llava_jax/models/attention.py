@@ -8,9 +8,9 @@ head h // (H/K)) and return `[B, T, H, D]`; the softmax runs in float32.
                (about half the work at long lengths; the fastest on CPU)
   dot_product  `jax.nn.dot_product_attention` (XLA)
   cudnn        `jax.nn.dot_product_attention(implementation="cudnn")`: GPU, bf16/fp16,
-               right-padded batches (its padding is given as sequence lengths)
+               right-padded batches (its padding is given as sequence lengths; no packing)
   splash       Pallas splash attention: TPU (interpret mode elsewhere, for tests); padding
-               and, later, packing as segment ids
+               and packed sequences as segment ids
   auto         splash on TPU, cudnn on GPU in bf16/fp16, chunked otherwise
 
 Kernels apply to a whole sequence at once (training, evaluation, the vision tower). A step
@@ -61,7 +61,9 @@ def attend(
     segment_ids: Array | None = None,
 ) -> Array:
     """Self-attention over a whole sequence (T == S), with the implementation resolved for
-    the platform compiled for. segment_ids: int32[B, T], 0 = padding (None: no padding)."""
+    the platform compiled for. segment_ids: int32[B, T], 0 = padding (None: no padding);
+    several segments in a row (packed sequences) never attend to each other, except under
+    `cudnn`, which takes only each row's length (the trainer refuses packing with it)."""
     platform = target_platform()
     name = resolve(implementation, platform, q.dtype)
     if name == "splash":
@@ -102,14 +104,16 @@ def target_platform() -> str:
 
 
 def self_attention_mask(length: int, causal: bool, segment_ids: Array | None) -> Array | None:
-    """bool[B or 1, T, T]: causal (if asked) and no padded key; None when nothing is masked."""
+    """bool[B or 1, T, T]: causal (if asked), and a query sees only keys of its own segment,
+    never a padded one (segment 0); None when nothing is masked."""
     mask = None
     if causal:
         positions = jnp.arange(length)
         mask = (positions[None, :] <= positions[:, None])[None]
     if segment_ids is not None:
-        valid = (segment_ids > 0)[:, None, :]
-        mask = valid if mask is None else mask & valid
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        visible = same & (segment_ids > 0)[:, None, :]
+        mask = visible if mask is None else mask & visible
     return mask
 
 

@@ -169,9 +169,10 @@ class LlamaDecoder(nn.Module):
     ) -> tuple[Array, KVCache | None]:
         """Run the decoder on `embeddings: [B, T, D]` at `positions: int32[B, T]`.
 
-        Without a cache, `attention_mask: int32[B, T]` marks real tokens and attention is
-        causal over the T inputs. With a cache, the T inputs are written at `cache['index']`,
-        `attention_mask` marks which of them are real, and attention runs over the buffer.
+        Without a cache, `attention_mask: int32[B, T]` gives each token's segment (0 =
+        padding) and attention is causal within each segment. With a cache, the T inputs
+        are written at `cache['index']`, `attention_mask` marks which of them are real, and
+        attention runs over the buffer.
         Returns `(logits float32[B, T, V], new cache or None)`; with `last_position_only`,
         logits `[B, 1, V]` of the last position (a prefill needs no more, and full logits
         of a long multimodal prompt would dominate its memory). With `return_hidden`, the

@@ -122,8 +122,11 @@ class Llava(nn.Module):
         """Full forward pass -> logits `float32[B, T, V]`.
 
         input_ids: int32[B, T]; images: float32[B, I, H, W, 3]; image_mask: bool[B, I]
-        (default all True); attention_mask: int32[B, T], 1 = real token (default all 1);
-        positions: int32[B, T] (default 0..T-1 in every row, as transformers' forward).
+        (default all True); attention_mask: int32[B, T], 0 = padding, else the token's
+        segment (default all 1): a row may pack several sequences, numbered 1, 2, ..., that
+        never attend to each other; positions: int32[B, T] (default 0..T-1 in every row, as
+        transformers' forward; packed rows restart them at each segment). The image
+        features fill a row's image tokens in order, whatever segments they belong to.
         `return_hidden`: the decoder's final-normed hidden states `[B, T, D]` instead, for a
         loss that applies the LM head (`logits`) in chunks.
         """

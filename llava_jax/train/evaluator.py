@@ -48,8 +48,13 @@ class Evaluator:
         self.setup = setup
         self.tokenizer = tokenizer
         self.config = config
+        # Held-out conversations one per row, in stored order: the same figures whether the
+        # run packs or groups its training batches.
         self.data = data.replace(
-            num_epochs=1, global_batch_size=min(data.global_batch_size, config.batch_size)
+            num_epochs=1,
+            global_batch_size=min(data.global_batch_size, config.batch_size),
+            packing=False,
+            group_by_modality_length=False,
         )
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self.loss_step = make_eval_step(setup, loss_chunk_size, trace_counts=self.trace_counts)

@@ -25,7 +25,7 @@ from llava_jax.train.optimizer import merge_trainable, split_trainable
 from llava_jax.train.state import TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
-MODEL_INPUTS = ("input_ids", "images", "image_mask", "attention_mask")
+MODEL_INPUTS = ("input_ids", "images", "image_mask", "attention_mask", "positions")
 
 
 def _model_inputs(batch: Batch) -> dict[str, jax.Array]:
@@ -78,8 +78,9 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure step function (not yet jitted; see `jit_train_step`).
 
-    batch: `input_ids int32[B, T]`, `loss_mask float32[B, T]`, `attention_mask int32[B, T]`,
-    optionally `images float32[B, I, H, W, 3]` and `image_mask bool[B, I]`. A model with
+    batch: `input_ids int32[B, T]`, `loss_mask float32[B, T]`, `attention_mask int32[B, T]`
+    (segment ids, 0 = padding), optionally `positions int32[B, T]`, `images float32[B, I, H,
+    W, 3]` and `image_mask bool[B, I]`. A model with
     dropout (LoRA's) draws its masks from `seed` folded with the step and micro-batch, so a
     resumed run draws the same ones.
     """
@@ -121,11 +122,13 @@ def make_train_step(
                 updates, opt_state = setup.optimizer.update(grads, state.opt_state, trainable)
                 trainable = optax.apply_updates(trainable, updates)
             params = merge_trainable(state.params, trainable, mask)
+        real = batch["attention_mask"] > 0  # segment ids: 0 is padding
         metrics = {
             "loss": ce / denominator,
             "z_loss": z / denominator,
             "supervised_tokens": tokens,
-            "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+            "tokens": jnp.sum(real).astype(jnp.float32),
+            "padding_fraction": 1.0 - jnp.mean(real.astype(jnp.float32)),
             "examples": jnp.asarray(batch["input_ids"].shape[0], jnp.float32),
             "grad_norm": grad_norm,
             "learning_rate": learning_rate(state.step),

@@ -29,10 +29,17 @@ from llava_jax.convert import load_hf, load_towers
 from llava_jax.data import datasets
 from llava_jax.data.config import DataConfig
 from llava_jax.data.conversation import IMAGE_PLACEHOLDER, get_template
-from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokenizer_for
+from llava_jax.data.pipeline import (
+    length_table,
+    make_train_iterator,
+    to_global_batch,
+    tokenizer_for,
+    train_sequences,
+)
 from llava_jax.data.prompt import prompt_ids
 from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.hardware import chip_for, measured_matmul_peak
+from llava_jax.models.attention import resolve as resolve_attention
 from llava_jax.models.config import ModelConfig
 from llava_jax.sharding import data_parallel_size, device_bytes
 from llava_jax.train.config import RunConfig, TrainConfig
@@ -181,11 +188,25 @@ def _data_config(data: DataConfig, model_config: ModelConfig) -> DataConfig:
     )
 
 
-def _total_steps(train: TrainConfig, data: DataConfig) -> int:
+def _total_steps(train: TrainConfig, data: DataConfig, tokenizer: LoadedTokenizer) -> int:
     if train.num_steps:
         return int(train.num_steps)
-    records = len(datasets.open_split(data, "train"))
-    return max(1, math.floor(records * train.num_epochs / data.global_batch_size))
+    rows = train_sequences(data, tokenizer, train.num_epochs)  # records, or packed rows
+    return max(1, math.floor(rows / data.global_batch_size))
+
+
+def check_packing_attention(model: ModelConfig, data: DataConfig, mesh: Any) -> None:
+    """Packed rows need attention that keeps to each segment; cudnn knows only lengths."""
+    if not data.packing:
+        return
+    platform = mesh.devices.flat[0].platform
+    if resolve_attention(model.attention, platform, model.dtype) == "cudnn":
+        raise ValueError(
+            f"config.data.packing=true needs attention that honours segments, and "
+            f"config.model.attention={model.attention!r} runs cudnn here, which takes only "
+            "each row's length; set config.model.attention to dot_product, chunked or xla "
+            "(or splash on TPU)"
+        )
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -277,13 +298,16 @@ class Run:
         # the others read it.
         if jax.process_index() == 0:
             self._load_tokenizer_and_model()
-            datasets.open_split(self.data_config, "train")  # prepares on first use
+            train_split = datasets.open_split(self.data_config, "train")  # prepares it
+            if self.data_config.packing or self.data_config.group_by_modality_length:
+                length_table(self.data_config, self.tokenizer, train_split, "train")  # cached
         multihost_utils.sync_global_devices("data prepared")
         if jax.process_index() != 0:
             self._load_tokenizer_and_model()
         check_room_for_an_answer(self.data_config, self.tokenizer)
-        self.total_steps = _total_steps(config.train, self.data_config)
+        self.total_steps = _total_steps(config.train, self.data_config, self.tokenizer)
         self.setup, schedule = make_run_setup(config, self.model_config, self.total_steps)
+        check_packing_attention(self.model_config, self.data_config, self.setup.mesh)
         train = config.train
         evaluates = config.eval.num_records > 0 or config.eval.loss_batches > 0
         if evaluates and config.eval.batch_size % data_parallel_size(self.setup.mesh):
@@ -310,7 +334,7 @@ class Run:
             self.model_config,
             batch=data.global_batch_size,
             length=data.max_len,
-            images=data.max_images_per_sample,
+            images=data.max_images_per_row if data.packing else data.max_images_per_sample,
             trainable=pattern_trains(train.train_pattern),
         )
         self.peak_flops = peak_flops_per_device(self.setup.mesh, self.model_config.dtype)
@@ -431,7 +455,8 @@ class Run:
             unit="step",
             dynamic_ncols=True,
         )
-        window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+        window_start, window_tokens, window_padding = time.perf_counter(), 0.0, 0.0
+        window_steps = 0
         try:
             while step < self.total_steps:
                 stop_here = train.stop_at_step is not None and step >= train.stop_at_step
@@ -460,6 +485,7 @@ class Run:
                         f"{step}; stopping. {self._last_good()}"
                     )
                 window_tokens += host["tokens"]
+                window_padding += host["padding_fraction"]
                 window_steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{host['loss']:.4f}")
@@ -473,14 +499,16 @@ class Run:
                             "learning_rate": host["learning_rate"],
                             "grad_norm": host["grad_norm"],
                             "supervised_tokens": host["supervised_tokens"],
-                            "tokens_per_second": window_tokens / elapsed,
+                            "real_tokens_per_second": window_tokens / elapsed,
+                            "padding_fraction": window_padding / window_steps,
                             "tflops_per_device": flops / 1e12,
                             "mfu": flops / self.peak_flops,
                             "examples_seen": step * self.data_config.global_batch_size,
                             "dropped_examples": sum(self.iterator.dropped.values()),
                         },
                     )
-                    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+                    window_start, window_tokens, window_padding = time.perf_counter(), 0.0, 0.0
+                    window_steps = 0
                 if step % train.checkpoint_every == 0 or step == self.total_steps:
                     self._save(step, state)
                 if train.eval_every and step % train.eval_every == 0 and step < self.total_steps:

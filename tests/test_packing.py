@@ -1,0 +1,351 @@
+"""Sequence packing and modality-length grouping: whole conversations, the same loss and
+gradients as unpacked, no attention across conversations, exact resume, any process count."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from train_fixtures import TINY
+
+from llava_jax.data import datasets
+from llava_jax.data.config import DataConfig
+from llava_jax.data.datasets.record import from_stored
+from llava_jax.data.packing import LengthTable, first_fit, modality_length_order
+from llava_jax.data.pipeline import (
+    ExampleEncoder,
+    RowEncoder,
+    length_table,
+    make_train_iterator,
+    tokenizer_for,
+)
+from llava_jax.models.llava import Llava
+from llava_jax.sharding import make_mesh
+from llava_jax.train.step import loss_sums
+from llava_jax.train.trainer import check_packing_attention
+
+TEXT_ONLY = [
+    {"from": "human", "value": "How many objects are there?"},
+    {"from": "gpt", "value": "two"},
+]
+TWO_IMAGES = [
+    {"from": "human", "value": "<image> <image> Which color do you see?"},
+    {"from": "gpt", "value": "red"},
+]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return DataConfig(
+        data_dir=str(tmp_path_factory.mktemp("tfds")),
+        synthetic_num_train=30,
+        synthetic_num_test=4,
+        synthetic_image_size=16,
+        image_size=14,  # TINY's vision tower: 4 image tokens
+        num_image_tokens=4,
+        max_len=160,
+        max_images_per_sample=2,
+        max_images_per_row=4,
+        packing=True,
+        packing_window=4,
+        global_batch_size=4,
+        seed=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer(config):
+    return tokenizer_for(config)
+
+
+@pytest.fixture(scope="module")
+def records(config):
+    """30 one-image conversations, 6 text-only and 4 with two images, interleaved."""
+    source = datasets.open_split(config, "train")
+    stored = [source[i] for i in range(len(source))]
+    mixed = []
+    for index, record in enumerate(stored):
+        mixed.append(record)
+        if index % 5 == 0:
+            mixed.append(
+                dict(
+                    record,
+                    id=f"text-{index}",
+                    image_bytes=[],
+                    image_paths=[],
+                    conversations=json.dumps(TEXT_ONLY),
+                )
+            )
+        if index % 8 == 1:
+            mixed.append(
+                dict(
+                    record,
+                    id=f"two-{index}",
+                    image_bytes=list(record["image_bytes"]) * 2,
+                    conversations=json.dumps(TWO_IMAGES),
+                )
+            )
+    return mixed
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_same_batches(a, b):
+    for x, y in zip(a, b, strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_first_fit_places_whole_conversations_within_the_limits():
+    lengths = np.array([60, 100, 30, 0, 90, 40, 70, 10, 50, 160], np.int32)
+    images = np.array([1, 1, 0, 1, 2, 0, 1, 0, 2, 1], np.int32)
+    reasons = np.array(["", "", "", "image_truncated", "", "", "", "", "", ""])
+    table = LengthTable(lengths, images, reasons)
+    order = np.random.default_rng(0).permutation(len(lengths))
+    rows = first_fit(order, table, max_len=160, max_images=2, window=3)
+    placed = np.concatenate(rows)
+    assert sorted(placed.tolist()) == [i for i in range(10) if i != 3]  # each kept once
+    for row in rows:
+        assert lengths[row].sum() <= 160 and images[row].sum() <= 2
+    assert len(rows) < 9  # some rows hold several conversations
+    again = first_fit(order, table, max_len=160, max_images=2, window=3)
+    assert [r.tolist() for r in rows] == [r.tolist() for r in again]
+    with pytest.raises(ValueError, match="max_images_per_row"):
+        first_fit(order, table, max_len=160, max_images=1, window=3)
+
+
+def test_packed_rows_hold_each_conversation_as_unpacked_training_would(config, tokenizer, records):
+    one_epoch = dataclasses.replace(config, num_epochs=1)
+    iterator = make_train_iterator(one_epoch, tokenizer, 0, 1, source=records)
+    batches = list(iterator)
+    assert not iterator.dropped
+    unpacked = ExampleEncoder(dataclasses.replace(config, packing=False), tokenizer)
+    by_id = {from_stored(r).id: r for r in records}
+    seen = []
+    for batch in batches:
+        for row in range(batch["input_ids"].shape[0]):
+            segments = batch["attention_mask"][row]
+            count = segments.max()
+            image_slot = 0
+            for segment in range(1, count + 1):
+                where = np.flatnonzero(segments == segment)
+                assert np.all(np.diff(where) == 1)  # contiguous
+                # The row's ids, in order, name its conversations.
+                example = unpacked.encode(from_stored(by_id[records_in(batch, row)[segment - 1]]))
+                length = int(example["attention_mask"].sum())
+                assert len(where) == length
+                np.testing.assert_array_equal(
+                    batch["input_ids"][row, where], example["input_ids"][:length]
+                )
+                np.testing.assert_array_equal(batch["positions"][row, where], np.arange(length))
+                # Targets as unpacked: a row's first token is never one.
+                np.testing.assert_array_equal(
+                    batch["loss_mask"][row, where[1:]], example["loss_mask"][1:length]
+                )
+                assert batch["loss_mask"][row, where[0]] == 0
+                images = example["images"][example["image_mask"]]
+                got = batch["images"][row, image_slot : image_slot + len(images)]
+                np.testing.assert_array_equal(got, images)
+                image_slot += len(images)
+            assert batch["image_mask"][row].sum() == image_slot
+            padding = segments == 0
+            assert np.all(batch["input_ids"][row, padding] == tokenizer.pad_token_id)
+            assert np.all(batch["loss_mask"][row, padding] == 0)
+            seen.extend(records_in(batch, row))
+    # One epoch: every conversation once (whole rows of a last partial batch left out).
+    assert len(seen) == len(set(seen)) and len(seen) >= len(records) - 3 * 2
+    rows = sum(len(b["input_ids"]) for b in batches)
+    assert rows < len(records) / 1.5  # packed: far fewer rows than conversations
+
+
+def records_in(batch, row) -> list[str]:
+    """The ids of a packed row's conversations, in order (kept beside the batch)."""
+    return batch["ids"][row].split(",")
+
+
+@pytest.fixture(autouse=True)
+def _keep_ids(monkeypatch):
+    """Batches carry their rows' record ids in these tests (`ids`)."""
+    from llava_jax.data import pipeline
+
+    monkeypatch.setattr(pipeline, "BATCH_KEYS", (*pipeline.BATCH_KEYS, "ids"))
+    original = RowEncoder.__call__
+
+    def with_ids(self, row):
+        example = original(self, row)
+        return {**example, "ids": np.asarray(example["id"])}
+
+    monkeypatch.setattr(RowEncoder, "__call__", with_ids)
+    original_example = ExampleEncoder.encode
+
+    def example_with_ids(self, record):
+        example = original_example(self, record)
+        return {**example, "ids": np.asarray(example["id"])}
+
+    monkeypatch.setattr(ExampleEncoder, "encode", example_with_ids)
+
+
+def _model_and_params(tokenizer):
+    config = dataclasses.replace(
+        TINY,
+        text=dataclasses.replace(
+            TINY.text, vocab_size=tokenizer.vocab_size, max_position_embeddings=256
+        ),
+        image_token_id=tokenizer.image_token_id,
+    )
+    return Llava(config), host_params_for(config)
+
+
+def host_params_for(config):
+    from llava_jax.models.llava import init_params
+
+    return jax.device_get(init_params(config, jax.random.key(0)))
+
+
+def _inputs(batch):
+    keys = ("input_ids", "images", "image_mask", "attention_mask", "positions", "loss_mask")
+    return {k: jnp.asarray(batch[k]) for k in keys}
+
+
+def test_packed_loss_and_gradients_equal_unpacked(config, tokenizer, records):
+    """Text-only, one-image and two-image conversations: the token-weighted loss and its
+    gradients are the same packed into rows as one conversation per row (float32)."""
+    chosen = [records[i] for i in (0, 1, 2, 3, 4)]  # image, text-only, image, two images, ...
+    kinds = [len(r["image_bytes"]) for r in chosen]
+    assert 0 in kinds and 1 in kinds and 2 in kinds
+    packed_config = dataclasses.replace(config, num_epochs=1, global_batch_size=2, max_len=200)
+    packed = next(make_train_iterator(packed_config, tokenizer, 0, 1, source=chosen))
+    assert packed["attention_mask"].max() >= 3  # one row holds three or more conversations
+    assert sorted(sum((records_in(packed, r) for r in range(2)), [])) == sorted(
+        from_stored(r).id for r in chosen
+    )
+    plain_config = dataclasses.replace(
+        config, packing=False, num_epochs=1, global_batch_size=len(chosen)
+    )
+    plain = next(make_train_iterator(plain_config, tokenizer, 0, 1, source=chosen))
+    model, params = _model_and_params(tokenizer)
+
+    def mean_loss(params, batch):
+        _, ce, _, tokens = loss_sums(model, params, batch)
+        return ce / tokens, tokens
+
+    results = []
+    for batch in (packed, plain):
+        loss_and_grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))
+        (loss, tokens), grads = loss_and_grads(params, _inputs(batch))
+        results.append((float(loss), float(tokens), grads))
+    (loss_p, tokens_p, grads_p), (loss_u, tokens_u, grads_u) = results
+    assert tokens_p == tokens_u > 0
+    assert abs(loss_p - loss_u) <= 1e-5 * abs(loss_u)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(grads_p), jax.tree.leaves(grads_u), strict=True
+    ):
+        scale = max(float(jnp.max(jnp.abs(b))), 1e-6)
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("attention", ["xla", "chunked", "dot_product"])
+def test_changing_one_conversation_leaves_the_others_logits_bitwise(
+    attention, config, tokenizer, records
+):
+    chosen = [records[i] for i in (0, 1, 2, 3, 4)]
+    packed_config = dataclasses.replace(config, num_epochs=1, global_batch_size=2)
+    batch = next(make_train_iterator(packed_config, tokenizer, 0, 1, source=chosen))
+    row = int(np.argmax(batch["attention_mask"].max(axis=1)))  # the row with most segments
+    model, params = _model_and_params(tokenizer)
+    model = Llava(dataclasses.replace(model.config, attention=attention))
+    segments = batch["attention_mask"][row]
+    assert segments.max() >= 2
+    changed = {k: v.copy() for k, v in batch.items() if k != "ids"}
+    victim = segments == 1  # the first conversation (every later one could see it): its
+    is_image = batch["input_ids"][row] == tokenizer.image_token_id  # text and images change
+    text = victim & ~is_image
+    changed["input_ids"][row, text] = (changed["input_ids"][row, text] + 7) % tokenizer.vocab_size
+    changed["images"][row, : int(is_image[victim].sum()) // 4] += 1.0
+
+    def logits(b):
+        inputs = _inputs(b)
+        inputs.pop("loss_mask")
+        return np.asarray(jax.jit(model.apply)({"params": params}, **inputs))
+
+    before, after = logits(batch), logits(changed)
+    others = (segments > 0) & ~victim
+    np.testing.assert_array_equal(before[row, others], after[row, others])
+    assert np.abs(before[row, victim] - after[row, victim]).max() > 1e-3  # it did change
+
+
+def test_packing_resumes_exactly_and_does_not_depend_on_the_process_count(
+    config, tokenizer, records
+):
+    iterator = make_train_iterator(config, tokenizer, 0, 1, source=records)
+    take(iterator, 3)
+    state = json.loads(json.dumps(iterator.get_state()))  # must survive JSON (Orbax)
+    expected = take(iterator, 8)  # crosses into the second epoch
+    restored = make_train_iterator(config, tokenizer, 0, 1, source=records)
+    restored.set_state(state)
+    assert_same_batches(take(restored, 8), expected)
+
+    one = make_train_iterator(config, tokenizer, 0, 1, source=records)
+    two = [make_train_iterator(config, tokenizer, p, 2, source=records) for p in range(2)]
+    for _ in range(10):
+        whole = next(one)
+        halves = [next(iterator) for iterator in two]
+        for key, value in whole.items():
+            np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), value)
+
+
+def test_modality_length_grouping_gives_single_modality_batches_sorted_by_length(
+    config, tokenizer, records
+):
+    grouped = dataclasses.replace(
+        config, packing=False, group_by_modality_length=True, global_batch_size=4, num_epochs=2
+    )
+    table = length_table(grouped, tokenizer, records)
+    iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=records)
+    batches = list(iterator)
+    # LLaVA puts each modality's last mega-batch together at the end of the epoch: only
+    # batches holding some of those may mix (or be unsorted).
+    count, image_count = len(records), int((table.num_images > 0).sum())
+    tail = sum((n - 1) % 4 + 1 for n in (image_count, count - image_count) if n)
+    at_the_end = {
+        (epoch * count + position) // 4
+        for epoch in range(2)
+        for position in range(count - tail, count)
+    }
+    has_image = [b["image_mask"].any(axis=1) for b in batches]
+    mixed = {i for i, h in enumerate(has_image) if h.any() and not h.all()}
+    assert mixed and mixed <= at_the_end
+    assert sum(1 for h in has_image if not h.any()) >= 1  # whole text-only batches
+    for index, batch in enumerate(batches):
+        if index not in at_the_end:
+            lengths = batch["attention_mask"].sum(axis=1)
+            assert np.all(np.diff(lengths) <= 0), index  # longest first
+    # Deterministic, a new order each epoch, and exactly resumable.
+    order0 = modality_length_order(table, 4, grouped.seed, 0)
+    assert sorted(order0.tolist()) == list(range(len(records)))
+    assert order0.tolist() == modality_length_order(table, 4, grouped.seed, 0).tolist()
+    assert order0.tolist() != modality_length_order(table, 4, grouped.seed, 1).tolist()
+    iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=records)
+    take(iterator, 5)
+    state = iterator.get_state()
+    expected = take(iterator, 4)
+    restored = make_train_iterator(grouped, tokenizer, 0, 1, source=records)
+    restored.set_state(state)
+    assert_same_batches(take(restored, 4), expected)
+
+
+def test_settings_that_cannot_work_are_refused(config):
+    with pytest.raises(ValueError, match="choose one"):
+        dataclasses.replace(config, group_by_modality_length=True)
+    with pytest.raises(ValueError, match="max_images_per_row=1"):
+        dataclasses.replace(config, max_images_per_row=1)
+    model = dataclasses.replace(TINY, attention="cudnn")
+    with pytest.raises(ValueError, match="honours segments"):
+        check_packing_attention(model, config, make_mesh((8, 1, 1)))
+    check_packing_attention(model, dataclasses.replace(config, packing=False), make_mesh((8, 1, 1)))
