@@ -18,6 +18,7 @@ from llava_jax.data.datasets.record import from_stored
 from llava_jax.data.packing import LengthTable, first_fit, modality_length_order
 from llava_jax.data.pipeline import (
     ExampleEncoder,
+    NoUsableData,
     RowEncoder,
     length_table,
     make_train_iterator,
@@ -349,3 +350,28 @@ def test_settings_that_cannot_work_are_refused(config):
     with pytest.raises(ValueError, match="honours segments"):
         check_packing_attention(model, config, make_mesh((8, 1, 1)))
     check_packing_attention(model, dataclasses.replace(config, packing=False), make_mesh((8, 1, 1)))
+
+
+def test_bad_records_leave_their_place_in_a_packed_row_counted(config, tokenizer, records, caplog):
+    """Too many images (known before packing) and an unreadable image (found when the row
+    is encoded) are dropped and counted; the rows go on, and nothing stops. When every
+    record is unusable, packing says so instead of spinning."""
+    five = dict(records[0], id="five-images", image_bytes=list(records[0]["image_bytes"]) * 5)
+    five["conversations"] = json.dumps(
+        [{"from": "human", "value": "<image> " * 5 + "colours?"}, {"from": "gpt", "value": "red"}]
+    )
+    corrupt = dict(records[2], id="corrupt", image_bytes=[b"not an image"])
+    source = [five, corrupt, *records[4:12]]
+    one_epoch = dataclasses.replace(config, num_epochs=1, global_batch_size=2)
+    iterator = make_train_iterator(one_epoch, tokenizer, 0, 1, source=source)
+    with caplog.at_level("WARNING"):
+        batches = list(iterator)
+    ids = {i for b in batches for row in range(len(b["ids"])) for i in records_in(b, row)}
+    assert "five-images" not in ids and "corrupt" not in ids
+    good = {from_stored(r).id for r in records[4:12]}
+    assert ids <= good and len(ids) >= len(good) - 3  # a last partial batch is left out
+    assert iterator.dropped == {"unreadable_image": 1}  # found in its row
+    assert "too_many_images: 1" in caplog.text and "five-images" in caplog.text
+    assert "corrupt" in caplog.text
+    with pytest.raises(NoUsableData, match="too_many_images: 2"):
+        make_train_iterator(one_epoch, tokenizer, 0, 1, source=[five, five])

@@ -133,10 +133,13 @@ class ExampleEncoder:
     def measure(self, stored: dict) -> tuple[int, int, str]:
         """(tokens, images, drop reason or '') of a stored record, no image decoded."""
         record = from_stored(stored)
+        images = len(record.image_bytes)
+        if images > self.config.max_images_per_sample:
+            return 0, images, "too_many_images"  # as `images` would drop it
         try:
-            return len(self.tokenize(record).input_ids), len(record.image_bytes), ""
+            return len(self.tokenize(record).input_ids), images, ""
         except DroppedExample as error:
-            return 0, len(record.image_bytes), error.reason
+            return 0, images, error.reason
 
     def encode(self, record: Record) -> dict:
         c = self.config
