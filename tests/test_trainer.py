@@ -259,6 +259,7 @@ def test_run_writes_metrics_tensorboard_plot_and_eval(tmp_path, data_dir):
             assert np.isfinite(record[key]), key
     assert train_records[-1]["examples_seen"] == 4 * 8
     assert all(0.1 < r["padding_fraction"] < 0.9 for r in train_records)  # rows of ~70 / 112
+    assert all(r["conversations_per_step"] == 8 for r in train_records)  # unpacked: rows
     # MFU: the counted FLOPs over the time against the peak (measured on this CPU).
     last = train_records[-1]
     assert 0.0 < last["mfu"] < 1.0

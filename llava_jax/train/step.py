@@ -129,7 +129,8 @@ def make_train_step(
             "supervised_tokens": tokens,
             "tokens": jnp.sum(real).astype(jnp.float32),
             "padding_fraction": 1.0 - jnp.mean(real.astype(jnp.float32)),
-            "examples": jnp.asarray(batch["input_ids"].shape[0], jnp.float32),
+            # Conversations: a packed row holds several (its highest segment id).
+            "examples": jnp.sum(jnp.max(batch["attention_mask"], axis=1)).astype(jnp.float32),
             "grad_norm": grad_norm,
             "learning_rate": learning_rate(state.step),
         }

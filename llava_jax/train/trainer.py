@@ -456,7 +456,7 @@ class Run:
             dynamic_ncols=True,
         )
         window_start, window_tokens, window_padding = time.perf_counter(), 0.0, 0.0
-        window_steps = 0
+        window_steps, window_examples = 0, 0.0
         try:
             while step < self.total_steps:
                 stop_here = train.stop_at_step is not None and step >= train.stop_at_step
@@ -486,6 +486,7 @@ class Run:
                     )
                 window_tokens += host["tokens"]
                 window_padding += host["padding_fraction"]
+                window_examples += host["examples"]
                 window_steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{host['loss']:.4f}")
@@ -504,11 +505,12 @@ class Run:
                             "tflops_per_device": flops / 1e12,
                             "mfu": flops / self.peak_flops,
                             "examples_seen": step * self.data_config.global_batch_size,
+                            "conversations_per_step": window_examples / window_steps,
                             "dropped_examples": sum(self.iterator.dropped.values()),
                         },
                     )
                     window_start, window_tokens, window_padding = time.perf_counter(), 0.0, 0.0
-                    window_steps = 0
+                    window_steps, window_examples = 0, 0.0
                 if step % train.checkpoint_every == 0 or step == self.total_steps:
                     self._save(step, state)
                 if train.eval_every and step % train.eval_every == 0 and step < self.total_steps:
