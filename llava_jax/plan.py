@@ -137,14 +137,17 @@ def _abstract_batch(config: Any, model_config: Any, global_batch: int, sharding:
     import jax
     import numpy as np
 
-    length = config.data.max_len
+    data = config.data
+    length = data.max_len
     size = model_config.vision.image_size
+    slots = data.max_images_per_row if data.packing else data.max_images_per_sample
     shapes = {
         "input_ids": ((global_batch, length), np.int32),
         "loss_mask": ((global_batch, length), np.float32),
         "attention_mask": ((global_batch, length), np.int32),
-        "images": ((global_batch, 1, size, size, 3), np.float32),
-        "image_mask": ((global_batch, 1), np.bool_),
+        "positions": ((global_batch, length), np.int32),
+        "images": ((global_batch, slots, size, size, 3), np.float32),
+        "image_mask": ((global_batch, slots), np.bool_),
     }
     return {
         k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

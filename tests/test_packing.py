@@ -65,7 +65,8 @@ def tokenizer(config):
 
 @pytest.fixture(scope="module")
 def records(config):
-    """30 one-image conversations, 6 text-only and 4 with two images, interleaved."""
+    """30 one-image conversations, 6 text-only and 4 with two images, interleaved, and one
+    text-only conversation longer than max_len (truncated, as without packing)."""
     source = datasets.open_split(config, "train")
     stored = [source[i] for i in range(len(source))]
     mixed = []
@@ -90,6 +91,16 @@ def records(config):
                     conversations=json.dumps(TWO_IMAGES),
                 )
             )
+    long_answer = " ".join(["red circle"] * 120)
+    mixed.append(
+        dict(
+            stored[0],
+            id="too-long",
+            image_bytes=[],
+            image_paths=[],
+            conversations=json.dumps([TEXT_ONLY[0], {"from": "gpt", "value": long_answer}]),
+        )
+    )
     return mixed
 
 
@@ -161,6 +172,7 @@ def test_packed_rows_hold_each_conversation_as_unpacked_training_would(config, t
             seen.extend(records_in(batch, row))
     # One epoch: every conversation once (whole rows of a last partial batch left out).
     assert len(seen) == len(set(seen)) and len(seen) >= len(records) - 3 * 2
+    assert "too-long" in seen  # truncated to a row of its own, as unpacked training would
     rows = sum(len(b["input_ids"]) for b in batches)
     assert rows < len(records) / 1.5  # packed: far fewer rows than conversations
 
