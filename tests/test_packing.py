@@ -133,7 +133,7 @@ def test_first_fit_places_whole_conversations_within_the_limits():
 
 
 def test_packed_rows_hold_each_conversation_as_unpacked_training_would(config, tokenizer, records):
-    one_epoch = dataclasses.replace(config, num_epochs=1)
+    one_epoch = dataclasses.replace(config, num_epochs=1, global_batch_size=1)  # every row
     iterator = make_train_iterator(one_epoch, tokenizer, 0, 1, source=records)
     batches = list(iterator)
     assert not iterator.dropped
@@ -170,8 +170,8 @@ def test_packed_rows_hold_each_conversation_as_unpacked_training_would(config, t
             assert np.all(batch["input_ids"][row, padding] == tokenizer.pad_token_id)
             assert np.all(batch["loss_mask"][row, padding] == 0)
             seen.extend(records_in(batch, row))
-    # One epoch: every conversation once (whole rows of a last partial batch left out).
-    assert len(seen) == len(set(seen)) and len(seen) >= len(records) - 3 * 2
+    # One epoch: every conversation once.
+    assert sorted(seen) == sorted(from_stored(r).id for r in records)
     assert "too-long" in seen  # truncated to a row of its own, as unpacked training would
     rows = sum(len(b["input_ids"]) for b in batches)
     assert rows < len(records) / 1.5  # packed: far fewer rows than conversations
@@ -326,10 +326,12 @@ def test_modality_length_grouping_gives_single_modality_batches_sorted_by_length
     # batches holding some of those may mix (or be unsorted).
     count, image_count = len(records), int((table.num_images > 0).sum())
     tail = sum((n - 1) % 4 + 1 for n in (image_count, count - image_count) if n)
+    per_epoch = count // 4  # whole batches: the epoch's last count % 4 records are left out
+    assert len(batches) == 2 * per_epoch
     at_the_end = {
-        (epoch * count + position) // 4
+        epoch * per_epoch + position // 4
         for epoch in range(2)
-        for position in range(count - tail, count)
+        for position in range(count - tail, per_epoch * 4)
     }
     has_image = [b["image_mask"].any(axis=1) for b in batches]
     mixed = {i for i, h in enumerate(has_image) if h.any() and not h.all()}
@@ -341,7 +343,7 @@ def test_modality_length_grouping_gives_single_modality_batches_sorted_by_length
             assert np.all(np.diff(lengths) <= 0), index  # longest first
     # Deterministic, a new order each epoch, and exactly resumable.
     order0 = modality_length_order(table, 4, grouped.seed, 0)
-    assert sorted(order0.tolist()) == list(range(len(records)))
+    assert len(set(order0.tolist())) == len(order0) == len(records) // 4 * 4
     assert order0.tolist() == modality_length_order(table, 4, grouped.seed, 0).tolist()
     assert order0.tolist() != modality_length_order(table, 4, grouped.seed, 1).tolist()
     iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=records)

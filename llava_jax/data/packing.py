@@ -13,7 +13,7 @@ the prepared shards as `.npz`, keyed by everything the count depends on.
 - `ModalityLengthOrder`: LLaVA's `get_modality_length_grouped_indices` per epoch: image and
   text-only conversations apart, shuffled, cut into mega-batches of one global batch, each
   sorted by length (longest first); mega-batches in a shuffled order; each modality's last
-  mega-batch, mixed together, last.
+  mega-batch, mixed together, last; an epoch is whole global batches (drop_last).
 """
 
 from __future__ import annotations
@@ -267,7 +267,11 @@ def modality_length_order(table: LengthTable, batch_size: int, seed: int, epoch:
     order = [groups[i] for i in rng.permutation(len(groups))]
     if leftovers:
         order.append(np.asarray(sorted(leftovers), np.int64))
-    return np.concatenate(order) if order else np.zeros(0, np.int64)
+    order = np.concatenate(order) if order else np.zeros(0, np.int64)
+    # Whole global batches only, so the next epoch's mega-batches start on a batch boundary
+    # (a data loader's drop_last; the few left out are in the mixed tail, other ones each
+    # epoch). Otherwise every batch of the next epoch would straddle two mega-batches.
+    return order[: len(order) // batch_size * batch_size]
 
 
 class ModalityLengthOrder(_PerEpoch):
