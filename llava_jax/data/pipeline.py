@@ -405,9 +405,13 @@ def length_table(
 
 
 def train_sequences(config: DataConfig, tokenizer: LoadedTokenizer, num_epochs: float) -> int:
-    """Rows the train split gives in `num_epochs` epochs: its records, or with `packing`
-    the packed rows of those epochs (a fraction of an epoch counts that part of its rows)."""
+    """Rows the train split gives in `num_epochs` epochs: its records (grouped: whole
+    global batches of them), or with `packing` the packed rows of those epochs (a fraction
+    of an epoch counts that part of its rows)."""
     source = datasets.open_split(config, "train")
+    if config.group_by_modality_length:  # each epoch is whole global batches
+        batch = config.global_batch_size
+        return int(len(source) // batch * batch * num_epochs)
     if not config.packing:
         return int(len(source) * num_epochs)
     rows = packing.PackedRows(
