@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 GIB = 1024**3
@@ -265,13 +266,20 @@ def _memory_from_refusal(message: str, argument_bytes: int) -> Any:
 
 
 def largest_device_batch(
-    config: Any, devices: list[Any], topology: str, first: Plan, limit: int = 256
+    config: Any,
+    devices: list[Any],
+    topology: str,
+    first: Plan,
+    limit: int = 256,
+    known: Sequence[Plan] = (),
 ) -> tuple[int, list[Plan]]:
     """The largest sequences-per-device (per micro-batch) whose step fits the chip: a line
-    through two compiled sizes predicts it, compiles confirm it. Returns (size, plans)."""
+    through two compiled sizes predicts it, compiles confirm it. `known`: other sizes
+    already compiled (not compiled again). Returns (size, plans)."""
     if first.hbm_bytes is None:
         raise ValueError(f"the memory of {first.chip} is not known; nothing to search against")
-    plans = {first.device_batch: first}
+    plans = {p.device_batch: dataclasses.replace(p, hbm_bytes=first.hbm_bytes) for p in known}
+    plans[first.device_batch] = first
 
     def fits(size: int) -> bool:
         if size not in plans:

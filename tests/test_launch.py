@@ -99,6 +99,14 @@ with open(os.path.join(out, f"proc_{pid}.json.tmp"), "w") as f:
 os.replace(os.path.join(out, f"proc_{pid}.json.tmp"), os.path.join(out, f"proc_{pid}.json"))
 print(f"hello from process {pid}", flush=True)
 if mode == "fail" and pid == "1":
+    # Fail only once every process is up with its SIGTERM handler (each writes its record
+    # after installing it); failing earlier raced a slow start of the others under load.
+    count = int(os.environ["LLAVA_NUM_PROCESSES"])
+    deadline = time.time() + 15
+    while time.time() < deadline and not all(
+        os.path.exists(os.path.join(out, f"proc_{i}.json")) for i in range(count)
+    ):
+        time.sleep(0.05)
     sys.exit(3)
 if mode != "ok":
     time.sleep(30)

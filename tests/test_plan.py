@@ -3,6 +3,7 @@ batch search, and clear errors for unknown topologies and meshes that do not div
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -124,8 +125,8 @@ def test_batch_search_finds_the_largest_batch_that_fits():
     per_sequence = two.total_bytes - one.total_bytes
     assert per_sequence > 0
     budget = int(one.total_bytes + 2.5 * per_sequence)
-    first = plan_train_step(config, devices, "cpu:8", device_batch=1, hbm_bytes=budget)
-    largest, plans = largest_device_batch(config, devices, "cpu:8", first)
+    first = dataclasses.replace(one, hbm_bytes=budget)  # the same program, a smaller chip
+    largest, plans = largest_device_batch(config, devices, "cpu:8", first, known=[two])
     by_size = {plan.device_batch: plan for plan in plans}
     assert largest >= 1 and by_size[largest].fits
     assert largest + 1 in by_size and not by_size[largest + 1].fits
