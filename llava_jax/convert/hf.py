@@ -42,6 +42,7 @@ VISION_PREFIXES = (
 TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
 LM_HEAD_KEYS = ("language_model.lm_head.weight", "lm_head.weight")
 PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+NEWLINE_KEYS = ("image_newline", "model.image_newline")  # LLaVA-NeXT; ours: proj/image_newline
 # Buffers some exports carry; they are recomputed, never parameters.
 IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
 
@@ -131,8 +132,9 @@ def text_config_from_hf(hf: Any, field: str = "text_config") -> TextConfig:
 
 
 def model_config_from_hf(hf: Any, **numerics: Any) -> ModelConfig:
-    """A transformers `LlavaConfig` -> our `ModelConfig` (numerics: dtype, scan_layers, …)."""
-    _check(hf.model_type, ("llava",), "model_type")
+    """A transformers `LlavaConfig` or `LlavaNextConfig` -> our `ModelConfig` (numerics:
+    dtype, scan_layers, …)."""
+    _check(hf.model_type, ("llava", "llava_next"), "model_type")
     _check_activation(hf.projector_hidden_act, "projector_hidden_act")
     text = text_config_from_hf(hf.text_config)
     if hf.tie_word_embeddings and not text.tie_word_embeddings:
@@ -147,13 +149,19 @@ def model_config_from_hf(hf: Any, **numerics: Any) -> ModelConfig:
         vision_feature_layer=tuple(layer) if isinstance(layer, list | tuple) else int(layer),
         vision_feature_select_strategy=hf.vision_feature_select_strategy,
         image_token_id=hf.image_token_id,
+        image_grid_pinpoints=tuple(
+            tuple(p) for p in (getattr(hf, "image_grid_pinpoints", None) or ())
+        )
+        if hf.model_type == "llava_next"
+        else (),
         **numerics,
     )
 
 
 def model_config_to_hf(config: ModelConfig) -> Any:
-    """Our `ModelConfig` -> a transformers `LlavaConfig` (for config.json)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """Our `ModelConfig` -> a transformers `LlavaConfig`, or `LlavaNextConfig` for an
+    anyres model (for config.json)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     if config.projector != "mlp2x_gelu":
         raise CheckpointError(
@@ -202,7 +210,7 @@ def model_config_to_hf(config: ModelConfig) -> Any:
         hidden_act=vision.hidden_act,
     )
     layer = config.vision_feature_layer
-    return LlavaConfig(
+    common = dict(
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=config.image_token_id,
@@ -213,6 +221,10 @@ def model_config_to_hf(config: ModelConfig) -> Any:
         multimodal_projector_bias=config.projector_bias,
         tie_word_embeddings=text.tie_word_embeddings,
     )
+    if config.anyres:
+        pinpoints = [list(p) for p in config.image_grid_pinpoints]
+        return LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
+    return LlavaConfig(**common)
 
 
 def _read_hf_config(path: str) -> Any:
@@ -223,7 +235,7 @@ def _read_hf_config(path: str) -> Any:
         raise CheckpointError(f"{path}: no config.json")
     with open(config_path) as f:
         raw = json.load(f)
-    known = ("llava", "clip", "clip_vision_model", "llama")
+    known = ("llava", "llava_next", "clip", "clip_vision_model", "llama")
     _check(raw.get("model_type"), known, f"{config_path}: model_type")
     return AutoConfig.from_pretrained(path)
 
@@ -461,6 +473,14 @@ def load_hf(
             used,
         ),
     }
+    if config.anyres:
+        newline_key = next((k for k in NEWLINE_KEYS if k in reader), None)
+        if newline_key is None:
+            raise CheckpointError(f"{path}: missing key {NEWLINE_KEYS[0]!r} (LLaVA-NeXT)")
+        newline = Rule(("image_newline",), newline_key, "plain")
+        params["proj"].update(
+            _read_tower(reader, "", [newline], _tower_shapes(shapes, "proj"), np_dtype, used)
+        )
     lm_head_rule = Rule(("lm_head", "kernel"), "", "linear")
     head_key = next((k for k in LM_HEAD_KEYS if k in reader), None)
     if config.text.tie_word_embeddings:
@@ -573,6 +593,8 @@ def to_hf_tensors(config: ModelConfig, params: Params, dtype: Any = None) -> dic
     if not config.text.tie_word_embeddings:
         head = Rule(("lm_head", "kernel"), "", "linear")
         tensors["language_model.lm_head.weight"] = _to_hf(head, flat[("llm", "lm_head", "kernel")])
+    if config.anyres:
+        tensors[NEWLINE_KEYS[0]] = flat[("proj", "image_newline")]
     if dtype is not None:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
     return tensors
@@ -588,7 +610,8 @@ def save_hf(
     merge_lora: bool = False,
 ) -> None:
     """Write config.json + safetensors that `LlavaForConditionalGeneration.from_pretrained`
-    loads. `dtype` (e.g. `ml_dtypes.bfloat16`) casts the weights; default keeps theirs.
+    (`LlavaNextForConditionalGeneration` for an anyres model) loads. `dtype` (e.g.
+    `ml_dtypes.bfloat16`) casts the weights; default keeps theirs.
 
     A LoRA model is written merged (`merge_lora=True`: each adapted kernel becomes
     `W + (alpha/rank)·A·B`); without it, it is refused rather than written without its

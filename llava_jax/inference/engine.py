@@ -206,9 +206,10 @@ class PromptBatch:
 
     input_ids: Array  # int32[B, P]
     attention_mask: Array  # int32[B, P]: 1 = real token
-    images: Array | None  # float32[B, I, H, W, 3] or None
+    images: Array | None  # float32[B, I, H, W, 3] (LLaVA-NeXT: [B, I, T, H, W, 3]) or None
     image_mask: Array | None  # bool[B, I]
     filler: Array  # bool[B]: rows that only pad the batch (they start done)
+    image_layout: Array | None = None  # LLaVA-NeXT: int32[B, I, N] (data/anyres.py)
 
 
 @struct.dataclass
@@ -376,6 +377,7 @@ def prefill(
         batch.image_mask,
         batch.attention_mask,
         last_position_only=True,
+        image_layout=batch.image_layout,
         method=Llava.decode,
     )
     vocab = logits.shape[-1]
@@ -617,6 +619,7 @@ class Engine:
         max_new_tokens: int = 0,
         batch_rows: int | None = None,
         length: int | None = None,
+        image_layout: np.ndarray | None = None,
     ) -> tuple[dict[str, np.ndarray | None], int]:
         """Left-pad `prompts` (int32[T_b] each) to the length bucket (or `length`); check the
         lengths and images. Returns the `PromptBatch` fields on the host and the number of
@@ -642,23 +645,34 @@ class Engine:
         if pad_token_id == image_token:
             raise ValueError(f"pad_token_id={pad_token_id} is the image token")
         batch = len(prompts)
+        anyres = self.config.anyres
         if images is not None:
             images = np.asarray(images, np.float32)
-            if images.ndim != 5 or images.shape[0] != batch:
+            shape = "[B, I, T, H, W, 3] (each image's tiles)" if anyres else "[B, I, H, W, 3]"
+            if images.ndim != (6 if anyres else 5) or images.shape[0] != batch:
                 raise ValueError(
-                    f"images must be float32[B={batch}, I, H, W, 3], got {images.shape}"
+                    f"images must be float32{shape} with B={batch}, got {images.shape}"
                 )
             if image_mask is None:
                 image_mask = np.ones(images.shape[:2], bool)
             image_mask = np.asarray(image_mask, bool)
+            if anyres:
+                if image_layout is None or np.shape(image_layout)[:2] != images.shape[:2]:
+                    raise ValueError("a LLaVA-NeXT model needs image_layout int32[B, I, N]")
+                image_layout = np.asarray(image_layout, np.int32)
         num_valid = np.zeros(batch, int) if images is None else image_mask.sum(axis=1)
         for b, prompt in enumerate(prompts):
             found = int(np.sum(prompt == image_token))
-            wanted = int(num_valid[b]) * self.config.num_image_tokens
+            if anyres and images is not None:
+                wanted = int(((image_layout[b] >= 0) & image_mask[b][:, None]).sum())
+                per_image = "as their sizes give"
+            else:
+                wanted = int(num_valid[b]) * self.config.num_image_tokens
+                per_image = f"{self.config.num_image_tokens} per image"
             if found != wanted:
                 raise ValueError(
                     f"prompt {b} has {found} image tokens but its {int(num_valid[b])} image(s) "
-                    f"need {wanted} ({self.config.num_image_tokens} per image)"
+                    f"need {wanted} ({per_image})"
                 )
 
         rows = max(batch, batch_rows or 0)
@@ -677,12 +691,16 @@ class Engine:
             extra = rows - batch
             images = np.concatenate([images, np.zeros((extra, *images.shape[1:]), np.float32)])
             image_mask = np.concatenate([image_mask, np.zeros((extra, image_mask.shape[1]), bool)])
+            if image_layout is not None:
+                filler = np.full((extra, *image_layout.shape[1:]), -1, np.int32)
+                image_layout = np.concatenate([image_layout, filler])
         fields = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "images": images,
             "image_mask": image_mask,
             "filler": np.arange(rows) >= batch,
+            "image_layout": image_layout if images is not None else None,
         }
         return fields, batch
 
@@ -753,6 +771,7 @@ class Engine:
         return_logits: bool = False,
         batch_rows: int | None = None,
         length: int | None = None,
+        image_layout: np.ndarray | None = None,
     ) -> GenerationResult:
         """Generate for a batch of prompts of any lengths.
 
@@ -763,12 +782,23 @@ class Engine:
         every prompt to this length instead of its bucket. Without stop strings the whole
         generation is one device call. sampling: one config for every row, or one per
         prompt (each row with its own temperature, top-k, top-p, seed, max_new_tokens and
-        stop strings; see `batch_sampling` for what they share).
+        stop strings; see `batch_sampling` for what they share). A LLaVA-NeXT model takes
+        each image's tiles, images float32[B, I, T, H, W, 3], and image_layout int32[B, I, N]
+        (data/anyres.py: the prompt has each image's own number of image tokens).
         """
         shared = sampling if isinstance(sampling, SamplingConfig) else batch_sampling(sampling)
         chunk = DEFAULT_STOP_CHECK_INTERVAL if shared.stop_strings else None
         run = self._run(
-            params, prompts, images, image_mask, sampling, chunk, return_logits, batch_rows, length
+            params,
+            prompts,
+            images,
+            image_mask,
+            sampling,
+            chunk,
+            return_logits,
+            batch_rows,
+            length,
+            image_layout,
         )
         stream = GenerationStream(run, run.finish)
         for _ in stream:
@@ -785,6 +815,7 @@ class Engine:
         *,
         chunk_size: int = 8,
         batch_rows: int | None = None,
+        image_layout: np.ndarray | None = None,
     ) -> GenerationStream:
         """Each row's new tokens after every `chunk_size` decoded tokens (every chunk is one
         call of the same compiled loop); `stream.result` once it is exhausted, and
@@ -793,7 +824,15 @@ class Engine:
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         run = self._run(
-            params, prompts, images, image_mask, sampling, chunk_size, False, batch_rows
+            params,
+            prompts,
+            images,
+            image_mask,
+            sampling,
+            chunk_size,
+            False,
+            batch_rows,
+            image_layout=image_layout,
         )
         return GenerationStream(run, run.finish)
 
@@ -808,6 +847,7 @@ class Engine:
         return_logits: bool,
         batch_rows: int | None,
         length: int | None = None,
+        image_layout: np.ndarray | None = None,
     ) -> _Run:
         if isinstance(sampling, SamplingConfig):
             shared, per_row = sampling, None
@@ -830,6 +870,7 @@ class Engine:
             shared.max_new_tokens if per_row is None else 0,
             batch_rows,
             length,
+            image_layout,
         )
         return _Run(self, params, fields, rows, sampling, chunk_size, return_logits)
 
@@ -863,7 +904,7 @@ class _Run:
             self.sampling, self.row_sampling = batch_sampling(sampling), list(sampling)
             self.sampling_params = engine.sampling_params(sampling, len(fields["filler"]))
         self.finished = [False] * rows  # rows stopped so far (as of the latest chunk)
-        batch = PromptBatch(**{k: engine._put(v) for k, v in fields.items()})
+        batch = PromptBatch(**{k: None if v is None else engine._put(v) for k, v in fields.items()})
         with engine._tracing():
             self.state = engine._prefill(
                 params,

@@ -158,6 +158,9 @@ class ModelConfig(Section):
     vision_feature_layer: int | tuple[int, ...] = -2
     vision_feature_select_strategy: str = "default"  # default: drop CLS | full
     image_token_id: int = 32000
+    # LLaVA-NeXT ("anyres"): grid resolutions (height, width), multiples of the vision
+    # tower's image size; empty for LLaVA-1.5's single square image (data/anyres.py).
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
@@ -168,6 +171,8 @@ class ModelConfig(Section):
     def __post_init__(self):
         if isinstance(self.vision_feature_layer, list):
             object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        pinpoints = tuple(tuple(int(v) for v in p) for p in self.image_grid_pinpoints)
+        object.__setattr__(self, "image_grid_pinpoints", pinpoints)
         self.validate()
 
     # Fields that say how the same weights are run, not what the architecture is.
@@ -188,6 +193,11 @@ class ModelConfig(Section):
         """Tokens one image becomes in the sequence (576 for ViT-L/14-336, CLS dropped)."""
         cls = 0 if self.vision_feature_select_strategy == "default" else 1
         return self.vision.num_patches + cls
+
+    @property
+    def anyres(self) -> bool:
+        """LLaVA-NeXT: images as tiles on a grid, with an `image_newline` per row."""
+        return bool(self.image_grid_pinpoints)
 
     @property
     def projector_depth(self) -> int:
@@ -226,6 +236,18 @@ class ModelConfig(Section):
                     f"projector='identity' needs vision features ({width}) as wide as "
                     f"text.hidden_size ({self.text.hidden_size})"
                 )
+        tile = self.vision.image_size
+        for pinpoint in self.image_grid_pinpoints:
+            if len(pinpoint) != 2 or min(pinpoint) < tile or any(v % tile for v in pinpoint):
+                raise ValueError(
+                    f"image_grid_pinpoints entry {pinpoint!r} is not a (height, width) whose "
+                    f"sides are multiples of vision.image_size={tile}"
+                )
+        if self.anyres and self.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "image_grid_pinpoints (LLaVA-NeXT) lays a tile's features out as a square "
+                "grid, which needs vision_feature_select_strategy='default' (CLS dropped)"
+            )
         if self.lora.adapts("llm/lm_head"):
             raise ValueError(
                 f"lora.target={self.lora.target!r} adapts the LM head (llm/lm_head), which the "

@@ -45,24 +45,48 @@ def select_features(config: ModelConfig, states: dict[int, Array]) -> Array:
 
 
 def merge_image_features(
-    text_embeddings: Array, image_features: Array, is_image_token: Array, image_mask: Array
+    text_embeddings: Array,
+    image_features: Array,
+    is_image_token: Array,
+    image_mask: Array,
+    feature_mask: Array | None = None,
 ) -> Array:
     """Put image features at the image-token positions, in order.
 
     text_embeddings: [B, T, D]; image_features: [B, I, N, D]; is_image_token: bool[B, T];
-    image_mask: bool[B, I]. The k-th image token of a sample takes the k-th feature of its
-    valid images taken in order, so a sample's image tokens must number N * (valid images).
+    image_mask: bool[B, I]; feature_mask: bool[B, I, N], which of an image's N features it
+    has (LLaVA-NeXT: the count depends on the image's size; default all). The k-th image
+    token of a sample takes the k-th feature of its valid images taken in order, so a
+    sample's image tokens must number its valid images' features.
     """
     batch, num_images, per_image, width = image_features.shape
-    # Valid images first, keeping their order, so masked-out slots are never read.
-    order = jnp.argsort(~image_mask, axis=1, stable=True)
-    features = jnp.take_along_axis(image_features, order[:, :, None, None], axis=1)
-    features = features.reshape(batch, num_images * per_image, width)
+    valid = jnp.broadcast_to(image_mask[:, :, None], (batch, num_images, per_image))
+    if feature_mask is not None:
+        valid = valid & feature_mask
+    # Valid features first, keeping their order, so masked-out ones are never read.
+    flat = image_features.reshape(batch, num_images * per_image, width)
+    order = jnp.argsort(~valid.reshape(batch, -1), axis=1, stable=True)
+    features = jnp.take_along_axis(flat, order[:, :, None], axis=1)
     feature_index = jnp.clip(jnp.cumsum(is_image_token, axis=1) - 1, 0, num_images * per_image - 1)
     gathered = jnp.take_along_axis(features, feature_index[..., None], axis=1)
     return jnp.where(
         is_image_token[..., None], gathered.astype(text_embeddings.dtype), text_embeddings
     )
+
+
+def lay_out_anyres(features: Array, newline: Array, layout: Array) -> tuple[Array, Array]:
+    """LLaVA-NeXT's feature order from tile features (data/anyres.py `feature_layout`).
+
+    features: [B, I, T, P, D] (tile 0 the overview); newline: [D]; layout: int32[B, I, N],
+    rows of each image's table `[T * P + 1]` (the last: the newline), -1 past its tokens.
+    Returns the image's features in token order `[B, I, N, D]` and which exist `bool[B, I, N]`.
+    """
+    batch, num_images, tiles, per_tile, width = features.shape
+    table = features.reshape(batch, num_images, tiles * per_tile, width)
+    row = jnp.broadcast_to(newline.astype(table.dtype), (batch, num_images, 1, width))
+    table = jnp.concatenate([table, row], axis=2)
+    laid = jnp.take_along_axis(table, jnp.maximum(layout, 0)[..., None], axis=2)
+    return laid, layout >= 0
 
 
 class Llava(nn.Module):
@@ -83,6 +107,7 @@ class Llava(nn.Module):
             out_features=cfg.text.hidden_size,
             use_bias=cfg.projector_bias,
             act=cfg.projector_act,
+            newline=cfg.anyres,
             **kw,
         )
         self.llm = LlamaDecoder(cfg.text, **stack, **kw)
@@ -96,8 +121,24 @@ class Llava(nn.Module):
             features = self.proj(select_features(self.config, states))
         return features.reshape(batch, num_images, *features.shape[1:])
 
+    def encode_anyres(self, images: Array, layout: Array) -> tuple[Array, Array]:
+        """LLaVA-NeXT: `images: float32[B, I, T, H, W, 3]` (each image's tiles, the overview
+        first) and `layout: int32[B, I, N]` -> features `[B, I, N, D_text]` in token order and
+        which exist `bool[B, I, N]` (`lay_out_anyres`)."""
+        batch, num_images, tiles = images.shape[:3]
+        flat = images.reshape(batch * num_images * tiles, *images.shape[3:])
+        with jax.named_scope("vision"):
+            states = self.img(flat, feature_states(self.config))
+            features, newline = self.proj(select_features(self.config, states), True)
+        features = features.reshape(batch, num_images, tiles, *features.shape[1:])
+        return lay_out_anyres(features, newline, layout)
+
     def embed_inputs(
-        self, input_ids: Array, images: Array | None, image_mask: Array | None
+        self,
+        input_ids: Array,
+        images: Array | None,
+        image_mask: Array | None,
+        image_layout: Array | None = None,
     ) -> Array:
         """Token embeddings `[B, T, D]` with image features at the image-token positions."""
         is_image_token = input_ids == self.config.image_token_id
@@ -107,6 +148,11 @@ class Llava(nn.Module):
             return embeddings
         if image_mask is None:
             image_mask = jnp.ones(images.shape[:2], dtype=bool)
+        if self.config.anyres:
+            if image_layout is None:
+                raise ValueError("a LLaVA-NeXT model needs image_layout with its images")
+            features, exists = self.encode_anyres(images, image_layout)
+            return merge_image_features(embeddings, features, is_image_token, image_mask, exists)
         features = self.encode_images(images)
         return merge_image_features(embeddings, features, is_image_token, image_mask)
 
@@ -118,6 +164,7 @@ class Llava(nn.Module):
         attention_mask: Array | None = None,
         positions: Array | None = None,
         return_hidden: bool = False,
+        image_layout: Array | None = None,
     ) -> Array:
         """Full forward pass -> logits `float32[B, T, V]`.
 
@@ -127,6 +174,8 @@ class Llava(nn.Module):
         never attend to each other; positions: int32[B, T] (default 0..T-1 in every row, as
         transformers' forward; packed rows restart them at each segment). The image
         features fill a row's image tokens in order, whatever segments they belong to.
+        LLaVA-NeXT (`config.anyres`): images `float32[B, I, T, H, W, 3]` (each image's tiles)
+        and `image_layout: int32[B, I, N]` (data/anyres.py `feature_layout`).
         `return_hidden`: the decoder's final-normed hidden states `[B, T, D]` instead, for a
         loss that applies the LM head (`logits`) in chunks.
         """
@@ -135,7 +184,7 @@ class Llava(nn.Module):
             attention_mask = jnp.ones((batch, length), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        embeddings = self.embed_inputs(input_ids, images, image_mask)
+        embeddings = self.embed_inputs(input_ids, images, image_mask, image_layout)
         out, _ = self.llm(embeddings, positions, attention_mask, return_hidden=return_hidden)
         return out
 
@@ -152,6 +201,7 @@ class Llava(nn.Module):
         attention_mask: Array | None = None,
         positions: Array | None = None,
         last_position_only: bool = False,
+        image_layout: Array | None = None,
     ) -> tuple[Array, KVCache]:
         """Append `input_ids: int32[B, t]` to the KV cache -> (logits `float32[B, t, V]`, cache).
 
@@ -166,7 +216,7 @@ class Llava(nn.Module):
         if positions is None:
             seen = jnp.sum(cache["mask"], axis=1, keepdims=True)
             positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        embeddings = self.embed_inputs(input_ids, images, image_mask)
+        embeddings = self.embed_inputs(input_ids, images, image_mask, image_layout)
         return self.llm(
             embeddings, positions.astype(jnp.int32), attention_mask, cache, last_position_only
         )
@@ -176,15 +226,21 @@ class Llava(nn.Module):
 
 
 def dummy_inputs(config: ModelConfig, batch_size: int = 1) -> dict[str, Array]:
-    """Smallest inputs that reach every parameter: one image and its image tokens."""
+    """Smallest inputs that reach every parameter: one image and its image tokens (for
+    LLaVA-NeXT one tile, its features laid out as they are)."""
     length = config.num_image_tokens + 1
     vision = config.vision
     image_shape = (batch_size, 1, vision.image_size, vision.image_size, vision.num_channels)
     input_ids = jnp.full((batch_size, length), config.image_token_id, jnp.int32)
-    return {
-        "input_ids": input_ids.at[:, -1].set(0),
-        "images": jnp.zeros(image_shape, jnp.float32),
-    }
+    inputs = {"input_ids": input_ids.at[:, -1].set(0)}
+    if config.anyres:
+        tiles = (batch_size, 1, 1, *image_shape[2:])
+        layout = jnp.arange(config.num_image_tokens, dtype=jnp.int32)
+        inputs["images"] = jnp.zeros(tiles, jnp.float32)
+        inputs["image_layout"] = jnp.broadcast_to(layout, (batch_size, 1, len(layout)))
+    else:
+        inputs["images"] = jnp.zeros(image_shape, jnp.float32)
+    return inputs
 
 
 def _for_init(config: ModelConfig) -> ModelConfig:
@@ -198,11 +254,7 @@ def abstract_params(config: ModelConfig, *, stored: bool = True) -> dict:
     with a LoRA model's frozen base as `lora.base_dtype` stores it (models/lora.py), or,
     `stored=False`, as the model initialises it (float kernels)."""
     inputs = dummy_inputs(config)
-    variables = jax.eval_shape(
-        lambda: Llava(_for_init(config)).init(
-            jax.random.key(0), inputs["input_ids"], inputs["images"]
-        )
-    )
+    variables = jax.eval_shape(lambda: Llava(_for_init(config)).init(jax.random.key(0), **inputs))
     if not stored:
         return variables["params"]
     return prepare_base_abstract(config, variables["params"])
@@ -212,7 +264,7 @@ def init_params(config: ModelConfig, rng: Array) -> dict:
     """Randomly initialised parameters (unboxed), e.g. for a projector trained from scratch."""
     inputs = dummy_inputs(config)
     model = Llava(_for_init(config))
-    init = jax.jit(lambda rng: model.init(rng, inputs["input_ids"], inputs["images"]))
+    init = jax.jit(lambda rng: model.init(rng, **inputs))
     return prepare_base(config, nn.meta.unbox(init(rng)["params"]))
 
 

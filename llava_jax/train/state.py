@@ -106,7 +106,7 @@ def init_train_state(setup: TrainSetup, rng: jax.Array, params: Any = None) -> T
         inputs = dummy_inputs(setup.model_config)
 
         def init(rng: jax.Array) -> Any:
-            variables = setup.model.init(rng, inputs["input_ids"], inputs["images"])
+            variables = setup.model.init(rng, **inputs)
             return prepare_base(setup.model_config, nn.meta.unbox(variables["params"]))
 
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
@@ -146,7 +146,7 @@ def _with_fresh_adapters(setup: TrainSetup, rng: jax.Array, params: Any) -> Any:
     inputs = dummy_inputs(config)
 
     def init(rng: jax.Array) -> dict:
-        variables = setup.model.init(rng, inputs["input_ids"], inputs["images"])
+        variables = setup.model.init(rng, **inputs)
         flat = flatten_dict(nn.meta.unbox(variables["params"]))
         return {path: flat[path] for path in missing}
 
