@@ -141,7 +141,7 @@ def test_vision_tower_stops_at_the_deepest_selected_layer(scan_layers, remat_pol
 
     run = jax.jit(logits, static_argnums=1)
     np.testing.assert_array_equal(run(params, config), run(other, config))
-    grads = jax.grad(lambda p: jnp.sum(logits(p, config) ** 2))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(logits(p, config) ** 2)))(params)
     last = grads["img"]["layers"] if scan_layers else grads["img"]["layers_2"]
     for leaf in jax.tree.leaves(last):
         assert not np.asarray(leaf[-1] if scan_layers else leaf).any()
