@@ -95,6 +95,17 @@ def make_batch(batch_size: int, length: int, image_token: int, seed: int = 0):
     return prompts, images
 
 
+def seconds_per_call(fn, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of `fn`, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict[str, float]:
     """Memory bandwidth in bytes/s (best of `repeats`), three ways over `mib` MiB arrays."""
     import jax
@@ -105,13 +116,7 @@ def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict[str, float]:
     dst = np.empty_like(src)
 
     def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return min(seconds_per_call(fn, repeats))
 
     out = {"numpy copy (read + write)": 2 * src.nbytes / best(lambda: np.copyto(dst, src))}
     # JAX: x <- x * 1.5 in place (donated: no fresh pages to fault in), and a sum of x.
@@ -181,13 +186,7 @@ def matvec_ceiling(matrices: list[np.ndarray], batch: int, repeats: int = 20) ->
     xla = jax.jit(lambda ms: chain(jnp, ms))
 
     def median(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(seconds_per_call(fn, repeats))
 
     return {
         "XLA": median(lambda: xla(on_device).block_until_ready()),

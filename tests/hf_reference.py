@@ -10,51 +10,56 @@ VOCAB = 96
 IMAGE_TOKEN = VOCAB - 1
 
 
+# A 3-layer CLIP (28px, 14px patches: 4 patches) and a 2-layer GQA LLaMA.
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=14,
+)
+TINY_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+
+
 def tiny_hf_config(
     *,
     vision: dict | None = None,
     text: dict | None = None,
     **llava: object,
 ) -> LlavaConfig:
-    """A LLaVA with a 3-layer CLIP (28px, 14px patches: 4 patches) and a 2-layer GQA LLaMA."""
-    vision_kwargs = dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=28,
-        patch_size=14,
-    )
-    text_kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-    )
-    vision_kwargs.update(vision or {})
-    text_kwargs.update(text or {})
+    """A LLaVA of `TINY_VISION` and `TINY_TEXT` (updated by `vision`, `text`)."""
     llava_kwargs = dict(image_token_index=IMAGE_TOKEN)
     llava_kwargs.update(llava)
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(**vision_kwargs),
-        text_config=LlamaConfig(**text_kwargs),
+        vision_config=CLIPVisionConfig(**{**TINY_VISION, **(vision or {})}),
+        text_config=LlamaConfig(**{**TINY_TEXT, **(text or {})}),
         **llava_kwargs,
     )
 
 
-def tiny_hf_model(config: LlavaConfig, seed: int = 0) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    # Random init leaves norms at 1 and biases at 0; perturb them so they are really tested.
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Random init leaves norms at 1 and biases at 0; perturb them (from torch's current
+    random state) so they are really tested. Returns the model in eval mode."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(0.1 * torch.randn_like(param))
-    return model
+    return model.eval()
+
+
+def tiny_hf_model(config: LlavaConfig, seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    return perturbed(LlavaForConditionalGeneration(config))
 
 
 def image_tokens_per_image(config: LlavaConfig) -> int:

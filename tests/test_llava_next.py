@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_reference import IMAGE_TOKEN, VOCAB
+from hf_reference import IMAGE_TOKEN, TINY_TEXT, TINY_VISION, VOCAB, perturbed
 from PIL import Image
 from transformers import (
     CLIPVisionConfig,
@@ -34,24 +34,10 @@ CONFIGS = {
 
 
 def next_config(pinpoints, feature_layer) -> LlavaNextConfig:
+    assert TINY_VISION["image_size"] == TILE and TINY_VISION["patch_size"] == PATCH
     return LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=TILE,
-            patch_size=PATCH,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            intermediate_size=80,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        ),
+        vision_config=CLIPVisionConfig(**TINY_VISION),
+        text_config=LlamaConfig(**{**TINY_TEXT, "max_position_embeddings": 512}),
         image_token_index=IMAGE_TOKEN,
         image_grid_pinpoints=[list(p) for p in pinpoints],
         vision_feature_layer=list(feature_layer)
@@ -62,12 +48,17 @@ def next_config(pinpoints, feature_layer) -> LlavaNextConfig:
 
 def next_model(config: LlavaNextConfig, seed: int = 0) -> LlavaNextForConditionalGeneration:
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb them
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                param.add_(0.1 * torch.randn_like(param))
-    return model
+    return perturbed(LlavaNextForConditionalGeneration(config))
+
+
+def hf_logits(model, input_ids, mask, reference) -> np.ndarray:
+    with torch.no_grad():
+        return model(
+            input_ids=torch.tensor(input_ids),
+            attention_mask=torch.tensor(mask),
+            pixel_values=torch.tensor(reference["pixel_values"]),
+            image_sizes=torch.tensor(reference["image_sizes"]),
+        ).logits.numpy()
 
 
 def processor_for(pinpoints) -> LlavaNextImageProcessorPil:
@@ -138,13 +129,7 @@ def test_logits_equal_transformers_with_images_of_several_sizes(tmp_path, name):
         ids = np.concatenate([[1], np.full(count, IMAGE_TOKEN), text])
         input_ids[row, : len(ids)] = ids
         mask[row, : len(ids)] = 1
-    with torch.no_grad():
-        expected = hf_model(
-            input_ids=torch.tensor(input_ids),
-            attention_mask=torch.tensor(mask),
-            pixel_values=torch.tensor(reference["pixel_values"]),
-            image_sizes=torch.tensor(reference["image_sizes"]),
-        ).logits.numpy()
+    expected = hf_logits(hf_model, input_ids, mask, reference)
 
     layout = np.stack([geometry.feature_layout(h, w) for h, w in sizes])[:, None]
     model = Llava(config)
@@ -163,13 +148,7 @@ def test_logits_equal_transformers_with_images_of_several_sizes(tmp_path, name):
     # The way back: save_hf writes what transformers reads as the same model.
     save_hf(config, params, str(tmp_path / "ours"))
     again = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
-    with torch.no_grad():
-        round_trip = again(
-            input_ids=torch.tensor(input_ids),
-            attention_mask=torch.tensor(mask),
-            pixel_values=torch.tensor(reference["pixel_values"]),
-            image_sizes=torch.tensor(reference["image_sizes"]),
-        ).logits.numpy()
+    round_trip = hf_logits(again, input_ids, mask, reference)
     np.testing.assert_allclose(round_trip[real], expected[real], atol=1e-5, rtol=0)
 
 

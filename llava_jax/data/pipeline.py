@@ -449,10 +449,12 @@ def make_dataset(
         source = datasets.open_split(config, split)
     dataset = grain.MapDataset.source(source)
     encoder = ExampleEncoder(config, tokenizer)
+    if config.packing or config.group_by_modality_length:
+        table = length_table(config, tokenizer, source, split if prepared else None)
     if config.packing:
         dataset = packing.PackedRows(
             dataset,
-            length_table(config, tokenizer, source, split if prepared else None),
+            table,
             seed=config.seed,
             max_len=config.max_len,
             max_images=config.max_images_per_row,
@@ -463,7 +465,7 @@ def make_dataset(
     elif config.group_by_modality_length:
         dataset = packing.ModalityLengthOrder(
             dataset,
-            length_table(config, tokenizer, source, split if prepared else None),
+            table,
             batch_size=config.global_batch_size,
             seed=config.seed,
             num_epochs=config.num_epochs,
