@@ -202,3 +202,23 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
             suppress_tokens=[IMAGE_TOKEN],
         )
     np.testing.assert_array_equal(np.stack(result.tokens), out[:, longest:].numpy())
+
+
+def test_what_cannot_run_anyres_yet_says_so(tmp_path):
+    """Training and the command-line programs do not tile images yet: a NeXT model is
+    refused at start-up with a message saying so, not failed deep inside."""
+    from trainer_fixtures import tiny_config
+
+    from llava_jax.data.datasets.synthetic import build_tokenizer
+    from llava_jax.inference.load import InputError, load_model
+    from llava_jax.train.trainer import Run
+
+    pinpoints, feature_layer, _ = CONFIGS["wide-and-tall"]
+    next_model(next_config(pinpoints, feature_layer)).save_pretrained(tmp_path / "hf")
+    build_tokenizer(str(tmp_path / "hf"))
+    with pytest.raises(InputError, match="LLaVA-NeXT model .* cannot tile"):
+        load_model(str(tmp_path / "hf"))
+    config = tiny_config(str(tmp_path / "tfds"))
+    config.model.image_grid_pinpoints = ((48, 96), (96, 48))
+    with pytest.raises(ValueError, match="training a LLaVA-NeXT model is not supported yet"):
+        Run(config, str(tmp_path / "run"))

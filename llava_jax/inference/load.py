@@ -597,6 +597,12 @@ def load_model(
     except (OSError, ValueError, KeyError) as err:
         # A damaged checkpoint or config: say which directory, keep the reason.
         raise InputError(f"cannot load the model in {path}: {type(err).__name__}: {err}") from err
+    if config.anyres:
+        raise InputError(
+            f"{path} is a LLaVA-NeXT model (image_grid_pinpoints): the programs cannot tile "
+            "its images yet; run it from Python (convert.load_hf, then Engine.generate with "
+            "the tiles and image_layout of llava_jax.data.anyres.Anyres)"
+        )
     _check_tokenizer(config, loaded_tokenizer, path)
     try:
         chosen = get_template(template or data.template)

@@ -355,6 +355,12 @@ class Run:
     def _load_tokenizer_and_model(self) -> None:
         self.tokenizer = tokenizer_for(self.config.data)
         self.model_config, self.host_params = initial_model(self.config, self.tokenizer)
+        if self.model_config.anyres:
+            raise ValueError(
+                "config.model.image_grid_pinpoints: training a LLaVA-NeXT model is not "
+                "supported yet (the data pipeline does not tile images); its model, weights "
+                "and generation are in place for inference from Python"
+            )
         self.data_config = _data_config(self.config.data, self.model_config)
 
     def _say(self, message: str) -> None:
