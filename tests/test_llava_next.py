@@ -21,8 +21,9 @@ from transformers.models.llava_next.processing_llava_next import LlavaNextProces
 
 from llava_jax.convert import load_hf, save_hf
 from llava_jax.data.anyres import Anyres
+from llava_jax.data.datasets.record import from_stored
 from llava_jax.data.image import CLIP_MEAN, CLIP_STD
-from llava_jax.models.llava import Llava
+from llava_jax.models.llava import Llava, init_params
 
 TILE, PATCH = 28, 14  # 2 x 2 features a tile
 # Three tiny configurations: pinpoints, feature layer, an image-size batch each (H, W).
@@ -222,3 +223,81 @@ def test_what_cannot_run_anyres_yet_says_so(tmp_path):
     config.model.image_grid_pinpoints = ((48, 96), (96, 48))
     with pytest.raises(ValueError, match="training a LLaVA-NeXT model is not supported yet"):
         Run(config, str(tmp_path / "run"))
+
+
+def test_the_data_pipeline_tiles_images_and_gives_each_its_own_token_count(tmp_path):
+    """A NeXT data config: each image's tiles and layout come with the example, its prompt
+    has the image's own number of image tokens (images of three sizes), and a NeXT model
+    reads the batch, every image token taking a feature."""
+    import dataclasses
+    import io
+    import json
+
+    from llava_jax.data.config import DataConfig
+    from llava_jax.data.pipeline import ExampleEncoder, make_train_iterator, tokenizer_for
+    from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
+
+    pinpoints, _, sizes = CONFIGS["wide-and-tall"]
+    config = DataConfig(
+        data_dir=str(tmp_path),
+        image_size=TILE,
+        image_patch_size=PATCH,
+        num_image_tokens=(TILE // PATCH) ** 2,
+        image_grid_pinpoints=pinpoints,
+        max_len=96,
+        global_batch_size=3,
+    )
+    tokenizer = tokenizer_for(config)
+    records = []
+    for index, image in enumerate(random_images(sizes, seed=7)):
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        turns = [
+            {"from": "human", "value": "<image>\nWhat colour is the shape?"},
+            {"from": "gpt", "value": "red"},
+        ]
+        records.append(
+            {
+                "id": f"next-{index}",
+                "image_bytes": [png.getvalue()],
+                "image_paths": [],
+                "conversations": json.dumps(turns),
+            }
+        )
+    batch = next(make_train_iterator(config, tokenizer, 0, 1, source=records))
+    geometry = config.anyres
+    assert batch["images"].shape == (3, 1, geometry.max_tiles, TILE, TILE, 3)
+    assert batch["image_layout"].shape == (3, 1, geometry.max_tokens)
+    encoder = ExampleEncoder(config, tokenizer)
+    by_size = {}
+    for record, image in zip(records, random_images(sizes, seed=7), strict=True):
+        example = encoder.encode(from_stored(record))
+        width, height = image.size
+        count = int((example["input_ids"] == tokenizer.image_token_id).sum())
+        assert count == geometry.num_tokens(height, width)
+        np.testing.assert_array_equal(
+            example["images"][0], geometry.tiles(image, config.image_mean, config.image_std)
+        )
+        by_size[count] = example
+    assert len(by_size) == 3  # three sizes, three counts
+
+    model_config = ModelConfig(
+        vision=VisionConfig(
+            hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, image_size=TILE,
+            patch_size=PATCH,
+        ),
+        text=TextConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+            num_heads=4, num_kv_heads=2, max_position_embeddings=128,
+        ),
+        image_token_id=tokenizer.image_token_id,
+        image_grid_pinpoints=pinpoints,
+    )  # fmt: skip
+
+    params = init_params(model_config, __import__("jax").random.key(0))
+    inputs = {k: batch[k] for k in ("input_ids", "images", "image_mask", "attention_mask")}
+    logits = Llava(model_config).apply(
+        {"params": params}, **inputs, image_layout=batch["image_layout"]
+    )
+    assert np.isfinite(np.asarray(logits)).all()
+    assert dataclasses.replace(config, image_grid_pinpoints=()).anyres is None

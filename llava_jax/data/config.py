@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from llava_jax.data.anyres import Anyres
 from llava_jax.data.image import ASPECT_MODES, CLIP_MEAN, CLIP_STD
 from llava_jax.section import Section
 
@@ -44,6 +45,10 @@ class DataConfig(Section):
     image_std: tuple[float, ...] = CLIP_STD
     num_image_tokens: int = 16
     max_images_per_sample: int = 1
+    # LLaVA-NeXT: the model's grid resolutions and vision patch size (the trainer fills them
+    # in from the model, as image_size); empty: each image is one square (data/anyres.py).
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    image_patch_size: int = 14
     max_len: int = 128
     # Whole conversations packed first-fit into rows of max_len tokens (data/packing.py);
     # global_batch_size then counts rows. Attention stays within each conversation.
@@ -61,6 +66,13 @@ class DataConfig(Section):
     def __post_init__(self):
         object.__setattr__(self, "image_mean", tuple(self.image_mean))
         object.__setattr__(self, "image_std", tuple(self.image_std))
+        pinpoints = tuple(tuple(int(v) for v in p) for p in self.image_grid_pinpoints)
+        object.__setattr__(self, "image_grid_pinpoints", pinpoints)
+        if pinpoints and (self.packing or self.group_by_modality_length):
+            raise ValueError(
+                "config.data.packing and group_by_modality_length do not take LLaVA-NeXT "
+                "images (image_grid_pinpoints) yet"
+            )
         if self.source not in SOURCES:
             raise ValueError(f"config.data.source={self.source!r} is not one of {SOURCES}")
         if self.image_aspect not in ASPECT_MODES:
@@ -92,3 +104,10 @@ class DataConfig(Section):
         ):
             if getattr(self, field) < 1:
                 raise ValueError(f"config.data.{field}={getattr(self, field)} must be >= 1")
+
+    @property
+    def anyres(self) -> Anyres | None:
+        """LLaVA-NeXT's image geometry, or None for one square image per slot."""
+        if not self.image_grid_pinpoints:
+            return None
+        return Anyres(self.image_size, self.image_patch_size, self.image_grid_pinpoints)

@@ -210,17 +210,38 @@ class TokenizedConversation:
     loss_mask: np.ndarray
 
 
+def image_token_repeats(
+    ids: np.ndarray, image_token_id: int, num_image_tokens: int | Sequence[int]
+) -> np.ndarray:
+    """``int[L]``: how many times each of ``ids`` is repeated so that every image token
+    becomes its image's tokens: ``num_image_tokens`` each, or one count per image in order
+    (LLaVA-NeXT, where the count depends on the image's size)."""
+    is_image = ids == image_token_id
+    repeats = np.ones(len(ids), np.int64)
+    if isinstance(num_image_tokens, int | np.integer):
+        repeats[is_image] = num_image_tokens
+    else:
+        counts = np.asarray(num_image_tokens, np.int64)
+        if len(counts) != int(is_image.sum()):
+            raise ValueError(
+                f"{int(is_image.sum())} image tokens in the text, {len(counts)} image sizes"
+            )
+        repeats[is_image] = counts
+    return repeats
+
+
 def tokenize_conversation(
     turns: Sequence[dict],
     tokenizer,
     template: Template,
     num_images: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     max_len: int,
     image_token_id: int,
 ) -> TokenizedConversation:
-    """Renders, tokenizes once, expands each ``<image>`` to ``num_image_tokens`` copies of
-    ``image_token_id`` and truncates to ``max_len``.
+    """Renders, tokenizes once, expands each ``<image>`` to its image's tokens
+    (``num_image_tokens``: one count for every image, or one per image in order) and
+    truncates to ``max_len``.
 
     Raises ``DroppedExample`` when the sample must not be trained on: roles out of order,
     an empty turn, ``<image>`` count != ``num_images``, image tokens cut by truncation,
@@ -251,7 +272,7 @@ def tokenize_conversation(
             "image_count_mismatch",
             f"tokenizer produced {int(is_image.sum())} image tokens for {num_images} images",
         )
-    repeats = np.where(is_image, num_image_tokens, 1)
+    repeats = image_token_repeats(ids, image_token_id, num_image_tokens)
     ids = np.repeat(ids, repeats)
     supervised = np.repeat(supervised & ~is_image, repeats)
 

@@ -17,6 +17,9 @@ A batch (``B`` = global batch / process count, ``T`` = max_len, ``I`` = max imag
 - ``positions int32[B, T]``: each token's position in its conversation (RoPE)
 - ``images float32[B, I, H, W, 3]``: normalised; unused slots are zeros
 - ``image_mask bool[B, I]``: valid images first
+- LLaVA-NeXT (``image_grid_pinpoints``): ``images float32[B, I, T, H, W, 3]``, each image's
+  tiles, and ``image_layout int32[B, I, N]`` (data/anyres.py); an image's token count
+  depends on its size
 
 With ``packing`` a row holds whole conversations placed first-fit (data/packing.py), ``I``
 is ``max_images_per_row`` and the row's images follow its image tokens' order; with
@@ -46,12 +49,20 @@ from llava_jax.data.conversation import (
     tokenize_conversation,
 )
 from llava_jax.data.datasets.record import Record, from_stored
-from llava_jax.data.image import load_and_preprocess
+from llava_jax.data.image import decode_image, load_and_preprocess
 from llava_jax.data.prompt import prompt_ids
 from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer, tokenizer_fingerprint
 from llava_jax.sharding import batch_sharding
 
-BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask", "positions", "images", "image_mask")
+BATCH_KEYS = (
+    "input_ids",
+    "loss_mask",
+    "attention_mask",
+    "positions",
+    "images",
+    "image_mask",
+    "image_layout",  # LLaVA-NeXT only
+)
 
 
 def tokenizer_for(config: DataConfig) -> LoadedTokenizer:
@@ -118,14 +129,41 @@ class ExampleEncoder:
             mask[index] = True
         return images, mask
 
-    def tokenize(self, record: Record) -> TokenizedConversation:
-        """The record's tokens, unpadded (raises ``DroppedExample``)."""
+    def anyres_images(self, record: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """LLaVA-NeXT (data/anyres.py): each image's tiles ``float32[I, T, S, S, 3]``,
+        ``bool[I]``, its feature layout ``int32[I, N]`` and its number of image tokens."""
+        c, geometry = self.config, self.config.anyres
+        count = len(record.image_bytes)
+        if count > c.max_images_per_sample:
+            raise DroppedExample("too_many_images", f"{count} > {c.max_images_per_sample}")
+        slots = c.max_images_per_sample
+        tiles = np.zeros((slots, geometry.max_tiles, c.image_size, c.image_size, 3), np.float32)
+        mask = np.zeros((slots,), bool)
+        layout = np.full((slots, geometry.max_tokens), -1, np.int32)
+        counts = []
+        for index, data in enumerate(record.image_bytes):
+            try:
+                image = decode_image(data)
+            except ValueError as error:  # ImageDecodeError: corrupt bytes
+                paths = record.image_paths
+                file = paths[index] if index < len(paths) else ""
+                raise DroppedExample("unreadable_image", str(error), file) from error
+            width, height = image.size
+            tiles[index] = geometry.tiles(image, c.image_mean, c.image_std)
+            layout[index] = geometry.feature_layout(height, width)
+            counts.append(geometry.num_tokens(height, width))
+            mask[index] = True
+        return tiles, mask, layout, counts
+
+    def tokenize(self, record: Record, image_tokens: list | None = None) -> TokenizedConversation:
+        """The record's tokens, unpadded (raises ``DroppedExample``); `image_tokens`: each
+        image's token count (LLaVA-NeXT), else `num_image_tokens` each."""
         return tokenize_conversation(
             record.conversations,
             self.tokenizer,
             self.template,
             num_images=len(record.image_bytes),
-            num_image_tokens=self.config.num_image_tokens,
+            num_image_tokens=self.config.num_image_tokens if image_tokens is None else image_tokens,
             max_len=self.config.max_len,
             image_token_id=self.image_token_id,
         )
@@ -143,8 +181,13 @@ class ExampleEncoder:
 
     def encode(self, record: Record) -> dict:
         c = self.config
-        tokens = self.tokenize(record)
-        images, image_mask = self.images(record)
+        layout = None
+        if c.anyres is not None:  # the image sizes set the token counts: images first
+            images, image_mask, layout, counts = self.anyres_images(record)
+            tokens = self.tokenize(record, counts)
+        else:
+            tokens = self.tokenize(record)
+            images, image_mask = self.images(record)
         length = len(tokens.input_ids)
         input_ids = np.full((c.max_len,), self.pad_token_id, np.int32)
         input_ids[:length] = tokens.input_ids
@@ -152,7 +195,7 @@ class ExampleEncoder:
         loss_mask[:length] = tokens.loss_mask
         attention_mask = np.zeros((c.max_len,), np.int32)
         attention_mask[:length] = 1
-        return {
+        example = {
             "id": record.id,
             "drop_reason": "",
             "input_ids": input_ids,
@@ -162,6 +205,9 @@ class ExampleEncoder:
             "images": images,
             "image_mask": image_mask,
         }
+        if layout is not None:
+            example["image_layout"] = layout
+        return example
 
 
 class RowEncoder:
@@ -288,7 +334,8 @@ class BatchIterator(grain.DatasetIterator):
                 self._log_drop(part)
             self._dropped_in_a_row.clear()
             kept.append(example)
-        return {key: np.stack([example[key] for example in kept]) for key in BATCH_KEYS}
+        keys = [key for key in BATCH_KEYS if key in kept[0]]
+        return {key: np.stack([example[key] for example in kept]) for key in keys}
 
     def _log_drop(self, example: dict) -> None:
         if sum(self.dropped.values()) <= self.max_logged:

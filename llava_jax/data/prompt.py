@@ -12,22 +12,29 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from llava_jax.data.conversation import IMAGE_PLACEHOLDER, Template, generation_prompt
+from llava_jax.data.conversation import (
+    IMAGE_PLACEHOLDER,
+    Template,
+    generation_prompt,
+    image_token_repeats,
+)
 from llava_jax.data.tokenizer import LoadedTokenizer
 
 
-def encode_prompt(text: str, tokenizer: LoadedTokenizer, num_image_tokens: int) -> np.ndarray:
-    """`int32[L]`: `text` tokenized, each image token repeated `num_image_tokens` times."""
+def encode_prompt(
+    text: str, tokenizer: LoadedTokenizer, num_image_tokens: int | Sequence[int]
+) -> np.ndarray:
+    """`int32[L]`: `text` tokenized, each image token repeated `num_image_tokens` times (or
+    one count per image, in order)."""
     ids = np.asarray(tokenizer.tokenizer(text)["input_ids"], np.int32)
-    repeats = np.where(ids == tokenizer.image_token_id, num_image_tokens, 1)
-    return np.repeat(ids, repeats)
+    return np.repeat(ids, image_token_repeats(ids, tokenizer.image_token_id, num_image_tokens))
 
 
 def prompt_ids(
     turns: Sequence[dict],
     template: Template,
     tokenizer: LoadedTokenizer,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
 ) -> np.ndarray:
     """`int32[L]`: the conversation rendered with `template`, ending where the assistant's
     next answer starts, tokenized, each `<image>` expanded. Raises `DroppedExample` when

@@ -25,7 +25,7 @@ from llava_jax.train.optimizer import merge_trainable, split_trainable
 from llava_jax.train.state import TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
-MODEL_INPUTS = ("input_ids", "images", "image_mask", "attention_mask", "positions")
+MODEL_INPUTS = ("input_ids", "images", "image_mask", "attention_mask", "positions", "image_layout")
 
 
 def _model_inputs(batch: Batch) -> dict[str, jax.Array]:

@@ -181,10 +181,12 @@ def initial_model(run: RunConfig, tokenizer: LoadedTokenizer) -> tuple[ModelConf
 
 
 def _data_config(data: DataConfig, model_config: ModelConfig) -> DataConfig:
-    """The data settings the model dictates: image size and tokens per image."""
+    """The data settings the model dictates: image size, tokens per image, the grid."""
     return data.replace(
         image_size=model_config.vision.image_size,
         num_image_tokens=model_config.num_image_tokens,
+        image_grid_pinpoints=model_config.image_grid_pinpoints,
+        image_patch_size=model_config.vision.patch_size,
     )
 
 
