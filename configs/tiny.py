@@ -1,6 +1,9 @@
 """The embedded default: a tiny LLaVA trained on the synthetic shapes dataset, on a laptop.
 
     python -m llava_jax.main --config=configs/tiny.py --workdir=workdir/tiny
+    python -m llava_jax.main --config=configs/tiny.py:next --workdir=workdir/tiny-next
+
+`:next` is the same with LLaVA-NeXT's any-resolution images (small pinpoints).
 
 Everything trains from scratch (there is no pretrained tower to keep frozen), with the
 LLaVA-1.5 model layout (CLIP-style ViT, mlp2x_gelu projector, LLaMA decoder) and the
@@ -48,4 +51,10 @@ def get_config(arg: str | None = None):
 
     config.eval.num_records = 200
     config.eval.batch_size = 64
+
+    if arg == "next":  # LLaVA-NeXT style: each image as a grid of 48 px tiles + an overview
+        model.image_grid_pinpoints = ((48, 96), (96, 48), (96, 96))
+        config.data.max_len = 160  # a square image: 36 overview + 6 x (6 + 1) grid tokens
+    elif arg:
+        raise ValueError(f"configs/tiny.py takes no argument or 'next', got {arg!r}")
     return config

@@ -150,6 +150,12 @@ def _abstract_batch(config: Any, model_config: Any, global_batch: int, sharding:
         "images": ((global_batch, slots, size, size, 3), np.float32),
         "image_mask": ((global_batch, slots), np.bool_),
     }
+    if model_config.anyres:  # LLaVA-NeXT: every image as its largest grid of tiles
+        from llava_jax.data.anyres import Anyres
+
+        grid = Anyres(size, model_config.vision.patch_size, model_config.image_grid_pinpoints)
+        shapes["images"] = ((global_batch, slots, grid.max_tiles, size, size, 3), np.float32)
+        shapes["image_layout"] = ((global_batch, slots, grid.max_tokens), np.int32)
     return {
         k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
         for k, (shape, dtype) in shapes.items()

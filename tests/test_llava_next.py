@@ -205,24 +205,50 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     np.testing.assert_array_equal(np.stack(result.tokens), out[:, longest:].numpy())
 
 
-def test_what_cannot_run_anyres_yet_says_so(tmp_path):
-    """Training and the command-line programs do not tile images yet: a NeXT model is
-    refused at start-up with a message saying so, not failed deep inside."""
-    from trainer_fixtures import tiny_config
-
+def test_the_programs_refuse_a_next_model_saying_why(tmp_path):
+    """The command-line programs do not tile images yet: a NeXT checkpoint is refused when
+    loading, with a message saying so, not failed deep inside."""
     from llava_jax.data.datasets.synthetic import build_tokenizer
     from llava_jax.inference.load import InputError, load_model
-    from llava_jax.train.trainer import Run
 
     pinpoints, feature_layer, _ = CONFIGS["wide-and-tall"]
     next_model(next_config(pinpoints, feature_layer)).save_pretrained(tmp_path / "hf")
     build_tokenizer(str(tmp_path / "hf"))
     with pytest.raises(InputError, match="LLaVA-NeXT model .* cannot tile"):
         load_model(str(tmp_path / "hf"))
-    config = tiny_config(str(tmp_path / "tfds"))
-    config.model.image_grid_pinpoints = ((48, 96), (96, 48))
-    with pytest.raises(ValueError, match="training a LLaVA-NeXT model is not supported yet"):
-        Run(config, str(tmp_path / "run"))
+
+
+def test_a_next_model_trains_and_evaluates(tmp_path):
+    """configs/tiny.py:next, a few steps: the loss is finite and falls, the held-out loss
+    and the answers (generated over tiles) are computed."""
+    import json
+    import sys
+
+    from trainer_fixtures import REPO, tiny_config
+
+    from llava_jax.train.trainer import train_and_evaluate
+
+    sys.path.insert(0, f"{REPO}/configs")
+    import tiny
+
+    assert tiny.get_config("next").model.image_grid_pinpoints
+    config = tiny_config(
+        str(tmp_path / "tfds"),
+        model__image_grid_pinpoints=((48, 96), (96, 48), (96, 96)),
+        data__max_len=160,
+        train__num_steps=4,
+        eval__num_records=2,
+        eval__loss_batches=1,
+        eval__max_new_tokens=3,
+    )
+    summary = train_and_evaluate(config, str(tmp_path / "run"))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.isfinite(summary["eval"]["eval_loss"])
+    assert summary["eval"]["num_examples"] > 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["image_grid_pinpoints"] == [[48, 96], [96, 48], [96, 96]]
 
 
 def test_the_data_pipeline_tiles_images_and_gives_each_its_own_token_count(tmp_path):

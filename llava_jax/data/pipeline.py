@@ -43,6 +43,7 @@ from absl import flags
 from llava_jax.data import datasets, packing
 from llava_jax.data.config import DataConfig
 from llava_jax.data.conversation import (
+    IMAGE_PLACEHOLDER,
     DroppedExample,
     TokenizedConversation,
     get_template,
@@ -588,6 +589,7 @@ class EvalQuestion:
     ``prompt_ids int32[L]``: the conversation up to this answer (earlier reference answers
     included), image tokens expanded; ``images float32[I, H, W, 3]``, ``image_mask bool[I]``;
     ``answer``: the reference text. ``stop``: the template's end-of-answer string.
+    LLaVA-NeXT: ``images float32[I, T, H, W, 3]`` (tiles) and ``image_layout int32[I, N]``.
     """
 
     record_id: str
@@ -597,6 +599,7 @@ class EvalQuestion:
     image_mask: np.ndarray
     answer: str
     stop: str
+    image_layout: np.ndarray | None = None
 
 
 def make_eval_questions(
@@ -616,24 +619,31 @@ def make_eval_questions(
     # the TFDS source order is a fixed hash order, the same on every run
     for index in range(len(source) if limit is None else min(limit, len(source))):
         record = from_stored(source[index])
+        layout, counts = None, None
         try:
-            images, image_mask = encoder.images(record)
+            if config.anyres is not None:
+                images, image_mask, layout, counts = encoder.anyres_images(record)
+            else:
+                images, image_mask = encoder.images(record)
         except DroppedExample as error:
             logging.warning("Eval record %s left out: %s", record.id, error)
             continue
         turns = list(record.conversations)
         for turn in range(1, len(turns), 2):
+            image_tokens = config.num_image_tokens
+            if counts is not None:  # the images the prompt so far shows
+                shown = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns[:turn])
+                image_tokens = counts[:shown]
             questions.append(
                 EvalQuestion(
                     record_id=record.id,
                     turn=turn,
-                    prompt_ids=prompt_ids(
-                        turns[:turn], template, tokenizer, config.num_image_tokens
-                    ),
+                    prompt_ids=prompt_ids(turns[:turn], template, tokenizer, image_tokens),
                     images=images,
                     image_mask=image_mask,
                     answer=turns[turn]["value"],
                     stop=template.end,
+                    image_layout=layout,
                 )
             )
     return questions

@@ -191,22 +191,30 @@ def generate_answers(
     batch_size: int,
     image_slots: tuple[int, ...],
     length: int | None = None,
+    image_layouts: Sequence[np.ndarray | None] | None = None,
 ) -> list[str]:
     """Answers to `prompts` (int32[L] each) about their `images` (float32[I, H, W, 3] with
     `image_masks` bool[I], or None for text only), in order, `batch_size` at a time.
 
     `image_slots` is (I, H, W, 3). Every batch is padded to `batch_size` rows, so one
-    compiled program serves them all (and, with `length`, one prompt length).
+    compiled program serves them all (and, with `length`, one prompt length). A LLaVA-NeXT
+    model: images are tiles (`image_slots` (I, T, H, W, 3)) with `image_layouts` int32[I, N].
     """
     answers: list[str] = []
+    layout_shape = None
+    if image_layouts is not None:
+        layout_shape = next(x.shape for x in image_layouts if x is not None)
     for start in range(0, len(prompts), batch_size):
         rows = range(start, min(start + batch_size, len(prompts)))
         pixels = np.zeros((len(rows), *image_slots), np.float32)
         image_mask = np.zeros((len(rows), image_slots[0]), bool)
+        layout = None if layout_shape is None else np.full((len(rows), *layout_shape), -1)
         for row, index in enumerate(rows):
             if images[index] is not None:
                 pixels[row] = images[index]
                 image_mask[row] = image_masks[index]
+                if layout is not None:
+                    layout[row] = image_layouts[index]
         result = engine.generate(
             params,
             [prompts[i] for i in rows],
@@ -215,6 +223,7 @@ def generate_answers(
             sampling,
             batch_rows=batch_size,
             length=length,
+            image_layout=layout,
         )
         answers.extend(text.strip() for text in result.texts)
     return answers

@@ -91,11 +91,14 @@ def check_room_for_an_answer(data: DataConfig, tokenizer: LoadedTokenizer) -> No
     token; otherwise every record would be dropped as too long."""
     turns = [{"from": "human", "value": IMAGE_PLACEHOLDER}]
     template = get_template(data.template)
-    needed = len(prompt_ids(turns, template, tokenizer, data.num_image_tokens)) + 2
+    image_tokens = data.num_image_tokens
+    if data.anyres:  # the fewest an image can take: a square one
+        image_tokens = data.anyres.num_tokens(data.image_size, data.image_size)
+    needed = len(prompt_ids(turns, template, tokenizer, image_tokens)) + 2
     if data.max_len < needed:
         raise ValueError(
             f"config.data.max_len={data.max_len} leaves no room for an answer: one image is "
-            f"{data.num_image_tokens} tokens, and the {data.template!r} template's shortest "
+            f"{image_tokens} tokens, and the {data.template!r} template's shortest "
             f"prompt with an image plus one answer token and its end is {needed} tokens"
         )
 
@@ -336,7 +339,8 @@ class Run:
             self.model_config,
             batch=data.global_batch_size,
             length=data.max_len,
-            images=data.max_images_per_row if data.packing else data.max_images_per_sample,
+            images=(data.max_images_per_row if data.packing else data.max_images_per_sample)
+            * (data.anyres.max_tiles if data.anyres else 1),  # NeXT: every tile is an image
             trainable=pattern_trains(train.train_pattern),
         )
         self.peak_flops = peak_flops_per_device(self.setup.mesh, self.model_config.dtype)
@@ -357,12 +361,6 @@ class Run:
     def _load_tokenizer_and_model(self) -> None:
         self.tokenizer = tokenizer_for(self.config.data)
         self.model_config, self.host_params = initial_model(self.config, self.tokenizer)
-        if self.model_config.anyres:
-            raise ValueError(
-                "config.model.image_grid_pinpoints: training a LLaVA-NeXT model is not "
-                "supported yet (the data pipeline does not tile images); its model, weights "
-                "and generation are in place for inference from Python"
-            )
         self.data_config = _data_config(self.config.data, self.model_config)
 
     def _say(self, message: str) -> None:
