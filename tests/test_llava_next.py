@@ -327,3 +327,12 @@ def test_the_data_pipeline_tiles_images_and_gives_each_its_own_token_count(tmp_p
     )
     assert np.isfinite(np.asarray(logits)).all()
     assert dataclasses.replace(config, image_grid_pinpoints=()).anyres is None
+
+
+def test_packing_or_grouping_next_data_is_refused():
+    from llava_jax.data.config import DataConfig
+
+    grid = dict(image_size=TILE, image_patch_size=PATCH, image_grid_pinpoints=((28, 56),))
+    for option in ("packing", "group_by_modality_length"):
+        with pytest.raises(ValueError, match="do not take LLaVA-NeXT images yet"):
+            DataConfig(**grid, **{option: True})
