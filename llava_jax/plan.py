@@ -141,7 +141,7 @@ def _abstract_batch(config: Any, model_config: Any, global_batch: int, sharding:
     data = config.data
     length = data.max_len
     size = model_config.vision.image_size
-    slots = data.max_images_per_row if data.packing else data.max_images_per_sample
+    slots = data.image_slots
     shapes = {
         "input_ids": ((global_batch, length), np.int32),
         "loss_mask": ((global_batch, length), np.float32),

@@ -106,6 +106,11 @@ class DataConfig(Section):
                 raise ValueError(f"config.data.{field}={getattr(self, field)} must be >= 1")
 
     @property
+    def image_slots(self) -> int:
+        """Image slots of a batch row: a packed row's, or one conversation's."""
+        return self.max_images_per_row if self.packing else self.max_images_per_sample
+
+    @property
     def anyres(self) -> Anyres | None:
         """LLaVA-NeXT's image geometry, or None for one square image per slot."""
         if not self.image_grid_pinpoints:

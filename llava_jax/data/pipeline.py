@@ -109,13 +109,22 @@ class ExampleEncoder:
                 "file": error.file,
             }
 
+    def _too_many_images(self, record: Record) -> str:
+        """The drop detail when the record has more images than a sample may, else ''."""
+        count, most = len(record.image_bytes), self.config.max_images_per_sample
+        return f"{count} > {most}" if count > most else ""
+
+    @staticmethod
+    def _unreadable(record: Record, index: int, error: ValueError) -> DroppedExample:
+        paths = record.image_paths
+        file = paths[index] if index < len(paths) else ""
+        return DroppedExample("unreadable_image", str(error), file)
+
     def images(self, record: Record) -> tuple[np.ndarray, np.ndarray]:
         """``float32[I, H, W, 3]`` and ``bool[I]`` for the record's images."""
         c = self.config
-        if len(record.image_bytes) > c.max_images_per_sample:
-            raise DroppedExample(
-                "too_many_images", f"{len(record.image_bytes)} > {c.max_images_per_sample}"
-            )
+        if detail := self._too_many_images(record):
+            raise DroppedExample("too_many_images", detail)
         images = np.zeros((c.max_images_per_sample, c.image_size, c.image_size, 3), np.float32)
         mask = np.zeros((c.max_images_per_sample,), bool)
         for index, data in enumerate(record.image_bytes):
@@ -124,9 +133,7 @@ class ExampleEncoder:
                     data, c.image_size, c.image_aspect, c.image_mean, c.image_std
                 )
             except ValueError as error:  # ImageDecodeError: corrupt bytes
-                paths = record.image_paths
-                file = paths[index] if index < len(paths) else ""
-                raise DroppedExample("unreadable_image", str(error), file) from error
+                raise self._unreadable(record, index, error) from error
             mask[index] = True
         return images, mask
 
@@ -134,9 +141,8 @@ class ExampleEncoder:
         """LLaVA-NeXT (data/anyres.py): each image's tiles ``float32[I, T, S, S, 3]``,
         ``bool[I]``, its feature layout ``int32[I, N]`` and its number of image tokens."""
         c, geometry = self.config, self.config.anyres
-        count = len(record.image_bytes)
-        if count > c.max_images_per_sample:
-            raise DroppedExample("too_many_images", f"{count} > {c.max_images_per_sample}")
+        if detail := self._too_many_images(record):
+            raise DroppedExample("too_many_images", detail)
         slots = c.max_images_per_sample
         tiles = np.zeros((slots, geometry.max_tiles, c.image_size, c.image_size, 3), np.float32)
         mask = np.zeros((slots,), bool)
@@ -146,9 +152,7 @@ class ExampleEncoder:
             try:
                 image = decode_image(data)
             except ValueError as error:  # ImageDecodeError: corrupt bytes
-                paths = record.image_paths
-                file = paths[index] if index < len(paths) else ""
-                raise DroppedExample("unreadable_image", str(error), file) from error
+                raise self._unreadable(record, index, error) from error
             width, height = image.size
             tiles[index] = geometry.tiles(image, c.image_mean, c.image_std)
             layout[index] = geometry.feature_layout(height, width)
@@ -173,7 +177,7 @@ class ExampleEncoder:
         """(tokens, images, drop reason or '') of a stored record, no image decoded."""
         record = from_stored(stored)
         images = len(record.image_bytes)
-        if images > self.config.max_images_per_sample:
+        if self._too_many_images(record):
             return 0, images, "too_many_images"  # as `images` would drop it
         try:
             return len(self.tokenize(record).input_ids), images, ""
@@ -452,6 +456,24 @@ def length_table(
     return table
 
 
+def packed_rows(
+    config: DataConfig,
+    records: grain.MapDataset,
+    table: packing.LengthTable,
+    num_epochs: int | None = None,
+) -> packing.PackedRows:
+    """`records` packed into rows as `config` says, over `num_epochs` (None: forever)."""
+    return packing.PackedRows(
+        records,
+        table,
+        seed=config.seed,
+        max_len=config.max_len,
+        max_images=config.max_images_per_row,
+        window=config.packing_window,
+        num_epochs=num_epochs,
+    )
+
+
 def train_sequences(config: DataConfig, tokenizer: LoadedTokenizer, num_epochs: float) -> int:
     """Rows the train split gives in `num_epochs` epochs: its records (grouped: whole
     global batches of them), or with `packing` the packed rows of those epochs (a fraction
@@ -462,14 +484,8 @@ def train_sequences(config: DataConfig, tokenizer: LoadedTokenizer, num_epochs: 
         return int(len(source) // batch * batch * num_epochs)
     if not config.packing:
         return int(len(source) * num_epochs)
-    rows = packing.PackedRows(
-        grain.MapDataset.source(source),
-        length_table(config, tokenizer, source, "train"),
-        seed=config.seed,
-        max_len=config.max_len,
-        max_images=config.max_images_per_row,
-        window=config.packing_window,
-        num_epochs=None,
+    rows = packed_rows(
+        config, grain.MapDataset.source(source), length_table(config, tokenizer, source, "train")
     )
     whole, part = divmod(num_epochs, 1)
     total = sum(len(rows.plan(epoch)) for epoch in range(int(whole)))
@@ -500,15 +516,7 @@ def make_dataset(
     if config.packing or config.group_by_modality_length:
         table = length_table(config, tokenizer, source, split if prepared else None)
     if config.packing:
-        dataset = packing.PackedRows(
-            dataset,
-            table,
-            seed=config.seed,
-            max_len=config.max_len,
-            max_images=config.max_images_per_row,
-            window=config.packing_window,
-            num_epochs=config.num_epochs,
-        )
+        dataset = packed_rows(config, dataset, table, config.num_epochs)
         encoder = RowEncoder(config, tokenizer)
     elif config.group_by_modality_length:
         dataset = packing.ModalityLengthOrder(

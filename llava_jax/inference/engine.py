@@ -904,7 +904,7 @@ class _Run:
             self.sampling, self.row_sampling = batch_sampling(sampling), list(sampling)
             self.sampling_params = engine.sampling_params(sampling, len(fields["filler"]))
         self.finished = [False] * rows  # rows stopped so far (as of the latest chunk)
-        batch = PromptBatch(**{k: None if v is None else engine._put(v) for k, v in fields.items()})
+        batch = PromptBatch(**{k: engine._put(v) for k, v in fields.items()})
         with engine._tracing():
             self.state = engine._prefill(
                 params,

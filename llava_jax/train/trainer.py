@@ -339,8 +339,8 @@ class Run:
             self.model_config,
             batch=data.global_batch_size,
             length=data.max_len,
-            images=(data.max_images_per_row if data.packing else data.max_images_per_sample)
-            * (data.anyres.max_tiles if data.anyres else 1),  # NeXT: every tile is an image
+            # LLaVA-NeXT: every tile goes through the vision tower as an image
+            images=data.image_slots * (data.anyres.max_tiles if data.anyres else 1),
             trainable=pattern_trains(train.train_pattern),
         )
         self.peak_flops = peak_flops_per_device(self.setup.mesh, self.model_config.dtype)
