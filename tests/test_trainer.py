@@ -300,6 +300,47 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert all(np.isfinite(v).all() for v in params.values())
 
 
+def test_local_multiprocess_trains_checkpoints_and_resumes_like_one_process(tmp_path, data_dir):
+    """launch/local_multiprocess.sh, 2 processes x 4 devices: stop at step 3 with a
+    checkpoint, run again to step 6; the losses equal one process x 8 devices."""
+    steps = 6
+    overrides = dict(train__num_steps=steps, optimizer__eps=1e-3)  # see WELL_CONDITIONED
+    single = tmp_path / "single"
+    train_and_evaluate(tiny_config(data_dir, **overrides), str(single))
+
+    workdir = tmp_path / "multi"
+    command = main_command(str(workdir), data_dir, **overrides)
+    launcher = [os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", "4", "--", *command[3:]]
+    env = subprocess_env()
+    env["LOG_DIR"] = str(tmp_path / "logs")
+    # The second run ends with the held-out evaluation, generating on the 2-process mesh.
+    evaluation = ["--config.eval.num_records=2", "--config.eval.max_new_tokens=4"]
+    for extra in (["--config.train.stop_at_step=3"], evaluation):
+        result = subprocess.run(
+            launcher + extra,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        if extra != evaluation:
+            assert ckpt.TrainCheckpoints(str(workdir)).steps()[-1] == 3
+    assert "at step 3" in result.stderr  # the second run resumed
+    assert json.loads((workdir / "eval.json").read_text())["num_examples"] > 0
+
+    def losses(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    multi, one = losses(workdir), losses(single)
+    assert sorted(multi) == list(range(1, steps + 1))
+    np.testing.assert_allclose(
+        [multi[s] for s in sorted(multi)], [one[s] for s in sorted(one)], rtol=1e-5
+    )
+
+
 def test_three_evaluations_in_one_run_compile_each_program_once(tmp_path, data_dir):
     """The evaluator is built once: the eval-loss step, the prefill and the decode loop are
     each traced (compiled) once for the periodic evaluations and the final one."""
