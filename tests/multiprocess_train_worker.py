@@ -11,7 +11,10 @@ import os
 import sys
 
 port, num_processes, process_id, local_devices = map(int, sys.argv[1:5])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+# the parent's flags (conftest.py), with this process's device count
+COUNT = "--xla_force_host_platform_device_count="
+kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(COUNT)]
+os.environ["XLA_FLAGS"] = " ".join([*kept, f"{COUNT}{local_devices}"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from hf_reference import IMAGE_TOKEN, VOCAB, tiny_hf_config, tiny_hf_model
-from trainer_fixtures import REPO, main_command
+from trainer_fixtures import REPO, main_command, xla_flags
 
 from llava_jax import chat, evaluate, generate
 from llava_jax import checkpoint as ckpt
@@ -40,9 +40,9 @@ QUESTION = "What color are the objects?"
 
 def cli_env() -> dict[str, str]:
     """One CPU device: the subprocesses start and compile fast."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=xla_flags(1),
         JAX_PLATFORMS="cpu",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",

@@ -59,9 +59,19 @@ def main_command(workdir: str, data_dir: str, **overrides) -> list[str]:
     ]
 
 
+def xla_flags(devices: int) -> str:
+    """This process's XLA_FLAGS (conftest.py's) with `devices` fake CPU devices instead."""
+    kept = [
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count=")
+    ]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def subprocess_env(devices: int = 8) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
