@@ -165,6 +165,26 @@ def test_greedy_equals_transformers_generate(models, name):
     np.testing.assert_array_equal(result.padded_tokens, expected)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_model_trained_with_remat_generates_in_either_layout(models, scan_layers):
+    """A training config's `remat_policy` (every 7B recipe has one) is nothing to generation:
+    greedy tokens equal transformers' with the layers stacked or one tree per layer (a bug:
+    the unscanned, rematerialised layers traced the per-layer cache's static index)."""
+    from llava_jax.models.llava import to_unscanned_layout
+
+    hf_config, model, config, params = models("gqa_default_select")
+    if not scan_layers:
+        params = to_unscanned_layout(params, config)
+    config = config.replace(remat_policy="full", scan_layers=scan_layers)
+    prompts, images, image_mask = make_prompts(hf_config, [9, 14], [1, 0], seed=2)
+    result = Generator(config, params).generate(
+        prompts, images, image_mask, SamplingConfig(max_new_tokens=4)
+    )
+    np.testing.assert_array_equal(
+        np.stack(result.tokens), hf_greedy(model, prompts, images, image_mask, 4)
+    )
+
+
 def test_cached_logits_equal_a_full_forward_pass(models, generator):
     hf_config, _, config, params = models("gqa_default_select")
     prompts, images, image_mask = make_prompts(hf_config, [9, 21], [1, 1], seed=2)

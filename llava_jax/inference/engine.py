@@ -550,6 +550,9 @@ class Engine:
         length_bucket: Callable[[int], int] = default_length_bucket,
         tokenizer: Detokenizer | None = None,
     ):
+        # Generation takes no gradient: recomputing layers (remat) would only cost, and a
+        # rematerialised unscanned layer would trace the per-layer cache's static index.
+        config = config.replace(remat_policy="none")
         self.config = config
         self.model = Llava(config)
         self.mesh = mesh
