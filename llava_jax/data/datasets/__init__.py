@@ -63,6 +63,14 @@ def prepare(config) -> tfds.core.GeneratorBasedBuilder:
     return builder
 
 
+def has_split(config, split: str) -> bool:
+    """Whether the source has `split`: the synthetic data has 'train' and 'test'; a LLaVA
+    JSON has 'test' only with `test_json_path`."""
+    if split == "train":
+        return True
+    return split == "test" and (config.source == "synthetic" or bool(config.test_json_path))
+
+
 def open_split(config, split: str):
     """A random-access source (``len``, ``[i]`` -> stored record dict) for ``split``."""
     builder = builder_for(config)
