@@ -125,3 +125,22 @@ def test_pad_equals_llava_expand2square_then_full_resize(width, height, size):
     expected = np.asarray(square.resize((size, size), Image.Resampling.BICUBIC))
     got = unnormalize(load_and_preprocess(encode(image, "PNG"), size, "pad"))
     np.testing.assert_allclose(got, expected, atol=0.01)
+
+
+def test_decoded_size_reads_the_header_and_follows_exif_rotation():
+    """LLaVA-NeXT's token counts come from `decoded_size`: the size `decode_image` gives,
+    a quarter turn (EXIF orientation 6) included, without decoding the pixels."""
+    import io
+
+    from PIL import Image
+
+    from llava_jax.data.image import decode_image, decoded_size
+
+    for orientation in (1, 6):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 10), (200, 10, 10)).save(buffer, format="JPEG", exif=exif)
+        data = buffer.getvalue()
+        assert decoded_size(data) == decode_image(data).size
+        assert decoded_size(data) == ((40, 10) if orientation == 1 else (10, 40))

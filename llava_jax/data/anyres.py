@@ -132,6 +132,19 @@ class Anyres:
         out[: len(layout)] = layout
         return out
 
+    def encode(
+        self, image: Image.Image, mean: Sequence[float], std: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Everything the model and the prompt need of one image: its `tiles` float32[T, S,
+        S, 3], its `feature_layout` int32[N] and its number of image tokens (the data
+        pipeline and inference both prepare images with this)."""
+        width, height = image.size
+        return (
+            self.tiles(image, mean, std),
+            self.feature_layout(height, width),
+            self.num_tokens(height, width),
+        )
+
     def tiles(self, image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
         """An RGB image -> normalised `float32[max_tiles, tile, tile, 3]`: the overview (the
         whole image resized to one tile), then the grid's tiles row by row, then zeros."""

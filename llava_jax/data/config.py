@@ -8,6 +8,7 @@ fields, whichever program reads them. Imports nothing heavy (no grain, no TFDS).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from llava_jax.data.anyres import Anyres
 from llava_jax.data.image import ASPECT_MODES, CLIP_MEAN, CLIP_STD
@@ -21,8 +22,8 @@ ON_BAD_RECORD = ("error", "skip")
 class DataConfig(Section):
     """Every setting of the data package (`config.data`).
 
-    The model dictates `image_size` and `num_image_tokens`; the trainer fills them in from
-    the model config.
+    The model dictates `image_size`, `num_image_tokens` and LLaVA-NeXT's grid: `for_model`
+    fills them in from the model config (the trainer and inference both use it).
     """
 
     source: str = "synthetic"  # synthetic | llava_json
@@ -45,8 +46,8 @@ class DataConfig(Section):
     image_std: tuple[float, ...] = CLIP_STD
     num_image_tokens: int = 16
     max_images_per_sample: int = 1
-    # LLaVA-NeXT: the model's grid resolutions and vision patch size (the trainer fills them
-    # in from the model, as image_size); empty: each image is one square (data/anyres.py).
+    # LLaVA-NeXT: the model's grid resolutions and vision patch size (`for_model` fills them
+    # in, as image_size); empty: each image is one square (data/anyres.py).
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     image_patch_size: int = 14
     max_len: int = 128
@@ -68,11 +69,6 @@ class DataConfig(Section):
         object.__setattr__(self, "image_std", tuple(self.image_std))
         pinpoints = tuple(tuple(int(v) for v in p) for p in self.image_grid_pinpoints)
         object.__setattr__(self, "image_grid_pinpoints", pinpoints)
-        if pinpoints and (self.packing or self.group_by_modality_length):
-            raise ValueError(
-                "config.data.packing and group_by_modality_length do not take LLaVA-NeXT "
-                "images (image_grid_pinpoints) yet"
-            )
         if self.source not in SOURCES:
             raise ValueError(f"config.data.source={self.source!r} is not one of {SOURCES}")
         if self.image_aspect not in ASPECT_MODES:
@@ -104,6 +100,16 @@ class DataConfig(Section):
         ):
             if getattr(self, field) < 1:
                 raise ValueError(f"config.data.{field}={getattr(self, field)} must be >= 1")
+
+    def for_model(self, model: Any) -> DataConfig:
+        """These settings with what the model (a `ModelConfig`) dictates: the image size,
+        the tokens of an image and LLaVA-NeXT's grid and patch size."""
+        return self.replace(
+            image_size=model.vision.image_size,
+            num_image_tokens=model.num_image_tokens,
+            image_grid_pinpoints=model.image_grid_pinpoints,
+            image_patch_size=model.vision.patch_size,
+        )
 
     @property
     def image_slots(self) -> int:

@@ -51,6 +51,10 @@ class DroppedExample(Exception):
         self.file = file
 
 
+class ImageCountError(ValueError):
+    """The text has more or fewer image tokens than there are image sizes to expand them."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Rendered:
     """A rendered conversation: the text and the ``[start, end)`` character spans of
@@ -223,7 +227,7 @@ def image_token_repeats(
     else:
         counts = np.asarray(num_image_tokens, np.int64)
         if len(counts) != int(is_image.sum()):
-            raise ValueError(
+            raise ImageCountError(
                 f"{int(is_image.sum())} image tokens in the text, {len(counts)} image sizes"
             )
         repeats[is_image] = counts

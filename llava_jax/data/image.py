@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -147,6 +147,24 @@ def decode_image(data: bytes) -> Image.Image:
     except Exception as error:  # PIL raises many types for corrupt files
         raise ImageDecodeError(f"cannot decode image ({type(error).__name__}: {error})") from error
     return to_rgb(image)
+
+
+def decoded_size(data: bytes) -> tuple[int, int]:
+    """`(width, height)` of the image `decode_image` gives (EXIF orientation applied), read
+    from the header: no pixel is decoded. Raises `ImageDecodeError` as `decode_image`."""
+    try:
+        image = _open_lazily(data)
+        _check_pixels(image.size)
+        width, height = image.size
+        if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # turned 90 degrees
+            width, height = height, width
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError(f"image too large to decode: {error}") from None
+    except Exception as error:  # PIL raises many types for corrupt files
+        raise ImageDecodeError(f"cannot decode image ({type(error).__name__}: {error})") from error
+    return width, height
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

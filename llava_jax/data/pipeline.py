@@ -50,7 +50,7 @@ from llava_jax.data.conversation import (
     tokenize_conversation,
 )
 from llava_jax.data.datasets.record import Record, from_stored
-from llava_jax.data.image import decode_image, load_and_preprocess
+from llava_jax.data.image import decode_image, decoded_size, load_and_preprocess
 from llava_jax.data.prompt import prompt_ids
 from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer, tokenizer_fingerprint
 from llava_jax.sharding import batch_sharding
@@ -151,14 +151,34 @@ class ExampleEncoder:
         for index, data in enumerate(record.image_bytes):
             try:
                 image = decode_image(data)
+                measured = decoded_size(data)
             except ValueError as error:  # ImageDecodeError: corrupt bytes
                 raise self._unreadable(record, index, error) from error
-            width, height = image.size
-            tiles[index] = geometry.tiles(image, c.image_mean, c.image_std)
-            layout[index] = geometry.feature_layout(height, width)
-            counts.append(geometry.num_tokens(height, width))
+            if image.size != measured:  # a format that settles its size on load (ICO)
+                raise DroppedExample(
+                    "image_size_changed",
+                    f"image {index}: header {measured}, decoded {image.size} (width, height)",
+                    record.image_paths[index] if index < len(record.image_paths) else "",
+                )
+            tiles[index], layout[index], count = geometry.encode(image, c.image_mean, c.image_std)
+            counts.append(count)
             mask[index] = True
         return tiles, mask, layout, counts
+
+    def image_tokens(self, record: Record) -> list[int] | None:
+        """LLaVA-NeXT: each image's number of image tokens, from its header (nothing
+        decoded; raises ``DroppedExample`` for an unreadable one); None otherwise."""
+        geometry = self.config.anyres
+        if geometry is None:
+            return None
+        counts = []
+        for index, data in enumerate(record.image_bytes):
+            try:
+                width, height = decoded_size(data)
+            except ValueError as error:
+                raise self._unreadable(record, index, error) from error
+            counts.append(geometry.num_tokens(height, width))
+        return counts
 
     def tokenize(self, record: Record, image_tokens: list | None = None) -> TokenizedConversation:
         """The record's tokens, unpadded (raises ``DroppedExample``); `image_tokens`: each
@@ -174,13 +194,14 @@ class ExampleEncoder:
         )
 
     def measure(self, stored: dict) -> tuple[int, int, str]:
-        """(tokens, images, drop reason or '') of a stored record, no image decoded."""
+        """(tokens, images, drop reason or '') of a stored record, no image decoded (a NeXT
+        image's token count comes from its header's size)."""
         record = from_stored(stored)
         images = len(record.image_bytes)
         if self._too_many_images(record):
             return 0, images, "too_many_images"  # as `images` would drop it
         try:
-            return len(self.tokenize(record).input_ids), images, ""
+            return len(self.tokenize(record, self.image_tokens(record)).input_ids), images, ""
         except DroppedExample as error:
             return 0, images, error.reason
 
@@ -232,15 +253,23 @@ class RowEncoder:
         loss_mask = np.zeros((c.max_len,), np.float32)
         segments = np.zeros((c.max_len,), np.int32)
         positions = np.zeros((c.max_len,), np.int32)
-        images = np.zeros((c.max_images_per_row, c.image_size, c.image_size, 3), np.float32)
-        image_mask = np.zeros((c.max_images_per_row,), bool)
+        geometry = c.anyres
+        tiles = () if geometry is None else (geometry.max_tiles,)
+        slots = c.max_images_per_row
+        images = np.zeros((slots, *tiles, c.image_size, c.image_size, 3), np.float32)
+        image_mask = np.zeros((slots,), bool)
+        layouts = None if geometry is None else np.full((slots, geometry.max_tokens), -1, np.int32)
         ids, dropped = [], []
         start, image_slot = 0, 0
         for stored in row["records"]:
             record = from_stored(stored)
             try:
-                tokens = self.encoder.tokenize(record)
-                pictures, valid = self.encoder.images(record)
+                if geometry is None:
+                    tokens = self.encoder.tokenize(record)
+                    pictures, valid = self.encoder.images(record)
+                else:
+                    pictures, valid, layout, counts = self.encoder.anyres_images(record)
+                    tokens = self.encoder.tokenize(record, counts)
             except DroppedExample as error:
                 dropped.append(
                     {
@@ -267,9 +296,11 @@ class RowEncoder:
             positions[start:end] = np.arange(end - start)
             images[image_slot : image_slot + count] = pictures[valid]
             image_mask[image_slot : image_slot + count] = True
+            if layouts is not None:
+                layouts[image_slot : image_slot + count] = layout[valid]
             ids.append(record.id)
             start, image_slot = end, image_slot + count
-        return {
+        example = {
             "id": ",".join(ids),
             "drop_reason": "",
             "dropped": dropped,
@@ -280,6 +311,9 @@ class RowEncoder:
             "images": images,
             "image_mask": image_mask,
         }
+        if layouts is not None:
+            example["image_layout"] = layouts
+        return example
 
 
 class NoUsableData(RuntimeError):
@@ -436,6 +470,7 @@ def length_table(
             config.num_image_tokens,
             config.max_images_per_sample,
             len(source),
+            config.anyres,
         )
         directory = datasets.builder_for(config).data_dir
         cache_path = os.path.join(directory, "llava_jax_lengths", f"{split}-{key}.npz")
