@@ -24,11 +24,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from llava_jax import cli, program
 from llava_jax.errors import InputError
-from llava_jax.inference.load import ROLES, LoadedModel
+from llava_jax.inference.load import ROLES, LoadedModel, ModelImage
 
 EXIT_WORDS = ("exit", "quit")
 
@@ -52,21 +50,21 @@ def visible_text(text: str, stops: Sequence[str]) -> str:
 class ChatSession:
     """A conversation with one model about one image (or none).
 
-    images: float32[1, 1, H, W, 3] (normalised) or None. sampling: keyword arguments of
-    `LoadedModel.sampling`; `seed` grows by one each turn. chunk_size: tokens per
-    streamed piece.
+    images: the image (`LoadedModel.load_image`) in a list, or an empty one. sampling:
+    keyword arguments of `LoadedModel.sampling`; `seed` grows by one each turn. chunk_size:
+    tokens per streamed piece.
     """
 
     def __init__(
         self,
         model: LoadedModel,
-        images: np.ndarray | None,
+        images: Sequence[ModelImage],
         *,
         chunk_size: int = 1,
         **sampling,
     ):
         self.model = model
-        self.images = images
+        self.images = list(images)
         self.chunk_size = chunk_size
         self.sampling = sampling
         self.turns: list[dict] = []
@@ -82,15 +80,16 @@ class ChatSession:
         """
         model = self.model
         first = not self.turns
-        turns = [*self.turns, model.user_turn(question, first and self.images is not None)]
-        ids = model.prompt_ids(turns)
-        model.check_image_tokens(ids, 0 if self.images is None else 1)
+        turns = [*self.turns, model.user_turn(question, first and bool(self.images))]
+        ids = model.prompt_ids(turns, self.images)
+        model.check_image_tokens(ids, self.images)
         max_new = self.sampling.get("max_new_tokens", 512)
         fits = model.check_prompt(ids, max_new, clamp=True)
         knobs = {**self.sampling, "max_new_tokens": fits}
         knobs["seed"] = knobs.get("seed", 0) + len(self.turns) // 2
         sampling = model.sampling(**knobs)
-        stream = model.stream([ids], self.images, None, sampling, chunk_size=self.chunk_size)
+        images = model.batch_images([self.images])
+        stream = model.stream([ids], sampling=sampling, chunk_size=self.chunk_size, **images)
         tokens: list[int] = []
         shown = ""
         for pieces in stream:
@@ -175,7 +174,7 @@ def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = read_li
             # Bytes that are not UTF-8 reach the session (as lone surrogates), which refuses
             # that one line, instead of an exception that ends the chat.
             sys.stdin.reconfigure(errors="surrogateescape")
-        images = None if args.image is None else model.load_image(args.image)[None, None]
+        images = [] if args.image is None else [model.load_image(args.image)]
         session = ChatSession(
             model, images, chunk_size=args.chunk_size, **cli.sampling_from_args(args)
         )

@@ -6,7 +6,8 @@
         --quantize int8]
 
 `--checkpoint` is a training workdir (its newest checkpoint, or `--step`), a Hugging Face
-LLaVA directory or a params checkpoint (`--tokenizer` then names the tokenizer); see
+LLaVA or LLaVA-NeXT directory (a NeXT model sees the image, of any size, as tiles) or a
+params checkpoint (`--tokenizer` then names the tokenizer); see
 `llava_jax/inference/load.py`. `--quantize int8` runs the decoder's attention and MLP
 weights in int8 (per-channel scales, `llava_jax/models/quantize.py`). With an image, the
 prompt gets `<image>\\n` in front, as LLaVA does; the template's generation prompt follows.
@@ -49,11 +50,9 @@ def answer(
     no room for an answer in the context, is not valid Unicode, or writes `<image>` more
     often than it has images (once at most, where the image goes; never without one).
     """
-    images = None
-    if image_path is not None:
-        images = model.load_image(image_path)[None, None]  # float32[1, 1, H, W, 3]
-    ids = model.prompt_ids([model.user_turn(prompt, with_image=images is not None)])
-    model.check_image_tokens(ids, 0 if images is None else 1)
+    images = [] if image_path is None else [model.load_image(image_path)]
+    ids = model.prompt_ids([model.user_turn(prompt, with_image=bool(images))], images)
+    model.check_image_tokens(ids, images)
     fits = model.check_prompt(ids, max_new_tokens, clamp=True)
     if fits < max_new_tokens:
         print(
@@ -62,7 +61,7 @@ def answer(
             file=sys.stderr,
         )
     sampling = model.sampling(fits, temperature, top_k, top_p, seed)
-    return model.generate([ids], images, None, sampling).texts[0].strip()
+    return model.generate([ids], sampling=sampling, **model.batch_images([images])).texts[0].strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

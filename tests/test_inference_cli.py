@@ -144,7 +144,7 @@ def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tm
     for loaded in (from_hf, from_params, on_mesh):
         # The params checkpoint knows no processor config: give it the same normalisation.
         loaded.data = from_hf.data
-        images = loaded.load_image(str(image_path))[None, None]
+        images = loaded.load_image(str(image_path)).pixels[None, None]
         ids = loaded.prompt_ids([loaded.user_turn(QUESTION, with_image=True)])
         result = loaded.generate([ids], images, None, loaded.sampling(MAX_NEW))
         answers.append(result.texts[0])
@@ -176,8 +176,8 @@ def test_chat_session_streams_and_keeps_the_history(hf_dir, tmp_path):
     model = load_model(str(directory))
     image_path = tmp_path / "scene.png"
     write_scene(image_path, seed=1)
-    images = model.load_image(str(image_path))[None, None]
-    session = chat.ChatSession(model, images, max_new_tokens=8, temperature=0.0)
+    image = model.load_image(str(image_path))
+    session = chat.ChatSession(model, [image], max_new_tokens=8, temperature=0.0)
     for question in (QUESTION, "How many shapes ?"):
         pieces: list[str] = []
         answer = session.ask(question, pieces.append)
@@ -189,7 +189,7 @@ def test_chat_session_streams_and_keeps_the_history(hf_dir, tmp_path):
     # The second answer was generated from the whole history, as a fresh greedy call shows.
     ids = model.prompt_ids(turns[:3])
     assert np.sum(ids == IMAGE_TOKEN) == model.config.num_image_tokens
-    fresh = model.generate([ids], images, None, model.sampling(8))
+    fresh = model.generate([ids], image.pixels[None, None], None, model.sampling(8))
     assert fresh.texts[0].strip() == turns[3]["value"]
 
     # End of input leaves cleanly.

@@ -205,17 +205,153 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     np.testing.assert_array_equal(np.stack(result.tokens), out[:, longest:].numpy())
 
 
-def test_the_programs_refuse_a_next_model_saying_why(tmp_path):
-    """The command-line programs do not tile images yet: a NeXT checkpoint is refused when
-    loading, with a message saying so, not failed deep inside."""
-    from llava_jax.data.datasets.synthetic import build_tokenizer
-    from llava_jax.inference.load import InputError, load_model
+# Images of any size for the programs: wide, tall, tiny and square.
+PROGRAM_IMAGES = {
+    "wide.png": (30, 50),
+    "tall.png": (70, 20),
+    "dot.png": (3, 2),
+    "box.png": (40, 40),
+}
 
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    """(directory, transformers model, pinpoints): a NeXT checkpoint as transformers saves
+    it, with a tokenizer, and PNG files of `PROGRAM_IMAGES`' sizes beside it."""
+    from test_inference_cli import save_word_tokenizer
+
+    directory = tmp_path_factory.mktemp("hf_next")
     pinpoints, feature_layer, _ = CONFIGS["wide-and-tall"]
-    next_model(next_config(pinpoints, feature_layer)).save_pretrained(tmp_path / "hf")
-    build_tokenizer(str(tmp_path / "hf"))
-    with pytest.raises(InputError, match="LLaVA-NeXT model .* cannot tile"):
-        load_model(str(tmp_path / "hf"))
+    model = next_model(next_config(pinpoints, feature_layer), seed=7)
+    model.save_pretrained(directory)
+    save_word_tokenizer(directory)
+    images = random_images(PROGRAM_IMAGES.values(), seed=8)
+    for name, image in zip(PROGRAM_IMAGES, images, strict=True):
+        image.save(directory / name)
+    return directory, model, pinpoints
+
+
+def transformers_answer(next_dir, ids: np.ndarray, image_name: str | None, steps: int) -> str:
+    """transformers' greedy answer (decoded with the checkpoint's tokenizer) to the prompt
+    `ids` and the image file, prepared by its own `LlavaNextImageProcessor`."""
+    from transformers import AutoTokenizer
+
+    directory, hf_model, pinpoints = next_dir
+    inputs = {"input_ids": torch.tensor(ids[None].astype(np.int64))}
+    if image_name is not None:
+        image = Image.open(directory / image_name).convert("RGB")
+        reference = processor_for(pinpoints)([image], return_tensors="pt")
+        inputs.update(pixel_values=reference["pixel_values"], image_sizes=reference["image_sizes"])
+    hf_model.generation_config.pad_token_id = 3
+    with torch.no_grad():
+        out = hf_model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=2,
+            suppress_tokens=[IMAGE_TOKEN],
+        )
+    tokens = out[0, len(ids) :].tolist()
+    tokens = tokens[: tokens.index(2)] if 2 in tokens else tokens
+    return AutoTokenizer.from_pretrained(directory).decode(tokens).strip()
+
+
+def test_generate_chat_evaluate_and_the_server_take_a_next_model_and_any_image(
+    next_dir, tmp_path, capsys
+):
+    """A NeXT checkpoint in every program, images of four sizes (1.7:1 to 1:3.5, 3 x 2 px):
+    `generate` answers as transformers' `generate` does (its processor tiling the image);
+    `evaluate` (batched, with a text-only question), `chat` and the server's batcher give
+    the same answers."""
+    import asyncio
+    import base64
+    import json
+
+    from test_inference_cli import QUESTION
+
+    from llava_jax import chat, evaluate, generate
+    from llava_jax.inference.load import load_model
+    from llava_jax.serve.app import make_job, parse_request
+    from llava_jax.serve.batcher import Batcher, Done
+
+    directory, _, pinpoints = next_dir
+    steps = 6
+    model = load_model(str(directory))
+    geometry = Anyres(tile=TILE, patch=PATCH, pinpoints=pinpoints)
+    assert model.data.anyres == geometry
+
+    answers = {}
+    for name, (height, width) in PROGRAM_IMAGES.items():
+        image = model.load_image(str(directory / name))
+        assert image.num_tokens == geometry.num_tokens(height, width)
+        ids = model.prompt_ids([model.user_turn(QUESTION, with_image=True)], [image])
+        assert np.sum(ids == IMAGE_TOKEN) == image.num_tokens
+        answers[name] = generate.answer(
+            model, QUESTION, str(directory / name), max_new_tokens=steps
+        )
+        assert answers[name] == transformers_answer(next_dir, ids, name, steps)
+    text_ids = model.prompt_ids([model.user_turn(QUESTION, with_image=False)])
+    answers[None] = generate.answer(model, QUESTION, None, max_new_tokens=steps)
+    assert answers[None] == transformers_answer(next_dir, text_ids, None, steps)
+    assert len(set(answers.values())) > 1  # the images matter
+
+    # evaluate: two questions a batch, one without an image
+    questions = tmp_path / "questions.jsonl"
+    names = [*PROGRAM_IMAGES, None]
+    questions.write_text(
+        "".join(
+            json.dumps({"question_id": i, "text": QUESTION, **({"image": n} if n else {})}) + "\n"
+            for i, n in enumerate(names)
+        )
+    )
+    out = tmp_path / "answers.jsonl"
+    argv = ["--checkpoint", str(directory), "--questions", str(questions), "--image-dir"]
+    argv += [str(directory), "--out", str(out), "--batch-size", "2", "--no-progress"]
+    assert evaluate.main([*argv, "--max-new-tokens", str(steps)]) == 0
+    entries = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [e["text"] for e in entries] == [answers[n] for n in names]
+
+    # chat: the image's tokens stay in the history; the first answer is generate's
+    lines = iter([QUESTION, "How many shapes ?", "exit"])
+    argv = ["--checkpoint", str(directory), "--image", str(directory / "tall.png")]
+    capsys.readouterr()
+    assert chat.main([*argv, "--max-new-tokens", str(steps), "--temperature", "0"],
+                     read=lambda prompt: next(lines)) == 0  # fmt: skip
+    shown = capsys.readouterr().out
+    assert f"ASSISTANT: {answers['tall.png']}\n" in shown and shown.count("ASSISTANT: ") == 2
+
+    # the server: three requests batched together, images sent as data URLs
+    def request(name: str | None) -> dict:
+        content = [{"type": "text", "text": QUESTION}]
+        if name is not None:
+            data = base64.b64encode((directory / name).read_bytes()).decode()
+            content.append(
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+            )
+        body = {"model": "next", "messages": [{"role": "user", "content": content}]}
+        return {**body, "max_tokens": steps, "temperature": 0}
+
+    async def serve(names) -> list[str]:
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(model, max_batch=4, batch_wait_s=0.5)
+        batcher.start()
+        try:
+            jobs = [
+                make_job(model, parse_request(request(n), "next", 1 << 20), loop) for n in names
+            ]
+            for job in jobs:
+                batcher.submit(job)
+            done = []
+            for job in jobs:
+                while not isinstance(event := await job.events.get(), Done):
+                    assert not hasattr(event, "status"), event  # Failed
+                done.append(event.text)
+            return done
+        finally:
+            batcher.stop()
+
+    served = ["wide.png", None, "dot.png"]
+    assert asyncio.run(serve(served)) == [answers[n] for n in served]
 
 
 def test_a_next_model_trains_and_evaluates(tmp_path):
@@ -329,10 +465,78 @@ def test_the_data_pipeline_tiles_images_and_gives_each_its_own_token_count(tmp_p
     assert dataclasses.replace(config, image_grid_pinpoints=()).anyres is None
 
 
-def test_packing_or_grouping_next_data_is_refused():
-    from llava_jax.data.config import DataConfig
+def test_next_data_packs_and_groups_with_each_images_own_token_count(tmp_path):
+    """The length table measures a NeXT conversation from its images' headers, exactly as
+    encoding it gives; a packed row holds each conversation with its own tiles and layout
+    as unpacked; packed and grouped training read NeXT data."""
+    import dataclasses
+    import io
+    import json
 
-    grid = dict(image_size=TILE, image_patch_size=PATCH, image_grid_pinpoints=((28, 56),))
+    from llava_jax.data.config import DataConfig
+    from llava_jax.data.pipeline import (
+        ExampleEncoder,
+        RowEncoder,
+        length_table,
+        make_train_iterator,
+        tokenizer_for,
+    )
+
+    pinpoints, _, sizes = CONFIGS["long-grids"]
+    config = DataConfig(
+        data_dir=str(tmp_path),
+        image_size=TILE,
+        image_patch_size=PATCH,
+        num_image_tokens=(TILE // PATCH) ** 2,
+        image_grid_pinpoints=pinpoints,
+        max_len=256,
+        max_images_per_row=3,
+        global_batch_size=2,
+    )
+    tokenizer = tokenizer_for(config)
+    records = []
+    for index, image in enumerate([*random_images(sizes, seed=9), None]):
+        images = []
+        if image is not None:
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            images.append(png.getvalue())
+        question = "<image>\nWhat colour is the shape?" if images else "Say red."
+        turns = [
+            {"from": "human", "value": question},
+            {"from": "gpt", "value": "red " * (index + 1)},
+        ]
+        records.append(
+            {
+                "id": f"next-{index}",
+                "image_bytes": images,
+                "image_paths": [],
+                "conversations": json.dumps(turns),
+            }
+        )
+    unpacked = ExampleEncoder(config, tokenizer)
+    examples = [unpacked.encode(from_stored(r)) for r in records]
+    lengths = [int(e["attention_mask"].sum()) for e in examples]
+    table = length_table(config, tokenizer, records)
+    assert table.lengths.tolist() == lengths and len(set(lengths)) == len(lengths)
+
+    packed = dataclasses.replace(config, packing=True)
+    row = RowEncoder(packed, tokenizer)({"records": records[:3]})
+    geometry = config.anyres
+    assert row["images"].shape == (3, geometry.max_tiles, TILE, TILE, 3)
+    start = 0
+    for slot, (example, length) in enumerate(zip(examples[:3], lengths, strict=False)):
+        where = slice(start, start + length)
+        assert (row["attention_mask"][where] == slot + 1).all()
+        np.testing.assert_array_equal(row["input_ids"][where], example["input_ids"][:length])
+        np.testing.assert_array_equal(row["images"][slot], example["images"][0])
+        np.testing.assert_array_equal(row["image_layout"][slot], example["image_layout"][0])
+        start += length
+
     for option in ("packing", "group_by_modality_length"):
-        with pytest.raises(ValueError, match="do not take LLaVA-NeXT images .* yet"):
-            DataConfig(**grid, **{option: True})
+        reading = dataclasses.replace(config, **{option: True})
+        batch = next(make_train_iterator(reading, tokenizer, 0, 1, source=records))
+        slots = reading.image_slots
+        assert batch["image_layout"].shape == (2, slots, geometry.max_tokens)
+        image_tokens = (batch["input_ids"] == tokenizer.image_token_id).sum(axis=1)
+        assert image_tokens.tolist() == (batch["image_layout"] >= 0).sum(axis=(1, 2)).tolist()

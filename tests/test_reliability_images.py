@@ -111,16 +111,23 @@ class FakeModel:
             image_aspect="pad",
             image_mean=CLIP_MEAN,
             image_std=image_lib.CLIP_STD,
+            anyres=None,
         )
-        self.config = types.SimpleNamespace(vision=types.SimpleNamespace(num_channels=3))
+        self.config = types.SimpleNamespace(
+            vision=types.SimpleNamespace(num_channels=3), num_image_tokens=4
+        )
+        self.image_shape = (SIZE, SIZE, 3)
 
     def user_turn(self, text: str, with_image: bool) -> dict:
         return {"text": text, "with_image": with_image}
 
-    def prompt_ids(self, turns) -> np.ndarray:
+    def prompt_ids(self, turns, images=()) -> np.ndarray:
         return np.arange(4, dtype=np.int32)
 
     def check_prompt(self, prompt_ids, max_new_tokens) -> None:
+        return None
+
+    def check_image_tokens(self, prompt_ids, images) -> None:
         return None
 
 
@@ -202,7 +209,7 @@ def test_evaluate_image_inside_the_folder_still_loads(folders):
     (images / "alias.png").symlink_to(images / "good.png")
     for name in ("good.png", "sub/b.png", "sub/../good.png", "alias.png"):
         prepared = _prepare(FakeModel(), question(name), str(images), max_new_tokens=4)
-        assert prepared.image.shape == (SIZE, SIZE, 3)
+        assert prepared.image.pixels.shape == (SIZE, SIZE, 3)
 
 
 # --- finding 10: FIFOs, directories, devices -------------------------------------------------

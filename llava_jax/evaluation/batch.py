@@ -45,7 +45,7 @@ import numpy as np
 from llava_jax.errors import InputError
 from llava_jax.evaluation.jsonl import read_records
 from llava_jax.inference.engine import Engine, SamplingConfig
-from llava_jax.inference.load import LoadedModel
+from llava_jax.inference.load import LoadedModel, ModelImage
 
 
 class QuestionFileError(InputError):
@@ -135,11 +135,11 @@ def read_questions(path: str) -> list[Question]:
 
 @dataclasses.dataclass
 class _Prepared:
-    """A question ready for the model: prompt `int32[L]`, image `float32[H, W, 3]` or None."""
+    """A question ready for the model: prompt `int32[L]`, its image or None."""
 
     question: Question
     prompt_ids: np.ndarray
-    image: np.ndarray | None
+    image: ModelImage | None
 
 
 def _entry(question: Question, model_id: str, text: str = "", error: str | None = None) -> dict:
@@ -174,9 +174,11 @@ def _prepare(
         except InputError as err:
             where = f"question {question.question_id!r} (line {question.line})"
             raise InputError(f"{where}: {err}") from None
-    turns = [model.user_turn(question.text, with_image=image is not None)]
-    prompt_ids = model.prompt_ids(turns)
+    images = [] if image is None else [image]
+    prompt_ids = model.prompt_ids([model.user_turn(question.text, with_image=bool(images))], images)
     model.check_prompt(prompt_ids, max_new_tokens)
+    # exactly the image tokens of its image, or the batch's generation would fail
+    model.check_image_tokens(prompt_ids, images)
     return _Prepared(question, prompt_ids, image)
 
 
@@ -247,9 +249,16 @@ def answer_questions(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    size = model.data.image_size
-    image_slots = (1, size, size, model.config.vision.num_channels)
+    image_slots = (1, *model.image_shape)
     window: list[dict | _Prepared] = []  # entries in question order; _Prepared to generate
+
+    def layouts(todo: list[_Prepared]) -> list[np.ndarray | None] | None:
+        """A NeXT model's feature layouts int32[1, N], one per question (None: no image)."""
+        anyres = model.data.anyres
+        if anyres is None:
+            return None
+        empty = np.full((1, anyres.max_tokens), -1, np.int32)
+        return [empty if i.image is None else i.image.layout[None] for i in todo]
 
     def flush() -> Iterator[dict]:
         todo = [item for item in window if isinstance(item, _Prepared)]
@@ -258,11 +267,12 @@ def answer_questions(
                 model.engine,
                 model.params,
                 [item.prompt_ids for item in todo],
-                [None if item.image is None else item.image[None] for item in todo],
+                [None if item.image is None else item.image.pixels[None] for item in todo],
                 [np.ones(1, bool) for _ in todo],
                 sampling,
                 batch_size=batch_size,
                 image_slots=image_slots,
+                image_layouts=layouts(todo),
             )
             if todo
             else []
@@ -279,10 +289,7 @@ def answer_questions(
     ready = 0
     for question in questions:
         try:
-            prepared = _prepare(model, question, image_dir, sampling.max_new_tokens)
-            # exactly the image tokens of its images, or the batch's generation would fail
-            model.check_image_tokens(prepared.prompt_ids, int(prepared.image is not None))
-            window.append(prepared)
+            window.append(_prepare(model, question, image_dir, sampling.max_new_tokens))
             ready += 1
         except InputError as err:
             window.append(_entry(question, model_id, error=str(err)))

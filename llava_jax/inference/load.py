@@ -12,12 +12,15 @@
   needs a tokenizer (`tokenizer=`, or a `tokenizer/` folder inside it); template and
   image settings as for Hugging Face.
 
-`LoadedModel` then turns a conversation into prompt tokens and an image file into the
-normalised array the model takes, exactly as training did (its `data` settings: template,
-image size, aspect, mean and std), makes the CLI knobs a `SamplingConfig` that stops at the
-template's end of answer, and generates with one `Engine` (built once, so its compiled
-programs serve every call). Problems the user can fix (a path, an image, a prompt that does
-not fit) raise `InputError` with a message that names the thing.
+`LoadedModel` then turns an image file into a `ModelImage` (the normalised pixels the model
+takes and the number of image tokens it takes in the prompt; for a LLaVA-NeXT model the
+image's tiles and feature layout, any size), and a conversation with its images into prompt
+tokens, exactly as training did (its `data` settings: template, image size, aspect, mean
+and std, the grid), makes the CLI knobs a `SamplingConfig` that stops at the template's end
+of answer, stacks rows of images into the engine's arrays (`batch_images`), and generates
+with one `Engine` (built once, so its compiled programs serve every call). Problems the user
+can fix (a path, an image, a prompt that does not fit) raise `InputError` with a message
+that names the thing.
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ from PIL import Image
 
 from llava_jax import checkpoint as ckpt
 from llava_jax.data.config import DataConfig
-from llava_jax.data.conversation import IMAGE_PLACEHOLDER, DroppedExample, Template, get_template
+from llava_jax.data.conversation import (
+    IMAGE_PLACEHOLDER,
+    DroppedExample,
+    ImageCountError,
+    Template,
+    get_template,
+)
 from llava_jax.data.image import (
     CLIP_MEAN,
     CLIP_STD,
@@ -76,6 +85,21 @@ HF_CONFIG_FILE = "config.json"
 HF_PREPROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_DIR = "tokenizer"  # inside a training workdir (or a params checkpoint)
 ROLES = ("USER", "ASSISTANT")  # as LLaVA's serve.cli shows them
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelImage:
+    """One image as the model takes it.
+
+    pixels: float32[H, W, 3], normalised; for a LLaVA-NeXT model the image's tiles
+    float32[T, S, S, 3] (T: the model's most tiles) and `layout` int32[N], where each of its
+    image tokens comes from (data/anyres.py). num_tokens: the image tokens its `<image>`
+    becomes in the prompt (a NeXT image's depend on its size).
+    """
+
+    pixels: np.ndarray
+    num_tokens: int
+    layout: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -153,26 +177,46 @@ class LoadedModel:
             )
         return user_turn(text, with_image)
 
-    def check_image_tokens(self, prompt_ids: np.ndarray, num_images: int) -> None:
-        """Raises `InputError` unless the prompt `int32[L]` has `config.num_image_tokens`
-        image tokens for each of its `num_images` images (the engine needs exactly those)."""
-        per_image = self.config.num_image_tokens
+    def check_image_tokens(self, prompt_ids: np.ndarray, images: Sequence[ModelImage]) -> None:
+        """Raises `InputError` unless the prompt `int32[L]` has exactly the image tokens of
+        its `images` (the engine needs exactly those)."""
+        wanted = sum(image.num_tokens for image in images)
         found = int(np.sum(np.asarray(prompt_ids) == self.config.image_token_id))
-        if found != num_images * per_image:
+        if found == wanted:
+            return
+        if self.config.anyres:
             raise InputError(
-                f"the prompt has {found} image tokens ({found / per_image:g} "
-                f"{IMAGE_PLACEHOLDER}) but {num_images} image(s), which need "
-                f"{num_images * per_image} ({per_image} per image)"
+                f"the prompt has {found} image tokens but {len(images)} image(s), which need "
+                f"{wanted} (as their sizes give)"
             )
+        per_image = self.config.num_image_tokens
+        raise InputError(
+            f"the prompt has {found} image tokens ({found / per_image:g} "
+            f"{IMAGE_PLACEHOLDER}) but {len(images)} image(s), which need "
+            f"{wanted} ({per_image} per image)"
+        )
 
-    def prompt_ids(self, turns: Sequence[dict]) -> np.ndarray:
+    def prompt_ids(self, turns: Sequence[dict], images: Sequence[ModelImage] = ()) -> np.ndarray:
         """`int32[L]`: the conversation rendered with the template, ending where the
-        assistant's next answer starts, tokenized, each `<image>` expanded to
-        `config.num_image_tokens` image tokens."""
+        assistant's next answer starts, tokenized, each `<image>` expanded to its image's
+        tokens (`images`, in order: a NeXT image's count depends on its size; otherwise
+        every image has `config.num_image_tokens`).
+
+        Raises `InputError` when a NeXT model's conversation writes `<image>` a different
+        number of times than it has images (the other models: `check_image_tokens`)."""
+        counts: int | list[int] = self.config.num_image_tokens
+        if self.config.anyres:
+            counts = [image.num_tokens for image in images]
         try:
-            return prompt_ids(turns, self.template, self.tokenizer, self.config.num_image_tokens)
+            return prompt_ids(turns, self.template, self.tokenizer, counts)
         except DroppedExample as err:  # roles out of order: a caller's mistake
             raise ValueError(f"cannot render the conversation: {err}") from None
+        except ImageCountError:
+            written = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in turns)
+            raise InputError(
+                f"the prompt has {IMAGE_PLACEHOLDER} written {written} time(s) but "
+                f"{len(images)} image(s): each image needs its own {IMAGE_PLACEHOLDER}"
+            ) from None
 
     def check_prompt(self, prompt_ids: np.ndarray, max_new_tokens: int, clamp: bool = False) -> int:
         """The number of new tokens the prompt `int32[L]` leaves room for.
@@ -193,8 +237,8 @@ class LoadedModel:
         return self.tokenizer.tokenizer.decode(list(map(int, tokens)))
 
     # --- images ---------------------------------------------------------------------------
-    def load_image(self, path: str, root: str | None = None) -> np.ndarray:
-        """An image file -> `float32[size, size, 3]`, normalised as in training.
+    def load_image(self, path: str, root: str | None = None) -> ModelImage:
+        """An image file -> a `ModelImage`, prepared as in training.
 
         Raises `InputError` naming the file when it is missing, not a regular file (a FIFO
         would block), outside the folder `root` (when given, symlinks resolved) or not a
@@ -202,9 +246,9 @@ class LoadedModel:
         """
         return self.preprocess_image(read_image(path, root))
 
-    def image_from_bytes(self, data: bytes, what: str = "the image") -> np.ndarray:
-        """Encoded image bytes (PNG, JPEG, …, e.g. from a request) -> `float32[size, size,
-        3]`, as `load_image` does for a file. Raises `InputError` naming `what` when the
+    def image_from_bytes(self, data: bytes, what: str = "the image") -> ModelImage:
+        """Encoded image bytes (PNG, JPEG, …, e.g. from a request) -> a `ModelImage`, as
+        `load_image` does for a file. Raises `InputError` naming `what` when the
         bytes are not an image that can be decoded (or claim too many pixels)."""
         try:
             image = decode_image(data)
@@ -213,13 +257,47 @@ class LoadedModel:
             raise InputError(f"unreadable image {what}: {reason}") from None
         return self.preprocess_image(image)
 
-    def preprocess_image(self, image: Image.Image) -> np.ndarray:
-        """A decoded RGB image -> `float32[size, size, 3]`: padded/resized/normalised with
-        the model's data settings."""
+    def preprocess_image(self, image: Image.Image) -> ModelImage:
+        """A decoded RGB image -> a `ModelImage` with the model's data settings: padded or
+        resized to a square and normalised; a NeXT model's tiled (any size)."""
         data = self.data
-        return preprocess_image(
+        if data.anyres is not None:
+            tiles, layout, count = data.anyres.encode(image, data.image_mean, data.image_std)
+            return ModelImage(tiles, count, layout)
+        pixels = preprocess_image(
             image, data.image_size, data.image_aspect, data.image_mean, data.image_std
         )
+        return ModelImage(pixels, self.config.num_image_tokens)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """An image slot's pixels: (H, W, C), or a NeXT model's tiles (T, H, W, C)."""
+        size, channels = self.data.image_size, self.config.vision.num_channels
+        tiles = () if self.data.anyres is None else (self.data.anyres.max_tiles,)
+        return (*tiles, size, size, channels)
+
+    def batch_images(
+        self, rows: Sequence[Sequence[ModelImage]], min_slots: int = 0
+    ) -> dict[str, np.ndarray | None]:
+        """The engine's image arguments for B rows of images: `images` float32[B, I,
+        *image_shape], `image_mask` bool[B, I] and (NeXT) `image_layout` int32[B, I, N], I the
+        most any row has, at least `min_slots` (rows with fewer are masked). With no image
+        and `min_slots` 0 every value is None: the vision tower does not run."""
+        counts = [len(row) for row in rows]
+        slots = max(min_slots, *counts, 0)
+        if slots == 0:
+            return {"images": None, "image_mask": None, "image_layout": None}
+        images = np.zeros((len(rows), slots, *self.image_shape), np.float32)
+        mask = np.zeros((len(rows), slots), bool)
+        anyres = self.data.anyres
+        layout = None if anyres is None else np.full((len(rows), slots, anyres.max_tokens), -1)
+        for b, row in enumerate(rows):
+            for i, image in enumerate(row):
+                images[b, i] = image.pixels
+                mask[b, i] = True
+                if layout is not None:
+                    layout[b, i] = image.layout
+        return {"images": images, "image_mask": mask, "image_layout": layout}
 
     # --- generation -----------------------------------------------------------------------
     def sampling(
@@ -597,25 +675,22 @@ def load_model(
     except (OSError, ValueError, KeyError) as err:
         # A damaged checkpoint or config: say which directory, keep the reason.
         raise InputError(f"cannot load the model in {path}: {type(err).__name__}: {err}") from err
-    if config.anyres:
-        raise InputError(
-            f"{path} is a LLaVA-NeXT model (image_grid_pinpoints): the programs cannot tile "
-            "its images yet; run it from Python (convert.load_hf, then Engine.generate with "
-            "the tiles and image_layout of llava_jax.data.anyres.Anyres)"
-        )
     _check_tokenizer(config, loaded_tokenizer, path)
     try:
         chosen = get_template(template or data.template)
     except ValueError as err:
         raise InputError(str(err)) from None
-    data = data.replace(template=chosen.name, num_image_tokens=config.num_image_tokens)
+    data = data.replace(template=chosen.name).for_model(config)
+    image_tokens = f"{config.num_image_tokens} image tokens"
+    if data.anyres is not None:
+        image_tokens = f"images tiled on {len(config.image_grid_pinpoints)} grids"
     logging.info(
-        "Loaded %s (%s%s): template %s, %d image tokens, context %d",
+        "Loaded %s (%s%s): template %s, %s, context %d",
         path,
         kind,
         f", step {run_step}" if run_step is not None else "",
         chosen.name,
-        config.num_image_tokens,
+        image_tokens,
         config.text.max_position_embeddings,
     )
     if quantize is not None:

@@ -34,7 +34,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -336,8 +335,8 @@ def make_job(model: Any, request: ChatRequest, loop: asyncio.AbstractEventLoop) 
         except InputError as err:
             raise APIError(400, str(err), f"messages[{m}].content", "invalid_value") from None
     try:
-        ids = model.prompt_ids(turns)
-        model.check_image_tokens(ids, len(images))
+        ids = model.prompt_ids(turns, images)
+        model.check_image_tokens(ids, images)
         wanted = request.max_tokens or DEFAULT_MAX_TOKENS
         fits = model.check_prompt(ids, wanted, clamp=True)
     except PromptTooLongError as err:
@@ -350,7 +349,7 @@ def make_job(model: Any, request: ChatRequest, loop: asyncio.AbstractEventLoop) 
     sampling = dataclasses.replace(sampling, stop_strings=stops)
     return Job(
         prompt=ids,
-        images=np.stack(images) if images else None,
+        images=tuple(images),
         sampling=sampling,
         stream=request.stream,
         loop=loop,

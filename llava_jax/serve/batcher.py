@@ -29,6 +29,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -68,12 +69,13 @@ class Failed:
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One request: `prompt` int32[L] (image tokens expanded), `images` float32[I, H, W, 3]
-    (normalised) or None, its sampling; `stream`: send `Delta`s as the text grows. Events
-    (`Delta`, then `Done` or `Failed`) arrive on `events`, an asyncio queue of `loop`."""
+    """One request: `prompt` int32[L] (image tokens expanded), its `images` (`ModelImage`s
+    of `LoadedModel`, in prompt order), its sampling; `stream`: send `Delta`s as the text
+    grows. Events (`Delta`, then `Done` or `Failed`) arrive on `events`, an asyncio queue of
+    `loop`."""
 
     prompt: np.ndarray
-    images: np.ndarray | None
+    images: Sequence[Any]
     sampling: SamplingConfig
     stream: bool
     loop: asyncio.AbstractEventLoop
@@ -220,15 +222,16 @@ class Batcher:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
         prompts = [job.prompt for job in batch]
-        images, image_mask = _batch_images(batch, model.data.image_size)
-        rows = self.max_batch
+        # A batch without images has one masked slot too, so it runs the same program as a
+        # batch with one image per row (a request does not compile again, or compute
+        # differently, for its neighbours' images).
+        images = model.batch_images([job.images for job in batch], min_slots=1)
         stream = model.stream(
             prompts,
-            images,
-            image_mask,
-            [job.sampling for job in batch],
+            sampling=[job.sampling for job in batch],
             chunk_size=self.chunk_size,
-            batch_rows=rows,
+            batch_rows=self.max_batch,
+            **images,
         )
         tokens: list[list[int]] = [[] for _ in batch]
         shown = [""] * len(batch)
@@ -270,20 +273,3 @@ class Batcher:
                 completion_tokens=len(tokens),
             )
         )
-
-
-def _batch_images(batch: list[Job], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32[B, I, size, size, 3] and bool[B, I] for the jobs' images; I: the most any job
-    has, at least 1 (rows with fewer are masked). A batch without images has one masked
-    slot too, so it runs the same program as a batch with one image per row (a request
-    does not compile again, or compute differently, for its neighbours' images)."""
-    counts = [0 if job.images is None else len(job.images) for job in batch]
-    most = max(1, *counts)
-    shape = (size, size, 3)
-    images = np.zeros((len(batch), most, *shape), np.float32)
-    mask = np.zeros((len(batch), most), bool)
-    for b, job in enumerate(batch):
-        if counts[b]:
-            images[b, : counts[b]] = job.images
-            mask[b, : counts[b]] = True
-    return images, mask
