@@ -114,7 +114,7 @@ def main() -> None:
     from llava_jax.train.config import RunConfig, base_config
     from llava_jax.train.state import init_train_state
     from llava_jax.train.step import jit_train_step, make_train_step, metrics_to_host
-    from llava_jax.train.trainer import _data_config, initial_model, make_run_setup
+    from llava_jax.train.trainer import initial_model, make_run_setup
 
     skip_absent_accelerators()
     with tempfile.TemporaryDirectory() as data_dir:
@@ -137,7 +137,7 @@ def main() -> None:
         run = RunConfig.from_config(config)
         tokenizer = tokenizer_for(run.data)
         model_config, params = initial_model(run, tokenizer)
-        data = _data_config(run.data, model_config)
+        data = run.data.for_model(model_config)
         words = sorted(w for w in tokenizer.tokenizer.get_vocab() if w.isalpha() and w.islower())
         records = make_records(args.records, 0, args.max_len, words)
         table = length_table(data, tokenizer, records)

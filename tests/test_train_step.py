@@ -10,6 +10,7 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import PartitionSpec as P
 from train_fixtures import (
     LENGTH,
+    STAGE_2,
     TINY,
     WELL_CONDITIONED,
     build,
@@ -160,9 +161,16 @@ def test_batch_without_supervised_tokens_gives_zero_loss_and_no_nan():
     assert max_relative(after, before) == 0
 
 
-def test_projector_learning_rate_is_separate():
-    """Adam's first step moves each weight by about the learning rate: 10x on the projector."""
-    _, state, step = build((8, 1, 1), learning_rate=1e-4, projector_learning_rate=1e-3)
+def test_projector_and_vision_learning_rates_are_separate():
+    """Adam's first step moves each weight by about the learning rate: 10x on the projector,
+    a tenth on the vision tower (LLaVA-NeXT's stage 2 trains it at 2e-6 beside 2e-5)."""
+    _, state, step = build(
+        (8, 1, 1),
+        train_pattern=f"img/.*|{STAGE_2}",
+        learning_rate=1e-4,
+        projector_learning_rate=1e-3,
+        vision_learning_rate=1e-5,
+    )
     before = flat_params(state.params)
     state, _ = step(state, make_batch(1))
     after = flat_params(state.params)
@@ -179,6 +187,7 @@ def test_projector_learning_rate_is_separate():
 
     assert median_move("proj/") == pytest.approx(1e-3, rel=0.05)
     assert median_move("llm/") == pytest.approx(1e-4, rel=0.05)
+    assert median_move("img/") == pytest.approx(1e-5, rel=0.05)
 
 
 def test_schedule_warms_up_then_decays_to_zero():

@@ -25,7 +25,6 @@ from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokeni
 from llava_jax.train.config import RunConfig, TrainConfig
 from llava_jax.train.trainer import (
     Run,
-    _data_config,
     initial_model,
     make_run_setup,
     train_and_evaluate,
@@ -108,7 +107,7 @@ def test_restore_onto_another_mesh(tmp_path, data_dir):
     run = RunConfig.from_config(config)
     tokenizer = tokenizer_for(run.data)
     model_config, _ = initial_model(run, tokenizer)
-    data = _data_config(run.data, model_config)
+    data = run.data.for_model(model_config)
     results = {}
     for shape in ((8, 1, 1), (2, 2, 2)):
         setup, schedule = make_run_setup(run, model_config, 4, mesh=make_mesh(shape))

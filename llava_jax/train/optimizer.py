@@ -1,5 +1,6 @@
-"""AdamW with LLaVA's defaults, warm-up + cosine, clipping, a projector learning rate, and
-freezing by path regex: frozen parameters get no gradients and no optimizer state at all."""
+"""AdamW with LLaVA's defaults, warm-up + cosine, clipping, learning rates of their own for
+the projector and the vision tower, and freezing by path regex: frozen parameters get no
+gradients and no optimizer state at all."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from llava_jax.models.lora import LORA_FACTORS
 from llava_jax.section import Section
 from llava_jax.sharding import path_string
 
+# The parameter groups that may have a learning rate of their own (OptimizerConfig).
 PROJECTOR_PATTERN = r"proj/.*"
+VISION_PATTERN = r"img/.*"
 SCHEDULES = ("cosine", "constant")
 
 
@@ -116,11 +119,14 @@ class OptimizerConfig(Section):
     """AdamW and its schedule (`config.optimizer`), LLaVA's defaults.
 
     projector_learning_rate: LLaVA's `mm_projector_lr`; `proj/*` then follows its own
-    schedule of the same shape. grad_clip_norm: 0 or None, no clipping.
+    schedule of the same shape. vision_learning_rate: LLaVA-NeXT's `mm_vision_tower_lr`,
+    the same for `img/*` (the vision tower trains only where `train.train_pattern` names
+    it). grad_clip_norm: 0 or None, no clipping.
     """
 
     learning_rate: float = 2e-5
     projector_learning_rate: float | None = None
+    vision_learning_rate: float | None = None
     warmup_ratio: float = 0.03
     schedule: str = "cosine"  # cosine | constant
     weight_decay: float = 0.0
@@ -154,24 +160,26 @@ def make_optimizer(
     main_schedule = learning_rate_schedule(
         config.learning_rate, total_steps, config.warmup_ratio, config.schedule
     )
-    if config.projector_learning_rate is None:
+    groups = {  # label -> (pattern, peak learning rate), for the groups that have their own
+        name: (pattern, rate)
+        for name, pattern, rate in (
+            ("projector", PROJECTOR_PATTERN, config.projector_learning_rate),
+            ("vision", VISION_PATTERN, config.vision_learning_rate),
+        )
+        if rate is not None
+    }
+    if not groups:
         tx = adamw(config.learning_rate)
     else:
 
-        def labels(tree: Any) -> Any:
-            return jax.tree_util.tree_map_with_path(
-                lambda p, _: (
-                    "projector" if re.fullmatch(PROJECTOR_PATTERN, path_string(p)) else "default"
-                ),
-                tree,
-            )
+        def label(path: tuple, _: Any) -> str:
+            name = path_string(path)
+            return next((k for k, (p, _) in groups.items() if re.fullmatch(p, name)), "default")
 
+        transforms = {name: adamw(rate) for name, (_, rate) in groups.items()}
         tx = optax.multi_transform(
-            {
-                "projector": adamw(config.projector_learning_rate),
-                "default": adamw(config.learning_rate),
-            },
-            labels,
+            {**transforms, "default": adamw(config.learning_rate)},
+            lambda tree: jax.tree_util.tree_map_with_path(label, tree),
         )
     if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)

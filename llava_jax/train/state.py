@@ -86,13 +86,23 @@ def make_setup(
     return TrainSetup(model_config, mask, optimizer, mesh, rules, state_shardings, abstract_state)
 
 
-def base_abstract_params(setup: TrainSetup) -> Any:
+# LLaVA-NeXT's row-closing embedding: fresh when a NeXT run starts from a LLaVA-1.5 model.
+NEWLINE_PATH = ("proj", "image_newline")
+
+
+def base_abstract_params(setup: TrainSetup, source: ModelConfig | None = None) -> Any:
     """Sharded `ShapeDtypeStruct`s of the parameters a run starts from: the state's, or,
     for a LoRA run, those of its base model (no factors, kernels as trained), to restore an
-    earlier run's checkpoint into before `init_train_state` adds the adapters."""
-    if not setup.model_config.lora.enabled:
+    earlier run's checkpoint into before `init_train_state` adds the adapters. A NeXT run
+    from a `source` model without anyres (LLaVA-1.5's stage 1) restores all but the
+    `image_newline`, which `init_train_state` adds."""
+    config = setup.model_config
+    fresh_newline = config.anyres and source is not None and not source.anyres
+    if not config.lora.enabled and not fresh_newline:
         return setup.abstract_state.params
-    boxed = abstract_params(without_lora(setup.model_config))
+    if fresh_newline:
+        config = config.replace(image_grid_pinpoints=())
+    boxed = abstract_params(without_lora(config))
     shardings = param_shardings(boxed, setup.mesh, setup.rules)
     return abstract_arrays(nn.meta.unbox(boxed), shardings)
 
@@ -123,10 +133,11 @@ def init_train_state(setup: TrainSetup, rng: jax.Array, params: Any = None) -> T
 
 
 def _with_fresh_adapters(setup: TrainSetup, rng: jax.Array, params: Any) -> Any:
-    """Host `params` placed on the mesh. A base model starting LoRA lacks the factors: they
-    are initialised from `rng` on the devices (only those leaves are computed; the rest of
-    the init is dead code to XLA), then the frozen base is stored as `lora.base_dtype`
-    says, on the devices, each shard where it will live."""
+    """Host `params` placed on the mesh. A base model starting LoRA lacks the factors, and a
+    LLaVA-1.5 model starting LLaVA-NeXT its `image_newline`: they are initialised from `rng`
+    on the devices (only those leaves are computed; the rest of the init is dead code to
+    XLA), then the frozen base is stored as `lora.base_dtype` says, on the devices, each
+    shard where it will live."""
     final = flatten_dict(setup.state_shardings.params)
     given = flatten_dict(params)
     if set(given) == set(final):
@@ -136,7 +147,7 @@ def _with_fresh_adapters(setup: TrainSetup, rng: jax.Array, params: Any) -> Any:
         param_shardings(abstract_params(config, stored=False), setup.mesh, setup.rules)
     )
     missing = [path for path in raw if path not in given]
-    unknown = [path for path in missing if not is_lora_factor(path)]
+    unknown = [path for path in missing if not is_lora_factor(path) and path != NEWLINE_PATH]
     unknown += [path for path in given if path not in raw]
     if unknown:
         raise ValueError(

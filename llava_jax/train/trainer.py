@@ -139,6 +139,17 @@ def resize_vocabulary(params: Params, vocab_size: int) -> Params:
     return {**params, "llm": llm}
 
 
+def checkpoint_model(source: str) -> tuple[ModelConfig, Params | None]:
+    """The model config of `config.init.checkpoint_path` (a params checkpoint or a training
+    workdir), with the params checkpoint's parameters on the host (a workdir's are restored
+    later, onto the mesh: None)."""
+    if os.path.exists(os.path.join(source, ckpt.MODEL_CONFIG_FILE)):
+        model_config, params = ckpt.load_params(source)
+        return model_config, jax.tree.map(np.asarray, params)
+    _, run_config = ckpt.read_run_config(source)
+    return ModelConfig.from_section(run_config["model"]), None
+
+
 def initial_model(run: RunConfig, tokenizer: LoadedTokenizer) -> tuple[ModelConfig, Params | None]:
     """The model config and host parameters the run starts from (None: init from scratch
     or, for `checkpoint`, restored later onto the mesh)."""
@@ -162,13 +173,10 @@ def initial_model(run: RunConfig, tokenizer: LoadedTokenizer) -> tuple[ModelConf
         )
     else:  # checkpoint: the architecture of the run it continues, numerics of this one
         source = init.checkpoint_path
-        if os.path.exists(os.path.join(source, ckpt.MODEL_CONFIG_FILE)):
-            model_config, params = ckpt.load_params(source)
-            params = jax.tree.map(np.asarray, params)
-        else:
-            _, run_config = ckpt.read_run_config(source)
-            model_config, params = ModelConfig.from_section(run_config["model"]), None
+        model_config, params = checkpoint_model(source)
         model_config = model_config.replace(**model.numerics())
+        if model.image_grid_pinpoints:  # this run's grid (a 1.5 model gets a fresh newline)
+            model_config = model_config.replace(image_grid_pinpoints=model.image_grid_pinpoints)
         if model_config.lora.enabled:
             raise ValueError(
                 f"config.init.checkpoint_path={source} holds a LoRA model: merge its adapters "
@@ -181,16 +189,6 @@ def initial_model(run: RunConfig, tokenizer: LoadedTokenizer) -> tuple[ModelConf
     if params is not None:
         params = resize_vocabulary(params, model_config.text.vocab_size)
     return model_config, params
-
-
-def _data_config(data: DataConfig, model_config: ModelConfig) -> DataConfig:
-    """The data settings the model dictates: image size, tokens per image, the grid."""
-    return data.replace(
-        image_size=model_config.vision.image_size,
-        num_image_tokens=model_config.num_image_tokens,
-        image_grid_pinpoints=model_config.image_grid_pinpoints,
-        image_patch_size=model_config.vision.patch_size,
-    )
 
 
 def _total_steps(train: TrainConfig, data: DataConfig, tokenizer: LoadedTokenizer) -> int:
@@ -361,7 +359,7 @@ class Run:
     def _load_tokenizer_and_model(self) -> None:
         self.tokenizer = tokenizer_for(self.config.data)
         self.model_config, self.host_params = initial_model(self.config, self.tokenizer)
-        self.data_config = _data_config(self.config.data, self.model_config)
+        self.data_config = self.config.data.for_model(self.model_config)
 
     def _say(self, message: str) -> None:
         """One line for the person at the terminal (process 0 only)."""
@@ -396,7 +394,12 @@ class Run:
                 f"{mesh.size} {mesh.devices.flat[0].platform} devices, "
                 f"{jax.process_count()} process(es)",
                 f"data: {data.source}, template {data.template}, batch "
-                f"{data.global_batch_size} x {data.max_len} tokens, {self.total_steps} steps",
+                f"{data.global_batch_size} x {data.max_len} tokens, {self.total_steps} steps"
+                + (
+                    ""
+                    if datasets.has_split(data, "test")
+                    else "; no held-out split (config.data.test_json_path), so no evaluation"
+                ),
                 f"workdir: {self.workdir} (log: {os.path.join(self.workdir, 'train.log')})",
             ]
         )
@@ -445,7 +448,8 @@ class Run:
         params = self.host_params
         if self.config.init.mode == "checkpoint" and params is None:
             source = self.config.init.checkpoint_path
-            params = ckpt.restore_params(source, base_abstract_params(self.setup))
+            source_model, _ = checkpoint_model(source)  # a workdir: no parameters read yet
+            params = ckpt.restore_params(source, base_abstract_params(self.setup, source_model))
         if jax.process_index() == 0:
             _save_tokenizer_and_config(self.workdir, self.tokenizer, self.run_config)
         return init_train_state(self.setup, rng, params), 0
@@ -541,7 +545,10 @@ class Run:
         self.checkpoints.save(step, state, self.iterator, self.run_config)
 
     def _evaluate(self, state: TrainState, step: int, final: bool = False) -> dict[str, Any]:
-        """Held-out loss, and answer accuracy by greedy decoding (also with blank images)."""
+        """Held-out loss, and answer accuracy by greedy decoding (also with blank images);
+        nothing (an empty dict) when the data has no held-out split."""
+        if not datasets.has_split(self.data_config, "test"):
+            return {}
         if self.evaluator is None:  # built once: its compiled programs serve every evaluation
             self.evaluator = Evaluator(
                 self.setup,
