@@ -270,7 +270,7 @@ def test_generate_chat_evaluate_and_the_server_take_a_next_model_and_any_image(
     from test_inference_cli import QUESTION
 
     from llava_jax import chat, evaluate, generate
-    from llava_jax.inference.load import load_model
+    from llava_jax.inference.load import InputError, load_model
     from llava_jax.serve.app import make_job, parse_request
     from llava_jax.serve.batcher import Batcher, Done
 
@@ -290,6 +290,8 @@ def test_generate_chat_evaluate_and_the_server_take_a_next_model_and_any_image(
             model, QUESTION, str(directory / name), max_new_tokens=steps
         )
         assert answers[name] == transformers_answer(next_dir, ids, name, steps)
+    with pytest.raises(InputError, match=r"<image> written 1 time\(s\) but 0 image\(s\)"):
+        model.prompt_ids([model.user_turn(QUESTION, with_image=True)], [])
     text_ids = model.prompt_ids([model.user_turn(QUESTION, with_image=False)])
     answers[None] = generate.answer(model, QUESTION, None, max_new_tokens=steps)
     assert answers[None] == transformers_answer(next_dir, text_ids, None, steps)
@@ -540,3 +542,37 @@ def test_next_data_packs_and_groups_with_each_images_own_token_count(tmp_path):
         assert batch["image_layout"].shape == (2, slots, geometry.max_tokens)
         image_tokens = (batch["input_ids"] == tokenizer.image_token_id).sum(axis=1)
         assert image_tokens.tolist() == (batch["image_layout"] >= 0).sum(axis=(1, 2)).tolist()
+
+
+def test_an_image_whose_size_changes_on_decoding_is_dropped_from_next_data(tmp_path, monkeypatch):
+    """A NeXT image's tokens are counted from its header: one whose decoded pixels have
+    another size is dropped, named, rather than trained on with misplaced image tokens."""
+    import io
+    import json
+
+    from llava_jax.data import pipeline
+    from llava_jax.data.config import DataConfig
+
+    pinpoints, _, _ = CONFIGS["wide-and-tall"]
+    config = DataConfig(
+        data_dir=str(tmp_path),
+        image_size=TILE,
+        image_patch_size=PATCH,
+        image_grid_pinpoints=pinpoints,
+        max_len=96,
+    )
+    png = io.BytesIO()
+    random_images([(30, 50)])[0].save(png, format="PNG")
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    stored = {
+        "id": "ico",
+        "image_bytes": [png.getvalue()],
+        "image_paths": ["images/a.ico"],
+        "conversations": json.dumps(turns),
+    }
+    encoder = pipeline.ExampleEncoder(config, pipeline.tokenizer_for(config))
+    assert encoder(stored)["drop_reason"] == ""
+    monkeypatch.setattr(pipeline, "decoded_size", lambda data: (16, 16))  # what a header said
+    dropped = encoder(stored)
+    assert dropped["drop_reason"] == "image_size_changed"
+    assert dropped["file"] == "images/a.ico" and "(16, 16)" in dropped["detail"]
