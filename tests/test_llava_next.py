@@ -389,45 +389,54 @@ def test_a_next_model_trains_and_evaluates(tmp_path):
     assert saved["data"]["image_grid_pinpoints"] == [[48, 96], [96, 48], [96, 96]]
 
 
-def test_the_data_pipeline_tiles_images_and_gives_each_its_own_token_count(tmp_path):
-    """A NeXT data config: each image's tiles and layout come with the example, its prompt
-    has the image's own number of image tokens (images of three sizes), and a NeXT model
-    reads the batch, every image token taking a feature."""
-    import dataclasses
-    import io
-    import json
-
+def next_data_config(tmp_path, pinpoints, **fields):
+    """A NeXT `DataConfig` of the tiny tower's tiles (the built-in tokenizer)."""
     from llava_jax.data.config import DataConfig
-    from llava_jax.data.pipeline import ExampleEncoder, make_train_iterator, tokenizer_for
-    from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
 
-    pinpoints, _, sizes = CONFIGS["wide-and-tall"]
-    config = DataConfig(
+    return DataConfig(
         data_dir=str(tmp_path),
         image_size=TILE,
         image_patch_size=PATCH,
         num_image_tokens=(TILE // PATCH) ** 2,
         image_grid_pinpoints=pinpoints,
-        max_len=96,
-        global_batch_size=3,
+        **fields,
     )
-    tokenizer = tokenizer_for(config)
-    records = []
-    for index, image in enumerate(random_images(sizes, seed=7)):
+
+
+def stored_record(index: int, image: Image.Image | None, answer: str = "red", path: str = ""):
+    """A one-turn record as the prepared data stores it: a question about `image` (a PNG),
+    or a text-only one."""
+    import io
+    import json
+
+    images = []
+    if image is not None:
         png = io.BytesIO()
         image.save(png, format="PNG")
-        turns = [
-            {"from": "human", "value": "<image>\nWhat colour is the shape?"},
-            {"from": "gpt", "value": "red"},
-        ]
-        records.append(
-            {
-                "id": f"next-{index}",
-                "image_bytes": [png.getvalue()],
-                "image_paths": [],
-                "conversations": json.dumps(turns),
-            }
-        )
+        images.append(png.getvalue())
+    question = "<image>\nWhat colour is the shape?" if images else "Say red."
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return {
+        "id": f"next-{index}",
+        "image_bytes": images,
+        "image_paths": [path] if path else [],
+        "conversations": json.dumps(turns),
+    }
+
+
+def test_the_data_pipeline_tiles_images_and_gives_each_its_own_token_count(tmp_path):
+    """A NeXT data config: each image's tiles and layout come with the example, its prompt
+    has the image's own number of image tokens (images of three sizes), and a NeXT model
+    reads the batch, every image token taking a feature."""
+    import dataclasses
+
+    from llava_jax.data.pipeline import ExampleEncoder, make_train_iterator, tokenizer_for
+    from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
+
+    pinpoints, _, sizes = CONFIGS["wide-and-tall"]
+    config = next_data_config(tmp_path, pinpoints, max_len=96, global_batch_size=3)
+    tokenizer = tokenizer_for(config)
+    records = [stored_record(i, image) for i, image in enumerate(random_images(sizes, seed=7))]
     batch = next(make_train_iterator(config, tokenizer, 0, 1, source=records))
     geometry = config.anyres
     assert batch["images"].shape == (3, 1, geometry.max_tiles, TILE, TILE, 3)
@@ -472,10 +481,7 @@ def test_next_data_packs_and_groups_with_each_images_own_token_count(tmp_path):
     encoding it gives; a packed row holds each conversation with its own tiles and layout
     as unpacked; packed and grouped training read NeXT data."""
     import dataclasses
-    import io
-    import json
 
-    from llava_jax.data.config import DataConfig
     from llava_jax.data.pipeline import (
         ExampleEncoder,
         RowEncoder,
@@ -485,37 +491,12 @@ def test_next_data_packs_and_groups_with_each_images_own_token_count(tmp_path):
     )
 
     pinpoints, _, sizes = CONFIGS["long-grids"]
-    config = DataConfig(
-        data_dir=str(tmp_path),
-        image_size=TILE,
-        image_patch_size=PATCH,
-        num_image_tokens=(TILE // PATCH) ** 2,
-        image_grid_pinpoints=pinpoints,
-        max_len=256,
-        max_images_per_row=3,
-        global_batch_size=2,
+    config = next_data_config(
+        tmp_path, pinpoints, max_len=256, max_images_per_row=3, global_batch_size=2
     )
     tokenizer = tokenizer_for(config)
-    records = []
-    for index, image in enumerate([*random_images(sizes, seed=9), None]):
-        images = []
-        if image is not None:
-            png = io.BytesIO()
-            image.save(png, format="PNG")
-            images.append(png.getvalue())
-        question = "<image>\nWhat colour is the shape?" if images else "Say red."
-        turns = [
-            {"from": "human", "value": question},
-            {"from": "gpt", "value": "red " * (index + 1)},
-        ]
-        records.append(
-            {
-                "id": f"next-{index}",
-                "image_bytes": images,
-                "image_paths": [],
-                "conversations": json.dumps(turns),
-            }
-        )
+    images = [*random_images(sizes, seed=9), None]
+    records = [stored_record(i, image, "red " * (i + 1)) for i, image in enumerate(images)]
     unpacked = ExampleEncoder(config, tokenizer)
     examples = [unpacked.encode(from_stored(r)) for r in records]
     lengths = [int(e["attention_mask"].sum()) for e in examples]
@@ -547,29 +528,11 @@ def test_next_data_packs_and_groups_with_each_images_own_token_count(tmp_path):
 def test_an_image_whose_size_changes_on_decoding_is_dropped_from_next_data(tmp_path, monkeypatch):
     """A NeXT image's tokens are counted from its header: one whose decoded pixels have
     another size is dropped, named, rather than trained on with misplaced image tokens."""
-    import io
-    import json
-
     from llava_jax.data import pipeline
-    from llava_jax.data.config import DataConfig
 
     pinpoints, _, _ = CONFIGS["wide-and-tall"]
-    config = DataConfig(
-        data_dir=str(tmp_path),
-        image_size=TILE,
-        image_patch_size=PATCH,
-        image_grid_pinpoints=pinpoints,
-        max_len=96,
-    )
-    png = io.BytesIO()
-    random_images([(30, 50)])[0].save(png, format="PNG")
-    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
-    stored = {
-        "id": "ico",
-        "image_bytes": [png.getvalue()],
-        "image_paths": ["images/a.ico"],
-        "conversations": json.dumps(turns),
-    }
+    config = next_data_config(tmp_path, pinpoints, max_len=96)
+    stored = stored_record(0, random_images([(30, 50)])[0], path="images/a.ico")
     encoder = pipeline.ExampleEncoder(config, pipeline.tokenizer_for(config))
     assert encoder(stored)["drop_reason"] == ""
     monkeypatch.setattr(pipeline, "decoded_size", lambda data: (16, 16))  # what a header said

@@ -14,13 +14,14 @@ resized canvas.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import stat
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -126,6 +127,22 @@ def _check_pixels(size: tuple[int, int]) -> None:
         )
 
 
+@contextlib.contextmanager
+def _decoding(data: bytes) -> Iterator[Image.Image]:
+    """The image `data` opened lazily, its claimed size checked; whatever PIL raises inside
+    (corrupt bytes, a decompression bomb) comes out as one `ImageDecodeError`."""
+    try:
+        image = _open_lazily(data)
+        _check_pixels(image.size)
+        yield image
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError(f"image too large to decode: {error}") from None
+    except Exception as error:  # PIL raises many types for corrupt files
+        raise ImageDecodeError(f"cannot decode image ({type(error).__name__}: {error})") from error
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decodes image bytes to an RGB ``PIL.Image``, honouring EXIF orientation.
 
@@ -134,36 +151,20 @@ def decode_image(data: bytes) -> Image.Image:
     than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (None: no limit) is refused from its
     header, never decoded: a few hundred bytes can claim gigabytes of pixels.
     """
-    try:
-        image = _open_lazily(data)
-        _check_pixels(image.size)
+    with _decoding(data) as image:
         image = ImageOps.exif_transpose(image)
         image.load()
         _check_pixels(image.size)  # a few formats (ICO, ICNS) settle their size on load
-    except ImageDecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError(f"image too large to decode: {error}") from None
-    except Exception as error:  # PIL raises many types for corrupt files
-        raise ImageDecodeError(f"cannot decode image ({type(error).__name__}: {error})") from error
     return to_rgb(image)
 
 
 def decoded_size(data: bytes) -> tuple[int, int]:
     """`(width, height)` of the image `decode_image` gives (EXIF orientation applied), read
     from the header: no pixel is decoded. Raises `ImageDecodeError` as `decode_image`."""
-    try:
-        image = _open_lazily(data)
-        _check_pixels(image.size)
+    with _decoding(data) as image:
         width, height = image.size
         if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # turned 90 degrees
             width, height = height, width
-    except ImageDecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError(f"image too large to decode: {error}") from None
-    except Exception as error:  # PIL raises many types for corrupt files
-        raise ImageDecodeError(f"cannot decode image ({type(error).__name__}: {error})") from error
     return width, height
 
 
