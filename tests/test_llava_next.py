@@ -19,7 +19,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 )
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
-from llava_jax.convert import load_hf, save_hf
+from llava_jax.convert import load_hf, load_towers, save_hf
 from llava_jax.data.anyres import Anyres
 from llava_jax.data.datasets.record import from_stored
 from llava_jax.data.image import CLIP_MEAN, CLIP_STD
@@ -539,3 +539,40 @@ def test_an_image_whose_size_changes_on_decoding_is_dropped_from_next_data(tmp_p
     dropped = encoder(stored)
     assert dropped["drop_reason"] == "image_size_changed"
     assert dropped["file"] == "images/a.ico" and "(16, 16)" in dropped["detail"]
+
+
+def test_load_towers_starts_a_next_model_with_a_fresh_newline(tmp_path):
+    """CLIP + LLaMA towers and a grid make a NeXT model: the towers as saved, a fresh
+    projector and `image_newline` (normal, std 1/sqrt(D), as LLaVA-NeXT initialises it),
+    and transformers' `LlavaNextForConditionalGeneration` reads it back."""
+    import jax
+    from safetensors.numpy import load_file
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    pinpoints, feature_layer, _ = CONFIGS["wide-and-tall"]
+    torch.manual_seed(2)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(tmp_path / "clip")
+    text = {**TINY_TEXT, "hidden_size": 256, "num_attention_heads": 8}
+    LlamaForCausalLM(LlamaConfig(**text)).save_pretrained(tmp_path / "llama")
+    config, params = load_towers(
+        str(tmp_path / "clip"),
+        str(tmp_path / "llama"),
+        rng=jax.random.key(1),
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=feature_layer,
+        image_grid_pinpoints=pinpoints,
+    )
+    assert config.anyres
+    newline = np.asarray(params["proj"]["image_newline"])
+    assert newline.shape == (256,) and abs(newline.std() * 16 - 1) < 0.15
+    save_hf(config, params, str(tmp_path / "next"))
+    hf = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "next")
+    assert hf.config.image_grid_pinpoints == [list(p) for p in pinpoints]
+    np.testing.assert_array_equal(hf.model.image_newline.detach().numpy(), newline)
+    tower = load_file(str(tmp_path / "clip" / "model.safetensors"))
+    loaded = {
+        k.removeprefix("vision_model."): v for k, v in hf.model.vision_tower.state_dict().items()
+    }
+    assert set(tower) <= set(loaded)
+    for key, value in tower.items():
+        np.testing.assert_array_equal(loaded[key].numpy(), value, key)

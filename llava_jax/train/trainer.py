@@ -169,6 +169,7 @@ def initial_model(run: RunConfig, tokenizer: LoadedTokenizer) -> tuple[ModelConf
             projector_act=model.projector_act,
             vision_feature_layer=model.vision_feature_layer,
             vision_feature_select_strategy=model.vision_feature_select_strategy,
+            image_grid_pinpoints=model.image_grid_pinpoints,  # NeXT: a fresh image_newline
             **model.numerics(),
         )
     else:  # checkpoint: the architecture of the run it continues, numerics of this one
