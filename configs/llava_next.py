@@ -52,7 +52,9 @@ def get_config(arg: str | None = None):
     model.param_dtype = "float32"
     model.scan_layers = True
     # An image is 5 tiles through the vision tower and up to 2928 tokens of a 4096-token
-    # sequence: every layer is recomputed in the backward pass, one sequence per device.
+    # sequence: every layer is recomputed in the backward pass, one sequence per device per
+    # pass. `python -m llava_jax.plan` puts the 7B at 16.0 GiB per chip on v4-32 and
+    # v5p-32, 6.8 GiB on v5e-64.
     model.remat_policy = "full"
     config.train.per_device_batch_size = 1
 
