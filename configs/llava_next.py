@@ -1,4 +1,5 @@
-"""LLaVA-NeXT (1.6) 7B or 13B, Vicuna: stage 2 at any resolution, from LLaVA-1.5's stage 1.
+"""LLaVA-NeXT (1.6) with Vicuna-7B/13B or Mistral-7B: stage 2 at any resolution, from
+LLaVA-1.5's stage 1.
 
 LLaVA-NeXT's stage 1 is LLaVA-1.5's (the projector alone, on 558K captions, one 336 px image
 each), so it is `configs/llava_v15.py:7b,pretrain` (see that file). Stage 2 trains the whole
@@ -14,6 +15,10 @@ model gains LLaVA-NeXT's `image_newline` there, freshly initialised:
         --config.data.image_dir=/path/to/images \
         --config.data.tokenizer_path=/path/to/vicuna-7b-v1.5
 
+`configs/llava_next.py:mistral_7b` is llava-v1.6-mistral-7b: Mistral-7B-Instruct-v0.2 and
+its `[INST] … [/INST]` template (`mistral_instruct`); its stage 1 is the same LLaVA-1.5
+command with `--config.init.text_path` and `--config.data.tokenizer_path` naming Mistral.
+
 LLaVA-NeXT's 760K stage-2 mixture is not public as one file: `llava_v1_5_mix665k.json`
 with its images is the nearest published one. The checkpoint converts to transformers'
 `LlavaNextForConditionalGeneration` with `python -m llava_jax.convert params-to-hf`, and
@@ -23,27 +28,33 @@ Before creating the pod, `python -m llava_jax.plan --config=configs/llava_next.p
 --topology=v5p-32` shows the memory per chip.
 """
 
-from llava_jax.models.presets import CLIP_VIT_L_14_336, VICUNA
+from llava_jax.models.presets import CLIP_VIT_L_14_336, MISTRAL_7B_INSTRUCT, VICUNA
 from llava_jax.train.config import base_config
 
-SIZES = tuple(VICUNA)
+# The decoders (and their templates) LLaVA-NeXT was published with, by config argument.
+DECODERS = {
+    **{size: (text, "vicuna_v1") for size, text in VICUNA.items()},
+    "mistral_7b": (MISTRAL_7B_INSTRUCT, "mistral_instruct"),
+}
 # LLaVA-NeXT's grids (height, width): 2x1, 1x2, 2x2, 3x1 and 1x3 tiles of 336 px.
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
 def get_config(arg: str | None = None):
-    size = arg or "7b"
-    if size not in SIZES:
+    name = arg or "7b"
+    if name not in DECODERS:
         raise ValueError(
-            f"config argument {arg!r}: expected one of {SIZES}, e.g. configs/llava_next.py:7b"
+            f"config argument {arg!r}: expected one of {tuple(DECODERS)}, e.g. "
+            "configs/llava_next.py:7b"
         )
+    text, template = DECODERS[name]
     config = base_config()
 
     # LLaVA-1.5's towers and projector (stage 1's checkpoint holds them) with the grids;
     # bf16 compute, float32 parameters.
     model = config.model
     model.vision = CLIP_VIT_L_14_336.to_section()
-    model.text = VICUNA[size].to_section()
+    model.text = text.to_section()
     model.projector = "mlp2x_gelu"
     model.vision_feature_layer = -2
     model.vision_feature_select_strategy = "default"
@@ -58,10 +69,10 @@ def get_config(arg: str | None = None):
     model.remat_policy = "full"
     config.train.per_device_batch_size = 1
 
-    # LLaVA JSON, conversations of up to 4096 tokens (Vicuna's context), Vicuna's template,
-    # LLaVA's modality-length grouping.
+    # LLaVA JSON, conversations of up to 4096 tokens (Vicuna's context; LLaVA-NeXT's for
+    # Mistral too), the decoder's template, LLaVA's modality-length grouping.
     config.data.source = "llava_json"
-    config.data.template = "vicuna_v1"
+    config.data.template = template
     config.data.max_len = 4096
     config.data.num_workers = 8
     config.data.group_by_modality_length = True

@@ -21,8 +21,9 @@ TWO_TURNS = [
     {"from": "gpt", "value": "Exactly one, near the top."},
 ]
 
-# Written from llava/conversation.py (conv_vicuna_v1, conv_llava_llama_2, conv_llava_plain)
-# and the Qwen chat format; <image> moved to the front as preprocess_multimodal does.
+# Written from llava/conversation.py (conv_vicuna_v1, conv_llava_llama_2, conv_llava_plain;
+# LLaVA-NeXT's conv_mistral_instruct: the LLAMA_2 style with no system and sep "") and the
+# Qwen chat format; <image> moved to the front as preprocess_multimodal does.
 EXPECTED = {
     "vicuna_v1": (
         "A chat between a curious human and an artificial intelligence assistant. "
@@ -36,6 +37,10 @@ EXPECTED = {
         "variety of tasks using natural language.\n<</SYS>>\n\n<image>\nWhat is shown? [/INST]"
         " A red circle. </s><s>[INST] How many circles? [/INST] Exactly one, near the top. </s>"
     ),
+    "mistral_instruct": (
+        "[INST] <image>\nWhat is shown? [/INST] A red circle. </s>"
+        "[INST] How many circles? [/INST] Exactly one, near the top. </s>"
+    ),
     "chatml": (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n"
@@ -48,6 +53,7 @@ EXPECTED = {
 ANSWER_WITH_END = {
     "vicuna_v1": ["A red circle.</s>", "Exactly one, near the top.</s>"],
     "llava_llama_2": ["A red circle. </s>", "Exactly one, near the top. </s>"],
+    "mistral_instruct": ["A red circle. </s>", "Exactly one, near the top. </s>"],
     "chatml": ["A red circle.<|im_end|>", "Exactly one, near the top.<|im_end|>"],
     "plain": ["A red circle.\n", "Exactly one, near the top.\n"],
 }
@@ -245,7 +251,7 @@ def test_text_only_sample_has_no_image_tokens(loaded):
 
 
 def test_generation_prompt_is_the_training_text_before_the_answer():
-    for name in ("vicuna_v1", "chatml", "llava_llama_2"):
+    for name in ("vicuna_v1", "chatml", "llava_llama_2", "mistral_instruct"):
         prompt = generation_prompt(TWO_TURNS[:3], get_template(name))
         full = EXPECTED[name]
         answer_start = full.rindex("Exactly one")

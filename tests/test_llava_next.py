@@ -541,19 +541,20 @@ def test_an_image_whose_size_changes_on_decoding_is_dropped_from_next_data(tmp_p
     assert dropped["file"] == "images/a.ico" and "(16, 16)" in dropped["detail"]
 
 
-def test_load_towers_starts_a_next_model_with_a_fresh_newline(tmp_path):
-    """CLIP + LLaMA towers and a grid make a NeXT model: the towers as saved, a fresh
-    projector and `image_newline` (normal, std 1/sqrt(D), as LLaVA-NeXT initialises it),
-    and transformers' `LlavaNextForConditionalGeneration` reads it back."""
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_load_towers_starts_a_next_model_with_a_fresh_newline(tmp_path, family):
+    """CLIP + LLaMA (or Mistral) towers and a grid make a NeXT model: the towers as saved, a
+    fresh projector and `image_newline` (normal, std 1/sqrt(D), as LLaVA-NeXT initialises
+    it), and transformers' `LlavaNextForConditionalGeneration` reads it back."""
     import jax
     from safetensors.numpy import load_file
-    from transformers import CLIPVisionModel, LlamaForCausalLM
+    from transformers import CLIPVisionModel
 
     pinpoints, feature_layer, _ = CONFIGS["wide-and-tall"]
     torch.manual_seed(2)
     CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(tmp_path / "clip")
     text = {**TINY_TEXT, "hidden_size": 256, "num_attention_heads": 8}
-    LlamaForCausalLM(LlamaConfig(**text)).save_pretrained(tmp_path / "llama")
+    text_model(family, text).save_pretrained(tmp_path / "llama")
     config, params = load_towers(
         str(tmp_path / "clip"),
         str(tmp_path / "llama"),
@@ -568,6 +569,7 @@ def test_load_towers_starts_a_next_model_with_a_fresh_newline(tmp_path):
     save_hf(config, params, str(tmp_path / "next"))
     hf = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "next")
     assert hf.config.image_grid_pinpoints == [list(p) for p in pinpoints]
+    assert hf.config.text_config.model_type == config.text.model_type == family
     np.testing.assert_array_equal(hf.model.image_newline.detach().numpy(), newline)
     tower = load_file(str(tmp_path / "clip" / "model.safetensors"))
     loaded = {
@@ -576,3 +578,76 @@ def test_load_towers_starts_a_next_model_with_a_fresh_newline(tmp_path):
     assert set(tower) <= set(loaded)
     for key, value in tower.items():
         np.testing.assert_array_equal(loaded[key].numpy(), value, key)
+
+
+def text_model(family: str, fields: dict) -> torch.nn.Module:
+    """A random LLaMA or Mistral causal LM (Mistral without a sliding window, as LLaVA-NeXT's
+    Mistral-7B-Instruct-v0.2)."""
+    from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    if family == "mistral":
+        fields = {k: v for k, v in fields.items() if k not in ("attention_bias", "mlp_bias")}
+        return MistralForCausalLM(MistralConfig(**fields, sliding_window=None))
+    return LlamaForCausalLM(LlamaConfig(**fields))
+
+
+def test_a_mistral_next_model_equals_transformers_and_round_trips(tmp_path):
+    """llava-v1.6-mistral's shape: a NeXT model whose decoder is a Mistral. Logits equal
+    transformers' (float32), `save_hf` writes a Mistral text config that reads back the same,
+    the programs default to its `[INST]` template, and a sliding window is refused by name."""
+    from transformers import MistralConfig
+
+    from llava_jax.convert import CheckpointError
+
+    pinpoints, feature_layer, sizes = CONFIGS["wide-and-tall"]
+    text = MistralConfig(
+        **{**TINY_TEXT, "max_position_embeddings": 512, "rope_parameters": None},
+        sliding_window=None,
+    )
+    hf_config = next_config(pinpoints, feature_layer)
+    hf_config.text_config = text
+    hf_model = next_model(hf_config, seed=5)
+    hf_model.save_pretrained(tmp_path / "hf")
+    config, params = load_hf(str(tmp_path / "hf"))
+    assert config.text.model_type == "mistral"
+
+    geometry = Anyres(tile=TILE, patch=PATCH, pinpoints=pinpoints)
+    images = random_images(sizes[:2], seed=6)
+    reference = processor_for(pinpoints)(images, return_tensors="np")
+    tokens = [geometry.num_tokens(h, w) for h, w in sizes[:2]]
+    length = max(tokens) + 6
+    input_ids = np.zeros((2, length), np.int64)
+    mask = np.zeros_like(input_ids)
+    for row, count in enumerate(tokens):
+        ids = np.concatenate([[1], np.full(count, IMAGE_TOKEN), [5, 6, 7 + row]])
+        input_ids[row, : len(ids)], mask[row, : len(ids)] = ids, 1
+    expected = hf_logits(hf_model, input_ids, mask, reference)
+    tiles = np.stack([geometry.tiles(image, CLIP_MEAN, CLIP_STD) for image in images])
+    layout = np.stack([geometry.feature_layout(h, w) for h, w in sizes[:2]])[:, None]
+    logits = Llava(config).apply(
+        {"params": params},
+        input_ids.astype(np.int32),
+        tiles[:, None],
+        attention_mask=mask.astype(np.int32),
+        image_layout=layout,
+    )
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[real], expected[real], atol=1e-4, rtol=0)
+
+    save_hf(config, params, str(tmp_path / "ours"))
+    again = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    assert again.config.text_config.model_type == "mistral"
+    assert again.config.text_config.sliding_window is None
+    round_trip = hf_logits(again, input_ids, mask, reference)
+    np.testing.assert_allclose(round_trip[real], expected[real], atol=1e-5, rtol=0)
+
+    from llava_jax.inference.load import _hf_data
+
+    assert _hf_data(str(tmp_path / "hf"), TILE, config.text.model_type).template == (
+        "mistral_instruct"
+    )
+
+    hf_config.text_config.sliding_window = 64
+    next_model(hf_config).save_pretrained(tmp_path / "window")
+    with pytest.raises(CheckpointError, match="sliding_window=64 < max_position_embeddings"):
+        load_hf(str(tmp_path / "window"))

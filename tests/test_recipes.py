@@ -161,17 +161,19 @@ def test_the_next_recipe_runs_both_stages_as_its_docstring_says(inputs, tmp_path
     assert code == 0
 
 
-@pytest.mark.parametrize("size", llava_next.SIZES)
-def test_the_next_recipe_is_llava_next_stage_2(size):
+@pytest.mark.parametrize("name", list(llava_next.DECODERS))
+def test_the_next_recipe_is_llava_next_stage_2(name):
     """LLaVA-NeXT's published stage 2: its grids, the whole model trained (the vision tower
-    at 2e-6, the rest at 2e-5), batch 128, Vicuna's template and context, grouped by
-    modality; and a size the recipe does not know is refused by name."""
-    run = RunConfig.from_config(llava_next.get_config(size))
+    at 2e-6, the rest at 2e-5), batch 128 of 4096 tokens, grouped by modality, the decoder's
+    own template; and a decoder the recipe does not know is refused by name."""
+    run = RunConfig.from_config(llava_next.get_config(name))
     assert run.model.image_grid_pinpoints == llava_next.PINPOINTS
     assert re.fullmatch(run.train.train_pattern, "img/layers/attn/query/kernel")
     assert (run.optimizer.learning_rate, run.optimizer.vision_learning_rate) == (2e-5, 2e-6)
-    assert run.data.global_batch_size == 128 and run.data.template == "vicuna_v1"
-    assert run.data.max_len == run.model.text.max_position_embeddings == 4096
+    assert run.data.global_batch_size == 128 and run.data.max_len == 4096
     assert run.data.group_by_modality_length and run.init.mode == "checkpoint"
+    mistral = name == "mistral_7b"
+    assert run.model.text.model_type == ("mistral" if mistral else "llama")
+    assert run.data.template == ("mistral_instruct" if mistral else "vicuna_v1")
     with pytest.raises(ValueError, match="expected one of"):
         llava_next.get_config("70b")

@@ -92,7 +92,14 @@ def vision_config_from_hf(hf: Any, field: str = "vision_config") -> VisionConfig
 
 
 def text_config_from_hf(hf: Any, field: str = "text_config") -> TextConfig:
-    _check(hf.model_type, ("llama",), f"{field}.model_type")
+    _check(hf.model_type, ("llama", "mistral"), f"{field}.model_type")
+    window = getattr(hf, "sliding_window", None)
+    if window is not None and window < hf.max_position_embeddings:
+        raise CheckpointError(
+            f"{field}.sliding_window={window} < max_position_embeddings="
+            f"{hf.max_position_embeddings}: sliding-window attention is not supported "
+            "(LLaVA-NeXT's Mistral-7B-Instruct-v0.2 has none)"
+        )
     _check_activation(hf.hidden_act, f"{field}.hidden_act")
     rope = dict(hf.rope_parameters or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -111,6 +118,7 @@ def text_config_from_hf(hf: Any, field: str = "text_config") -> TextConfig:
     )
     eos = hf.eos_token_id
     return TextConfig(
+        model_type=hf.model_type,
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
         intermediate_size=hf.intermediate_size,
@@ -161,7 +169,13 @@ def model_config_from_hf(hf: Any, **numerics: Any) -> ModelConfig:
 def model_config_to_hf(config: ModelConfig) -> Any:
     """Our `ModelConfig` -> a transformers `LlavaConfig`, or `LlavaNextConfig` for an
     anyres model (for config.json)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaNextConfig,
+        MistralConfig,
+    )
 
     if config.projector != "mlp2x_gelu":
         raise CheckpointError(
@@ -179,7 +193,14 @@ def model_config_to_hf(config: ModelConfig) -> Any:
             original_max_position_embeddings=text.rope.original_max_position_embeddings,
         )
     eos = text.eos_token_id
-    text_config = LlamaConfig(
+    if text.model_type == "mistral":
+        if text.attention_bias or text.mlp_bias:
+            raise CheckpointError("a Mistral text model has no attention or MLP biases")
+        family, extra = MistralConfig, {"sliding_window": None}
+    else:
+        family = LlamaConfig
+        extra = {"attention_bias": text.attention_bias, "mlp_bias": text.mlp_bias}
+    text_config = family(
         vocab_size=text.vocab_size,
         hidden_size=text.hidden_size,
         intermediate_size=text.intermediate_size,
@@ -192,11 +213,10 @@ def model_config_to_hf(config: ModelConfig) -> Any:
         max_position_embeddings=text.max_position_embeddings,
         tie_word_embeddings=text.tie_word_embeddings,
         hidden_act=text.hidden_act,
-        attention_bias=text.attention_bias,
-        mlp_bias=text.mlp_bias,
         bos_token_id=text.bos_token_id,
         eos_token_id=list(eos) if isinstance(eos, tuple) else eos,
         pad_token_id=text.pad_token_id,
+        **extra,
     )
     vision_config = CLIPVisionConfig(
         hidden_size=vision.hidden_size,
@@ -235,7 +255,7 @@ def _read_hf_config(path: str) -> Any:
         raise CheckpointError(f"{path}: no config.json")
     with open(config_path) as f:
         raw = json.load(f)
-    known = ("llava", "llava_next", "clip", "clip_vision_model", "llama")
+    known = ("llava", "llava_next", "clip", "clip_vision_model", "llama", "mistral")
     _check(raw.get("model_type"), known, f"{config_path}: model_type")
     return AutoConfig.from_pretrained(path)
 

@@ -38,7 +38,7 @@ class DataConfig(Section):
     synthetic_num_train: int = 4000
     synthetic_num_test: int = 400
     synthetic_seed: int = 0
-    template: str = "vicuna_v1"  # plain | vicuna_v1 | llava_llama_2 | chatml
+    template: str = "vicuna_v1"  # plain | vicuna_v1 | llava_llama_2 | mistral_instruct | chatml
     tokenizer_path: str | None = None  # None with 'synthetic': the built-in tokenizer
     image_size: int = 32
     image_aspect: str = "pad"  # pad | resize | crop

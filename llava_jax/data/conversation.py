@@ -113,6 +113,14 @@ def _llava_llama_2(t: Template, index: int, role: str, value: str) -> list[tuple
     return [(" ", False), (f"{value} {t.end}", True)]
 
 
+def _mistral_instruct(t: Template, index: int, role: str, value: str) -> list[tuple[str, bool]]:
+    # LLaVA-NeXT's conv_mistral_instruct: LLaMA-2's turns with no system prompt and no
+    # separator between them ("[INST] q1 [/INST] a1 </s>[INST] q2 [/INST]").
+    if role == HUMAN:
+        return [(f"[INST] {value} [/INST]", False)]
+    return [(" ", False), (f"{value} {t.end}", True)]
+
+
 def _chatml(t: Template, index: int, role: str, value: str) -> list[tuple[str, bool]]:
     prefix = f"<|im_start|>system\n{t.system}{t.end}\n" if index == 0 and t.system else ""
     if role == HUMAN:
@@ -124,12 +132,14 @@ _RENDERERS = {
     "plain": _plain,
     "vicuna_v1": _vicuna_v1,
     "llava_llama_2": _llava_llama_2,
+    "mistral_instruct": _mistral_instruct,
     "chatml": _chatml,
 }
 _GENERATION_PROMPTS = {
     "plain": "",
     "vicuna_v1": "ASSISTANT:",
     "llava_llama_2": "",
+    "mistral_instruct": "",
     "chatml": "<|im_start|>assistant\n",
 }
 
@@ -137,6 +147,7 @@ TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", system="", end="\n"),
     "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM, end="</s>"),
     "llava_llama_2": Template("llava_llama_2", system=LLAMA_2_SYSTEM, end="</s>"),
+    "mistral_instruct": Template("mistral_instruct", system="", end="</s>"),
     "chatml": Template("chatml", system=CHATML_SYSTEM, end="<|im_end|>"),
 }
 

@@ -6,7 +6,8 @@
   checkpoint's parameters (or `step=`), the model config, template and image settings of
   its run config, and the tokenizer the run saved. `workdir/checkpoints/<step>` also works.
 - a Hugging Face LLaVA directory (`config.json` + safetensors, as `save_pretrained` writes
-  it) with its tokenizer: template `vicuna_v1`, images padded to a square (LLaVA-1.5),
+  it) with its tokenizer: template `vicuna_v1` (`mistral_instruct` for a Mistral decoder,
+  as llava-v1.6-mistral), images padded to a square (LLaVA-1.5),
   mean/std from `preprocessor_config.json` when there is one (CLIP's otherwise).
 - a params checkpoint (`model_config.json` + `params/`, from `python -m llava_jax.convert`):
   needs a tokenizer (`tokenizer=`, or a `tokenizer/` folder inside it); template and
@@ -81,6 +82,7 @@ from llava_jax.models.quantize import (
 from llava_jax.sharding import DEFAULT_RULES, Rules, param_shardings, sharded_params
 
 HF_DEFAULT_TEMPLATE = "vicuna_v1"  # LLaVA-1.5's conversation format
+HF_MISTRAL_TEMPLATE = "mistral_instruct"  # llava-v1.6-mistral-7b's
 HF_CONFIG_FILE = "config.json"
 HF_PREPROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_DIR = "tokenizer"  # inside a training workdir (or a params checkpoint)
@@ -468,9 +470,9 @@ def _check_tokenizer(config: ModelConfig, tokenizer: LoadedTokenizer, where: str
         )
 
 
-def _hf_data(path: str, size: int) -> DataConfig:
-    """LLaVA-1.5's conversation format and images padded to a square; mean/std from the
-    processor config when present."""
+def _hf_data(path: str, size: int, text_model_type: str = "llama") -> DataConfig:
+    """LLaVA-1.5's conversation format (LLaVA-NeXT-Mistral's for a Mistral decoder) and
+    images padded to a square; mean/std from the processor config when present."""
     processor = os.path.join(path, HF_PREPROCESSOR_FILE)
     mean, std = CLIP_MEAN, CLIP_STD
     if os.path.isfile(processor):
@@ -478,9 +480,18 @@ def _hf_data(path: str, size: int) -> DataConfig:
         mean = tuple(values.get("image_mean", mean))
         std = tuple(values.get("image_std", std))
     return DataConfig(
-        template=HF_DEFAULT_TEMPLATE, image_size=size, image_aspect="pad", image_mean=mean,
+        template=_default_template(text_model_type),
+        image_size=size,
+        image_aspect="pad",
+        image_mean=mean,
         image_std=std,
-    )  # fmt: skip
+    )
+
+
+def _default_template(text_model_type: str) -> str:
+    """The template of a checkpoint that names none: LLaVA-1.5's, or LLaVA-NeXT-Mistral's
+    for a Mistral decoder."""
+    return HF_MISTRAL_TEMPLATE if text_model_type == "mistral" else HF_DEFAULT_TEMPLATE
 
 
 # --- the loaders -------------------------------------------------------------------------------
@@ -653,7 +664,7 @@ def load_model(
             loaded_tokenizer = _load_tokenizer(
                 _find_tokenizer(directory, tokenizer, directory, "give --tokenizer")
             )
-            data = _hf_data(directory, config.vision.image_size)
+            data = _hf_data(directory, config.vision.image_size, config.text.model_type)
         else:
             tokenizer_dir = _find_tokenizer(
                 directory,
@@ -669,7 +680,10 @@ def load_model(
             if dtype is not None:
                 config = config.replace(**numerics)
             loaded_tokenizer = _load_tokenizer(tokenizer_dir)
-            data = DataConfig(template=HF_DEFAULT_TEMPLATE, image_size=config.vision.image_size)
+            data = DataConfig(
+                template=_default_template(config.text.model_type),
+                image_size=config.vision.image_size,
+            )
     except InputError:
         raise
     except (OSError, ValueError, KeyError) as err:

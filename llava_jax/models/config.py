@@ -69,10 +69,16 @@ class RopeConfig(Section):
     original_max_position_embeddings: int = 8192  # llama3 only
 
 
+TEXT_MODEL_TYPES = ("llama", "mistral")
+
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig(Section):
-    """LLaMA-family decoder (defaults: LLaMA/Vicuna-7B)."""
+    """LLaMA-family decoder (defaults: LLaMA/Vicuna-7B). `model_type`: the checkpoint
+    family it reads and writes as; a Mistral is LLaMA's decoder (with full attention:
+    sliding-window attention is not built)."""
 
+    model_type: str = "llama"  # llama | mistral
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -90,6 +96,12 @@ class TextConfig(Section):
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"text.model_type={self.model_type!r} is not one of {TEXT_MODEL_TYPES}"
+            )
 
     @property
     def resolved_head_dim(self) -> int:

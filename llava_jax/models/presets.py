@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llava_jax.models.config import TextConfig, VisionConfig
+from llava_jax.models.config import RopeConfig, TextConfig, VisionConfig
 
 # openai/clip-vit-large-patch14-336: 576 patches of 14 px (LLaVA-1.5's vision tower).
 CLIP_VIT_L_14_336 = VisionConfig(
@@ -41,3 +41,18 @@ VICUNA = {
         max_position_embeddings=4096,
     ),
 }
+
+# mistralai/Mistral-7B-Instruct-v0.2 (llava-v1.6-mistral-7b's decoder): grouped-query
+# attention, no sliding window, rope theta 1e6, 32K context.
+MISTRAL_7B_INSTRUCT = TextConfig(
+    model_type="mistral",
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    rms_norm_eps=1e-5,
+    rope=RopeConfig(theta=1e6),
+    max_position_embeddings=32768,
+)
