@@ -134,7 +134,7 @@ def main(argv: list[str]) -> None:
         sys.exit(130)
     if summary.get("preempted"):
         logging.warning("Stopped at step %d on request; run again to continue.", summary["step"])
-    elif "eval" in summary:
+    elif summary.get("eval"):  # empty when the data has no held-out split
         print({k: v for k, v in summary["eval"].items() if not isinstance(v, list)})
     sys.stdout.flush()
 

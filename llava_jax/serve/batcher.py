@@ -37,6 +37,7 @@ import numpy as np
 from llava_jax.chat import visible_text
 from llava_jax.errors import InputError
 from llava_jax.inference.engine import SamplingConfig
+from llava_jax.inference.load import ModelImage
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Job:
     `loop`."""
 
     prompt: np.ndarray
-    images: Sequence[Any]
+    images: Sequence[ModelImage]
     sampling: SamplingConfig
     stream: bool
     loop: asyncio.AbstractEventLoop
