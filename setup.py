@@ -17,6 +17,9 @@ setup(
         "orbax-checkpoint>=0.11",
         "transformers>=4.50",
         "tokenizers>=0.20",
+        # Vicuna and LLaMA ship a SentencePiece model (no tokenizer.json): transformers
+        # converts it to a fast tokenizer with this.
+        "sentencepiece>=0.2",
         "tensorflow-datasets>=4.9.8",
         "array_record>=0.6",
         "ml_collections>=1.0",

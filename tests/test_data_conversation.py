@@ -1,18 +1,26 @@
-"""Templates render as LLaVA defines them; answer masks cover exactly the answers."""
+"""Templates render as LLaVA defines them; tokens and targets are LLaVA's own (checked against
+the LLaVA authors' code, tests/llava_reference.py); a program's prompt for turn k followed by
+turn k's targets is the training row up to the end of answer k, for every template and
+tokenizer kind; special-token text in data is text."""
 
 import numpy as np
 import pytest
+from llava_reference import generation_prompt as llava_generation_prompt
+from llava_reference import load as load_llava
+from llava_reference import training_row as llava_training_row
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from vicuna_tokenizer import save_vicuna_tokenizer
 
 from llava_jax.data.conversation import (
+    LLAVA_V1_SYSTEM,
     DroppedExample,
-    generation_prompt,
     get_template,
-    move_image_to_front,
     tokenize_conversation,
 )
-from llava_jax.data.tokenizer import prepare_tokenizer
+from llava_jax.data.datasets.synthetic import conversation, sample_scene
+from llava_jax.data.prompt import prompt_ids
+from llava_jax.data.tokenizer import load_tokenizer, prepare_tokenizer
 
 TWO_TURNS = [
     {"from": "human", "value": "What is shown?\n<image>"},
@@ -26,8 +34,8 @@ TWO_TURNS = [
 # Qwen chat format; <image> moved to the front as preprocess_multimodal does.
 EXPECTED = {
     "vicuna_v1": (
-        "A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions. "
         "USER: <image>\nWhat is shown? ASSISTANT: A red circle.</s>"
         "USER: How many circles? ASSISTANT: Exactly one, near the top.</s>"
     ),
@@ -46,9 +54,15 @@ EXPECTED = {
         "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n"
         "<|im_start|>assistant\nA red circle.<|im_end|>\n"
         "<|im_start|>user\nHow many circles?<|im_end|>\n"
-        "<|im_start|>assistant\nExactly one, near the top.<|im_end|>\n"
+        "<|im_start|>assistant\nExactly one, near the top.<|im_end|>"
     ),
     "plain": "<image>A red circle.\nExactly one, near the top.\n",
+}
+# LLaVA's own name of each template (llava/conversation.py conv_templates)
+LLAVA_NAMES = {
+    "vicuna_v1": "v1",
+    "llava_llama_2": "llava_llama_2",
+    "mistral_instruct": "mistral_instruct",
 }
 ANSWER_WITH_END = {
     "vicuna_v1": ["A red circle.</s>", "Exactly one, near the top.</s>"],
@@ -60,8 +74,14 @@ ANSWER_WITH_END = {
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
+@pytest.fixture(scope="module")
+def llava():
+    return load_llava()
+
+
 def _corpus():
     texts = [EXPECTED[name] for name in EXPECTED] + ["how many squares are there? two blue."]
+    texts += ["USER: 2 13 7 </s> <s> first line", LLAVA_V1_SYSTEM]
     for special in SPECIALS + ["<image>"]:
         texts = [t.replace(special, " ") for t in texts]
     return texts
@@ -92,8 +112,9 @@ def word_level_tokenizer() -> PreTrainedTokenizerFast:
     return _wrap(tokenizer)
 
 
-def metaspace_bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """LLaMA's habits: '▁' glued to the next word, byte fallback, BOS added."""
+def metaspace_bpe_tokenizer(newline_pieces: bool = False) -> PreTrainedTokenizerFast:
+    """LLaMA's habits: '▁' glued to the next word, a newline a piece of its own (LLaMA's
+    byte <0x0A>; with `newline_pieces` pieces such as '\nA' span one), BOS added."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tokenizer.decoder = decoders.Sequence(
@@ -102,9 +123,10 @@ def metaspace_bpe_tokenizer() -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(
         vocab_size=400,
         special_tokens=SPECIALS,
-        initial_alphabet=[f"<0x{i:02X}>" for i in range(256)],
+        initial_alphabet=["\n"],  # a piece of its own, as LLaMA's byte <0x0A>
     )
-    tokenizer.train_from_iterator(_corpus(), trainer)
+    corpus = _corpus() if newline_pieces else [t.replace("\n", " ") for t in _corpus()]
+    tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
@@ -125,71 +147,296 @@ def byte_level_bpe_tokenizer() -> PreTrainedTokenizerFast:
     return _wrap(tokenizer)
 
 
+@pytest.fixture(scope="module")
+def vicuna_dir(tmp_path_factory):
+    """Vicuna-1.5's shape: SentencePiece, `legacy: false`, no tokenizer.json."""
+    return save_vicuna_tokenizer(str(tmp_path_factory.mktemp("vicuna")))
+
+
 TOKENIZERS = {
     "word_level": word_level_tokenizer,
     "metaspace_bpe": metaspace_bpe_tokenizer,
     "byte_level_bpe": byte_level_bpe_tokenizer,
+    "vicuna_sentencepiece": None,  # from vicuna_dir
 }
 
 
 @pytest.fixture(scope="module", params=list(TOKENIZERS))
-def loaded(request):
+def loaded(request, vicuna_dir):
+    if request.param == "vicuna_sentencepiece":
+        return load_tokenizer(vicuna_dir)
     return prepare_tokenizer(TOKENIZERS[request.param]())
 
 
+@pytest.fixture(scope="module")
+def vicuna(vicuna_dir):
+    """(ours, LLaVA's): the same directory, ours with <image> and <pad> added; LLaVA's as
+    its trainer sets it up for v1 (pad = unk, nothing added)."""
+    reference = AutoTokenizer.from_pretrained(vicuna_dir, local_files_only=True)
+    reference.pad_token = reference.unk_token
+    return load_tokenizer(vicuna_dir), reference
+
+
+def _tokenize(turns, loaded, name, num_image_tokens=1, max_len=4096):
+    num_images = sum(t["value"].count("<image>") for t in turns)
+    return tokenize_conversation(
+        turns, loaded, get_template(name), num_images, num_image_tokens, max_len
+    )
+
+
+def _as_llava(ids: np.ndarray, mask: np.ndarray, image_token_id: int) -> tuple[list, list]:
+    """Our row in LLaVA's terms: the image as IMAGE_TOKEN_INDEX (-200), non-targets -100."""
+    ids = np.where(ids == image_token_id, -200, ids)
+    return ids.tolist(), np.where(mask > 0, ids, -100).tolist()
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_render_two_turns_matches_llava(name):
+def test_render_two_turns_matches_llava(name, llava):
     turns = TWO_TURNS
     if name == "plain":  # stage 1 data: only the image of the human turn is kept
         turns = [TWO_TURNS[0], TWO_TURNS[1], {"from": "human", "value": "?"}, TWO_TURNS[3]]
-    assert get_template(name).render(move_image_to_front(turns)).text == EXPECTED[name]
+    assert get_template(name).render(turns).text == EXPECTED[name]
+    if name in LLAVA_NAMES:  # and as LLaVA's own Conversation.get_prompt() writes it
+        conv = llava.conversation.conv_templates[LLAVA_NAMES[name]].copy()
+        for turn in llava.preprocess_multimodal([[dict(t) for t in turns]], _MULTIMODAL)[0]:
+            conv.append_message(conv.roles[turn["from"] == "gpt"], turn["value"])
+        assert conv.get_prompt() == EXPECTED[name]
 
 
-def _masked_runs(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
-    runs, current = [], []
-    for token, supervised in zip(ids.tolist(), mask.tolist(), strict=True):
-        if supervised:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return runs
+class _Multimodal:
+    is_multimodal = True
+    mm_use_im_start_end = False
+
+
+_MULTIMODAL = _Multimodal()
+
+
+def test_vicuna_v1_system_prompt_is_llava_15s(llava):
+    """LLaVA-1.5 trains and evaluates with `--version v1`: conv_vicuna_v1, not LLaVA-1's
+    conv_llava_v1 (which template version 1 still gives, for models trained with it)."""
+    expected = (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    )
+    assert get_template("vicuna_v1").system == expected
+    assert llava.conversation.conv_templates["v1"].system == expected
+    assert get_template("vicuna_v1", version=1).system == llava.conversation.conv_llava_v1.system
+
+
+# --- tokens and targets against LLaVA's own code -------------------------------------------
+
+
+def _vicuna_conversations() -> list[tuple[list[dict], bool]]:
+    """(turns, has image): the synthetic data's conversations, and answers LLaVA's
+    tokenization treats specially: digits (LLaMA splits " 2" into "▁" and "2"), numbers,
+    several sentences, newlines, several rounds, text only, a leading gpt turn."""
+    rng = np.random.default_rng(0)
+    out = [(conversation(sample_scene(rng), "instruct", rng), True) for _ in range(24)]
+    digits = ["2", "13", "7 blue squares", "3.", "There are 2 red circles."]
+    for answer in digits:
+        out.append(([{"from": "human", "value": "<image>\nHow many?"}, _gpt(answer)], True))
+        out.append(([{"from": "human", "value": "How many?"}, _gpt(answer)], False))
+    out += [
+        ([_human("What is shown?\n<image>"), _gpt("first line\nsecond line")], True),
+        ([_human("Describe it.<image>"), _gpt("A red circle.\n\nNear the top left.")], True),
+        (
+            [
+                _human("<image>\nWhat color are the objects?"),
+                _gpt("red"),
+                _human("How many?"),
+                _gpt("2"),
+                _human("Where is it?\nAnswer briefly."),
+                _gpt("On the left."),
+                _human("And the shape?"),
+                _gpt("a circle"),
+            ],
+            True,
+        ),
+        ([_human("Say 2."), _gpt("2"), _human("Say 13."), _gpt("13")], False),
+        ([_gpt("Hello."), _human("<image>\nColor?"), _gpt("blue")], True),
+        ([_gpt("Hi."), _human("Count to 3."), _gpt("1, 2, 3")], False),
+    ]
+    return out
+
+
+def _human(value: str) -> dict:
+    return {"from": "human", "value": value}
+
+
+def _gpt(value: str) -> dict:
+    return {"from": "gpt", "value": value}
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_llama_2"])
+def test_rows_equal_llavas_preprocess(name, vicuna, llava):
+    """preprocess_v1 (LLaVA-1.5's `--version v1`) and preprocess_llama_2."""
+    ours, reference = vicuna
+    conversations = _vicuna_conversations()
+    assert len(conversations) >= 40
+    for turns, has_image in conversations:
+        ids, labels = llava_training_row(llava, turns, reference, LLAVA_NAMES[name], has_image)
+        assert any(label >= 0 for label in labels), "LLaVA blanked the sample: a bad test case"
+        row = _tokenize(turns, ours, name)
+        assert _as_llava(row.input_ids, row.loss_mask, ours.image_token_id) == (ids, labels), turns
+
+
+def test_plain_rows_equal_llavas_preprocess_plain(vicuna, llava):
+    """Stage 1: the caption's first word is a whole word (LLaVA tokenizes the text after
+    <image> on its own), and every caption token is a target."""
+    ours, reference = vicuna
+    captions = ["a red circle", "first line", "2 red circles", "There are 13 blue squares."]
+    rng = np.random.default_rng(1)
+    captions += [conversation(sample_scene(rng), "caption", rng)[1]["value"] for _ in range(8)]
+    for caption in captions:
+        turns = [_human("<image>\nDescribe the image briefly."), _gpt(caption)]
+        ids, labels = llava_training_row(llava, turns, reference, "plain", True)
+        row = _tokenize(turns, ours, "plain")
+        assert _as_llava(row.input_ids, row.loss_mask, ours.image_token_id) == (ids, labels)
+    row = _tokenize([_human("<image>"), _gpt("a red circle")], ours, "plain")
+    pieces = reference.convert_ids_to_tokens(row.input_ids[row.loss_mask > 0].tolist())
+    assert pieces[0] == "▁a"  # not "a": the caption starts a word, as in LLaVA
+
+
+def test_digit_answer_targets_its_space(vicuna):
+    """After "ASSISTANT:" LLaMA's tokenizer splits " 2" into "▁" and "2": both are
+    targets (the model must produce the "▁" first), as in LLaVA."""
+    ours, reference = vicuna
+    row = _tokenize([_human("How many?"), _gpt("2")], ours, "vicuna_v1")
+    targets = reference.convert_ids_to_tokens(row.input_ids[row.loss_mask > 0].tolist())
+    assert targets == ["▁", "2", "</s>"]
+
+
+def test_generation_prompts_equal_llavas(vicuna, llava):
+    """LLaVA's inference prompt (conv.get_prompt() with the assistant's turn open, through
+    tokenizer_image_token) for every turn of every conversation."""
+    ours, reference = vicuna
+    for turns, has_image in _vicuna_conversations()[:30]:
+        if turns[0]["from"] == "gpt":  # a prompt starts with a question
+            turns = turns[1:]
+        for k in range(0, len(turns), 2):
+            theirs = llava_generation_prompt(
+                llava, _image_first(turns[: k + 1], has_image), reference, "v1"
+            )
+            mine = prompt_ids(turns[: k + 1], get_template("vicuna_v1"), ours, 1)
+            assert np.where(mine == ours.image_token_id, -200, mine).tolist() == theirs
+
+
+def _image_first(turns: list[dict], has_image: bool) -> list[dict]:
+    """LLaVA's eval scripts write "<image>\\n" + question (preprocess_multimodal's form)."""
+    if not has_image:
+        return turns
+    first = turns[0]["value"].replace("<image>", "").strip()
+    return [{"from": "human", "value": "<image>\n" + first}, *turns[1:]]
+
+
+# --- the invariant, for every template and tokenizer kind ----------------------------------
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_loss_mask_is_exactly_the_answers(name, loaded):
-    # plain: the second question carries an image too, so the two answers are not adjacent
+def test_prompt_then_targets_is_the_training_row(name, loaded):
+    """For each answer k: the row starts with the program's prompt for turn k; the targets
+    are exactly the tokens after it through the end of answer k (decoding to the answer and
+    its end); the next prompt starts with the row through answer k."""
     turns = list(TWO_TURNS)
-    if name == "plain":
+    if name == "plain":  # the second question carries an image too
         turns[2] = {"from": "human", "value": "<image>"}
-    num_images = sum(t["value"].count("<image>") for t in turns)
-    out = tokenize_conversation(
-        turns,
-        loaded.tokenizer,
-        get_template(name),
-        num_images=num_images,
-        num_image_tokens=3,
-        max_len=512,
-        image_token_id=loaded.image_token_id,
-    )
-    runs = _masked_runs(out.input_ids, out.loss_mask)
-    decoded = [loaded.tokenizer.decode(run) for run in runs]
-    # Whitespace is compared loosely: a tokenizer may glue the prompt's "\n" or " " to
-    # the answer's first word, and that token is rightly supervised.
-    assert ["".join(text.split()) for text in decoded] == [
-        "".join(answer.split()) for answer in ANSWER_WITH_END[name]
-    ]
-    if name == "plain":  # the end token "\n" is whitespace: check it separately
-        assert all(text.endswith("\n") for text in decoded)
-    assert set(np.unique(out.loss_mask).tolist()) <= {0.0, 1.0}
+    num_image_tokens = 3
+    row = _tokenize(turns, loaded, name, num_image_tokens)
+    ids, mask = row.input_ids, row.loss_mask
+    template = get_template(name)
+    end_of_previous = 0
+    for k in range(len(turns) // 2):
+        prompt = prompt_ids(turns[: 2 * k + 1], template, loaded, num_image_tokens)
+        np.testing.assert_array_equal(ids[: len(prompt)], prompt)
+        assert not mask[end_of_previous : len(prompt)].any()
+        ends = np.flatnonzero(mask[len(prompt) :] == 0)
+        end = len(prompt) + (int(ends[0]) if len(ends) else len(mask) - len(prompt))
+        assert end > len(prompt)
+        decoded = loaded.tokenizer.decode(ids[len(prompt) : end].tolist())
+        # the decoders differ only in whitespace (word level drops spaces)
+        assert "".join(decoded.split()) == "".join(ANSWER_WITH_END[name][k].split())
+        if name == "plain":  # the end "\n" is whitespace: check it apart
+            assert decoded.endswith("\n")
+        end_of_previous = end
+    assert not mask[end_of_previous:].any()
+    assert set(np.unique(mask).tolist()) <= {0.0, 1.0}
+
+
+def test_a_tokenizer_that_joins_the_prompt_to_the_answer_drops_the_conversation():
+    """A piece '\nA' across the end of "assistant\n" and the answer: the model would be
+    trained on a row its prompts never start; the conversation is dropped, by name."""
+    loaded = prepare_tokenizer(metaspace_bpe_tokenizer(newline_pieces=True))
+    with pytest.raises(DroppedExample) as error:
+        _tokenize(TWO_TURNS, loaded, "chatml")
+    assert error.value.reason == "prompt_not_prefix"
+    assert "answer 0" in error.value.detail
+
+
+# --- special-token text in data is text ----------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["</s>", "<s>", "<|im_end|>"])
+def test_special_token_text_in_data_stays_text(text, loaded):
+    """An answer or a question that writes a special token's text gets text tokens: the
+    only control tokens of the row are the template's own."""
+    tokenizer = loaded.tokenizer
+    # the control tokens (<unk> is where a word-level vocabulary lacks a word: not one)
+    specials = {tokenizer.convert_tokens_to_ids(t) for t in SPECIALS if t != "<unk>"}
+    answer = f"Use {text} to end it."
+    turns = [_human(f"<image>\nWhat does {text} mean?"), _gpt(answer)]
+    plain_turns = [_human("<image>\nWhat does it mean?"), _gpt("Use it to end it.")]
+    for name in ("vicuna_v1", "chatml"):
+        row = _tokenize(turns, loaded, name)
+        control = [int(i) for i in row.input_ids if int(i) in specials]
+        reference = _tokenize(plain_turns, loaded, name)
+        assert control == [int(i) for i in reference.input_ids if int(i) in specials]
+        prompt = prompt_ids(turns[:1], get_template(name), loaded, 1)
+        expected = prompt_ids(plain_turns[:1], get_template(name), loaded, 1)
+        assert [i for i in prompt if i in specials] == [i for i in expected if i in specials]
+    row = _tokenize(turns, loaded, "vicuna_v1")
+    targets = row.input_ids[row.loss_mask > 0]
+    assert targets[-1] == tokenizer.eos_token_id
+    assert tokenizer.eos_token_id not in targets[:-1].tolist()
+    if tokenizer.unk_token_id not in targets.tolist():  # a vocabulary that spells it
+        assert tokenizer.decode(targets[:-1].tolist()).strip() == answer
+
+
+def test_special_token_text_round_trips_with_a_sentencepiece_tokenizer(vicuna):
+    ours, reference = vicuna
+    for text in ("</s>", "<s>", "<unk>", "<pad>"):
+        answer = f"Use {text} to end it."
+        row = _tokenize([_human(f"What is {text}?"), _gpt(answer)], ours, "vicuna_v1")
+        targets = row.input_ids[row.loss_mask > 0].tolist()
+        assert targets[-1] == reference.eos_token_id
+        assert reference.decode(targets[:-1]).strip() == answer
+        specials = {reference.bos_token_id, reference.eos_token_id, reference.unk_token_id}
+        assert not specials & set(targets[:-1]), text
+
+
+def test_reserved_characters_are_refused(loaded):
+    turns = [_human("<image>\nWhat?"), _gpt("a \ufdd0 b")]
+    with pytest.raises(DroppedExample) as error:
+        _tokenize(turns, loaded, "vicuna_v1")
+    assert error.value.reason == "reserved_character"
+    assert "U+FDD0" in error.value.detail
+
+
+# --- what else a conversation can be ------------------------------------------------------
+
+
+def test_leading_gpt_turn_is_skipped_as_llava_does(loaded):
+    turns = [_gpt("Hello there."), *TWO_TURNS]
+    with_leading = _tokenize(turns, loaded, "vicuna_v1")
+    without = _tokenize(TWO_TURNS, loaded, "vicuna_v1")
+    np.testing.assert_array_equal(with_leading.input_ids, without.input_ids)
+    np.testing.assert_array_equal(with_leading.loss_mask, without.loss_mask)
 
 
 def test_each_image_becomes_num_image_tokens(loaded):
-    out = tokenize_conversation(
-        TWO_TURNS, loaded.tokenizer, get_template("vicuna_v1"), 1, 576, 2048, loaded.image_token_id
-    )
+    out = _tokenize(TWO_TURNS, loaded, "vicuna_v1", num_image_tokens=576, max_len=2048)
     positions = np.flatnonzero(out.input_ids == loaded.image_token_id)
     assert len(positions) == 576
     assert np.all(np.diff(positions) == 1)  # one contiguous block
@@ -197,25 +444,18 @@ def test_each_image_becomes_num_image_tokens(loaded):
 
 
 def test_truncation_keeps_images_whole_and_drops_otherwise(loaded):
-    tokenizer, template = loaded.tokenizer, get_template("vicuna_v1")
-    full = tokenize_conversation(TWO_TURNS, tokenizer, template, 1, 8, 4096, loaded.image_token_id)
-    first_answer_end = int(np.flatnonzero(full.loss_mask)[0]) + 1
-    cut = tokenize_conversation(
-        TWO_TURNS, tokenizer, template, 1, 8, first_answer_end, loaded.image_token_id
-    )
-    np.testing.assert_array_equal(cut.input_ids, full.input_ids[:first_answer_end])
+    full = _tokenize(TWO_TURNS, loaded, "vicuna_v1", num_image_tokens=8)
+    first_answer_start = int(np.flatnonzero(full.loss_mask)[0])
+    cut = _tokenize(TWO_TURNS, loaded, "vicuna_v1", 8, max_len=first_answer_start + 1)
+    np.testing.assert_array_equal(cut.input_ids, full.input_ids[: first_answer_start + 1])
     assert cut.loss_mask.sum() == 1
 
     image_end = int(np.flatnonzero(full.input_ids == loaded.image_token_id)[-1]) + 1
     with pytest.raises(DroppedExample) as error:
-        tokenize_conversation(
-            TWO_TURNS, tokenizer, template, 1, 8, image_end - 1, loaded.image_token_id
-        )
+        _tokenize(TWO_TURNS, loaded, "vicuna_v1", 8, max_len=image_end - 1)
     assert error.value.reason == "image_truncated"
     with pytest.raises(DroppedExample) as error:  # images fit, no answer token does
-        tokenize_conversation(
-            TWO_TURNS, tokenizer, template, 1, 8, image_end, loaded.image_token_id
-        )
+        _tokenize(TWO_TURNS, loaded, "vicuna_v1", 8, max_len=image_end)
     assert error.value.reason == "no_supervised_tokens"
 
 
@@ -223,39 +463,36 @@ def test_truncation_keeps_images_whole_and_drops_otherwise(loaded):
     ("turns", "num_images", "reason"),
     [
         (TWO_TURNS, 2, "image_count_mismatch"),
-        (TWO_TURNS[1:], 0, "roles_out_of_order"),
+        (TWO_TURNS[1:2], 0, "empty_turn"),  # a lone gpt turn: nothing left once skipped
+        (TWO_TURNS[:3], 1, "roles_out_of_order"),
         ([TWO_TURNS[0], {"from": "gpt", "value": "  "}], 1, "empty_turn"),
     ],
 )
 def test_bad_conversations_are_dropped(turns, num_images, reason, loaded):
     with pytest.raises(DroppedExample) as error:
-        tokenize_conversation(
-            turns,
-            loaded.tokenizer,
-            get_template("vicuna_v1"),
-            num_images,
-            4,
-            512,
-            loaded.image_token_id,
-        )
+        tokenize_conversation(turns, loaded, get_template("vicuna_v1"), num_images, 4, 512)
     assert error.value.reason == reason
 
 
 def test_text_only_sample_has_no_image_tokens(loaded):
-    turns = [{"from": "human", "value": "How many circles?"}, TWO_TURNS[3]]
-    out = tokenize_conversation(
-        turns, loaded.tokenizer, get_template("vicuna_v1"), 0, 4, 512, loaded.image_token_id
-    )
+    out = _tokenize([_human("How many circles?"), TWO_TURNS[3]], loaded, "vicuna_v1")
     assert not np.any(out.input_ids == loaded.image_token_id)
     assert out.loss_mask.sum() > 0
 
 
-def test_generation_prompt_is_the_training_text_before_the_answer():
-    for name in ("vicuna_v1", "chatml", "llava_llama_2", "mistral_instruct"):
-        prompt = generation_prompt(TWO_TURNS[:3], get_template(name))
-        full = EXPECTED[name]
-        answer_start = full.rindex("Exactly one")
-        assert full[:answer_start].rstrip() == prompt.rstrip(), name
+def test_template_version_1_prompts_as_models_trained_before_were(vicuna):
+    """LLaVA-1's system prompt and the whole text tokenized at once (the text after <image>
+    glued to it): what models trained before the conversation format's version 2 saw."""
+    ours, reference = vicuna
+    old = get_template("vicuna_v1", version=1)
+    ids = prompt_ids([_human("<image>\nHow many?")], old, ours, 1)
+    text = f"{LLAVA_V1_SYSTEM} USER: <image>\nHow many? ASSISTANT:"
+    expected = ours.tokenizer(text)["input_ids"]
+    assert ids.tolist() == expected
+    image = expected.index(ours.image_token_id)
+    assert reference.convert_ids_to_tokens(expected[image + 1]) == "<0x0A>"  # no "▁"
+    with pytest.raises(ValueError, match="version 1 is kept only"):
+        tokenize_conversation([_human("<image>\nHow many?"), _gpt("2")], ours, old, 1, 1, 512)
 
 
 def test_prepare_tokenizer_adds_image_and_pad_and_reports_vocab():

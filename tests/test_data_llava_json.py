@@ -114,3 +114,31 @@ def test_prepare_command_reports_and_fails_under_error(tmp_path, capsys):
     assert main([*common, "--on_bad_record", "skip", "--dataset_name", "cli_skip"]) == 0
     out = capsys.readouterr().out
     assert "train: 3 records" in out and '"unreadable_image": 1' in out
+
+
+def test_a_leading_gpt_turn_is_skipped_and_counted_as_llava_does(tmp_path):
+    """LLaVA's preprocess_v1 drops a conversation's leading gpt turn and trains on the rest;
+    the report counts it, and the record keeps its other turns."""
+    rest = [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]
+    records = [
+        {
+            "id": "starts-with-gpt",
+            "image": "red.jpg",
+            "conversations": [{"from": "gpt", "value": "Hello!"}, *rest],
+        },
+        {"id": "plain", "image": "red.jpg", "conversations": rest},
+        {"id": "only-gpt", "conversations": [{"from": "gpt", "value": "Hello!"}]},
+    ]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    good, report = validate(str(path), IMAGES)
+    assert {record.id: list(record.conversations) for record in good} == {
+        "starts-with-gpt": rest,
+        "plain": rest,
+    }
+    assert report.adjusted == {"leading_gpt_turn_skipped": 1}
+    assert report.counts == {"empty_turn": 1}  # nothing is left of "only-gpt"
+    assert report.to_json()["adjusted_examples"] == {
+        "leading_gpt_turn_skipped": ["starts-with-gpt"]
+    }
+    assert "leading_gpt_turn_skipped (as LLaVA does): 1, e.g. starts-with-gpt" in report.summary()

@@ -17,7 +17,10 @@ import pytest
 from trainer_fixtures import REPO, main_command, subprocess_env, tiny_config, wait_for_step
 
 from llava_jax import checkpoint as ckpt
+from llava_jax.data.conversation import LLAVA_V1_SYSTEM, TEMPLATE_VERSION
+from llava_jax.data.datasets.synthetic import tokenizer_name
 from llava_jax.data.pipeline import BatchIterator, NoUsableData
+from llava_jax.inference.load import load_model
 from llava_jax.train.config import RunConfig
 from llava_jax.train.resume import ResumeRefused
 from llava_jax.train.trainer import Run, StopNow, _StopSignals, train_and_evaluate
@@ -170,7 +173,7 @@ def test_a_second_rerun_after_a_damaged_checkpoint_does_not_trip_over_its_step(
 
 def _swapped_tokenizer(data_dir: str, out: str, a: str = "red", b: str = "blue") -> str:
     """The synthetic tokenizer with the ids of two words exchanged: same size, other ids."""
-    source = os.path.join(data_dir, "synthetic_tokenizer")
+    source = os.path.join(data_dir, tokenizer_name())
     shutil.copytree(source, out)
     path = os.path.join(out, "tokenizer.json")
     spec = json.loads(_read(path))
@@ -194,6 +197,54 @@ def test_resume_with_a_reordered_tokenizer_is_refused_unless_accepted(trained, t
         data_dir, train__num_steps=9, data__tokenizer_path=other, init__accept_new_tokenizer=True
     )
     Run(accepted, workdir)  # the user said so: no refusal
+
+
+# --- 5b. the conversation format changed ------------------------------------------------------
+
+
+def _as_trained_before_template_versions(workdir: str) -> None:
+    """The run configs as a run before `data.template_version` existed wrote them."""
+    paths = [os.path.join(workdir, "config.json")]
+    checkpoints = os.path.join(workdir, "checkpoints")
+    paths += [os.path.join(checkpoints, s, "config", "metadata") for s in os.listdir(checkpoints)]
+    for path in paths:
+        config = json.loads(_read(path))
+        del config["data"]["template_version"]
+        with open(path, "w") as f:
+            json.dump(config, f)
+
+
+@pytest.mark.timeout(300)
+def test_resume_across_the_template_change_is_refused_naming_it(trained, tmp_path, data_dir):
+    assert ckpt.read_run_config(trained)[1]["data"]["template_version"] == TEMPLATE_VERSION
+    workdir = _copy(trained, tmp_path)
+    _as_trained_before_template_versions(workdir)
+    before = _snapshot(workdir)
+    with pytest.raises(ResumeRefused, match="template version 1 and this run writes version 2"):
+        Run(tiny_config(data_dir, train__num_steps=9), workdir)
+    assert _snapshot(workdir) == before
+    with pytest.raises(ValueError, match="template_version=1: training uses the current"):
+        Run(tiny_config(data_dir, train__num_steps=9, data__template_version=1), workdir)
+
+
+def test_a_workdir_from_before_template_versions_answers_with_its_own_template(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    _as_trained_before_template_versions(workdir)
+    model = load_model(workdir)
+    assert model.data.template_version == 1
+    assert model.template.system == LLAVA_V1_SYSTEM  # what vicuna_v1 said then
+    question = "How many objects are there?"
+    ids = model.prompt_ids([model.user_turn(question, with_image=True)])
+    # then: the whole text tokenized at once, then the image token repeated
+    text = f"{LLAVA_V1_SYSTEM} USER: <image>\n{question} ASSISTANT:"
+    once = np.asarray(model.tokenizer.tokenizer(text)["input_ids"])
+    image = model.config.image_token_id
+    expected = np.repeat(once, np.where(once == image, model.config.num_image_tokens, 1))
+    np.testing.assert_array_equal(ids, expected)
+    pixels = np.zeros((1, 1, *model.image_shape), np.float32)
+    result = model.generate([ids], pixels, None, model.sampling(max_new_tokens=4))
+    assert result.finish_reasons[0] in ("eos", "stop", "length")  # 6 steps: often eos at once
+    assert load_model(trained).data.template_version == TEMPLATE_VERSION
 
 
 # --- 6 and 15. numbers that mean nothing ---------------------------------------------------------

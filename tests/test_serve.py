@@ -203,6 +203,24 @@ def test_round_trip_plain_and_streamed_as_generate_answers(server, client, refer
 
 
 @pytest.mark.timeout(240)
+def test_special_token_text_in_a_request_stays_text(server, client, loaded):
+    """A question that writes "</s>" gets the tokens of those characters, not the
+    end-of-sequence token mid-turn (the prompt is the tokenizer's text, split as text)."""
+    written = ask(client, [user("What does </s> mean ?")], max_tokens=1).usage.prompt_tokens
+    without = ask(client, [user("What does mean ?")], max_tokens=1).usage.prompt_tokens
+    tokenizer = loaded.tokenizer.tokenizer
+    as_text = tokenizer("</s>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert len(as_text) > 1  # "</", "s", ">": the control token would be one
+    assert written - without == len(as_text)
+    answer = ask(client, [user("</s> <s> <pad> <unk>")]).choices[0]
+    assert answer.finish_reason in ("stop", "length")
+    # the noncharacters the tokenizer keeps for its control tokens: a 400 naming one
+    with pytest.raises(openai.BadRequestError, match="U\\+FDD0"):
+        ask(client, [user("What is \ufdd0 ?")])
+    assert health(server)["status"] == "ok"
+
+
+@pytest.mark.timeout(240)
 def test_batched_answers_equal_answers_alone(server, client, image):
     requests = [
         ([user(QUESTION, image)], {}),

@@ -11,6 +11,12 @@ import dataclasses
 from typing import Any
 
 from llava_jax.data.anyres import Anyres
+from llava_jax.data.conversation import (
+    TEMPLATE_VERSION,
+    TEMPLATE_VERSIONS,
+    Template,
+    get_template,
+)
 from llava_jax.data.image import ASPECT_MODES, CLIP_MEAN, CLIP_STD
 from llava_jax.section import Section
 
@@ -39,6 +45,10 @@ class DataConfig(Section):
     synthetic_num_test: int = 400
     synthetic_seed: int = 0
     template: str = "vicuna_v1"  # plain | vicuna_v1 | llava_llama_2 | mistral_instruct | chatml
+    # The conversation format's version (data/conversation.py TEMPLATE_VERSION): 2, LLaVA's
+    # own tokens and targets; 1 only to prompt models trained before (a run config without
+    # this key is one of those). Training takes the current version only.
+    template_version: int = TEMPLATE_VERSION
     tokenizer_path: str | None = None  # None with 'synthetic': the built-in tokenizer
     image_size: int = 32
     image_aspect: str = "pad"  # pad | resize | crop
@@ -75,6 +85,11 @@ class DataConfig(Section):
             raise ValueError(
                 f"config.data.image_aspect={self.image_aspect!r} is not one of {ASPECT_MODES}"
             )
+        if self.template_version not in TEMPLATE_VERSIONS:
+            raise ValueError(
+                f"config.data.template_version={self.template_version} is not one of "
+                f"{TEMPLATE_VERSIONS}"
+            )
         if self.on_bad_record not in ON_BAD_RECORD:
             raise ValueError(
                 f"config.data.on_bad_record={self.on_bad_record!r} is not one of {ON_BAD_RECORD}"
@@ -101,6 +116,12 @@ class DataConfig(Section):
             if getattr(self, field) < 1:
                 raise ValueError(f"config.data.{field}={getattr(self, field)} must be >= 1")
 
+    @classmethod
+    def saved(cls, section: dict, where: str) -> DataConfig:
+        """The data settings saved with a run's checkpoints. A run config written before the
+        conversation format had versions (no `template_version`) was trained with version 1."""
+        return cls.from_section({"template_version": 1, **section}, where)
+
     def for_model(self, model: Any) -> DataConfig:
         """These settings with what the model (a `ModelConfig`) dictates: the image size,
         the tokens of an image and LLaVA-NeXT's grid and patch size."""
@@ -110,6 +131,11 @@ class DataConfig(Section):
             image_grid_pinpoints=model.image_grid_pinpoints,
             image_patch_size=model.vision.patch_size,
         )
+
+    @property
+    def conversation_template(self) -> Template:
+        """The `Template` these settings name, in their version."""
+        return get_template(self.template, self.template_version)
 
     @property
     def image_slots(self) -> int:

@@ -1,35 +1,68 @@
-"""Conversation templates (as LLaVA defines them) and tokenization with the answer mask.
+"""Conversation templates (as LLaVA defines them), and a conversation's tokens and targets.
 
 A conversation is LLaVA's list of turns, ``[{"from": "human"|"gpt", "value": str}, ...]``,
-humans first and alternating. A template renders it to one string and remembers the
-character spans of the assistant answers (each answer plus its end token). The string
-is tokenized once with a Hugging Face fast tokenizer; the tokens' character offsets
-then decide which tokens are supervised, so the mask never depends on how a tokenizer
-glues whitespace to words.
+humans first and alternating. A template renders it turn by turn (`Rendered`): prompt k is
+human turn k up to where answer k starts (exactly the text a program sends the model to
+answer it), answer k is the answer with its end. Pieces of text are text, whatever they
+hold; only the template's own special tokens (``</s>``, ``<s>``, ``<|im_start|>``,
+``<|im_end|>``) are control pieces, and ``<image>`` is the image placeholder.
+
+Tokens follow LLaVA's ``tokenizer_image_token``: the text between two ``<image>`` is
+tokenized on its own (with a SentencePiece tokenizer the text after an image starts a new
+word, ``▁``), the first part with the tokenizer's BOS (`tokenizer.TextEncoder`).
+
+The targets keep one invariant: **the prompt a program builds for turn k, followed by turn
+k's targets, is exactly the training row's tokens up to the end of answer k.** So the targets
+of answer k are the row's tokens after the tokens of prompt k, through the end of answer k:
+a space the tokenizer splits off before the answer (LLaMA's ``▁`` before a digit) is a
+target, as in LLaVA, because at inference the model must produce it. A conversation whose
+prompt tokens are not a prefix of its row (a tokenizer that merges across the boundary) is
+dropped, never trained on shifted targets.
 
 Templates, following ``llava/conversation.py`` and ``llava/train/train.py``:
 
 - ``plain`` (stage 1, ``preprocess_plain``): the human text is replaced by its images,
   then the answer and the separator ``"\\n"``; no system prompt.
-- ``vicuna_v1`` (LLaVA-1.5, ``SeparatorStyle.TWO``):
+- ``vicuna_v1`` (LLaVA-1.5's ``--version v1``: ``conv_vicuna_v1``, ``SeparatorStyle.TWO``):
   ``"{system} USER: {q} ASSISTANT: {a}</s>USER: ..."``.
 - ``llava_llama_2`` (``SeparatorStyle.LLAMA_2``):
   ``"[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] ..."``.
+- ``mistral_instruct`` (LLaVA-NeXT's ``conv_mistral_instruct``): LLaMA-2's turns with no
+  system prompt and no separator between them.
 - ``chatml`` (Qwen-style decoders):
   ``"<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n..."``.
+
+``data.template_version`` names the format a model was trained with (`TEMPLATE_VERSION`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from llava_jax.data.tokenizer import LoadedTokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
 HUMAN, GPT = "human", "gpt"
 
-VICUNA_SYSTEM = (
+# Versions of the conversation format (`data.template_version`):
+# 1: before 2026-12: vicuna_v1 with LLaVA-1's system prompt (conv_llava_v1), the whole text
+#    tokenized at once (the text after <image> glued to it; special-token strings in the
+#    data were control tokens) and the space before an answer never a target. Models trained
+#    then are prompted this way so that they answer as they were trained; nothing trains on it.
+# 2: LLaVA's own tokens and targets (this module's docstring).
+TEMPLATE_VERSION = 2
+TEMPLATE_VERSIONS = (1, 2)
+
+VICUNA_SYSTEM = (  # LLaVA's conv_vicuna_v1, the template LLaVA-1 and 1.5 train with
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_V1_SYSTEM = (  # LLaVA's conv_llava_v1: what vicuna_v1 said in template version 1
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
@@ -39,6 +72,8 @@ LLAMA_2_SYSTEM = (
     "and assist the user with a variety of tasks using natural language."
 )
 CHATML_SYSTEM = "You are a helpful assistant."
+BOS, EOS, IM_START, IM_END = "<s>", "</s>", "<|im_start|>", "<|im_end|>"
+CONTROL_TOKENS = (BOS, EOS, IM_START, IM_END)  # every template's control pieces
 
 
 class DroppedExample(Exception):
@@ -56,106 +91,166 @@ class ImageCountError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Rendered:
-    """A rendered conversation: the text and the ``[start, end)`` character spans of
-    every assistant answer together with its end token."""
+class Piece:
+    """A run of rendered text. ``control``: one of the template's own special tokens (e.g.
+    ``</s>``), which becomes that token where the tokenizer has it; every other piece is
+    text, even when it spells a special token."""
 
     text: str
-    answer_spans: tuple[tuple[int, int], ...]
+    control: bool = False
+
+
+Pieces = tuple[Piece, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """A conversation rendered turn by turn: ``prompts[k]`` (human turn k up to where answer
+    k starts) and ``answers[k]`` (answer k and its end). The text is prompt 0, answer 0,
+    prompt 1, …; a generation prompt has one prompt more than answers."""
+
+    prompts: tuple[Pieces, ...]
+    answers: tuple[Pieces, ...]
+
+    def prefix(self, prompts: int, answers: int) -> Pieces:
+        """The pieces of the first ``prompts`` prompts and ``answers`` answers, in order."""
+        pieces: list[Piece] = []
+        for k in range(prompts):
+            pieces.extend(self.prompts[k])
+            if k < answers:
+                pieces.extend(self.answers[k])
+        return tuple(pieces)
+
+    @property
+    def pieces(self) -> Pieces:
+        return self.prefix(len(self.prompts), len(self.answers))
+
+    @property
+    def text(self) -> str:
+        return "".join(piece.text for piece in self.pieces)
+
+
+def _text(text: str) -> Piece:
+    return Piece(text)
+
+
+def _control(text: str) -> Piece:
+    return Piece(text, control=True)
+
+
+# A template's two renderers: prompt(template, k, question) and answer(template, answer).
+PromptRenderer = Callable[["Template", int, str], Pieces]
+AnswerRenderer = Callable[["Template", str], Pieces]
+
+
+def _plain_prompt(t: Template, k: int, question: str) -> Pieces:
+    # preprocess_plain keeps only the images of the human turn
+    return (_text(IMAGE_PLACEHOLDER * question.count(IMAGE_PLACEHOLDER)),)
+
+
+def _plain_answer(t: Template, answer: str) -> Pieces:
+    return (_text(answer + t.end),)
+
+
+def _vicuna_v1_prompt(t: Template, k: int, question: str) -> Pieces:
+    system = f"{t.system} " if k == 0 else ""
+    return (_text(f"{system}USER: {question} ASSISTANT:"),)
+
+
+def _vicuna_v1_answer(t: Template, answer: str) -> Pieces:
+    return (_text(f" {answer}"), _control(t.end))
+
+
+def _llava_llama_2_prompt(t: Template, k: int, question: str) -> Pieces:
+    if k == 0:
+        system = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n" if t.system else ""
+        return (_text(f"[INST] {system}{question} [/INST]"),)
+    return (_control(BOS), _text(f"[INST] {question} [/INST]"))
+
+
+def _mistral_instruct_prompt(t: Template, k: int, question: str) -> Pieces:
+    # LLaVA-NeXT's conv_mistral_instruct: no system prompt, no separator between turns
+    return (_text(f"[INST] {question} [/INST]"),)
+
+
+def _llama_2_answer(t: Template, answer: str) -> Pieces:
+    return (_text(f" {answer} "), _control(t.end))
+
+
+def _chatml_prompt(t: Template, k: int, question: str) -> Pieces:
+    system: Pieces = ()
+    if k == 0 and t.system:
+        system = (_control(IM_START), _text(f"system\n{t.system}"), _control(IM_END), _text("\n"))
+    before = () if k == 0 else (_text("\n"),)  # the newline after the previous <|im_end|>
+    return (
+        *before,
+        *system,
+        _control(IM_START),
+        _text(f"user\n{question}"),
+        _control(IM_END),
+        _text("\n"),
+        _control(IM_START),
+        _text("assistant\n"),
+    )
+
+
+def _chatml_answer(t: Template, answer: str) -> Pieces:
+    return (_text(answer), _control(t.end))
+
+
+_RENDERERS: dict[str, tuple[PromptRenderer, AnswerRenderer]] = {
+    "plain": (_plain_prompt, _plain_answer),
+    "vicuna_v1": (_vicuna_v1_prompt, _vicuna_v1_answer),
+    "llava_llama_2": (_llava_llama_2_prompt, _llama_2_answer),
+    "mistral_instruct": (_mistral_instruct_prompt, _llama_2_answer),
+    "chatml": (_chatml_prompt, _chatml_answer),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Template:
-    """One of LLaVA's conversation formats. ``end`` closes an answer and is supervised."""
+    """One of LLaVA's conversation formats. ``end`` closes an answer and is a target (and,
+    at inference, a stop string)."""
 
     name: str
     system: str
     end: str
+    version: int = TEMPLATE_VERSION
 
     def render(self, turns: Sequence[dict], generation_prompt: bool = False) -> Rendered:
-        """Renders ``turns``. With ``generation_prompt`` the text ends where the
-        assistant's next answer would start (``turns`` must then end on a human turn)."""
+        """Renders ``turns`` (a single ``<image>`` moved to the front of its turn, as
+        LLaVA's ``preprocess_multimodal`` does). With ``generation_prompt`` the turns end
+        on a human turn and the rendering ends where the assistant's answer would start."""
         check_roles(turns, allow_trailing_human=generation_prompt)
-        pieces: list[tuple[str, bool]] = []  # (text, is_supervised)
-        render_turn = _RENDERERS[self.name]
-        for index, turn in enumerate(turns):
-            pieces.extend(render_turn(self, index, turn["from"], turn["value"]))
-        if generation_prompt:
-            pieces.append((_GENERATION_PROMPTS[self.name], False))
-        text, spans, position = [], [], 0
-        for piece, supervised in pieces:
-            if supervised:
-                spans.append((position, position + len(piece)))
-            text.append(piece)
-            position += len(piece)
-        return Rendered("".join(text), tuple(spans))
+        if sum(str(turn["value"]).count(IMAGE_PLACEHOLDER) for turn in turns) == 1:
+            turns = move_image_to_front(turns)
+        render_prompt, render_answer = _RENDERERS[self.name]
+        prompts = tuple(render_prompt(self, k, turn["value"]) for k, turn in enumerate(turns[0::2]))
+        answers = tuple(render_answer(self, turn["value"]) for turn in turns[1::2])
+        return Rendered(prompts, answers)
 
-
-def _plain(t: Template, index: int, role: str, value: str) -> list[tuple[str, bool]]:
-    if role == HUMAN:  # preprocess_plain keeps only the image of the human turn
-        return [(IMAGE_PLACEHOLDER * value.count(IMAGE_PLACEHOLDER), False)]
-    return [(value + t.end, True)]
-
-
-def _vicuna_v1(t: Template, index: int, role: str, value: str) -> list[tuple[str, bool]]:
-    prefix = t.system + " " if index == 0 else ""
-    if role == HUMAN:
-        return [(f"{prefix}USER: {value} ", False)]
-    return [("ASSISTANT: ", False), (value + t.end, True)]
-
-
-def _llava_llama_2(t: Template, index: int, role: str, value: str) -> list[tuple[str, bool]]:
-    if role == HUMAN:
-        if index == 0:
-            system = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n" if t.system else ""
-            return [(f"[INST] {system}{value} [/INST]", False)]
-        return [(f"<s>[INST] {value} [/INST]", False)]
-    return [(" ", False), (f"{value} {t.end}", True)]
-
-
-def _mistral_instruct(t: Template, index: int, role: str, value: str) -> list[tuple[str, bool]]:
-    # LLaVA-NeXT's conv_mistral_instruct: LLaMA-2's turns with no system prompt and no
-    # separator between them ("[INST] q1 [/INST] a1 </s>[INST] q2 [/INST]").
-    if role == HUMAN:
-        return [(f"[INST] {value} [/INST]", False)]
-    return [(" ", False), (f"{value} {t.end}", True)]
-
-
-def _chatml(t: Template, index: int, role: str, value: str) -> list[tuple[str, bool]]:
-    prefix = f"<|im_start|>system\n{t.system}{t.end}\n" if index == 0 and t.system else ""
-    if role == HUMAN:
-        return [(f"{prefix}<|im_start|>user\n{value}{t.end}\n", False)]
-    return [("<|im_start|>assistant\n", False), (value + t.end, True), ("\n", False)]
-
-
-_RENDERERS = {
-    "plain": _plain,
-    "vicuna_v1": _vicuna_v1,
-    "llava_llama_2": _llava_llama_2,
-    "mistral_instruct": _mistral_instruct,
-    "chatml": _chatml,
-}
-_GENERATION_PROMPTS = {
-    "plain": "",
-    "vicuna_v1": "ASSISTANT:",
-    "llava_llama_2": "",
-    "mistral_instruct": "",
-    "chatml": "<|im_start|>assistant\n",
-}
 
 TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", system="", end="\n"),
-    "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM, end="</s>"),
-    "llava_llama_2": Template("llava_llama_2", system=LLAMA_2_SYSTEM, end="</s>"),
-    "mistral_instruct": Template("mistral_instruct", system="", end="</s>"),
-    "chatml": Template("chatml", system=CHATML_SYSTEM, end="<|im_end|>"),
+    "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM, end=EOS),
+    "llava_llama_2": Template("llava_llama_2", system=LLAMA_2_SYSTEM, end=EOS),
+    "mistral_instruct": Template("mistral_instruct", system="", end=EOS),
+    "chatml": Template("chatml", system=CHATML_SYSTEM, end=IM_END),
 }
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, version: int = TEMPLATE_VERSION) -> Template:
+    """The template ``name`` as conversation format ``version`` wrote it."""
     if name not in TEMPLATES:
         raise ValueError(f"Unknown conversation template {name!r}; choose from {list(TEMPLATES)}")
-    return TEMPLATES[name]
+    if version not in TEMPLATE_VERSIONS:
+        raise ValueError(
+            f"Unknown conversation template version {version}; known: {TEMPLATE_VERSIONS}"
+        )
+    template = dataclasses.replace(TEMPLATES[name], version=version)
+    if version == 1 and name == "vicuna_v1":
+        template = dataclasses.replace(template, system=LLAVA_V1_SYSTEM)
+    return template
 
 
 def check_roles(turns: Sequence[dict], allow_trailing_human: bool = False) -> None:
@@ -173,6 +268,15 @@ def check_roles(turns: Sequence[dict], allow_trailing_human: bool = False) -> No
         raise DroppedExample("roles_out_of_order", "the last turn is not an assistant answer")
 
 
+def skip_leading_answer(turns: Sequence[dict]) -> tuple[list[dict], bool]:
+    """LLaVA's ``preprocess_v1``: a conversation that starts with a ``gpt`` turn loses that
+    turn and trains on the rest. Returns the turns and whether one was skipped."""
+    turns = list(turns)
+    if turns and isinstance(turns[0], dict) and turns[0].get("from") == GPT:
+        return turns[1:], True
+    return turns, False
+
+
 def move_image_to_front(turns: Sequence[dict]) -> list[dict]:
     """LLaVA's ``preprocess_multimodal`` for one image: the turn holding ``<image>``
     becomes ``"<image>\\n" + rest.strip()``."""
@@ -184,37 +288,6 @@ def move_image_to_front(turns: Sequence[dict]) -> list[dict]:
             value = IMAGE_PLACEHOLDER + "\n" + rest
         out.append({"from": turn["from"], "value": value})
     return out
-
-
-_WHITESPACE_CODEPOINTS = np.array(
-    [9, 10, 11, 12, 13, 32, 0x85, 0xA0, 0x1680, 0x2028, 0x2029, 0x202F, 0x205F, 0x3000]
-    + list(range(0x2000, 0x200B)),
-    dtype=np.uint32,
-)
-
-
-def supervised_tokens(
-    text: str, offsets: np.ndarray, answer_spans: Sequence[tuple[int, int]]
-) -> np.ndarray:
-    """Which tokens belong to an answer: ``bool[N]`` from ``offsets int[N, 2]``.
-
-    A token is supervised when it lies wholly inside an answer span, or when it
-    straddles a span edge with a non-whitespace character inside the span (e.g.
-    LLaMA's ``"▁red"`` whose space belongs to the prompt). Tokens with empty spans
-    (special tokens added by the tokenizer, such as BOS) are never supervised.
-    """
-    codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    in_answer = np.zeros(len(text), dtype=np.int64)
-    for start, end in answer_spans:
-        in_answer[start:end] = 1
-    visible = in_answer * ~np.isin(codepoints, _WHITESPACE_CODEPOINTS)
-    answer_cum = np.concatenate([[0], np.cumsum(in_answer)])
-    visible_cum = np.concatenate([[0], np.cumsum(visible)])
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    length = ends - starts
-    inside = answer_cum[ends] - answer_cum[starts]
-    visible_inside = visible_cum[ends] - visible_cum[starts]
-    return (length > 0) & ((inside == length) | (visible_inside > 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,23 +318,47 @@ def image_token_repeats(
     return repeats
 
 
+def encode_turns(
+    rendered: Rendered,
+    prefixes: Sequence[tuple[int, int]],
+    tokenizer: LoadedTokenizer,
+    version: int,
+) -> list[np.ndarray]:
+    """``int32[L]`` for each ``(prompts, answers)`` prefix of ``rendered``, one image token
+    per ``<image>``: LLaVA's tokenization (version 2), or the whole text at once (1)."""
+    texts = [rendered.prefix(prompts, answers) for prompts, answers in prefixes]
+    if version == 1:
+        call = tokenizer.tokenizer
+        return [
+            np.asarray(call("".join(p.text for p in pieces))["input_ids"], np.int32)
+            for pieces in texts
+        ]
+    return tokenizer.text_encoder.encode(texts)
+
+
 def tokenize_conversation(
     turns: Sequence[dict],
-    tokenizer,
+    tokenizer: LoadedTokenizer,
     template: Template,
     num_images: int,
     num_image_tokens: int | Sequence[int],
     max_len: int,
-    image_token_id: int,
 ) -> TokenizedConversation:
-    """Renders, tokenizes once, expands each ``<image>`` to its image's tokens
-    (``num_image_tokens``: one count for every image, or one per image in order) and
-    truncates to ``max_len``.
+    """The training row of ``turns``: rendered, tokenized as LLaVA does, each ``<image>``
+    expanded to its image's tokens (``num_image_tokens``: one count for every image, or one
+    per image in order), the targets of every answer marked, truncated to ``max_len``.
 
-    Raises ``DroppedExample`` when the sample must not be trained on: roles out of order,
-    an empty turn, ``<image>`` count != ``num_images``, image tokens cut by truncation,
-    or no supervised token left.
+    A leading ``gpt`` turn is skipped, as LLaVA does. Raises ``DroppedExample`` when the
+    sample must not be trained on: roles out of order, an empty turn, ``<image>`` count !=
+    ``num_images``, a prompt whose tokens are not a prefix of the row's, image tokens cut by
+    truncation, or no target left.
     """
+    if template.version != TEMPLATE_VERSION:
+        raise ValueError(
+            f"template version {template.version} is kept only so that models trained with "
+            f"it still answer; training uses version {TEMPLATE_VERSION}"
+        )
+    turns, _ = skip_leading_answer(turns)
     check_roles(turns)
     for index, turn in enumerate(turns):
         if not str(turn.get("value", "")).strip():
@@ -271,16 +368,28 @@ def tokenize_conversation(
         raise DroppedExample(
             "image_count_mismatch", f"{placeholders} <image> in text, {num_images} images"
         )
-    if num_images == 1:
-        turns = move_image_to_front(turns)
     rendered = template.render(turns)
-    encoding = tokenizer(
-        rendered.text, return_offsets_mapping=True, add_special_tokens=True, verbose=False
-    )
-    ids = np.asarray(encoding["input_ids"], dtype=np.int32)
-    offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    supervised = supervised_tokens(rendered.text, offsets, rendered.answer_spans)
+    rounds = len(rendered.answers)
+    # [prompt 0, through answer 0, prompt 1, through answer 1, ...]: the last is the row
+    prefixes = [(k + 1, k + answer) for k in range(rounds) for answer in (0, 1)]
+    encoded = encode_turns(rendered, prefixes, tokenizer, template.version)
+    ids = encoded[-1]
+    targets = np.zeros(len(ids), bool)
+    for k in range(rounds):
+        prompt, through_answer = encoded[2 * k], encoded[2 * k + 1]
+        end = len(through_answer)
+        if not (
+            np.array_equal(ids[:end], through_answer)
+            and np.array_equal(through_answer[: len(prompt)], prompt)
+        ):
+            raise DroppedExample(
+                "prompt_not_prefix",
+                f"answer {k}: the tokens of its prompt are not the start of the row's (the "
+                "tokenizer joins text across the start or end of the answer)",
+            )
+        targets[len(prompt) : end] = True
 
+    image_token_id = tokenizer.image_token_id
     is_image = ids == image_token_id
     if int(is_image.sum()) != num_images:
         raise DroppedExample(
@@ -289,7 +398,7 @@ def tokenize_conversation(
         )
     repeats = image_token_repeats(ids, image_token_id, num_image_tokens)
     ids = np.repeat(ids, repeats)
-    supervised = np.repeat(supervised & ~is_image, repeats)
+    targets = np.repeat(targets & ~is_image, repeats)
 
     if len(ids) > max_len:
         last_image_end = 0
@@ -299,15 +408,7 @@ def tokenize_conversation(
             raise DroppedExample(
                 "image_truncated", f"image tokens end at {last_image_end} > max_len {max_len}"
             )
-        ids, supervised = ids[:max_len], supervised[:max_len]
-    if not supervised.any():
+        ids, targets = ids[:max_len], targets[:max_len]
+    if not targets.any():
         raise DroppedExample("no_supervised_tokens", "no answer token within max_len")
-    return TokenizedConversation(ids, supervised.astype(np.float32))
-
-
-def generation_prompt(turns: Sequence[dict], template: Template) -> str:
-    """The text a model continues to answer the last human turn of ``turns``
-    (images already moved as in training when there is a single ``<image>``)."""
-    if sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns) == 1:
-        turns = move_image_to_front(turns)
-    return template.render(turns, generation_prompt=True).text
+    return TokenizedConversation(ids, targets.astype(np.float32))

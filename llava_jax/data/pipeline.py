@@ -46,7 +46,7 @@ from llava_jax.data.conversation import (
     IMAGE_PLACEHOLDER,
     DroppedExample,
     TokenizedConversation,
-    get_template,
+    skip_leading_answer,
     tokenize_conversation,
 )
 from llava_jax.data.datasets.record import Record, from_stored
@@ -68,15 +68,15 @@ BATCH_KEYS = (
 
 def tokenizer_for(config: DataConfig) -> LoadedTokenizer:
     """The configured tokenizer; for 'synthetic' without a path, the built-in one
-    (built once under ``data_dir/synthetic_tokenizer``)."""
+    (built once under ``data_dir/synthetic_tokenizer-<vocabulary hash>``)."""
     path = config.tokenizer_path
     if path is None:
         if config.source != "synthetic":
             raise ValueError("tokenizer_path is required for source 'llava_json'")
-        path = os.path.join(os.path.expanduser(config.data_dir), "synthetic_tokenizer")
-        if not os.path.exists(os.path.join(path, "tokenizer.json")):
-            from llava_jax.data.datasets.synthetic import build_tokenizer
+        from llava_jax.data.datasets.synthetic import build_tokenizer, tokenizer_name
 
+        path = os.path.join(os.path.expanduser(config.data_dir), tokenizer_name())
+        if not os.path.exists(os.path.join(path, "tokenizer.json")):
             build_tokenizer(path)
     return load_tokenizer(path)
 
@@ -92,8 +92,8 @@ class ExampleEncoder:
 
     def __init__(self, config: DataConfig, tokenizer: LoadedTokenizer):
         self.config = config
-        self.template = get_template(config.template)
-        self.tokenizer = tokenizer.tokenizer
+        self.template = config.conversation_template
+        self.tokenizer = tokenizer
         self.image_token_id = tokenizer.image_token_id
         self.pad_token_id = tokenizer.pad_token_id
 
@@ -190,7 +190,6 @@ class ExampleEncoder:
             num_images=len(record.image_bytes),
             num_image_tokens=self.config.num_image_tokens if image_tokens is None else image_tokens,
             max_len=self.config.max_len,
-            image_token_id=self.image_token_id,
         )
 
     def measure(self, stored: dict) -> tuple[int, int, str]:
@@ -466,6 +465,7 @@ def length_table(
             tokenizer_fingerprint(tokenizer.tokenizer),
             tokenizer.image_token_id,
             config.template,
+            config.template_version,
             config.max_len,
             config.num_image_tokens,
             config.max_images_per_sample,
@@ -657,7 +657,7 @@ def make_eval_questions(
     if source is None:
         source = datasets.open_split(config, split)
     encoder = ExampleEncoder(config, tokenizer)
-    template = get_template(config.template)
+    template = config.conversation_template
     questions = []
     # the TFDS source order is a fixed hash order, the same on every run
     for index in range(len(source) if limit is None else min(limit, len(source))):
@@ -671,7 +671,7 @@ def make_eval_questions(
         except DroppedExample as error:
             logging.warning("Eval record %s left out: %s", record.id, error)
             continue
-        turns = list(record.conversations)
+        turns, _ = skip_leading_answer(record.conversations)
         for turn in range(1, len(turns), 2):
             image_tokens = config.num_image_tokens
             if counts is not None:  # the images the prompt so far shows

@@ -1,9 +1,10 @@
 """How a prompt becomes tokens, the same for training's held-out questions and for inference.
 
 A conversation (LLaVA's `{"from": "human"|"gpt", "value": ...}` turns) is rendered with the
-template up to where the assistant's next answer starts, tokenized once, and every `<image>`
-is expanded to the number of image tokens the model gives an image. Imports neither grain
-nor TFDS, so inference does not load the training input pipeline.
+template up to where the assistant's next answer starts, tokenized as training tokenizes it
+(data/conversation.py: these tokens are exactly the start of the training row), and every
+`<image>` is expanded to the number of image tokens the model gives an image. Imports
+neither grain nor TFDS, so inference does not load the training input pipeline.
 """
 
 from __future__ import annotations
@@ -15,19 +16,10 @@ import numpy as np
 from llava_jax.data.conversation import (
     IMAGE_PLACEHOLDER,
     Template,
-    generation_prompt,
+    encode_turns,
     image_token_repeats,
 )
 from llava_jax.data.tokenizer import LoadedTokenizer
-
-
-def encode_prompt(
-    text: str, tokenizer: LoadedTokenizer, num_image_tokens: int | Sequence[int]
-) -> np.ndarray:
-    """`int32[L]`: `text` tokenized, each image token repeated `num_image_tokens` times (or
-    one count per image, in order)."""
-    ids = np.asarray(tokenizer.tokenizer(text)["input_ids"], np.int32)
-    return np.repeat(ids, image_token_repeats(ids, tokenizer.image_token_id, num_image_tokens))
 
 
 def prompt_ids(
@@ -37,10 +29,13 @@ def prompt_ids(
     num_image_tokens: int | Sequence[int],
 ) -> np.ndarray:
     """`int32[L]`: the conversation rendered with `template`, ending where the assistant's
-    next answer starts, tokenized, each `<image>` expanded. Raises `DroppedExample` when
-    the roles are out of order."""
-    text = generation_prompt(turns, template)
-    return encode_prompt(text, tokenizer, num_image_tokens)
+    next answer starts, tokenized, each `<image>` expanded (`num_image_tokens` each, or one
+    count per image in order). Raises `DroppedExample` when the roles are out of order or
+    the text holds a reserved character."""
+    rendered = template.render(turns, generation_prompt=True)
+    prefix = (len(rendered.prompts), len(rendered.answers))
+    (ids,) = encode_turns(rendered, [prefix], tokenizer, template.version)
+    return np.repeat(ids, image_token_repeats(ids, tokenizer.image_token_id, num_image_tokens))
 
 
 def user_turn(text: str, with_image: bool) -> dict:

@@ -128,7 +128,7 @@ class LoadedModel:
     # --- text -----------------------------------------------------------------------------
     @property
     def template(self) -> Template:
-        return get_template(self.data.template)
+        return self.data.conversation_template
 
     @property
     def context_length(self) -> int:
@@ -212,6 +212,8 @@ class LoadedModel:
         try:
             return prompt_ids(turns, self.template, self.tokenizer, counts)
         except DroppedExample as err:  # roles out of order: a caller's mistake
+            if err.reason == "reserved_character":
+                raise InputError(f"the prompt cannot be tokenized: {err.detail}") from None
             raise ValueError(f"cannot render the conversation: {err}") from None
         except ImageCountError:
             written = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in turns)
@@ -537,7 +539,7 @@ def _load_workdir(
         os.path.join(workdir, TOKENIZER_DIR),
         "the training run saves it in WORKDIR/tokenizer; give --tokenizer",
     )
-    data = DataConfig.from_section(run_config.get("data", {}), "the run's data config")
+    data = DataConfig.saved(run_config.get("data", {}), "the run's data config")
     return config, params, _load_tokenizer(tokenizer_dir), data, step
 
 
@@ -691,7 +693,7 @@ def load_model(
         raise InputError(f"cannot load the model in {path}: {type(err).__name__}: {err}") from err
     _check_tokenizer(config, loaded_tokenizer, path)
     try:
-        chosen = get_template(template or data.template)
+        chosen = get_template(template or data.template, data.template_version)
     except ValueError as err:
         raise InputError(str(err)) from None
     data = data.replace(template=chosen.name).for_model(config)

@@ -24,6 +24,7 @@ from typing import Any
 import ml_collections
 
 from llava_jax.data.config import DataConfig
+from llava_jax.data.conversation import TEMPLATE_VERSION
 from llava_jax.models.config import ModelConfig
 from llava_jax.section import Section
 from llava_jax.sharding import MeshConfig
@@ -200,9 +201,16 @@ class RunConfig:
         )
 
     def check_sources(self) -> None:
-        """Start-up checks of what a training run reads: paths given and existing."""
+        """Start-up checks of what a training run reads: paths given and existing, and a
+        conversation format that training writes."""
         self.init.check_paths()
         data = self.data
+        if data.template_version != TEMPLATE_VERSION:
+            raise ValueError(
+                f"config.data.template_version={data.template_version}: training uses the "
+                f"current version, {TEMPLATE_VERSION} (LLaVA's own tokens and targets); "
+                "version 1 is kept only so that models trained with it still answer"
+            )
         if data.source == "llava_json":
             for field in ("json_path", "image_dir", "tokenizer_path"):
                 if not getattr(data, field):

@@ -1,7 +1,8 @@
 """Resuming a workdir: the run must be the one its checkpoints were saved by.
 
 Checked at start-up, before anything in the workdir is written: the model's architecture
-(not its numerics: dtype, remat, attention may change between runs), the tokenizer (a
+(not its numerics: dtype, remat, attention may change between runs), the conversation
+format's version (a new one changes the training data), the tokenizer (a
 fingerprint of its vocabulary and special tokens), and the train state's tree and shapes
 (which also catch a changed optimizer or `train_pattern`). A mismatch is refused with the
 fields that differ; nothing is restored, overwritten or deleted.
@@ -14,6 +15,7 @@ import os
 from typing import Any
 
 from llava_jax import checkpoint as ckpt
+from llava_jax.data.config import DataConfig
 from llava_jax.data.tokenizer import (
     LoadedTokenizer,
     load_tokenizer,
@@ -73,6 +75,17 @@ def check_resumable(
         raise ResumeRefused(
             f"workdir {workdir} holds checkpoints of another model ({where}); these fields "
             f"differ: {'; '.join(differences)}. {advice}"
+        )
+    saved_version = DataConfig.saved(saved.get("data", {}), "the saved data config")
+    version = run_config["data"]["template_version"]
+    if saved_version.template_version != version:
+        raise ResumeRefused(
+            f"workdir {workdir} was trained with conversation template version "
+            f"{saved_version.template_version} and this run writes version {version} "
+            f"(data/conversation.py TEMPLATE_VERSION: LLaVA's own system prompt, tokens and "
+            "targets), which changes the training data mid-run. Start a new run in another "
+            f"--workdir (config.init.mode=checkpoint with config.init.checkpoint_path={workdir} "
+            "starts from its weights)"
         )
     saved_tokenizer = os.path.join(workdir, TOKENIZER_DIR)
     if os.path.isdir(saved_tokenizer):

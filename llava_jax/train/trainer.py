@@ -28,7 +28,7 @@ from llava_jax import checkpoint as ckpt
 from llava_jax.convert import load_hf, load_towers
 from llava_jax.data import datasets
 from llava_jax.data.config import DataConfig
-from llava_jax.data.conversation import IMAGE_PLACEHOLDER, get_template
+from llava_jax.data.conversation import IMAGE_PLACEHOLDER
 from llava_jax.data.pipeline import (
     length_table,
     make_train_iterator,
@@ -90,7 +90,7 @@ def check_room_for_an_answer(data: DataConfig, tokenizer: LoadedTokenizer) -> No
     """`data.max_len` holds a one-image prompt of the template and at least one answer
     token; otherwise every record would be dropped as too long."""
     turns = [{"from": "human", "value": IMAGE_PLACEHOLDER}]
-    template = get_template(data.template)
+    template = data.conversation_template
     image_tokens = data.num_image_tokens
     if data.anyres:  # the fewest an image can take: a square one
         image_tokens = data.anyres.num_tokens(data.image_size, data.image_size)

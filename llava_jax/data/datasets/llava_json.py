@@ -21,7 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from llava_jax.data.conversation import IMAGE_PLACEHOLDER, DroppedExample, check_roles
+from llava_jax.data.conversation import (
+    IMAGE_PLACEHOLDER,
+    DroppedExample,
+    check_roles,
+    skip_leading_answer,
+)
 from llava_jax.data.datasets.record import Record, features
 from llava_jax.data.image import (
     ImageDecodeError,
@@ -41,6 +46,8 @@ PROBLEMS = (
     "image_count_mismatch",
     "empty_turn",
 )
+# Kept, but changed as LLaVA changes them before training.
+ADJUSTMENTS = ("leading_gpt_turn_skipped",)
 REPORT_FILE = "validation_report.json"
 
 
@@ -66,6 +73,15 @@ class ValidationReport:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: list[Problem] = dataclasses.field(default_factory=list)
     max_examples_per_kind: int = 5
+    # kept records changed as LLaVA changes them (`ADJUSTMENTS`), and a few of their ids
+    adjusted: dict[str, int] = dataclasses.field(default_factory=dict)
+    adjusted_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def adjust(self, kind: str, record_id: str) -> None:
+        seen = self.adjusted.get(kind, 0)
+        self.adjusted[kind] = seen + 1
+        if seen < self.max_examples_per_kind:
+            self.adjusted_examples.setdefault(kind, []).append(record_id)
 
     def add(self, problem: Problem) -> None:
         seen = self.counts.get(problem.kind, 0)
@@ -85,11 +101,16 @@ class ValidationReport:
             "dropped": self.dropped,
             "counts": {kind: self.counts[kind] for kind in PROBLEMS if kind in self.counts},
             "examples": [dataclasses.asdict(p) for p in self.examples],
+            "adjusted": dict(self.adjusted),
+            "adjusted_examples": dict(self.adjusted_examples),
         }
 
     def summary(self) -> str:
         lines = [f"{self.source}: {self.total} records, {self.kept} kept, {self.dropped} bad"]
         lines += [f"  {kind}: {self.counts[kind]}" for kind in PROBLEMS if kind in self.counts]
+        for kind, count in self.adjusted.items():
+            ids = ", ".join(self.adjusted_examples.get(kind, []))
+            lines.append(f"  kept with {kind} (as LLaVA does): {count}, e.g. {ids}")
         if self.examples:
             lines.append("  first problems:")
             lines += [f"    {problem}" for problem in self.examples]
@@ -137,43 +158,45 @@ def _image_paths(record: dict) -> list[str]:
     return [image] if isinstance(image, str) else list(image)
 
 
-def check_record(record, image_dir: str) -> tuple[list[str], Problem | None]:
+def check_record(record, image_dir: str) -> tuple[list[str], list[dict], Problem | None]:
     """Checks one record's structure and files (not the image contents).
 
-    Returns the absolute image paths and the first problem found, if any.
+    Returns the absolute image paths, the turns to keep (a leading ``gpt`` turn skipped, as
+    LLaVA's ``preprocess_v1`` does) and the first problem found, if any.
     """
     if not isinstance(record, dict):
-        return [], Problem("bad_json", "?", "", "record is not a JSON object")
+        return [], [], Problem("bad_json", "?", "", "record is not a JSON object")
     record_id = str(record.get("id", "?"))
     turns = record.get("conversations")
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        return [], Problem("bad_json", record_id, "", "`conversations` is not a list of turns")
+        return [], [], Problem("bad_json", record_id, "", "`conversations` is not a list of turns")
     paths = _image_paths(record)
     if not all(isinstance(p, str) and p for p in paths):
-        return [], Problem("bad_json", record_id, "", "`image` is not a path or list of paths")
+        return [], [], Problem("bad_json", record_id, "", "`image` is not a path or list of paths")
+    turns, _ = skip_leading_answer(turns)
     try:
         check_roles(turns)
         for index, turn in enumerate(turns):
             if not isinstance(turn.get("value"), str) or not turn["value"].strip():
                 raise DroppedExample("empty_turn", f"turn {index} is empty")
     except DroppedExample as error:
-        return [], Problem(error.reason, record_id, "", error.detail)
+        return [], [], Problem(error.reason, record_id, "", error.detail)
     placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns)
     if placeholders != len(paths):
         detail = f"{placeholders} <image> in the text, {len(paths)} image(s)"
-        return [], Problem("image_count_mismatch", record_id, ",".join(paths), detail)
+        return [], [], Problem("image_count_mismatch", record_id, ",".join(paths), detail)
     full_paths = [os.path.join(image_dir, p) for p in paths]
     for path in full_paths:
         try:
             # containment first: a path outside the folder is refused unlooked-at
             check_image_path(path, image_dir)
         except ImageFileError as error:
-            return [], Problem(error.kind, record_id, path, error.reason)
+            return [], [], Problem(error.kind, record_id, path, error.reason)
         except FileNotFoundError:
-            return [], Problem("missing_file", record_id, path, "no such file")
+            return [], [], Problem("missing_file", record_id, path, "no such file")
         except (OSError, ValueError) as error:  # e.g. a path through a file, a NUL byte
-            return [], Problem("missing_file", record_id, path, str(error))
-    return full_paths, None
+            return [], [], Problem("missing_file", record_id, path, str(error))
+    return full_paths, turns, None
 
 
 def _unreadable(path: str, image_dir: str) -> str:
@@ -197,13 +220,16 @@ def validate(
         if record is None:
             report.add(Problem("bad_json", fallback_id, json_path, parse_error))
             continue
-        paths, problem = check_record(record, image_dir)
+        paths, turns, problem = check_record(record, image_dir)
         if problem is not None:
             if problem.record_id == "?":
                 problem.record_id = fallback_id
             report.add(problem)
             continue
-        candidates.append((str(record.get("id", fallback_id)), paths, record["conversations"]))
+        record_id = str(record.get("id", fallback_id))
+        if len(turns) < len(record["conversations"]):
+            report.adjust("leading_gpt_turn_skipped", record_id)
+        candidates.append((record_id, paths, turns))
 
     all_paths = sorted({p for _, paths, _ in candidates for p in paths})
     with ThreadPoolExecutor(num_threads) as pool:  # PIL decodes outside the GIL

@@ -12,7 +12,9 @@ Styles: ``caption`` (stage 1: one human turn + a caption) and ``instruct`` (stag
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 import os
 
 import numpy as np
@@ -196,22 +198,21 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
             yield record.id, record.to_example()
 
 
-def build_tokenizer(out_dir: str) -> str:
-    """Builds the synthetic vocabulary's word-level tokenizer with ``tokenizers``, saves
-    it to ``out_dir`` for ``AutoTokenizer.from_pretrained(out_dir)``; returns ``out_dir``.
+def _pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
 
-    Spaces are dropped but newlines kept as tokens (``plain`` ends answers with
-    ``"\\n"``); every template's fixed text is in the vocabulary.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    pre_tokenizer = pre_tokenizers.Sequence(
+    return pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
             pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), behavior="isolated"),
         ]
     )
+
+
+def vocabulary() -> dict[str, int]:
+    """The word-level vocabulary of the synthetic data: the special tokens, then every word
+    of the questions, answers, captions and every template's fixed text, sorted."""
+    pre_tokenizer = _pre_tokenizer()
     rng = np.random.default_rng(0)
     corpus = list(QUESTIONS.values()) + [CAPTION_PROMPTS]
     corpus = [" ".join(texts) for texts in corpus]
@@ -229,9 +230,29 @@ def build_tokenizer(out_dir: str) -> str:
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in sorted(words - set(vocab)):
         vocab[word] = len(vocab)
+    return vocab
 
+
+def tokenizer_name() -> str:
+    """The folder name of the built tokenizer, keyed by its vocabulary: a tokenizer built
+    from other templates (an older version of this code) is never taken for this one."""
+    digest = hashlib.sha256(json.dumps(sorted(vocabulary().items())).encode()).hexdigest()
+    return f"synthetic_tokenizer-{digest[:12]}"
+
+
+def build_tokenizer(out_dir: str) -> str:
+    """Builds the synthetic vocabulary's word-level tokenizer with ``tokenizers``, saves
+    it to ``out_dir`` for ``AutoTokenizer.from_pretrained(out_dir)``; returns ``out_dir``.
+
+    Spaces are dropped but newlines kept as tokens (``plain`` ends answers with
+    ``"\\n"``); every template's fixed text is in the vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = vocabulary()
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.pre_tokenizer = _pre_tokenizer()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
