@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_fixtures import TINY
+from train_fixtures import TINY, build, flat_params, host_params, make_batch, max_relative
 
 from llava_jax.data import datasets
 from llava_jax.data.config import DataConfig
@@ -26,6 +26,7 @@ from llava_jax.data.pipeline import (
 )
 from llava_jax.models.llava import Llava
 from llava_jax.sharding import make_mesh
+from llava_jax.train.state import init_train_state
 from llava_jax.train.step import loss_sums
 from llava_jax.train.trainer import check_packing_attention
 
@@ -195,13 +196,15 @@ def _keep_ids(monkeypatch):
         return {**example, "ids": np.asarray(example["id"])}
 
     monkeypatch.setattr(RowEncoder, "__call__", with_ids)
-    original_example = ExampleEncoder.encode
+    original_example = ExampleEncoder.__call__
 
-    def example_with_ids(self, record):
-        example = original_example(self, record)
-        return {**example, "ids": np.asarray(example["id"])}
+    def example_with_ids(self, stored):
+        example = original_example(self, stored)
+        if "input_ids" not in example:  # a dropped record the stream refills
+            return example
+        return {**example, "ids": np.asarray(example["id"])}  # '': a slot left empty
 
-    monkeypatch.setattr(ExampleEncoder, "encode", example_with_ids)
+    monkeypatch.setattr(ExampleEncoder, "__call__", example_with_ids)
 
 
 def _model_and_params(tokenizer):
@@ -389,3 +392,228 @@ def test_bad_records_leave_their_place_in_a_packed_row_counted(config, tokenizer
     assert "corrupt" in caplog.text
     with pytest.raises(NoUsableData, match="too_many_images: 2"):
         make_train_iterator(one_epoch, tokenizer, 0, 1, source=[five, five])
+
+
+GROUPED_BATCH = 16
+
+
+def _answer(words: int) -> list[dict]:
+    return [TEXT_ONLY[0], {"from": "gpt", "value": " ".join(["red"] * words)}]
+
+
+def _empty_answer(record: dict) -> dict:
+    """The record with its first answer empty: the length table drops it ('empty_turn')."""
+    turns = json.loads(record["conversations"])
+    turns[1] = dict(turns[1], value="")
+    return dict(record, conversations=json.dumps(turns))
+
+
+@pytest.fixture(scope="module")
+def grouping_sources(records):
+    """(clean, with drops, the empty-answer ids, the corrupt id): 316 records, 6 copies of
+    `records` (text-only answers of varied length) and 70 more text-only ones; `with drops`
+    has 3 of them with an empty answer (known to the length table) and one image record
+    with corrupt image bytes (found only when it is read)."""
+    clean = []
+    for copy in range(6):
+        for index, record in enumerate(records):
+            record = dict(record, id=f"{from_stored(record).id}#{copy}")
+            if not record["image_bytes"] and not record["id"].startswith("too-long"):
+                record["conversations"] = json.dumps(_answer(1 + (7 * copy + index) % 25))
+            clean.append(record)
+    for k in range(70):
+        text = dict(records[1], id=f"words-{k}", conversations=json.dumps(_answer(1 + k % 30)))
+        clean.insert(4 * k + 3, text)  # interleaved
+    with_drops = list(clean)
+    images = [i for i, r in enumerate(clean) if len(r["image_bytes"]) == 1]
+    texts = [i for i, r in enumerate(clean) if not r["image_bytes"]]
+    empty = [images[5], images[90], texts[30]]  # two image records and a text-only one
+    for index in empty:
+        with_drops[index] = _empty_answer(clean[index])
+    corrupt = images[20]  # read in a sorted batch of each epoch (the test checks)
+    with_drops[corrupt] = dict(clean[corrupt], image_bytes=[b"not an image"])
+    return clean, with_drops, [from_stored(clean[i]).id for i in empty], clean[corrupt]["id"]
+
+
+def _grouped(config, **changes):
+    return dataclasses.replace(
+        config,
+        packing=False,
+        group_by_modality_length=True,
+        global_batch_size=GROUPED_BATCH,
+        **changes,
+    )
+
+
+def test_dropped_records_do_not_shift_the_grouped_batches(
+    config, tokenizer, grouping_sources, caplog
+):
+    """3 empty answers (left out before the batches are planned) and a corrupt image (found
+    when read: its slot stays, all padding) among 316 records: every batch but each epoch's
+    mixed tail is one modality sorted longest first; the batches are those of the usable
+    records alone, slot for slot; the drops are counted."""
+    clean, with_drops, empty, corrupt = grouping_sources
+    grouped = _grouped(config, num_epochs=2)
+    with caplog.at_level("WARNING"):
+        iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=with_drops)
+        batches = list(iterator)
+    table = length_table(grouped, tokenizer, with_drops)
+    assert table.dropped() == {"empty_turn": 3}  # the table decodes no image
+
+    # By the batches' own rows: one modality, longest first, except each epoch's tail (each
+    # modality's last mega-batch, mixed, as LLaVA).
+    usable = [r for r in clean if from_stored(r).id not in empty]  # the corrupt one readable
+    per_epoch = len(usable) // GROUPED_BATCH
+    image_count = sum(bool(r["image_bytes"]) for r in usable)
+    tail = sum((n - 1) % GROUPED_BATCH + 1 for n in (image_count, len(usable) - image_count))
+    assert (len(usable) - tail) // GROUPED_BATCH == per_epoch - 1  # one mixed batch an epoch
+    single, ordered = [], []
+    for batch in batches:
+        real = batch["attention_mask"].any(axis=1)
+        has_image = batch["image_mask"][real].any(axis=1)
+        lengths = batch["attention_mask"][real].sum(axis=1)
+        single.append(bool(has_image.all() or not has_image.any()))
+        ordered.append(bool(single[-1] and np.all(np.diff(lengths) <= 0)))
+    tails = [per_epoch - 1, 2 * per_epoch - 1]
+    assert [i for i, good in enumerate(ordered) if not good] == tails, (
+        f"{sum(single)} of {len(batches)} batches single-modality, {sum(ordered)} of them "
+        f"sorted; expected all but the tails {tails} of {2 * per_epoch}"
+    )
+
+    # Slot for slot the batches of the usable records alone, the corrupt one's slot empty.
+    reference = list(make_train_iterator(grouped, tokenizer, 0, 1, source=usable))
+    assert len(batches) == len(reference) == 2 * per_epoch
+    corrupt_slots = [0, 0]  # per epoch
+    for index, (got, expected) in enumerate(zip(batches, reference, strict=True)):
+        assert len(got["ids"]) == GROUPED_BATCH
+        for row in range(GROUPED_BATCH):
+            if expected["ids"][row] == corrupt:
+                corrupt_slots[index // per_epoch] += 1
+                assert index not in tails  # the test means it in a sorted batch
+                assert got["ids"][row] == ""
+                assert not got["loss_mask"][row].any() and not got["attention_mask"][row].any()
+                assert not got["image_mask"][row].any() and not got["images"][row].any()
+                assert np.all(got["input_ids"][row] == tokenizer.pad_token_id)
+                continue
+            for key in expected:
+                np.testing.assert_array_equal(got[key][row], expected[key][row], err_msg=key)
+    assert corrupt_slots == [1, 1]  # read once each epoch
+    assert iterator.dropped == {"unreadable_image": 2}
+    assert iterator.get_state()["dropped"] == {"unreadable_image": 2}
+    assert "3 of 316 records are left out before batching (empty_turn: 3)" in caplog.text
+    assert f"Dropped record {corrupt}" in caplog.text and "unreadable_image" in caplog.text
+    for epoch in range(2):
+        ids = [i for b in batches[epoch * per_epoch : (epoch + 1) * per_epoch] for i in b["ids"]]
+        assert len(set(ids)) == len(ids)  # each record once, '' the one empty slot
+        assert not set(ids) & {*empty, corrupt}
+
+
+def test_grouped_batches_with_drops_resume_exactly_on_any_process_count(
+    config, tokenizer, grouping_sources
+):
+    """With the drops, the grouped batches are the same read by two processes, and a run
+    resumed from its iterator state goes on exactly, drop counts included."""
+    _, with_drops, _, corrupt = grouping_sources
+    grouped = _grouped(config)  # epochs without end
+    iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=with_drops)
+    expected = take(iterator, 24)  # into the second epoch
+    empty_slots = int(sum((b["ids"] == "").sum() for b in expected))
+    assert empty_slots >= 1 and iterator.dropped == {"unreadable_image": empty_slots}
+    assert corrupt not in {i for b in expected for i in b["ids"]}
+    two = [make_train_iterator(grouped, tokenizer, p, 2, source=with_drops) for p in range(2)]
+    for index, whole in enumerate(expected):
+        halves = [next(share) for share in two]
+        for key, value in whole.items():
+            joined = np.concatenate([h[key] for h in halves])
+            np.testing.assert_array_equal(joined, value, err_msg=f"batch {index}, {key}")
+    assert two[0].dropped + two[1].dropped == iterator.dropped
+    iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=with_drops)
+    take(iterator, 3)
+    state = json.loads(json.dumps(iterator.get_state()))  # must survive JSON (Orbax)
+    restored = make_train_iterator(grouped, tokenizer, 0, 1, source=with_drops)
+    restored.set_state(state)
+    assert_same_batches(take(restored, 21), expected[3:])
+    assert restored.dropped == {"unreadable_image": empty_slots}
+
+
+def test_grouping_says_so_when_no_record_is_usable(config, tokenizer, records):
+    """Every record dropped by the table, or found bad when read, or fewer usable records
+    than one global batch: an error that says so, never a wait without end."""
+    grouped = dataclasses.replace(_grouped(config), global_batch_size=4)
+    empty = [dict(_empty_answer(records[0]), id=f"empty-{i}") for i in range(8)]
+    with pytest.raises(NoUsableData, match="empty_turn: 8"):
+        make_train_iterator(grouped, tokenizer, 0, 1, source=empty)
+    corrupt = [dict(records[0], id=f"corrupt-{i}", image_bytes=[b"not an image"]) for i in range(8)]
+    iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=corrupt)
+    first = next(iterator)  # its 4 slots kept, empty: the run of drops is half a pass
+    assert not first["attention_mask"].any() and not first["loss_mask"].any()
+    with pytest.raises(NoUsableData, match="unreadable_image: 8"):
+        next(iterator)
+    with pytest.raises(ValueError, match="3 usable records, fewer than one global batch"):
+        make_train_iterator(grouped, tokenizer, 0, 1, source=[*empty[:5], *records[:3]])
+
+
+@pytest.mark.parametrize("attention", ["chunked", "dot_product", "splash"])
+def test_an_empty_slot_or_an_all_padding_batch_leaves_the_step_finite(attention):
+    """An empty slot (all padding: no token, no image, nothing supervised) changes nothing
+    in the loss and gradients of its batch, and a batch of them trains on nothing, without
+    a NaN (the step divides by max(supervised tokens, 1)). Each implementation CPUs run
+    (splash interpreted); cudnn, which takes row lengths, needs a GPU."""
+    setup, state, step = build((8, 1, 1), config=dataclasses.replace(TINY, attention=attention))
+    batch = make_batch(3)
+    emptied = {key: value.copy() for key, value in batch.items()}
+    for key in ("input_ids", "loss_mask", "attention_mask", "images", "image_mask"):
+        emptied[key][5] = 0  # pad id 0 in these batches
+    unsupervised = {key: value.copy() for key, value in batch.items()}
+    unsupervised["loss_mask"][5] = 0  # the same row, real but not a target
+    _, reference = step(state, unsupervised)
+    fresh = init_train_state(setup, jax.random.key(0), host_params())
+    _, metrics = step(fresh, emptied)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
+    np.testing.assert_allclose(float(metrics["loss"]), float(reference["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(metrics["grad_norm"]), float(reference["grad_norm"]), rtol=1e-5
+    )
+    assert float(metrics["examples"]) == 7 and float(metrics["supervised_tokens"]) == float(
+        reference["supervised_tokens"]
+    )
+    fresh = init_train_state(setup, jax.random.key(0), host_params())
+    before = flat_params(fresh.params)
+    nothing = {key: np.zeros_like(value) for key, value in batch.items()}
+    fresh, metrics = step(fresh, nothing)
+    assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
+    after = flat_params(fresh.params)
+    assert all(np.isfinite(v).all() for v in after.values())
+    assert max_relative(after, before) == 0
+
+
+@pytest.mark.parametrize("pinpoints", [(), ((28, 28), (28, 56))], ids=["llava-1.5", "next"])
+def test_an_empty_grouped_slot_has_the_shapes_of_an_example(config, tokenizer, records, pinpoints):
+    grouped = _grouped(config, image_grid_pinpoints=pinpoints, image_patch_size=7)
+    encoder = ExampleEncoder(grouped, tokenizer)
+    good = encoder(records[0])
+    assert good["drop_reason"] == ""
+    empty = encoder(dict(records[0], image_bytes=[b"not an image"]))
+    assert empty["id"] == "" and empty["drop_reason"] == ""
+    assert [d["drop_reason"] for d in empty["dropped"]] == ["unreadable_image"]
+    assert empty["dropped"][0]["id"] == from_stored(records[0]).id
+    assert ("image_layout" in good) == bool(pinpoints)
+    for key in good.keys() - {"id", "ids", "drop_reason"}:
+        assert empty[key].shape == good[key].shape and empty[key].dtype == good[key].dtype, key
+    assert not empty["attention_mask"].any() and not empty["image_mask"].any()
+    if pinpoints:
+        assert np.all(empty["image_layout"] == -1)
+    plain = ExampleEncoder(dataclasses.replace(grouped, group_by_modality_length=False), tokenizer)
+    refilled = plain(dict(records[0], image_bytes=[b"not an image"]))
+    assert refilled["drop_reason"] == "unreadable_image" and "input_ids" not in refilled
+
+
+def test_packing_says_so_when_every_record_is_found_bad_when_read(config, tokenizer, records):
+    """Rows whose every record fails when read are empty rows: a whole pass of them ends
+    in `NoUsableData`, as the plain stream does, instead of empty batches without end."""
+    corrupt = [dict(records[0], id=f"corrupt-{i}", image_bytes=[b"not an image"]) for i in range(8)]
+    iterator = make_train_iterator(
+        dataclasses.replace(config, global_batch_size=2), tokenizer, 0, 1, source=corrupt
+    )
+    with pytest.raises(NoUsableData, match="unreadable_image: 8"):
+        take(iterator, 20)

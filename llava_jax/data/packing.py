@@ -13,7 +13,9 @@ the prepared shards as `.npz`, keyed by everything the count depends on.
 - `ModalityLengthOrder`: LLaVA's `get_modality_length_grouped_indices` per epoch: image and
   text-only conversations apart, shuffled, cut into mega-batches of one global batch, each
   sorted by length (longest first); mega-batches in a shuffled order; each modality's last
-  mega-batch, mixed together, last; an epoch is whole global batches (drop_last).
+  mega-batch, mixed together, last; an epoch is whole global batches (drop_last). Only the
+  records the table keeps are planned; one found bad only when read keeps its slot (an
+  all-padding example, pipeline.ExampleEncoder), so no later batch shifts.
 """
 
 from __future__ import annotations
@@ -248,15 +250,22 @@ class PackedRows(_PerEpoch):
 
 
 def modality_length_order(table: LengthTable, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-    """LLaVA's modality-length grouped order of one epoch (see the module docstring).
+    """LLaVA's modality-length grouped order of one epoch (see the module docstring):
+    `int64[E]` record indices, `E` a multiple of `batch_size`.
 
-    A record's length for sorting is its token count; a dropped record (length 0) keeps its
-    place by modality, and is dropped when it is read, as without grouping.
+    A record's length for sorting is its token count. The records the table drops
+    (`drop_reasons != ''`: an empty answer, an image truncated, roles out of order) are left
+    out before the mega-batches are cut, so those hold usable records only and the order is
+    the one the usable records alone would give. A record found bad only when it is read (a
+    corrupt image) is in the order: its slot stays, as padding, so no later batch shifts.
     """
     rng = np.random.default_rng([seed, epoch])
     has_image = table.num_images > 0
+    # Left out here, not when read: a record dropped when read is refilled from the next
+    # one of the stream, which would shift every later batch across mega-batch boundaries.
+    usable = table.drop_reasons == ""
     groups, leftovers = [], []
-    for modality in (np.flatnonzero(has_image), np.flatnonzero(~has_image)):
+    for modality in (np.flatnonzero(usable & has_image), np.flatnonzero(usable & ~has_image)):
         shuffled = rng.permutation(modality)
         megas = [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
         # As LLaVA: each modality's last mega-batch (full or not) joins the mixed leftovers.
@@ -288,6 +297,12 @@ class ModalityLengthOrder(_PerEpoch):
     ):
         super().__init__(parent, num_epochs)
         self._table, self._batch_size, self._seed = table, batch_size, seed
+        usable = int(np.sum(table.drop_reasons == ""))
+        if usable < batch_size:  # every epoch would be empty: `locate` would search forever
+            raise ValueError(
+                f"{usable} usable records, fewer than one global batch ({batch_size}): "
+                "group_by_modality_length gives no batch"
+            )
 
     def plan(self, epoch: int) -> np.ndarray:
         return modality_length_order(self._table, self._batch_size, self._seed, epoch)

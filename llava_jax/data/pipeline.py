@@ -23,8 +23,9 @@ A batch (``B`` = global batch / process count, ``T`` = max_len, ``I`` = max imag
 
 With ``packing`` a row holds whole conversations placed first-fit (data/packing.py), ``I``
 is ``max_images_per_row`` and the row's images follow its image tokens' order; with
-``group_by_modality_length`` the records come in LLaVA's grouped order. Both keep the
-iterator's state an index, so resume stays exact.
+``group_by_modality_length`` the records come in LLaVA's grouped order (planned over the
+records the length table keeps; one dropped when read leaves its slot all padding, so no
+later batch shifts). Both keep the iterator's state an index, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -98,16 +99,42 @@ class ExampleEncoder:
         self.pad_token_id = tokenizer.pad_token_id
 
     def __call__(self, stored: dict) -> dict:
+        """The record's example, or, for a record dropped here (e.g. an unreadable image),
+        its drop report: ``id``, ``drop_reason``, ``detail``, ``file``; ``BatchIterator``
+        fills its place from the stream. Under ``group_by_modality_length`` the place is a
+        slot of a planned batch and stays: an all-padding example (``input_ids`` the pad id,
+        ``loss_mask``, ``attention_mask`` 0, no image; ``id`` '') with the report in
+        ``dropped``, as a packed row reports a record it leaves out."""
         record = from_stored(stored)
         try:
             return self.encode(record)
         except DroppedExample as error:
-            return {
+            report = {
                 "id": record.id,
                 "drop_reason": error.reason,
                 "detail": error.detail,
                 "file": error.file,
             }
+        if not self.config.group_by_modality_length:
+            return report
+        # Refilling the slot would shift every later batch across mega-batch boundaries.
+        c, geometry = self.config, self.config.anyres
+        tiles = () if geometry is None else (geometry.max_tiles,)
+        slots = c.max_images_per_sample
+        example = {
+            "id": "",
+            "drop_reason": "",
+            "dropped": [report],
+            "input_ids": np.full((c.max_len,), self.pad_token_id, np.int32),
+            "loss_mask": np.zeros((c.max_len,), np.float32),
+            "attention_mask": np.zeros((c.max_len,), np.int32),
+            "positions": np.arange(c.max_len, dtype=np.int32),
+            "images": np.zeros((slots, *tiles, c.image_size, c.image_size, 3), np.float32),
+            "image_mask": np.zeros((slots,), bool),
+        }
+        if geometry is not None:
+            example["image_layout"] = np.full((slots, geometry.max_tokens), -1, np.int32)
+        return example
 
     def _too_many_images(self, record: Record) -> str:
         """The drop detail when the record has more images than a sample may, else ''."""
@@ -321,11 +348,13 @@ class NoUsableData(RuntimeError):
 
 class BatchIterator(grain.DatasetIterator):
     """Filters dropped samples (counting them by reason) and stacks ``batch_size``
-    examples into a batch (see the module docstring for shapes).
+    examples into a batch (see the module docstring for shapes). An example that keeps its
+    place while records are left out of it (``dropped``: a packed row's, or a grouped
+    batch's slot, then all padding) is batched, and those records counted and logged alike.
 
     ``records_per_pass``: this process's records in one pass over the data; when that many
-    in a row are dropped, no record is usable and ``NoUsableData`` says why, instead of
-    spinning forever.
+    in a row are dropped (with no real token batched between), no record is usable and
+    ``NoUsableData`` says why, instead of spinning forever.
 
     ``get_state()`` is a JSON-serialisable dict: the grain state after the last
     example used, plus the drop counters.
@@ -367,10 +396,14 @@ class BatchIterator(grain.DatasetIterator):
                 self.dropped[reason] += 1
                 self._log_drop(example)
                 continue
-            for part in example.get("dropped", ()):  # records left out of a packed row
+            for part in example.get("dropped", ()):  # left out of a packed row or grouped slot
+                self._dropped_in_a_row[part["drop_reason"]] += 1
                 self.dropped[part["drop_reason"]] += 1
                 self._log_drop(part)
-            self._dropped_in_a_row.clear()
+            if example["attention_mask"].any():  # something to train on: the data is usable
+                self._dropped_in_a_row.clear()
+            else:  # an empty slot or row: its drops count towards a pass of them
+                self._check_progress()
             kept.append(example)
         keys = [key for key in BATCH_KEYS if key in kept[0]]
         return {key: np.stack([example[key] for example in kept]) for key in keys}
@@ -511,12 +544,14 @@ def packed_rows(
 
 def train_sequences(config: DataConfig, tokenizer: LoadedTokenizer, num_epochs: float) -> int:
     """Rows the train split gives in `num_epochs` epochs: its records (grouped: whole
-    global batches of them), or with `packing` the packed rows of those epochs (a fraction
-    of an epoch counts that part of its rows)."""
+    global batches of the records the length table keeps), or with `packing` the packed
+    rows of those epochs (a fraction of an epoch counts that part of its rows)."""
     source = datasets.open_split(config, "train")
     if config.group_by_modality_length:  # each epoch is whole global batches
         batch = config.global_batch_size
-        return int(len(source) // batch * batch * num_epochs)
+        table = length_table(config, tokenizer, source, "train")
+        usable = int(np.sum(table.drop_reasons == ""))
+        return int(usable // batch * batch * num_epochs)
     if not config.packing:
         return int(len(source) * num_epochs)
     rows = packed_rows(
@@ -554,6 +589,8 @@ def make_dataset(
         dataset = packed_rows(config, dataset, table, config.num_epochs)
         encoder = RowEncoder(config, tokenizer)
     elif config.group_by_modality_length:
+        # Planned over the records the table keeps; one dropped when read keeps its slot
+        # (ExampleEncoder), so the batches stay LLaVA's mega-batches.
         dataset = packing.ModalityLengthOrder(
             dataset,
             table,

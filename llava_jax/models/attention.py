@@ -76,7 +76,11 @@ def attend(
                 f"attention='cudnn' runs on a GPU; this program is for {platform!r} "
                 "(attention='auto' picks the best implementation for the platform)"
             )
-        lengths = None if segment_ids is None else jnp.sum(segment_ids > 0, axis=1)
+        lengths = None
+        if segment_ids is not None:
+            # at least 1: an all-padding row (a grouped batch's slot for a record found bad
+            # when read) has length 0, which cuDNN reports as an error or NaNs
+            lengths = jnp.maximum(jnp.sum(segment_ids > 0, axis=1), 1)
         return jax.nn.dot_product_attention(
             q,
             k,
