@@ -14,6 +14,8 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict, unflatten_dict
 from hf_reference import make_inputs, reference_logits, tiny_hf_config, tiny_hf_model
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from train_fixtures import TINY, make_batch
 from transformers import LlavaForConditionalGeneration
 
@@ -212,14 +214,12 @@ def test_peft_adapter_export_loads_in_peft_with_the_same_logits(hf_base, tmp_pat
     assert np.abs(reference_logits(model, inputs) - theirs)[valid].max() > 1e-2
 
 
-def test_peft_adapter_imports_with_the_same_logits(hf_base, tmp_path):
-    directory, model, config, params = hf_base
+def _peft_adapter(directory: str, target_modules: str, out_dir: str, r: int = 4, alpha=16):
+    """PEFT's own LoRA on the base in `directory` (random non-zero factors), saved to
+    `out_dir`; returns the PEFT model (eval)."""
     base = LlavaForConditionalGeneration.from_pretrained(directory).eval()
     peft_config = peft.LoraConfig(
-        r=4,
-        lora_alpha=16,
-        target_modules=r".*language_model.*\.(q_proj|v_proj|o_proj|down_proj)",
-        lora_dropout=0.0,
+        r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0
     )
     peft_model = peft.get_peft_model(base, peft_config)
     torch.manual_seed(3)
@@ -227,8 +227,32 @@ def test_peft_adapter_imports_with_the_same_logits(hf_base, tmp_path):
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.copy_(0.2 * torch.randn_like(param))
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
-    peft_model.eval()
+    peft_model.save_pretrained(out_dir)
+    return peft_model.eval()
+
+
+def _peft_adapted(peft_model) -> list[str]:
+    """The base-model module names PEFT adapted (the default adapter)."""
+    suffix = ".lora_A.default"
+    names = [n for n, _ in peft_model.named_modules() if n.endswith(suffix)]
+    return [n.removeprefix("base_model.model.").removesuffix(suffix) for n in names]
+
+
+def _without_tower_adapters(params, tower: str):
+    """`params` with the `tower`'s lora_b zeroed: the same adapter minus that tower's part."""
+    flat = flatten_dict(jax.tree.map(np.asarray, params))
+    return unflatten_dict(
+        {k: np.zeros_like(v) if k[0] == tower and k[-1] == "lora_b" else v for k, v in flat.items()}
+    )
+
+
+def test_peft_adapter_imports_with_the_same_logits(hf_base, tmp_path):
+    directory, model, config, params = hf_base
+    peft_model = _peft_adapter(
+        directory,
+        r".*language_model.*\.(q_proj|v_proj|o_proj|down_proj)",
+        str(tmp_path / "adapter"),
+    )
     inputs = make_inputs(model.config, [1, 1], length=22, real_lengths=[22, 18])
     theirs = reference_logits(peft_model, inputs)
 
@@ -251,6 +275,111 @@ def test_peft_adapter_imports_with_the_same_logits(hf_base, tmp_path):
         LlavaForConditionalGeneration.from_pretrained(directory).eval(), str(tmp_path / "again")
     ).eval()
     np.testing.assert_allclose(reference_logits(again, inputs), theirs, atol=1e-5)
+
+
+def test_peft_vision_adapter_imports_with_the_same_logits(hf_base, tmp_path):
+    """PEFT's own adapter on vision-tower and decoder layers imports (transformers 5.x names
+    the vision modules `model.vision_tower.encoder.…`, 4.52–4.57 `model.vision_tower.
+    vision_model.encoder.…`: both are read) and gives PEFT's logits in both layouts."""
+    directory, model, config, params = hf_base
+    folder = tmp_path / "adapter"
+    peft_model = _peft_adapter(
+        directory,
+        r".*vision_tower.*\.(q_proj|out_proj|fc1)|.*language_model.*\.(v_proj|up_proj)",
+        str(folder),
+        r=2,
+        alpha=6,
+    )
+    vision_layers = model.config.vision_config.num_hidden_layers
+    assert sum("vision_tower" in n for n in _peft_adapted(peft_model)) == 3 * vision_layers
+    inputs = make_inputs(model.config, [1, 1], length=22, real_lengths=[22, 17])
+    theirs = reference_logits(peft_model, inputs)
+    valid = inputs["attention_mask"].astype(bool)
+    for scan in (True, False):
+        base_config = dataclasses.replace(config, scan_layers=scan)
+        base_params = params if scan else to_unscanned_layout(params, config)
+        lora_config, lora_params = import_peft_adapter(base_config, base_params, str(folder))
+        lora = lora_config.lora
+        assert lora.adapts("img/layers/fc1") and lora.adapts("img/layers_2/attn/out")
+        assert not lora.adapts("img/layers/fc2") and not lora.adapts("proj/fc1")
+        ours = _our_logits(lora_config, lora_params, inputs)
+        assert np.abs(ours - theirs)[valid].max() <= 1e-4, f"scan_layers={scan}"
+        # the vision part is in that agreement: without it the logits are another model's
+        text_only = _our_logits(lora_config, _without_tower_adapters(lora_params, "img"), inputs)
+        assert np.abs(text_only - theirs)[valid].max() > 1e-2
+    # the same adapter under transformers 4.52-4.57's vision names imports the same
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="numpy") as f:
+        tensors = {
+            key.replace(".vision_tower.", ".vision_tower.vision_model."): f.get_tensor(key)
+            for key in f.keys()  # noqa: SIM118
+        }
+    assert any(".vision_tower.vision_model.encoder." in key for key in tensors)
+    save_file(tensors, str(legacy / "adapter_model.safetensors"), metadata={"format": "pt"})
+    legacy_config, legacy_params = import_peft_adapter(base_config, base_params, str(legacy))
+    assert legacy_config == lora_config
+    jax.tree.map(np.testing.assert_array_equal, legacy_params, lora_params)
+    # one layer under both layouts' names is ambiguous: refused
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="numpy") as f:
+        tensors.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118
+    save_file(tensors, str(legacy / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="two lora_A tensors"):
+        import_peft_adapter(base_config, base_params, str(legacy))
+
+
+def test_peft_vision_adapter_export_loads_in_peft_with_every_module_adapted(hf_base, tmp_path):
+    """Our vision-tower and decoder adapters, exported under the installed transformers'
+    module names: PEFT adapts every one of them and gives our logits."""
+    directory, model, config, params = hf_base
+    lora = LoraConfig(
+        rank=3,
+        alpha=6.0,
+        target=r"img/layers(_\d+)?/(attn/(query|out)|fc2)|llm/layers(_\d+)?/(attn/key|down)",
+    )
+    lora_config, lora_params = _lora_model(config, params, lora)
+    modules = export_peft_adapter(lora_config, lora_params, str(tmp_path / "adapter"))
+    vision = [m for m in modules if m.startswith("model.vision_tower.")]
+    assert len(vision) == 3 * model.config.vision_config.num_hidden_layers
+    assert len(modules) == len(vision) + 2 * model.config.text_config.num_hidden_layers
+    base = LlavaForConditionalGeneration.from_pretrained(directory).eval()
+    peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    assert sorted(_peft_adapted(peft_model)) == sorted(modules)  # none skipped
+    inputs = make_inputs(model.config, [1, 2], length=26, real_lengths=[21, 26])
+    theirs = reference_logits(peft_model, inputs)
+    valid = inputs["attention_mask"].astype(bool)
+    assert np.abs(_our_logits(lora_config, lora_params, inputs) - theirs)[valid].max() <= 1e-4
+    text_only = _our_logits(lora_config, _without_tower_adapters(lora_params, "img"), inputs)
+    assert np.abs(text_only - theirs)[valid].max() > 1e-2
+
+
+def test_peft_export_names_each_transformers_layout_and_the_next_class(tmp_path):
+    """4.x and 5.x module names for the vision tower; a LLaVA-NeXT adapter names
+    `LlavaNextForConditionalGeneration`, which `AutoPeftModel` builds from the base's
+    folder, adapting every exported module."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    config = dataclasses.replace(TINY, image_grid_pinpoints=((14, 28), (28, 14), (28, 28)))
+    params = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
+    save_hf(config, params, str(tmp_path / "base"))
+    lora = LoraConfig(rank=2, alpha=4.0, target=r"(img|llm)/layers(_\d+)?/attn/query")
+    lora_config, lora_params = _lora_model(config, params, lora)
+    folder = str(tmp_path / "adapter")
+    modules = export_peft_adapter(
+        lora_config, lora_params, folder, base_model_name_or_path=str(tmp_path / "base")
+    )
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert settings["auto_mapping"]["base_model_class"] == "LlavaNextForConditionalGeneration"
+    peft_model = peft.AutoPeftModel.from_pretrained(folder)
+    assert isinstance(peft_model.get_base_model(), LlavaNextForConditionalGeneration)
+    assert sorted(_peft_adapted(peft_model)) == sorted(modules) and len(modules) == 4
+    # (written in the installed transformers' layout; an older one gets its own names)
+    from llava_jax.convert.peft import module_prefixes
+
+    assert module_prefixes("4.57.1")["img"] == "model.vision_tower.vision_model."
+    assert module_prefixes("5.0.0")["img"] == "model.vision_tower."
+    assert module_prefixes("4.57.1")["llm"] == module_prefixes("5.0.0")["llm"]
 
 
 def test_bad_adapters_are_refused_by_name(hf_base, tmp_path):

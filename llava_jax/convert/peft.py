@@ -10,6 +10,12 @@ it in memory, under PEFT's wrapper:
 so that `peft.PeftModel.from_pretrained(base, folder)` applies `W + (alpha/r)·B·A`. Ours
 are `lora_a: [*in, r]` and `lora_b: [r, *out]` (models/lora.py); the input and output
 axes flatten in the order the kernels' own exchange uses (convert/hf.py).
+
+The vision tower's modules are named differently by transformers 4.52–4.57
+(`model.vision_tower.vision_model.encoder.layers.0.…`) and 5.x (`model.vision_tower.encoder.
+layers.0.…`, CLIPVisionModel without its `vision_model` wrapper). PEFT matches names
+against the model in memory and skips, without a word, keys that name no module: an
+export writes the installed transformers' names; an import reads either.
 """
 
 from __future__ import annotations
@@ -37,13 +43,25 @@ Params = dict[str, Any]
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-# Where each tower's modules sit in transformers' in-memory LlavaForConditionalGeneration.
-MODULE_PREFIXES = {
-    "img": "model.vision_tower.vision_model.",
-    "proj": "model.multi_modal_projector.",
-    "llm": "model.language_model.",
-}
+# Where each tower's modules sit in transformers' in-memory LlavaForConditionalGeneration
+# (and LlavaNextForConditionalGeneration), by transformers' major version (module docstring).
+VISION_PREFIXES = {4: "model.vision_tower.vision_model.", 5: "model.vision_tower."}
+PROJECTOR_PREFIX = "model.multi_modal_projector."
+TEXT_PREFIX = "model.language_model."
 _LAYER = re.compile(r"^layers_(\d+)$")
+
+
+def module_prefixes(transformers_version: str | None = None) -> dict[str, str]:
+    """`{tower: module-name prefix}` in the layout of `transformers_version` (default: the
+    installed transformers'): `img` is `model.vision_tower.` from 5.0 on, else
+    `model.vision_tower.vision_model.`."""
+    if transformers_version is None:
+        import transformers
+
+        transformers_version = transformers.__version__
+    major = int(transformers_version.split(".")[0])
+    vision = VISION_PREFIXES[5] if major >= 5 else VISION_PREFIXES[4]
+    return {"img": vision, "proj": PROJECTOR_PREFIX, "llm": TEXT_PREFIX}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +71,10 @@ class _Linear:
     num_in: int  # leading input axes of our kernel (2 for the attention output)
 
 
-def linear_modules(config: ModelConfig) -> list[_Linear]:
-    """Every dense layer of the model, our node and transformers' module name."""
+def linear_modules(config: ModelConfig, transformers_version: str | None = None) -> list[_Linear]:
+    """Every dense layer of the model, our node and transformers' module name (in the layout
+    of `transformers_version`, default the installed one)."""
+    prefixes = module_prefixes(transformers_version)
     towers = (
         ("img", vision_rules(config.vision)),
         ("proj", projector_rules(config)),
@@ -64,9 +84,24 @@ def linear_modules(config: ModelConfig) -> list[_Linear]:
     for tower, rules in towers:
         for rule in rules:
             if rule.kind == "linear" and rule.path[-1] == "kernel":
-                module = MODULE_PREFIXES[tower] + rule.key.removesuffix(".weight")
+                module = prefixes[tower] + rule.key.removesuffix(".weight")
                 found.append(_Linear((tower, *rule.path[:-1]), module, rule.num_in))
     return found
+
+
+def base_model_class(config: ModelConfig) -> dict[str, str]:
+    """PEFT's `auto_mapping`: the transformers class `AutoPeftModel.from_pretrained`
+    imports to load the base model (LLaVA-NeXT's for an anyres model, whose checkpoint
+    `save_hf` writes as `LlavaNextForConditionalGeneration`'s)."""
+    if config.image_grid_pinpoints:
+        return {
+            "base_model_class": "LlavaNextForConditionalGeneration",
+            "parent_library": "transformers.models.llava_next.modeling_llava_next",
+        }
+    return {
+        "base_model_class": "LlavaForConditionalGeneration",
+        "parent_library": "transformers.models.llava.modeling_llava",
+    }
 
 
 def export_peft_adapter(
@@ -77,7 +112,8 @@ def export_peft_adapter(
     base_model_name_or_path: str | None = None,
 ) -> list[str]:
     """Write the LoRA factors of `params` as a PEFT adapter folder; returns the adapted
-    module names. `config` must be a LoRA model."""
+    module names, in the installed transformers' layout (the module docstring). `config`
+    must be a LoRA model."""
     if not config.lora.enabled:
         raise ValueError("export_peft_adapter: the model has no LoRA adapters (lora.rank=0)")
     flat = flatten_dict(to_unscanned_layout(jax.tree.map(np.asarray, params), config))
@@ -114,10 +150,7 @@ def export_peft_adapter(
         "modules_to_save": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "auto_mapping": {
-            "base_model_class": "LlavaForConditionalGeneration",
-            "parent_library": "transformers.models.llava.modeling_llava",
-        },
+        "auto_mapping": base_model_class(config),
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
@@ -170,10 +203,16 @@ def import_peft_adapter(
     The config's `lora.target` names exactly the adapted layers (scan-agnostic: a layer
     kind must be adapted in every layer of its stack, as a scanned model needs). Every
     tensor of the adapter must map to a dense layer of this model; shapes must match.
+    Vision-tower modules may be named as transformers 4.52–4.57 or 5.x names them.
     """
     raw = read_adapter_config(adapter_dir)
     rank, alpha = int(raw["r"]), float(raw["lora_alpha"])
-    by_module = {linear.module: linear for linear in linear_modules(config)}
+    # The two layouts differ only in the vision prefix, and neither's names are the other's.
+    by_module = {
+        linear.module: linear
+        for version in ("4.57", "5.0")
+        for linear in linear_modules(config, version)
+    }
     weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.exists(weights):
         raise CheckpointError(
@@ -199,6 +238,9 @@ def import_peft_adapter(
                 f"{adapter_dir}: tensor {key!r} adapts {module!r}, which this model does not have"
             )
         node, num_in = by_module[module].node, by_module[module].num_in
+        name = "lora_a" if which == "A" else "lora_b"
+        if (*node, name) in factors:  # the same layer under both layouts' names
+            raise CheckpointError(f"{adapter_dir}: {'/'.join(node)} has two lora_{which} tensors")
         kernel = base.get((*node, "kernel"))
         if kernel is None:
             raise CheckpointError(f"{adapter_dir}: {'/'.join(node)} has no float kernel to adapt")
@@ -212,9 +254,9 @@ def import_peft_adapter(
                 f"for {'/'.join(node)} at rank {rank}"
             )
         if which == "A":
-            factors[(*node, "lora_a")] = value.T.reshape(*in_shape, rank).astype(dtype)
+            factors[(*node, name)] = value.T.reshape(*in_shape, rank).astype(dtype)
         else:
-            factors[(*node, "lora_b")] = value.T.reshape(rank, *out_shape).astype(dtype)
+            factors[(*node, name)] = value.T.reshape(rank, *out_shape).astype(dtype)
     nodes = {path[:-1] for path in factors}
     for node in nodes:
         for name in LORA_FACTORS:

@@ -110,7 +110,11 @@ class Dense(nn.Module):
     Where `lora` adapts this layer's path (models/lora.py), it also holds
     `lora_a: [*contracted, rank]` and `lora_b: [rank, *features]` and adds
     `(alpha/rank) · (dropout(x) · lora_a) · lora_b`; dropout runs only when the caller
-    passes a `dropout` rng (training), so inference needs no flag.
+    passes a `dropout` rng (training), so inference needs no flag. The path decides where
+    `init` creates the factors (and a missing factor there is an error); once they exist,
+    a layer holding them runs them whatever its path: a block applied outside its tree
+    (vit.py runs slices of the scanned stack through a free-standing block, whose paths
+    lack `img/layers/`) still gets its adapters, without threading path prefixes through.
     """
 
     features: tuple[int, ...]
@@ -143,7 +147,11 @@ class Dense(nn.Module):
                 self.param_dtype,
             )
             y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.num_contract)
-        if self.lora is not None and self.lora.adapts(self.path):
+        # By path (init, and a loud error if the factors are missing), or by the factors the
+        # params hold: a free-standing block's paths lack their tree's prefix (vit.py).
+        if self.lora is not None and (
+            self.lora.adapts(self.path) or self.has_variable("params", "lora_a")
+        ):
             y = y + self._low_rank(x, contracted)
         if self.use_bias:
             bias = self.param(

@@ -111,16 +111,19 @@ class VisionTransformer(nn.Module):
         return kept
 
     def _run_layers(self, x: Array, start: int, stop: int) -> Array:
-        """Layers `start .. stop-1` (0-based) on `x`."""
+        """Layers `start .. stop-1` (0-based) on `x: [N, P+1, D]` -> `[N, P+1, D]`."""
         if start == stop:
             return x
         if isinstance(self.layers, (list, tuple)):
             for layer in self.layers[start:stop]:
                 x, _ = layer(x, None)
             return x
-        if (start, stop) == (0, self.config.num_layers):
+        num_layers = self.config.num_layers
+        if (start, stop) == (0, num_layers):
             return self.layers(x, None)[0]
         # A slice of the scanned stack: scan the same block over those layers' parameters.
+        # Its Dense layers find their LoRA factors in those parameters (layers.Dense: the
+        # free-standing block's paths lack `img/layers/`, so the path rule cannot).
         block = VisionBlock(  # a free-standing module (parent=None), applied to slices
             self.config,
             attention=self.attention,
@@ -130,8 +133,10 @@ class VisionTransformer(nn.Module):
             parent=None,
         )
 
-        def body(x: Array, params: Any) -> tuple[Array, None]:
-            return block.apply({"params": params}, x, None)[0], None
+        def body(x: Array, layer: tuple[Any, Array | None]) -> tuple[Array, None]:
+            params, dropout_rng = layer
+            rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+            return block.apply({"params": params}, x, None, rngs=rngs)[0], None
 
         policy = remat_policy(self.remat_policy)
         if policy is not None:
@@ -140,7 +145,12 @@ class VisionTransformer(nn.Module):
         # `layers` axis, which the per-layer slices in `body` no longer have.
         params = nn.meta.unbox(self.layers.variables["params"])
         stacked = jax.tree.map(lambda p: p[start:stop], params)
-        return jax.lax.scan(body, x, stacked)[0]
+        # The caller's dropout rng (training: LoRA dropout), one key per layer as the scanned
+        # stack's `split_rngs` gives; without one the block runs deterministically.
+        dropout_rngs = None
+        if self.has_rng("dropout"):
+            dropout_rngs = jax.random.split(self.make_rng("dropout"), num_layers)[start:stop]
+        return jax.lax.scan(body, x, (stacked, dropout_rngs))[0]
 
 
 class PatchEmbedding(nn.Module):
