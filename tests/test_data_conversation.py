@@ -336,6 +336,25 @@ def _image_first(turns: list[dict], has_image: bool) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
+def test_every_prefix_is_tokenized_as_llavas_tokenizer_image_token(name, loaded, llava):
+    """`TextEncoder.encode` tokenizes each prompt and each row-through-an-answer from the
+    segments between images and control tokens; each equals LLaVA's tokenizer_image_token
+    of that text alone (special tokens matched by the tokenizer: the data holds none)."""
+    turns = list(TWO_TURNS) + [_human("And the <image> here?"), _gpt("Two: 2 and 13.")]
+    rendered = get_template(name).render(turns)
+    counts = [(k + 1, k + a) for k in range(len(rendered.answers)) for a in (0, 1)]
+    cuts = [len(rendered.prefix(*count)) for count in counts]
+    row, lengths = loaded.text_encoder.encode_with_prefixes(rendered.pieces, cuts)
+    for cut, length in zip(cuts, lengths, strict=True):
+        text = "".join(piece.text for piece in rendered.pieces[:cut])
+        theirs = llava.tokenizer_image_token(text, loaded.tokenizer)
+        alone = loaded.text_encoder.encode(rendered.pieces[:cut])
+        assert np.where(alone == loaded.image_token_id, -200, alone).tolist() == theirs, text
+        assert length == len(theirs)  # and they are the row's first tokens
+        np.testing.assert_array_equal(row[:length], alone)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
 def test_prompt_then_targets_is_the_training_row(name, loaded):
     """For each answer k: the row starts with the program's prompt for turn k; the targets
     are exactly the tokens after it through the end of answer k (decoding to the answer and

@@ -18,6 +18,7 @@ CORPUS = (
     "There are 2 red circles, 13 blue squares and 7 green triangles near the top right.",
     "The first line says hello; the second line is a list of numbers: 1, 2, 3.",
     "a red circle, a yellow cross, two purple squares on the bottom, three white shapes",
+    "0 1 2 3 4 5 6 7 8 9",  # LLaMA has a piece for every digit
 )
 # LLaMA's and Vicuna's "USER" is one piece after a control token and "▁" + "USER" at the
 # start of a text: the tokenization LLaVA's per-round counts in preprocess_v1 assume.

@@ -318,22 +318,12 @@ def image_token_repeats(
     return repeats
 
 
-def encode_turns(
-    rendered: Rendered,
-    prefixes: Sequence[tuple[int, int]],
-    tokenizer: LoadedTokenizer,
-    version: int,
-) -> list[np.ndarray]:
-    """``int32[L]`` for each ``(prompts, answers)`` prefix of ``rendered``, one image token
-    per ``<image>``: LLaVA's tokenization (version 2), or the whole text at once (1)."""
-    texts = [rendered.prefix(prompts, answers) for prompts, answers in prefixes]
+def encode_rendered(rendered: Rendered, tokenizer: LoadedTokenizer, version: int) -> np.ndarray:
+    """``int32[L]``, one image token per ``<image>``: the whole of ``rendered``, tokenized as
+    LLaVA does (version 2), or at once as template version 1 did."""
     if version == 1:
-        call = tokenizer.tokenizer
-        return [
-            np.asarray(call("".join(p.text for p in pieces))["input_ids"], np.int32)
-            for pieces in texts
-        ]
-    return tokenizer.text_encoder.encode(texts)
+        return np.asarray(tokenizer.tokenizer(rendered.text)["input_ids"], np.int32)
+    return tokenizer.text_encoder.encode(rendered.pieces)
 
 
 def tokenize_conversation(
@@ -369,25 +359,24 @@ def tokenize_conversation(
             "image_count_mismatch", f"{placeholders} <image> in text, {num_images} images"
         )
     rendered = template.render(turns)
-    rounds = len(rendered.answers)
-    # [prompt 0, through answer 0, prompt 1, through answer 1, ...]: the last is the row
-    prefixes = [(k + 1, k + answer) for k in range(rounds) for answer in (0, 1)]
-    encoded = encode_turns(rendered, prefixes, tokenizer, template.version)
-    ids = encoded[-1]
+    # the pieces through prompt k, then through answer k, for each answer k
+    cuts, count = [], 0
+    for prompt, answer in zip(rendered.prompts, rendered.answers, strict=True):
+        count += len(prompt)
+        cuts.append(count)
+        count += len(answer)
+        cuts.append(count)
+    ids, lengths = tokenizer.text_encoder.encode_with_prefixes(rendered.pieces, cuts)
     targets = np.zeros(len(ids), bool)
-    for k in range(rounds):
-        prompt, through_answer = encoded[2 * k], encoded[2 * k + 1]
-        end = len(through_answer)
-        if not (
-            np.array_equal(ids[:end], through_answer)
-            and np.array_equal(through_answer[: len(prompt)], prompt)
-        ):
+    for k in range(len(rendered.answers)):
+        prompt, through_answer = lengths[2 * k], lengths[2 * k + 1]
+        if prompt is None or through_answer is None:
             raise DroppedExample(
                 "prompt_not_prefix",
                 f"answer {k}: the tokens of its prompt are not the start of the row's (the "
                 "tokenizer joins text across the start or end of the answer)",
             )
-        targets[len(prompt) : end] = True
+        targets[prompt:through_answer] = True
 
     image_token_id = tokenizer.image_token_id
     is_image = ids == image_token_id

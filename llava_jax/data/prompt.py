@@ -16,7 +16,7 @@ import numpy as np
 from llava_jax.data.conversation import (
     IMAGE_PLACEHOLDER,
     Template,
-    encode_turns,
+    encode_rendered,
     image_token_repeats,
 )
 from llava_jax.data.tokenizer import LoadedTokenizer
@@ -33,8 +33,7 @@ def prompt_ids(
     count per image in order). Raises `DroppedExample` when the roles are out of order or
     the text holds a reserved character."""
     rendered = template.render(turns, generation_prompt=True)
-    prefix = (len(rendered.prompts), len(rendered.answers))
-    (ids,) = encode_turns(rendered, [prefix], tokenizer, template.version)
+    ids = encode_rendered(rendered, tokenizer, template.version)
     return np.repeat(ids, image_token_repeats(ids, tokenizer.image_token_id, num_image_tokens))
 
 

@@ -4,6 +4,7 @@ conversations into ids as LLaVA does (`TextEncoder`)."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -45,17 +46,21 @@ _STAND_INS = re.compile("[\ufdd0-\ufdef]")
 class TextEncoder:
     """Rendered conversations -> ids, as LLaVA's ``tokenizer_image_token`` makes them.
 
-    The text between two ``<image>`` is tokenized on its own call (so a SentencePiece
-    tokenizer starts the text after an image as a new word, ``▁``), the first part with the
-    tokenizer's BOS, the others without; each ``<image>`` becomes one image token. Inside a
-    part, a template's control piece (``</s>``, ``<s>``, ``<|im_start|>``, ``<|im_end|>``) is
-    that special token, and everything else is text: ``</s>`` written in an answer or a
-    question is the characters ``<``, ``/``, ``s``, ``>``. This works on a copy of the fast
-    tokenizer in which special tokens are not matched in text (``encode_special_tokens``)
-    and each control token has a stand-in (a noncharacter with the control token's own
-    strip settings), matched as the control token would be and mapped back to its id: so
-    the text around a control token is tokenized as the tokenizer itself would tokenize it
-    (LLaMA's: no ``▁`` after ``</s>``).
+    The text between two ``<image>`` is tokenized on its own (so a SentencePiece tokenizer
+    starts the text after an image as a new word, ``▁``), the first part after the
+    tokenizer's BOS; each ``<image>`` becomes one image token. Inside a part, a template's
+    control piece (``</s>``, ``<s>``, ``<|im_start|>``, ``<|im_end|>``) is that special token,
+    and everything else is text: ``</s>`` written in an answer or a question is the
+    characters ``<``, ``/``, ``s``, ``>``. This works on a copy of the fast tokenizer in which
+    special tokens are not matched in text (``encode_special_tokens``) and each control token
+    has a stand-in (a noncharacter with the control token's own strip settings), matched as
+    the control token would be: so the text around a control token is tokenized as the
+    tokenizer itself would tokenize it (LLaMA's: no ``▁`` after ``</s>``).
+
+    The tokenizer splits its input at added tokens and tokenizes the segments between them
+    on their own, each knowing only whether it starts the input; so the segments between
+    images and control tokens are tokenized once, and a prefix of the text (a prompt of the
+    conversation) costs only its last, partial segment (`encode_with_prefixes`).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token_id: int):
@@ -67,7 +72,7 @@ class TextEncoder:
             token.content: (i, token) for i, token in backend.get_added_tokens_decoder().items()
         }
         self.stand_ins: dict[str, str] = {}  # control text -> its stand-in character
-        control_ids = []
+        self.control_ids: dict[str, int] = {}  # stand-in character -> control token id
         for index, control in enumerate(c for c in CONTROL_TOKENS if c in added):
             token_id, token = added[control]
             stand_in = chr(_STAND_IN_BASE + index)
@@ -84,50 +89,106 @@ class TextEncoder:
                 ]
             )
             self.stand_ins[control] = stand_in
-            control_ids.append((backend.token_to_id(stand_in), token_id))
+            self.control_ids[stand_in] = token_id
         backend.encode_special_tokens = True
         self.backend = backend
-        self.control_ids = dict(control_ids)  # stand-in id -> control token id
+        alternatives = [re.escape(IMAGE_PLACEHOLDER), *map(re.escape, self.control_ids)]
+        self._separators = re.compile("|".join(alternatives))
+        # What the tokenizer puts before a text (LLaMA's BOS); what it may put after one
+        # (an add_eos_token setting) is left out, as it would end every prompt.
+        with_specials = backend.encode("a", add_special_tokens=True).ids
+        text = backend.encode("a", add_special_tokens=False).ids
+        starts = [i for i in range(len(with_specials)) if with_specials[i:][: len(text)] == text]
+        self.leading_ids = with_specials[: starts[0]] if starts else []
 
-    def _string(self, pieces: Sequence[Piece]) -> str:
-        parts = []
+    def _string(self, pieces: Sequence[Piece]) -> tuple[str, list[int]]:
+        """The text to tokenize (control pieces as stand-ins) and where each piece ends."""
+        parts, ends, length = [], [], 0
         for piece in pieces:
             if piece.control and piece.text in self.stand_ins:
-                parts.append(self.stand_ins[piece.text])
-                continue
-            if reserved := _STAND_INS.search(piece.text):
+                text = self.stand_ins[piece.text]
+            elif reserved := _STAND_INS.search(piece.text):
                 raise DroppedExample(
                     "reserved_character",
                     f"the text holds U+{ord(reserved.group()):04X} (a Unicode noncharacter, "
                     "which the tokenizer keeps for its own use)",
                 )
-            parts.append(piece.text)
-        return "".join(parts)
+            else:
+                text = piece.text
+            parts.append(text)
+            length += len(text)
+            ends.append(length)
+        return "".join(parts), ends
 
-    def _encode_unique(self, texts: set[str], add_special_tokens: bool) -> dict[str, list[int]]:
-        texts = sorted(texts)
+    def _tokenize(self, requests: set[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:
+        """`(context, text) -> ids` of each text where it follows `context`: a stand-in, or
+        '' for the start of a part (the input's start, or just after an image)."""
+        ordered = sorted(requests)
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        encodings = encode(texts, add_special_tokens=add_special_tokens)
-        return {text: encoding.ids for text, encoding in zip(texts, encodings, strict=True)}
-
-    def encode(self, texts: Sequence[Sequence[Piece]]) -> list[np.ndarray]:
-        """``int32[L]`` for each text (a sequence of pieces), one image token per
-        ``<image>``. Raises ``DroppedExample('reserved_character')`` for text holding a
-        noncharacter U+FDD0..U+FDEF."""
-        parts = [self._string(pieces).split(IMAGE_PLACEHOLDER) for pieces in texts]
-        firsts = self._encode_unique({p[0] for p in parts}, add_special_tokens=True)
-        rests = self._encode_unique({t for p in parts for t in p[1:]}, add_special_tokens=False)
-        out = []
-        for first, *rest in parts:
-            ids = list(firsts[first])
-            for text in rest:
-                ids.append(self.image_token_id)
-                ids.extend(rests[text])
-            row = np.asarray(ids, np.int32)
-            for stand_in, control in self.control_ids.items():
-                row[row == stand_in] = control
-            out.append(row)
+        encodings = encode([c + t for c, t in ordered], add_special_tokens=False)
+        out = {}
+        for (context, text), encoding in zip(ordered, encodings, strict=True):
+            ids = encoding.ids
+            if context:  # the stand-in is one added token: drop it
+                if not ids or ids[0] != self.backend.token_to_id(context):
+                    raise RuntimeError(f"the control token's stand-in did not stay whole: {ids}")
+                ids = ids[1:]
+            out[(context, text)] = ids
         return out
+
+    def encode(self, pieces: Sequence[Piece]) -> np.ndarray:
+        """``int32[L]``: the text of ``pieces``, one image token per ``<image>``. Raises
+        ``DroppedExample('reserved_character')`` for text holding a noncharacter
+        U+FDD0..U+FDEF."""
+        return self.encode_with_prefixes(pieces, [])[0]
+
+    def encode_with_prefixes(
+        self, pieces: Sequence[Piece], cuts: Sequence[int]
+    ) -> tuple[np.ndarray, list[int | None]]:
+        """``int32[L]`` for the text of ``pieces`` (as `encode`), and for each of ``cuts``
+        (a number of pieces) how many tokens the text of ``pieces[:cut]`` gets when tokenized
+        alone, provided they are the first tokens of the whole text's (else None)."""
+        text, ends = self._string(pieces)
+        # segments: (start, end, context); separators[i] is the token after segment i
+        segments, separators, start, context = [], [], 0, ""
+        for match in self._separators.finditer(text):
+            segments.append((start, match.start(), context))
+            separator = match.group()
+            if separator == IMAGE_PLACEHOLDER:
+                separators.append(self.image_token_id)
+                context = ""  # the text after an image is tokenized as a new part
+            else:
+                separators.append(self.control_ids[separator])
+                context = separator
+            start = match.end()
+        segments.append((start, len(text), context))
+        starts = [segment[0] for segment in segments]
+
+        wanted = []  # per cut: (its last segment, where the cut text ends in it)
+        for cut in cuts:
+            position = ends[cut - 1] if cut else 0
+            index = bisect.bisect_right(starts, position) - 1
+            if position > segments[index][1]:
+                raise ValueError(f"a cut at character {position} falls inside a separator")
+            wanted.append((index, position))
+        requests = {(c, text[s:e]) for s, e, c in segments}
+        requests |= {(segments[i][2], text[segments[i][0] : p]) for i, p in wanted}
+        tokens = self._tokenize(requests)
+
+        ids = list(self.leading_ids)
+        segment_starts = []  # where each segment's tokens start in `ids`
+        for index, (start, end, context) in enumerate(segments):
+            segment_starts.append(len(ids))
+            ids.extend(tokens[(context, text[start:end])])
+            if index < len(separators):
+                ids.append(separators[index])
+        lengths: list[int | None] = []
+        for index, position in wanted:
+            start, _, context = segments[index]
+            tail = tokens[(context, text[start:position])]
+            first = segment_starts[index]  # the whole segments before are the row's
+            lengths.append(first + len(tail) if ids[first : first + len(tail)] == tail else None)
+        return np.asarray(ids, np.int32), lengths
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> LoadedTokenizer:
