@@ -194,7 +194,10 @@ class TextEncoder:
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> LoadedTokenizer:
     """Adds ``<image>`` and a pad token to ``tokenizer`` (in place) when missing."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("A fast tokenizer is required: answer masks use character offsets.")
+        raise ValueError(
+            "A fast tokenizer is required: conversations are tokenized with its backend "
+            "(data/tokenizer.py TextEncoder)"
+        )
     added = []
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
         # add_tokens(special_tokens=True) keeps it whole and works on transformers 4 and 5

@@ -701,11 +701,12 @@ def load_model(
     if data.anyres is not None:
         image_tokens = f"images tiled on {len(config.image_grid_pinpoints)} grids"
     logging.info(
-        "Loaded %s (%s%s): template %s, %s, context %d",
+        "Loaded %s (%s%s): template %s (version %d), %s, context %d",
         path,
         kind,
         f", step {run_step}" if run_step is not None else "",
         chosen.name,
+        chosen.version,
         image_tokens,
         config.text.max_position_embeddings,
     )

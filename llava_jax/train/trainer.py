@@ -394,7 +394,8 @@ class Run:
                 f"mesh: {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} over "
                 f"{mesh.size} {mesh.devices.flat[0].platform} devices, "
                 f"{jax.process_count()} process(es)",
-                f"data: {data.source}, template {data.template}, batch "
+                f"data: {data.source}, template {data.template} (version "
+                f"{data.template_version}), batch "
                 f"{data.global_batch_size} x {data.max_len} tokens, {self.total_steps} steps"
                 + (
                     ""
