@@ -6,10 +6,10 @@ the mean colour (``expand2square``), then a bicubic resize to the model's size, 
 
 Reading is bounded: ``read_image_file`` opens only regular files (a FIFO would block
 forever) inside the image folder it is given; ``decode_image`` refuses images of more than
-``PIL.Image.MAX_IMAGE_PIXELS`` pixels from the header, before decoding; and ``pad`` and
-``crop`` of a very long, thin image compute only the output pixels the image reaches,
-pixel for pixel as PIL would, so their work follows the image, not the huge square or
-resized canvas.
+``PIL.Image.MAX_IMAGE_PIXELS`` pixels (or a caller's smaller ``max_pixels``, as the
+server's) from the header, before decoding; and ``pad`` and ``crop`` of a very long, thin
+image compute only the output pixels the image reaches, pixel for pixel as PIL would, so
+their work follows the image, not the huge square or resized canvas.
 """
 
 from __future__ import annotations
@@ -33,6 +33,22 @@ ASPECT_MODES = ("pad", "resize", "crop")
 
 class ImageDecodeError(ValueError):
     """The bytes are not an image PIL can read, or one too large to decode."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image whose header claims more pixels than a limit: refused before decoding.
+
+    ``size``: its (width, height); ``limit``: the pixels allowed; ``limit_name``: what sets
+    the limit (``PIL.Image.MAX_IMAGE_PIXELS``, or the caller's ``max_pixels``).
+    """
+
+    def __init__(self, size: tuple[int, int], limit: int, limit_name: str):
+        width, height = size
+        super().__init__(
+            f"image too large to decode: {width}x{height} = {width * height} pixels, "
+            f"over the limit of {limit} ({limit_name})"
+        )
+        self.size, self.limit, self.limit_name = (width, height), limit, limit_name
 
 
 class ImageFileError(ValueError):
@@ -117,23 +133,27 @@ def _open_lazily(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
 
 
-def _check_pixels(size: tuple[int, int]) -> None:
-    limit = Image.MAX_IMAGE_PIXELS
+def _check_pixels(
+    size: tuple[int, int], max_pixels: int | None = None, limit_name: str = "max_pixels"
+) -> None:
+    """Raises `ImageTooLargeError` when `size` is over PIL's pixel limit or `max_pixels`
+    (the smaller one is named)."""
     width, height = size
-    if limit is not None and width * height > limit:
-        raise ImageDecodeError(
-            f"image too large to decode: {width}x{height} = {width * height} pixels, "
-            f"over the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
-        )
+    limits = [(Image.MAX_IMAGE_PIXELS, "PIL.Image.MAX_IMAGE_PIXELS"), (max_pixels, limit_name)]
+    for limit, name in sorted((pair for pair in limits if pair[0] is not None), key=lambda p: p[0]):
+        if width * height > limit:
+            raise ImageTooLargeError((width, height), limit, name)
 
 
 @contextlib.contextmanager
-def _decoding(data: bytes) -> Iterator[Image.Image]:
+def _decoding(
+    data: bytes, max_pixels: int | None = None, limit_name: str = "max_pixels"
+) -> Iterator[Image.Image]:
     """The image `data` opened lazily, its claimed size checked; whatever PIL raises inside
     (corrupt bytes, a decompression bomb) comes out as one `ImageDecodeError`."""
     try:
         image = _open_lazily(data)
-        _check_pixels(image.size)
+        _check_pixels(image.size, max_pixels, limit_name)
         yield image
     except ImageDecodeError:
         raise
@@ -143,18 +163,23 @@ def _decoding(data: bytes) -> Iterator[Image.Image]:
         raise ImageDecodeError(f"cannot decode image ({type(error).__name__}: {error})") from error
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(
+    data: bytes, max_pixels: int | None = None, limit_name: str = "max_pixels"
+) -> Image.Image:
     """Decodes image bytes to an RGB ``PIL.Image``, honouring EXIF orientation.
 
     Transparent images are composited on white (as Hugging Face's ``convert_to_rgb``);
     16-bit and float images are scaled to 8 bits rather than clipped. An image of more
-    than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (None: no limit) is refused from its
-    header, never decoded: a few hundred bytes can claim gigabytes of pixels.
+    than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (None: no limit), or than ``max_pixels``
+    when given (e.g. a server's own, smaller limit; ``limit_name`` says what sets it in
+    the message), is refused from its header, never decoded (``ImageTooLargeError``): a
+    few hundred bytes can claim gigabytes of pixels.
     """
-    with _decoding(data) as image:
+    with _decoding(data, max_pixels, limit_name) as image:
         image = ImageOps.exif_transpose(image)
         image.load()
-        _check_pixels(image.size)  # a few formats (ICO, ICNS) settle their size on load
+        # a few formats (ICO, ICNS) settle their size on load
+        _check_pixels(image.size, max_pixels, limit_name)
     return to_rgb(image)
 
 

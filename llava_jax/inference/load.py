@@ -52,6 +52,7 @@ from llava_jax.data.image import (
     CLIP_STD,
     ImageDecodeError,
     ImageFileError,
+    ImageTooLargeError,
     decode_image,
     preprocess_image,
     read_image_file,
@@ -250,12 +251,26 @@ class LoadedModel:
         """
         return self.preprocess_image(read_image(path, root))
 
-    def image_from_bytes(self, data: bytes, what: str = "the image") -> ModelImage:
+    def image_from_bytes(
+        self,
+        data: bytes,
+        what: str = "the image",
+        max_pixels: int | None = None,
+        limit_name: str = "max_pixels",
+    ) -> ModelImage:
         """Encoded image bytes (PNG, JPEG, …, e.g. from a request) -> a `ModelImage`, as
         `load_image` does for a file. Raises `InputError` naming `what` when the
-        bytes are not an image that can be decoded (or claim too many pixels)."""
+        bytes are not an image that can be decoded, or claim more pixels than PIL's limit
+        or `max_pixels` (refused from the header, never decoded; `limit_name` says what
+        sets the limit, e.g. a server flag)."""
         try:
-            image = decode_image(data)
+            image = decode_image(data, max_pixels, limit_name)
+        except ImageTooLargeError as err:
+            width, height = err.size
+            raise InputError(
+                f"the image {what} is too large: {width}x{height} = {width * height} pixels, "
+                f"more than the limit of {err.limit} pixels ({err.limit_name})"
+            ) from None
         except ImageDecodeError as err:
             reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
             raise InputError(f"unreadable image {what}: {reason}") from None

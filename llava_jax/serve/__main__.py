@@ -2,7 +2,7 @@
 
     python -m llava_jax.serve --checkpoint WORKDIR_OR_MODEL_DIR [--host 127.0.0.1] \\
         [--port 8000] [--max-batch 8] [--batch-wait-ms 10] [--chunk-size 4] \\
-        [--model-name NAME] [--max-image-bytes 10485760]
+        [--model-name NAME] [--max-image-bytes 10485760] [--max-image-pixels N]
 
 `--checkpoint` and the other model arguments are those of `generate` and `chat`. Requests
 that arrive within `--batch-wait-ms` of each other are decoded together, up to
@@ -15,7 +15,9 @@ that arrive within `--batch-wait-ms` of each other are decoded together, up to
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}])
 
 The model name is `--model-name`, default the checkpoint directory's name (`GET
-/v1/models` says it). Images come inline as data URLs; the server fetches nothing.
+/v1/models` says it). Images come inline as data URLs; the server fetches nothing. An image
+may have `--max-image-pixels` pixels at most (read from its header, before decoding; default
+128 times the pixels of the model's largest input: 14.4 million for a 336 px LLaVA-1.5).
 Start-up problems (a missing checkpoint, a port in use) print one line and exit non-zero.
 """
 
@@ -52,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--max-image-bytes", type=int, default=10 << 20, help="largest image accepted"
     )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help="most pixels an image may have, read from its header before decoding "
+        "(default: 128 times the pixels of the model's largest input)",
+    )
     args = parser.parse_args(argv)
     if args.max_batch < 1:
         parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
@@ -63,11 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
     if args.max_image_bytes < 1:
         parser.error(f"--max-image-bytes must be >= 1, got {args.max_image_bytes}")
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
+        parser.error(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
 
     def body() -> int:
         import uvicorn
 
-        from llava_jax.serve.app import create_app
+        from llava_jax.serve.app import create_app, default_max_image_pixels
         from llava_jax.serve.batcher import Batcher
 
         model = cli.model_from_args(args)
@@ -78,16 +88,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_wait_s=args.batch_wait_ms / 1000,
             chunk_size=args.chunk_size,
         )
+        max_pixels = args.max_image_pixels or default_max_image_pixels(model)
         app = create_app(
             model,
             batcher,
             name,
             max_image_bytes=args.max_image_bytes,
             max_request_bytes=2 * args.max_image_bytes + (1 << 20),
+            max_image_pixels=max_pixels,
         )
         print(
             f"Serving {name} (template {model.template.name}) on http://{args.host}:{args.port} "
-            f"(max batch {args.max_batch}, batch wait {args.batch_wait_ms:g} ms)",
+            f"(max batch {args.max_batch}, batch wait {args.batch_wait_ms:g} ms, "
+            f"images up to {max_pixels} pixels)",
             file=sys.stderr,
             flush=True,
         )

@@ -13,11 +13,20 @@ images decoded and normalised by `LoadedModel.image_from_bytes` with the model's
 settings. The stop strings are the template's end of answer plus the request's `stop`.
 
 Everything a client can get wrong is answered with a 4xx in OpenAI's error shape,
-`{"error": {"message", "type", "param", "code"}}`, naming the problem: malformed JSON, a
-missing or mistyped field, an unknown model, a remote image URL (the server fetches
-nothing: images come inline as `data:image/...;base64,...`), an image that is not base64,
-cannot be decoded or is too large, a conversation that does not fit the context. Defaults
-follow OpenAI: temperature 1, top_p 1; a request without a seed is seeded at random.
+`{"error": {"message", "type", "param", "code"}}`, naming the problem: malformed JSON (or
+JSON nested too deeply, or a number of too many digits), a missing or mistyped field, text
+that is not valid Unicode (a lone surrogate) in any message, an unknown model, a remote
+image URL (the server fetches nothing: images come inline as `data:image/...;base64,...`),
+an image that is not base64, cannot be decoded or is too large, a conversation that does
+not fit the context. Defaults follow OpenAI: temperature 1, top_p 1; a request without a
+seed is seeded at random.
+
+What a request may cost is bounded. Its body is read as it arrives and refused (413) as
+soon as it passes the limit, with or without a Content-Length. An image's size is read from
+its header and refused over `max_image_pixels` (default `IMAGE_PIXELS_MULTIPLE` times the
+pixels of the model's largest input) before any pixel is decoded; images are decoded by
+`image_workers` threads at most, whatever the number of requests, and the memory a decoded
+image took is handed back to the system afterwards.
 """
 
 from __future__ import annotations
@@ -25,13 +34,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
+import ctypes
 import dataclasses
 import json
 import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,14 +51,22 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from llava_jax import json_input
 from llava_jax.errors import InputError, PromptTooLongError
+from llava_jax.inference.load import ModelImage, check_text
 from llava_jax.serve.batcher import Batcher, Delta, Done, Failed, Job
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 DEFAULT_MAX_TOKENS = 256
 MAX_IMAGES = 4  # per conversation
 MAX_STOPS = 4  # as OpenAI allows
+# The default pixel limit of an image: this many times the pixels of the model's largest
+# input (LLaVA-1.5's 336 x 336: 14.4 million pixels, so a 12-megapixel photo fits). Decoding
+# costs 5 to 8 bytes a pixel at its peak (grey to colour): some 115 MB at that limit.
+IMAGE_PIXELS_MULTIPLE = 128
+IMAGE_WORKERS = 2  # images decoded at once, whatever the number of requests
 _DATA_URL = re.compile(
     r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),(?P<data>.*)", re.DOTALL
 )
@@ -63,13 +82,16 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.kind = kind
+        self.kind, self.headers = kind, headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.kind)
+        return error_response(
+            self.status, self.message, self.param, self.code, self.kind, self.headers
+        )
 
 
 def error_response(
@@ -78,9 +100,10 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 @dataclasses.dataclass
@@ -98,6 +121,46 @@ class ChatRequest:
 
 
 # --- reading a request ---------------------------------------------------------------------------
+
+
+def _too_large(message: str) -> APIError:
+    # The connection is closed after the answer: the rest of the body is never read.
+    return APIError(413, message, None, "request_too_large", headers={"Connection": "close"})
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, read as it arrives: refused (413) as soon as it passes
+    `max_bytes`, whether it says its length (Content-Length) or not (chunked), so a body
+    over the limit is never held whole. A client that leaves mid-body gets a 499 (which
+    it does not read) rather than an error in the server's log."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and (len(length) > 30 or int(length) > max_bytes):
+        raise _too_large(
+            f"the request is {length[:30]} bytes, more than the server's limit of {max_bytes} bytes"
+        )
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(
+                    f"the request is more than the server's limit of {max_bytes} bytes"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(499, "the client closed the request", None, "client_closed") from None
+    return b"".join(chunks)
+
+
+def parse_body(raw: bytes) -> Any:
+    """The JSON of a request body; `APIError` 400 naming what is wrong (malformed, nested too
+    deeply, a number of too many digits, not UTF-8)."""
+    try:
+        return json_input.loads(raw)
+    except json_input.JSONInputError as err:
+        raise APIError(
+            400, f"the request body cannot be read: {err}", None, "invalid_json"
+        ) from None
 
 
 def _number(
@@ -247,6 +310,11 @@ def parse_request(body: Any, model_name: str, max_image_bytes: int) -> ChatReque
                 "invalid_value",
             )
         text, images = _content(message, m, max_image_bytes)
+        try:  # a tokenizer cannot take a lone surrogate (JSON's "\ud800")
+            check_text(text, f"messages[{m}].content")
+        except InputError as err:
+            where = f"messages[{m}].content"
+            raise APIError(400, str(err), where, "invalid_value") from None
         if images and role != "user":
             raise APIError(
                 400,
@@ -320,20 +388,83 @@ def parse_request(body: Any, model_name: str, max_image_bytes: int) -> ChatReque
     )
 
 
-def make_job(model: Any, request: ChatRequest, loop: asyncio.AbstractEventLoop) -> Job:
+def default_max_image_pixels(model: Any) -> int:
+    """`IMAGE_PIXELS_MULTIPLE` times the pixels of the model's largest input: its image size
+    squared, or a NeXT model's largest grid resolution."""
+    data = model.data
+    if data.anyres is not None:
+        largest = max(height * width for height, width in data.anyres.pinpoints)
+    else:
+        largest = data.image_size**2
+    return IMAGE_PIXELS_MULTIPLE * largest
+
+
+def _libc_malloc_trim() -> Any:
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # not glibc, or no C library to load
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_memory() -> None:
+    """Hands the heap's free memory back to the system (glibc's `malloc_trim`; elsewhere
+    nothing): a decoded image's hundreds of megabytes would otherwise stay with the
+    process, in the arena of the thread that decoded it."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def decode_images(
+    model: Any, request: ChatRequest, max_pixels: int | None = None
+) -> list[ModelImage]:
+    """The request's images as the model takes them, in prompt order; `APIError` 400 for an
+    image that cannot be decoded or whose header claims more than `max_pixels` pixels
+    (refused before decoding). Memory is handed back afterwards (`release_memory`)."""
+    images = []
+    try:
+        for m, (_, _, pictures) in enumerate(request.turns):
+            for picture in pictures:
+                try:
+                    image = model.image_from_bytes(
+                        picture,
+                        f"in messages[{m}]",
+                        max_pixels=max_pixels,
+                        limit_name="the server's --max-image-pixels",
+                    )
+                except InputError as err:
+                    where = f"messages[{m}].content"
+                    raise APIError(400, str(err), where, "invalid_value") from None
+                images.append(image)
+    finally:
+        release_memory()
+    return images
+
+
+def make_job(
+    model: Any,
+    request: ChatRequest,
+    loop: asyncio.AbstractEventLoop,
+    images: Sequence[ModelImage] | None = None,
+    max_image_pixels: int | None = None,
+) -> Job:
     """The prompt and sampling of `request`, as `generate`/`chat` build them (runs in a
-    thread: decoding images and tokenizing take a while)."""
-    turns, images = [], []
+    thread: tokenizing takes a while). `images`: the request's, from `decode_images` (which
+    the server runs on its few image threads); when None they are decoded here."""
+    if images is None:
+        images = decode_images(model, request, max_image_pixels)
+    turns = []
     for m, (role, text, pictures) in enumerate(request.turns):
         try:
             if role == "user":
                 turns.append(model.user_turn(text, with_image=bool(pictures)))
-            else:
+            else:  # its text is checked by `parse_request`
                 turns.append({"from": "gpt", "value": text})
-            for picture in pictures:
-                images.append(model.image_from_bytes(picture, f"in messages[{m}]"))
         except InputError as err:
             raise APIError(400, str(err), f"messages[{m}].content", "invalid_value") from None
+    images = list(images)
     try:
         ids = model.prompt_ids(turns, images)
         model.check_image_tokens(ids, images)
@@ -366,14 +497,24 @@ def create_app(
     *,
     max_image_bytes: int = 10 << 20,
     max_request_bytes: int = 32 << 20,
+    max_image_pixels: int | None = None,
+    image_workers: int = IMAGE_WORKERS,
 ) -> FastAPI:
-    """The server's routes around a started-on-startup `batcher` of `model`."""
+    """The server's routes around a started-on-startup `batcher` of `model`.
+
+    max_image_pixels: the most pixels an image may have (from its header; None:
+    `default_max_image_pixels`); image_workers: the threads that decode images (requests
+    beyond them wait their turn, holding only their encoded bytes)."""
     created = int(time.time())
+    if max_image_pixels is None:
+        max_image_pixels = default_max_image_pixels(model)
+    decoder = concurrent.futures.ThreadPoolExecutor(image_workers, "llava-image")
 
     async def lifespan(app: FastAPI):
         batcher.start()
         yield
         batcher.stop()
+        decoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="llava_jax", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -412,32 +553,16 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_request_bytes:
-            raise APIError(
-                413,
-                f"the request is {length} bytes, more than the server's limit "
-                f"of {max_request_bytes} bytes",
-                None,
-                "request_too_large",
-            )
-        raw = await request.body()
-        if len(raw) > max_request_bytes:
-            raise APIError(
-                413,
-                f"the request is more than {max_request_bytes} bytes",
-                None,
-                "request_too_large",
-            )
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(
-                400, f"the request body is not valid JSON: {err}", None, "invalid_json"
-            ) from None
-        parsed = parse_request(body, model_name, max_image_bytes)
+        raw = await read_body(request, max_request_bytes)
+        parsed = parse_request(parse_body(raw), model_name, max_image_bytes)
+        del raw
         loop = asyncio.get_running_loop()
-        job = await run_in_threadpool(make_job, model, parsed, loop)
+        images = []
+        if any(pictures for _, _, pictures in parsed.turns):
+            images = await loop.run_in_executor(
+                decoder, decode_images, model, parsed, max_image_pixels
+            )
+        job = await run_in_threadpool(make_job, model, parsed, loop, images)
         batcher.submit(job)
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         if parsed.stream:
