@@ -477,3 +477,10 @@ def test_the_recipes_docstring_commands_build_valid_configs():
         assert not run.model.lora.adapts("proj/fc1") and not run.model.lora.adapts("img/layers/fc1")
         int8 = RunConfig.from_config(llava_v15.get_config(f"{size},lora_int8"))
         assert int8.model.lora.base_dtype == "int8"
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf")])
+def test_a_lora_scale_that_is_not_finite_is_refused(alpha):
+    """alpha/rank scales every adapter's output: a NaN alpha made every merged kernel NaN."""
+    with pytest.raises(ValueError, match=r"lora\.alpha=.* is not a finite number"):
+        LoraConfig(rank=4, alpha=alpha)

@@ -19,9 +19,12 @@ the adapters' factors. `params-to-hf` writes such a checkpoint only with `--merg
 adapted kernel becomes `W + (alpha/rank)·A·B`); `lora-to-peft` writes the adapters alone as a
 Hugging Face PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`;
 `--base-model` is recorded as its `base_model_name_or_path`); `peft-to-params` puts a PEFT
-adapter on a plain params checkpoint of its base model, giving a LoRA params checkpoint;
+adapter on a plain params checkpoint of its base model, giving a LoRA params checkpoint
+(adapting exactly the modules PEFT would: those its `target_modules` selects; factors PEFT
+would not load, a non-finite `lora_alpha` and NaN factors are refused);
 `merge-lora` turns a LoRA params checkpoint into the plain one it stands for (e.g. to start
-another training stage from it).
+another training stage from it). A LoRA checkpoint whose scale `alpha/rank` or factors are
+not finite is refused by `merge-lora`, `lora-to-peft` and `params-to-hf --merge-lora`.
 
 `--out` is a folder that is new or empty; one that holds anything (an earlier export, say)
 is refused unless `--overwrite`, which replaces it whole: nothing of what it held stays
@@ -37,6 +40,7 @@ architecture, an `--out` that is a file, not empty, or the input itself) print o
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -52,7 +56,7 @@ from llava_jax.convert.hf import load_hf, load_towers, save_hf
 from llava_jax.convert.peft import export_peft_adapter, import_peft_adapter
 from llava_jax.convert.safetensors_io import CheckpointError
 from llava_jax.errors import InputError
-from llava_jax.models.lora import merge_lora
+from llava_jax.models.lora import LORA_FACTORS, adapted_layers, merge_lora
 from llava_jax.program import (
     EXIT_INPUT_ERROR,
     add_debug_argument,
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"(lora.rank={config.lora.rank}): give --merge-lora to write the merged "
                     "model, or write the adapter alone with lora-to-peft"
                 )
+            if config.lora.enabled:
+                _check_lora_numbers(args.params, config, params)
             dtype = DTYPES.get(args.dtype)
             write_folder(
                 args.out,
@@ -292,7 +298,29 @@ def _read_lora_checkpoint(path: str, otherwise: str) -> tuple[Any, Any]:
         raise InputError(
             f"the params checkpoint {path} holds no LoRA adapters (lora.rank=0): {otherwise}"
         )
+    _check_lora_numbers(path, config, params)
     return config, params
+
+
+def _check_lora_numbers(path: str, config: Any, params: Any) -> None:
+    """Refuses a LoRA checkpoint whose scale (`lora.alpha / lora.rank`) or factors are not
+    finite: its merged kernels, or its exported adapter, would be NaN."""
+    lora = config.lora
+    if not math.isfinite(lora.scale):
+        raise InputError(
+            f"the params checkpoint {path} has lora.alpha={lora.alpha} at lora.rank="
+            f"{lora.rank}: the adapters' scale alpha/rank is not finite, so every adapted "
+            "kernel would be NaN; make it again from an adapter with a finite lora_alpha"
+        )
+    for layer, node in adapted_layers(params):
+        for name in LORA_FACTORS:
+            bad = int(np.count_nonzero(~np.isfinite(np.asarray(node[name], np.float32))))
+            if bad:
+                raise InputError(
+                    f"the params checkpoint {path}: {layer.module_path}/{name} holds {bad} "
+                    "NaN or infinite value(s), so that kernel would be NaN; use a checkpoint "
+                    "from before the adapters went bad"
+                )
 
 
 def _described(err: Exception) -> Exception:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 SINGLE_FILE = "model.safetensors"
@@ -30,6 +30,20 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked; the message names the file and the key."""
 
 
+def open_safetensors(path: str):
+    """`safe_open(path)` for numpy. A file that is not a whole safetensors file (cut short by
+    a download or a copy, or something else saved under that name) raises `CheckpointError`
+    naming it, its size and what to do."""
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as err:
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            f"{path} ({size} bytes) is truncated or damaged: not a whole safetensors file "
+            f"({err}); download it again, or export it again from where it came from"
+        ) from None
+
+
 class SafetensorsReader(Mapping[str, np.ndarray]):
     """Lazy mapping from tensor name to numpy array over a directory's safetensors files."""
 
@@ -41,9 +55,7 @@ class SafetensorsReader(Mapping[str, np.ndarray]):
     def _handle(self, key: str):
         filename = self._file_of[key]
         if filename not in self._handles:
-            self._handles[filename] = safe_open(
-                os.path.join(self.directory, filename), framework="numpy"
-            )
+            self._handles[filename] = open_safetensors(os.path.join(self.directory, filename))
         return self._handles[filename]
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -74,7 +86,7 @@ def _weight_map(directory: str) -> dict[str, str]:
         return weight_map
     single = os.path.join(directory, SINGLE_FILE)
     if os.path.exists(single):
-        with safe_open(single, framework="numpy") as f:
+        with open_safetensors(single) as f:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
     pickled = [
         name

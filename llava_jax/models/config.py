@@ -8,6 +8,7 @@ that change how the same weights are run (compute dtype, parameter dtype, scan, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -132,6 +133,8 @@ class LoraConfig(Section):
             raise ValueError(f"lora.rank={self.rank} must be >= 0 (0: no LoRA)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if not math.isfinite(self.alpha):  # alpha/rank scales every adapter's output
+            raise ValueError(f"lora.alpha={self.alpha} is not a finite number")
         if self.base_dtype not in LORA_BASE_DTYPES:
             raise ValueError(
                 f"lora.base_dtype={self.base_dtype!r} is not one of {LORA_BASE_DTYPES}"
