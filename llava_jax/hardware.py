@@ -100,6 +100,28 @@ _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 _SLICE = re.compile(r"^(v4|v5e|v5p|v6e)-(\d+)$")
 
 
+_KNOWN_FORMS = (
+    "give a TPU slice (v4-32, v5e-64, v5p-16, v6e-16), a TPU topology (v4:2x2x4, v5e:8x8, "
+    "v5p:2x2x2, v6e:4x4), cpu:N or gpu"
+)
+# Other names of the known generations: Cloud's accelerator types and the chips' own.
+_FAMILY_NAMES = {"v5litepod": ("v5e",), "v5lite": ("v5e",), "v5": ("v5e", "v5p"), "v6": ("v6e",)}
+
+
+def _family_hint(name: str) -> str:
+    """What the generation in an unknown `name` is, where it has one: a name of a known
+    generation to write instead, or the generations this table knows."""
+    family = re.split(r"[-:]", name, maxsplit=1)[0]
+    if family in _SLICES:  # a known generation, written some other way
+        return f"{family} is known, but {name!r} is neither {family}-N nor {family}:AxB[xC]; "
+    if family in _FAMILY_NAMES:
+        names = _FAMILY_NAMES[family]
+        return f"{family!r} is written {' or '.join(names)} here (e.g. {names[0]}-16); "
+    if re.fullmatch(r"v\d+\w*", family):
+        return f"{family!r} is not a TPU generation this plan knows ({', '.join(_SLICES)}); "
+    return ""
+
+
 def tpu_topology_name(name: str) -> str:
     """`v4-32` or `v4:2x2x4` -> the libtpu topology name (`v4:2x2x4`); an unknown name is an
     error that lists what is known."""
@@ -115,10 +137,7 @@ def tpu_topology_name(name: str) -> str:
         return f"{generation}:{shape}"
     match = _TOPOLOGY.match(name)
     if not match:
-        raise ValueError(
-            f"topology {name!r} is not known: give a TPU slice (v4-32, v5e-64, v5p-16, "
-            "v6e-16), a TPU topology (v4:2x2x4, v5e:8x8, v5p:2x2x2, v6e:4x4), cpu:N or gpu"
-        )
+        raise ValueError(f"topology {name!r} is not known: {_family_hint(name)}{_KNOWN_FORMS}")
     generation, shape = match.groups()
     dims = len(shape.split("x"))
     if (generation in ("v4", "v5p")) != (dims == 3):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -63,12 +64,36 @@ class Plan:
 # --- devices ----------------------------------------------------------------------------------
 
 
+def check_topology(topology: str) -> str:
+    """`--topology`'s value, checked as text before JAX starts: `gpu`, `cpu`, `cpu:N` (N >= 1)
+    or a TPU slice or topology (`hardware.tpu_topology_name`). Raises ValueError naming the
+    flag and the accepted forms."""
+    if topology == "gpu" or topology == "cpu":
+        return topology
+    if topology.startswith("cpu:"):
+        count = topology.partition(":")[2]
+        if not (count.isascii() and count.isdigit() and int(count) >= 1):
+            raise ValueError(
+                f"--topology={topology}: N in cpu:N is how many CPU devices to compile for, a "
+                "whole number from 1 (e.g. --topology=cpu:8)"
+            )
+        return topology
+    from llava_jax.hardware import tpu_topology_name
+
+    try:
+        tpu_topology_name(topology)
+    except ValueError as err:
+        raise ValueError(f"--topology={topology}: {err}") from None
+    return topology
+
+
 def plan_devices(topology: str) -> list[Any]:
     """The devices to compile for: a TPU slice's compile-only devices, `cpu:N`, or `gpu`."""
     import jax
 
     from llava_jax.hardware import tpu_devices
 
+    check_topology(topology)
     if topology == "gpu":
         try:
             return jax.devices("gpu")
@@ -83,11 +108,15 @@ def plan_devices(topology: str) -> list[Any]:
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={wanted}"
             )
         return devices[:wanted]
-    return tpu_devices(topology)
+    try:
+        return tpu_devices(topology)
+    except ValueError as err:
+        raise ValueError(f"--topology={topology}: {err}") from None
 
 
-def _cpu_device_count(argv: list[str]) -> int | None:
-    """`--topology=cpu:N` among the arguments: N, so fake devices exist before JAX starts."""
+def _cpu_device_count(argv: Sequence[str]) -> int | None:
+    """`--topology=cpu:N` among the arguments: N, so fake devices exist before JAX starts
+    (None where there is none, or N is no count: `check_topology` says so later)."""
     for i, arg in enumerate(argv):
         value = None
         if arg.startswith("--topology="):
@@ -95,8 +124,22 @@ def _cpu_device_count(argv: list[str]) -> int | None:
         elif arg == "--topology" and i + 1 < len(argv):
             value = argv[i + 1]
         if value and value.startswith("cpu:"):
-            return int(value.split(":", 1)[1])
+            count = value.split(":", 1)[1]
+            return int(count) if count.isascii() and count.isdigit() else None
     return None
+
+
+def hbm_bytes_from_gib(gib: float | None) -> int | None:
+    """`--hbm_gib` as bytes (None: the chip's own memory); a value that is not a positive
+    number is refused, naming the flag."""
+    if gib is None:
+        return None
+    if not math.isfinite(gib) or gib <= 0:
+        raise ValueError(
+            f"--hbm_gib={gib:g}: give the memory of one device in GiB, a number above 0 "
+            "(e.g. --hbm_gib=16), or leave the flag out to plan against the chip's own memory"
+        )
+    return max(int(gib * GIB), 1)
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -132,6 +175,231 @@ def check_mesh_divides_model(boxed_params: Any, mesh: Any, rules: Any) -> None:
             f"mesh {dict(mesh.shape)} does not divide the model ({shown}). Choose mesh axis "
             "sizes that divide these dimensions (config.mesh.shape)."
         )
+
+
+def check_mesh_and_batch(
+    config: Any, num_devices: int, topology: str, *, check_batch: bool = True
+) -> int:
+    """`config.mesh` against the devices to plan for, and `config.data.global_batch_size`
+    against the mesh's data-parallel size, before anything is built: a message names the
+    flag, the device count and values that would work. Returns the data-parallel size."""
+    section = config.mesh
+    shape, dcn = _sizes(section.shape), _sizes(section.dcn_shape)
+    have = f"--topology={topology} has {num_devices} devices"
+    slices = 1
+    if section.dcn_shape is not None:
+        slices = math.prod(dcn) if dcn and len(dcn) == 3 and min(dcn) >= 1 else 0
+        if not slices or num_devices % slices:
+            raise ValueError(
+                f"--config.mesh.dcn_shape={_shown(section.dcn_shape)} does not split the "
+                f"devices into slices ({have}): give 3 sizes from 1 over (data, fsdp, tensor) "
+                f"whose product, the number of slices, divides {num_devices} (e.g. (2, 1, 1)), "
+                "or None for one slice"
+            )
+        have += f", {num_devices // slices} in each of its {slices} slices"
+    per_slice = num_devices // slices
+    fixes = (
+        f"give 3 sizes over (data, fsdp, tensor) whose product is {per_slice}, e.g. "
+        f"({per_slice}, 1, 1) or (1, {per_slice}, 1), or -1 for the one that takes the devices "
+        "the others leave, e.g. (-1, 1, 1)"
+    )
+    flag = f"--config.mesh.shape={_shown(section.shape)}"
+    if (
+        shape is None
+        or len(shape) != 3
+        or shape.count(-1) > 1
+        or min(size if size != -1 else 1 for size in shape) < 1
+    ):
+        raise ValueError(f"{flag} is no mesh ({have}): {fixes}")
+    known = math.prod(size for size in shape if size != -1)
+    if -1 in shape:
+        if per_slice % known:
+            raise ValueError(
+                f"{flag} cannot be filled ({have}): the sizes besides -1 multiply to {known}, "
+                f"which does not divide {per_slice}; {fixes}"
+            )
+        shape = tuple(per_slice // known if size == -1 else size for size in shape)
+    elif known != per_slice:
+        per = " per slice" if slices > 1 else ""
+        raise ValueError(f"{flag} needs {known} devices{per}, but {have}: {fixes}")
+    data, fsdp = shape[0] * (dcn or (1, 1, 1))[0], shape[1] * (dcn or (1, 1, 1))[1]
+    data_parallel = data * fsdp
+    batch = config.data.global_batch_size
+    if check_batch and (batch < 1 or batch % data_parallel):
+        fit = max(-(-batch // data_parallel), 1) * data_parallel
+        raise ValueError(
+            f"--config.data.global_batch_size={batch}: the sequences of one step are split "
+            f"over mesh data={data} x fsdp={fsdp} = {data_parallel} data-parallel devices, so "
+            f"give a multiple of {data_parallel} (e.g. --config.data.global_batch_size={fit})"
+        )
+    return data_parallel
+
+
+def _sizes(value: Any) -> tuple[int, ...] | None:
+    """A mesh shape as whole numbers; None for None, or for anything that is not one."""
+    try:
+        sizes = tuple(value)
+        if all(int(size) == size and not isinstance(size, bool) for size in sizes):
+            return tuple(int(size) for size in sizes)
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _shown(value: Any) -> str:
+    return str(tuple(value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateBytes:
+    """At least this many bytes of parameters and optimizer state, all devices together:
+    counted from the architecture, before any program of the whole model is built."""
+
+    param_bytes: int
+    optimizer_bytes: int
+    layers: dict[str, tuple[int, int]]  # "vision" / "text" -> (layers, parameter bytes of one)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.optimizer_bytes
+
+
+_LAYER_STACK = re.compile(r"layers(_\d+)?")
+_TOWERS = {"img": "vision", "llm": "text"}
+# Unscanned, the train pattern is matched against each layer's own paths, up to this many
+# layers (a fraction of a second); the optimizer state of layers past them is not counted.
+_PATTERN_LAYERS = 10_000
+
+
+def minimum_state_bytes(model_config: Any, train_pattern: str) -> StateBytes:
+    """The parameter and Adam bytes of `model_config`, from a model of the same widths with
+    one layer per tower (its parameter tree, abstract: nothing allocated) and the layer
+    counts: about the same cost for 2 layers or a million, in either layout.
+
+    Exact for the scanned layout, and for the unscanned one up to 10,000 layers. Past them,
+    the optimizer state of the further layers is left out; and unscanned with LoRA, whose
+    target may name layers by index (`llm/layers_7/…`), each layer counts as the smaller of
+    adapted and not, without optimizer state: a lower bound."""
+    from llava_jax.models.lora import LORA_FACTORS
+
+    try:
+        pattern = re.compile(train_pattern)
+    except re.error as err:
+        raise ValueError(
+            f"config.train.train_pattern={train_pattern!r} is not a regex: {err}"
+        ) from None
+
+    def trains(path: str, floating: bool) -> bool:  # as train.optimizer.trainable_mask
+        if path.rsplit("/", 1)[-1] in LORA_FACTORS:
+            return True
+        return floating and pattern.fullmatch(path) is not None  # integers have no gradient
+
+    counts = {"img": model_config.vision.num_layers, "llm": model_config.text.num_layers}
+    by_index = not model_config.scan_layers  # unscanned: paths carry the layer's index
+    lora = model_config.lora.enabled
+    params: dict[str, int] = dict.fromkeys(("rest", *counts), 0)
+    moments = dict(params)
+    layer = dict(params)  # one layer's parameter bytes
+    for part, path, size, floating in _one_layer_leaves(model_config, lora=lora):
+        if part == "rest":
+            params[part] += size
+            moments[part] += 2 * size * trains(path, floating)
+            continue
+        layer[part] += size
+        if not by_index:
+            moments[part] += 2 * size * counts[part] * trains(path, floating)
+        elif not lora:
+            layers = range(min(counts[part], _PATTERN_LAYERS))
+            moments[part] += 2 * size * sum(trains(path.format(i), floating) for i in layers)
+    if by_index and lora:
+        plain = dict.fromkeys(counts, 0)
+        for part, _, size, _ in _one_layer_leaves(model_config, lora=False):
+            if part != "rest":
+                plain[part] += size
+        layer = {part: min(layer[part], plain.get(part, 0)) for part in layer}
+    for part, count in counts.items():
+        params[part] = count * layer[part]
+    return StateBytes(
+        param_bytes=sum(params.values()),
+        optimizer_bytes=sum(moments.values()),
+        layers={name: (counts[part], layer[part]) for part, name in _TOWERS.items()},
+    )
+
+
+def _one_layer_leaves(model_config: Any, *, lora: bool) -> list[tuple[str, str, int, bool]]:
+    """(part, path, bytes, floating) of each parameter of the same model with one layer per
+    tower, `lora` or not: part `img` or `llm` for the layer of that stack, `rest` for the
+    others; an unscanned layer's path has `{}` for its index (`llm/layers_{}/up/kernel`)."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from llava_jax.models.config import LoraConfig
+    from llava_jax.models.llava import abstract_params
+    from llava_jax.sharding import path_string
+
+    selected = len(model_config.feature_layers)  # the projector's input width counts them
+    one = dataclasses.replace(
+        model_config,
+        vision=dataclasses.replace(model_config.vision, num_layers=1),
+        text=dataclasses.replace(model_config.text, num_layers=1),
+        vision_feature_layer=-1 if selected == 1 else (-1,) * selected,
+        lora=model_config.lora if lora else LoraConfig(),
+    )
+    leaves = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_params(one))):
+        keys = path_string(path).split("/")
+        part = "rest"
+        if len(keys) > 2 and _LAYER_STACK.fullmatch(keys[1]):
+            part = keys[0]
+            if keys[1] != "layers":
+                keys[1] = "layers_{}"
+        size = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        floating = not np.issubdtype(leaf.dtype, np.integer)
+        leaves.append((part, "/".join(keys), size, floating))
+    return leaves
+
+
+def check_state_fits(
+    state: StateBytes, num_devices: int, hbm_bytes: int, where: str, memory_flag: bool
+) -> None:
+    """Refuse a model whose parameters and optimizer state exceed the memory of all the
+    devices together: no sharding can make it fit, so no program is built for it."""
+    total = num_devices * hbm_bytes
+    if state.total_bytes <= total:
+        return
+    tower, (layers, each) = max(state.layers.items(), key=lambda item: item[1][0] * item[1][1])
+    part = ""
+    if layers * each * 2 > state.param_bytes:  # most of the model is one stack of layers
+        name = "decoder" if tower == "text" else "vision tower"
+        part = f" ({layers} {name} layers of {_size(each)} each)"
+    optimizer = (
+        f" and Adam's moments of the trainable ones at least {_size(state.optimizer_bytes)} more"
+        if state.optimizer_bytes
+        else ""
+    )
+    needed = -(-state.total_bytes // hbm_bytes)
+    more_memory = ", more memory per device (--hbm_gib)" if memory_flag else ""
+    raise ValueError(
+        f"the model cannot fit {where} even with every array sharded over all "
+        f"{num_devices} devices: its parameters alone take {_size(state.param_bytes)}{part}"
+        f"{optimizer}, but {num_devices} x {_size(hbm_bytes)} is {_size(total)} in all (at "
+        f"least {needed} such devices would be needed). Plan for a larger slice (--topology)"
+        f"{more_memory}, a smaller model (e.g. --config.model.{tower}.num_layers) or fewer "
+        "trainable parameters (--config.train.train_pattern)"
+    )
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    if n < 1024:
+        return f"{n} B"
+    if n < 2**20:
+        return f"{n / 1024:.1f} KiB"
+    if n >= 1024 * GIB:
+        return f"{n / (1024 * GIB):.1f} TiB"
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
 def _abstract_batch(config: Any, model_config: Any, global_batch: int, sharding: Any) -> dict:
@@ -183,12 +451,24 @@ def plan_train_step(
     from llava_jax.models.llava import abstract_params
     from llava_jax.sharding import batch_sharding, data_parallel_size, device_bytes
     from llava_jax.train.config import RunConfig
-    from llava_jax.train.step import jit_train_step, make_train_step
-    from llava_jax.train.trainer import make_run_setup
 
+    if hbm_bytes is not None and hbm_bytes < 1:
+        raise ValueError(f"hbm_bytes={hbm_bytes}: the memory to plan against must be above 0")
+    if device_batch is not None and device_batch < 1:
+        raise ValueError(f"device_batch={device_batch}: sequences per device must be 1 or more")
+    check_mesh_and_batch(config, len(devices), topology, check_batch=device_batch is None)
     if not isinstance(config, RunConfig):
         config = RunConfig.from_config(config)
     model_config = config.model
+    chip = chip_for(devices[0])
+    budget = hbm_bytes if hbm_bytes is not None else chip.hbm_bytes  # per device
+    if budget is not None:  # before any program of the whole model: it may be enormous
+        state_bytes = minimum_state_bytes(model_config, config.train.train_pattern)
+        where = f"on {topology} ({len(devices)} x {chip.name}, {_size(budget)} each)"
+        check_state_fits(state_bytes, len(devices), budget, where, hbm_bytes is not None)
+    from llava_jax.train.step import jit_train_step, make_train_step
+    from llava_jax.train.trainer import make_run_setup  # slow to import (tokenizers)
+
     mesh = config.mesh.make_mesh(devices)
     rules = config.mesh.rules
     check_mesh_divides_model(abstract_params(model_config), mesh, rules)
@@ -210,7 +490,6 @@ def plan_train_step(
     step = jit_train_step(setup, step_fn, global_batch, micro_batches)
     batch = _abstract_batch(config, model_config, global_batch, batch_sharding(mesh))
     start = time.perf_counter()
-    chip = chip_for(devices[0])
     state = setup.abstract_state
     arguments = device_bytes(state) + device_bytes(batch)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -229,7 +508,7 @@ def plan_train_step(
         topology=topology,
         num_devices=len(devices),
         chip=chip.name,
-        hbm_bytes=hbm_bytes or chip.hbm_bytes,
+        hbm_bytes=budget,
         mesh_shape=dict(mesh.shape),
         global_batch=global_batch,
         micro_batches=micro_batches,
@@ -356,44 +635,105 @@ def format_plan(plan: Plan, config_name: str, largest: int | None = None) -> str
 # --- command line -----------------------------------------------------------------------------
 
 
-def main() -> None:
-    count = _cpu_device_count(sys.argv)
-    if count:  # fake CPU devices must exist before JAX starts
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
-        ).strip()
-    if "gpu" not in sys.argv and "--topology=gpu" not in sys.argv:
-        # Compiling for a slice needs no local accelerator: do not probe for one.
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from absl import app, flags
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m llava_jax.plan` with `argv` (default: the command line); returns the exit
+    status. Anything the user can fix (a flag, a config value, a model no slice of that
+    size holds) is one line, `error: …`, on stderr and status 2; `--debug` raises it
+    instead. In a process that has imported JAX already, `--topology=cpu:N` needs the N
+    devices to be there (XLA_FLAGS is read when JAX starts)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "jax" not in sys.modules:  # the environment is read when JAX starts
+        count = _cpu_device_count(argv)
+        if count:  # fake CPU devices must exist before JAX starts
+            os.environ["XLA_FLAGS"] = (
+                os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+            ).strip()
+        if "gpu" not in argv and "--topology=gpu" not in argv:
+            # Compiling for a slice needs no local accelerator: do not probe for one.
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from absl import flags
     from ml_collections import config_flags
 
+    from llava_jax.errors import InputError
+    from llava_jax.program import EXIT_INPUT_ERROR, report_error
+
+    values = flags.FlagValues()
     config_flags.DEFINE_config_file(
-        "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
+        "config",
+        None,
+        "Config file (configs/*.py[:arg]).",
+        flag_values=values,
+        lock_config=True,
+        sys_argv=["plan", *argv],
     )
-    flags.DEFINE_string("topology", None, "v4-32, v5e:8x8, v5p:2x2x2, cpu:8, gpu, …")
-    flags.DEFINE_bool("search_batch", True, "Also find the largest per-device batch that fits.")
-    flags.DEFINE_float("hbm_gib", None, "Plan against this much memory per device instead.")
-    flags.mark_flags_as_required(["config", "topology"])
-
-    def run(argv: list[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        FLAGS = flags.FLAGS
-        try:
-            devices = plan_devices(FLAGS.topology)
-            hbm = int(FLAGS.hbm_gib * GIB) if FLAGS.hbm_gib else None
-            plan = plan_train_step(FLAGS.config, devices, FLAGS.topology, hbm_bytes=hbm)
-        except (ValueError, RuntimeError) as err:
-            print(f"plan: {err}", file=sys.stderr)
-            sys.exit(2)
-        name = _config_name(sys.argv)
+    flags.DEFINE_string(
+        "topology", None, "v4-32, v5e:8x8, v5p:2x2x2, cpu:8, gpu, …", flag_values=values
+    )
+    flags.DEFINE_bool(
+        "search_batch",
+        True,
+        "Also find the largest per-device batch that fits.",
+        flag_values=values,
+    )
+    flags.DEFINE_float(
+        "hbm_gib", None, "Plan against this much memory per device instead.", flag_values=values
+    )
+    flags.DEFINE_bool(
+        "debug", False, "Show errors with their Python traceback.", flag_values=values
+    )
+    if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv):
+        print(__doc__)
+        print(values.get_help())
+        return 0
+    try:
+        rest = values(["plan", *argv])
+    except Exception as err:  # noqa: BLE001 - absl and config_flags raise several types
+        if "--debug" in argv:
+            raise
+        report_error(InputError(_flag_error(err)))
+        return EXIT_INPUT_ERROR
+    try:
+        if rest[1:]:
+            raise InputError(f"unexpected arguments: {rest[1:]}")
+        config_file = _config_name(argv).partition(":")[0]
+        if values["config"].present and not os.path.isfile(config_file):
+            raise InputError(
+                f"--config={_config_name(argv)}: there is no file {config_file!r} (give a "
+                "config file, e.g. --config=configs/tiny.py)"
+            )
+        if values.config is None:
+            raise InputError("--config is required (e.g. --config=configs/tiny.py)")
+        if values.topology is None:
+            raise InputError(
+                "--topology is required: a TPU slice (v5e-16), a TPU topology (v5e:4x4), "
+                "cpu:N or gpu"
+            )
+        topology = check_topology(values.topology)
+        hbm = hbm_bytes_from_gib(values.hbm_gib)
+        devices = plan_devices(topology)
+        plan = plan_train_step(values.config, devices, topology, hbm_bytes=hbm)
         largest = None
-        if FLAGS.search_batch and plan.hbm_bytes is not None:
-            largest, _ = largest_device_batch(FLAGS.config, devices, FLAGS.topology, plan)
-        print(format_plan(plan, name, largest))
+        if values.search_batch and plan.hbm_bytes is not None:
+            largest, _ = largest_device_batch(values.config, devices, topology, plan)
+    except (ValueError, RuntimeError, InputError) as err:
+        if values.debug:
+            raise
+        report_error(err)
+        return EXIT_INPUT_ERROR
+    print(format_plan(plan, _config_name(argv), largest))
+    return 0
 
-    app.run(run)
+
+def _flag_error(err: Exception) -> str:
+    """A bad flag or config override as one line (config_flags wraps a KeyError whose text
+    is the message)."""
+    cause: object = err
+    while isinstance(cause, AttributeError | KeyError) and cause.args:
+        cause = cause.args[0]
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in lines:  # a config file's own error: its line
+        lines = lines[: lines.index("Traceback (most recent call last):")] + lines[-1:]
+    return " ".join(lines)
 
 
 def _config_name(argv: list[str]) -> str:
@@ -406,4 +746,4 @@ def _config_name(argv: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

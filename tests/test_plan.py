@@ -106,7 +106,7 @@ def test_cli_error_is_one_line_and_exit_2():
         timeout=300,
     )
     assert result.returncode == 2
-    assert "plan: topology 'v9-8' is not known" in result.stderr
+    assert "error: --topology=v9-8: topology 'v9-8' is not known" in result.stderr
     assert "Traceback" not in result.stderr
 
 
