@@ -46,7 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--questions", required=True, help="LLaVA questions JSONL")
     parser.add_argument("--image-dir", help="folder of the questions' images")
     parser.add_argument("--out", required=True, help="answers JSONL to write")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="questions answered together (a batch is never padded past the questions there are)",
+    )
     parser.add_argument("--model-id", help="the answers' model_id")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cli.add_sampling_arguments(parser, max_new_tokens=128, temperature=0.0)

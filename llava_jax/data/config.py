@@ -22,6 +22,11 @@ from llava_jax.section import Section
 
 SOURCES = ("synthetic", "llava_json")
 ON_BAD_RECORD = ("error", "skip")
+# First-fit looks at every open row for each conversation, so planning an epoch takes time
+# in proportion to the window; rows are as full at a few thousand open rows as at any more
+# (100K conversations of 60-1,200 tokens into 2,048: 31,279 rows at 64 open rows, 31,041 at
+# 4,096 and at 16,384).
+MAX_PACKING_WINDOW = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +42,9 @@ class DataConfig(Section):
     json_path: str | None = None  # llava_json: LLaVA JSON list or JSONL (split 'train')
     test_json_path: str | None = None  # llava_json: optional split 'test'
     image_dir: str | None = None  # llava_json: folder the `image` paths are relative to
-    dataset_name: str | None = None  # llava_json: builder config name (default: json stem)
+    # llava_json: the prepared directory's name; default `<json stem>_<hash of the source>`
+    # (datasets/__init__.py). A given name is reused only for the data it was made from.
+    dataset_name: str | None = None
     on_bad_record: str = "error"  # llava_json: error | skip
     synthetic_style: str = "instruct"  # caption (stage 1) | instruct (stage 2)
     synthetic_image_size: int = 32
@@ -105,6 +112,13 @@ class DataConfig(Section):
                 f"max_images_per_sample={self.max_images_per_sample}: a conversation's images "
                 "would not fit in a row"
             )
+        if self.packing_window > MAX_PACKING_WINDOW:
+            raise ValueError(
+                f"config.data.packing_window={self.packing_window} is more than "
+                f"{MAX_PACKING_WINDOW}: packing looks at every open row for each conversation, "
+                "so a larger window only slows every epoch's plan (and its memory), and rows "
+                f"are already as full at {MAX_PACKING_WINDOW} open rows as at any more"
+            )
         for field in (
             "global_batch_size",
             "max_len",
@@ -120,7 +134,12 @@ class DataConfig(Section):
     def saved(cls, section: dict, where: str) -> DataConfig:
         """The data settings saved with a run's checkpoints. A run config written before the
         conversation format had versions (no `template_version`) was trained with version 1."""
-        return cls.from_section({"template_version": 1, **section}, where)
+        section = {"template_version": 1, **section}
+        # Windows past the bound were accepted before it; a saved one says only how that run
+        # packed (no program reads it back to pack), so it is kept within the bound.
+        if isinstance(section.get("packing_window"), int):
+            section["packing_window"] = min(section["packing_window"], MAX_PACKING_WINDOW)
+        return cls.from_section(section, where)
 
     def for_model(self, model: Any) -> DataConfig:
         """These settings with what the model (a `ModelConfig`) dictates: the image size,

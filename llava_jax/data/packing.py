@@ -106,13 +106,17 @@ def first_fit(
     first of up to `window` open rows with room for its tokens and images, or opens a new
     row; when `window` rows are open, the oldest is closed first. Rows come out in the order
     they close (then the open ones, oldest first): deterministic, and the stream's order is
-    kept within `window` rows."""
-    space = np.zeros(window, np.int64)  # tokens left in each open slot
-    images = np.zeros(window, np.int64)
-    opened = np.full(window, -1, np.int64)  # when each slot's row opened (-1: free)
-    members: list[list[int]] = [[] for _ in range(window)]
+    kept within `window` rows.
+
+    The open rows are kept oldest first, so the first fit is the first row with room; the
+    arrays hold at most twice the rows open at once (never more than the records), and each
+    record looks at the open rows only (config.data.packing_window bounds them)."""
+    capacity = 2 * max(1, min(window, len(order)))
+    space = np.zeros(capacity, np.int64)  # tokens left in each open row
+    images = np.zeros(capacity, np.int64)
+    members: list[list[int]] = [[] for _ in range(capacity)]
+    head = tail = 0  # the open rows are [head, tail), oldest first
     rows: list[np.ndarray] = []
-    counter = 0
     for index in order.tolist():
         tokens, pictures = int(table.lengths[index]), int(table.num_images[index])
         if tokens == 0:
@@ -121,25 +125,29 @@ def first_fit(
             raise ValueError(
                 f"a record has {pictures} images but config.data.max_images_per_row is {max_images}"
             )
-        fits = np.flatnonzero((opened >= 0) & (space >= tokens) & (images >= pictures))
-        if len(fits):
-            slot = int(fits[np.argmin(opened[fits])])  # the oldest row it fits: first fit
-        else:
-            free = np.flatnonzero(opened < 0)
-            if len(free):
-                slot = int(free[0])
-            else:
-                slot = int(np.argmin(opened))
-                rows.append(np.asarray(members[slot], np.int64))
-            space[slot], images[slot], opened[slot] = max_len, max_images, counter
-            members[slot] = []
-            counter += 1
+        slot = -1
+        if tail > head:
+            fits = space[head:tail] >= tokens
+            if pictures:
+                fits &= images[head:tail] >= pictures
+            first = int(fits.argmax())
+            if fits[first]:
+                slot = head + first  # the oldest row it fits: first fit
+        if slot < 0:
+            if tail - head == window:  # the oldest row closes
+                rows.append(np.asarray(members[head], np.int64))
+                head += 1
+            if tail == capacity:  # move the open rows to the front
+                count = tail - head
+                space[:count], images[:count] = space[head:tail], images[head:tail]
+                members[:count] = members[head:tail]
+                head, tail = 0, count
+            slot, tail = tail, tail + 1
+            space[slot], images[slot], members[slot] = max_len, max_images, []
         members[slot].append(index)
         space[slot] -= tokens
         images[slot] -= pictures
-    for slot in np.argsort(np.where(opened >= 0, opened, np.iinfo(np.int64).max)).tolist():
-        if opened[slot] >= 0:
-            rows.append(np.asarray(members[slot], np.int64))
+    rows.extend(np.asarray(members[slot], np.int64) for slot in range(head, tail))
     return rows
 
 

@@ -27,8 +27,10 @@ leaves a truncated `OUT`, and its answers so far are in `OUT.partial`. It refuse
 that is the questions file (`OutputFileError`).
 
 Batches: questions are taken in file order, `batch_size` with a readable image at a time,
-and every batch is padded to `batch_size` rows (by the generator), so one
-compiled program serves them all; prompts share compilations through length buckets.
+and every batch is padded to `batch_size` rows or the number of questions if fewer (by the
+generator), so one compiled program serves them all and a `--batch-size` larger than the
+file allocates for the questions there are; prompts share compilations through length
+buckets.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import dataclasses
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -194,14 +196,19 @@ def generate_answers(
     image_slots: tuple[int, ...],
     length: int | None = None,
     image_layouts: Sequence[np.ndarray | None] | None = None,
+    batch_rows: int | None = None,
 ) -> list[str]:
     """Answers to `prompts` (int32[L] each) about their `images` (float32[I, H, W, 3] with
     `image_masks` bool[I], or None for text only), in order, `batch_size` at a time.
 
-    `image_slots` is (I, H, W, 3). Every batch is padded to `batch_size` rows, so one
-    compiled program serves them all (and, with `length`, one prompt length). A LLaVA-NeXT
-    model: images are tiles (`image_slots` (I, T, H, W, 3)) with `image_layouts` int32[I, N].
+    `image_slots` is (I, H, W, 3). Every batch is padded to `batch_rows` rows (default:
+    `batch_size`, or the number of prompts if fewer: rows for prompts there are not would
+    only cost memory), so one compiled program serves them all (and, with `length`, one
+    prompt length). A LLaVA-NeXT model: images are tiles (`image_slots` (I, T, H, W, 3))
+    with `image_layouts` int32[I, N].
     """
+    if batch_rows is None:
+        batch_rows = min(batch_size, len(prompts))
     answers: list[str] = []
     layout_shape = None
     if image_layouts is not None:
@@ -223,7 +230,7 @@ def generate_answers(
             pixels,
             image_mask,
             sampling,
-            batch_rows=batch_size,
+            batch_rows=batch_rows,
             length=length,
             image_layout=layout,
         )
@@ -249,6 +256,8 @@ def answer_questions(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    # every batch padded alike (one compilation), but never past the questions there are
+    rows = min(batch_size, len(questions)) if isinstance(questions, Sized) else batch_size
     image_slots = (1, *model.image_shape)
     window: list[dict | _Prepared] = []  # entries in question order; _Prepared to generate
 
@@ -273,6 +282,7 @@ def answer_questions(
                 batch_size=batch_size,
                 image_slots=image_slots,
                 image_layouts=layouts(todo),
+                batch_rows=max(rows, len(todo)),
             )
             if todo
             else []

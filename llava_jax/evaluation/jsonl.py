@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from llava_jax.json_input import JSONInputError, loads
 
 
 def read_records(
     path: str | Path, error: type[Exception], errors: str = "strict"
 ) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of `path`; each line must be a JSON
-    object with a `question_id`. Anything else raises `error` naming `path:line`.
+    object with a `question_id`. Anything else raises `error` naming `path:line`: malformed
+    JSON, nesting too deep for the reader, a number of more digits than Python reads.
 
     errors: how bytes that are not UTF-8 are decoded; "surrogateescape" keeps them as lone
     surrogates in the strings, for the caller to refuse one record rather than the file.
@@ -28,9 +30,9 @@ def read_records(
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise error(f"{path}:{number}: malformed JSON: {err.msg}") from None
+            obj = loads(line)
+        except JSONInputError as err:
+            raise error(f"{path}:{number}: {err}") from None
         if not isinstance(obj, dict):
             raise error(f"{path}:{number}: expected a JSON object")
         if "question_id" not in obj:

@@ -394,8 +394,9 @@ class Run:
                 f"mesh: {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} over "
                 f"{mesh.size} {mesh.devices.flat[0].platform} devices, "
                 f"{jax.process_count()} process(es)",
-                f"data: {data.source}, template {data.template} (version "
-                f"{data.template_version}), batch "
+                f"data: {datasets.describe(data)}",
+                f"batches: template {data.template} (version {data.template_version}), "
+                f"batch "
                 f"{data.global_batch_size} x {data.max_len} tokens, {self.total_steps} steps"
                 + (
                     ""

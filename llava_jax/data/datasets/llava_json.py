@@ -9,11 +9,21 @@ out of the folder (``outside_image_dir``) or a FIFO, directory or device
 (``not_regular_file``) drop the record, and nothing outside the folder is read. Policy
 ``on_bad_record``: ``error`` stops before anything is written, listing the first
 offending ids and files; ``skip`` leaves them out and reports how many of each.
+
+A file that cannot be read as a whole (missing, not UTF-8, a JSON list that does not parse,
+is nested too deep or holds a number of more digits than Python reads) is a
+``DataFileError`` naming the file; in a JSONL file such a line is one ``bad_json`` record.
+
+What a preparation was made from (``source_of``: the JSON's absolute path and SHA-256, the
+test JSON's, the image folder, ``on_bad_record``, the builder's version) is written beside
+the shards (``SOURCE_FILE``); ``source_key`` of it names the prepared directory, so other
+data never reuses it (``datasets.builder_for``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +45,8 @@ from llava_jax.data.image import (
     decode_image,
     read_image_file,
 )
+from llava_jax.errors import InputError
+from llava_jax.json_input import JSONInputError, loads
 
 PROBLEMS = (
     "bad_json",
@@ -49,6 +61,12 @@ PROBLEMS = (
 # Kept, but changed as LLaVA changes them before training.
 ADJUSTMENTS = ("leading_gpt_turn_skipped",)
 REPORT_FILE = "validation_report.json"
+SOURCE_FILE = "llava_jax_source.json"  # what the prepared records were made from
+BUILDER_VERSION = "1.0.0"
+
+
+class DataFileError(InputError, ValueError):
+    """A data file that cannot be read as a whole; the message names the file."""
 
 
 @dataclasses.dataclass
@@ -130,24 +148,36 @@ class BadRecordsError(ValueError):
 
 def read_raw_records(path: str) -> list[tuple[str, dict | None, str]]:
     """``(fallback id, record or None, problem detail)`` for each record of a JSON list
-    or a JSONL file; a JSONL line that does not parse becomes ``(line id, None, why)``."""
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
+    or a JSONL file; a JSONL line that does not parse becomes ``(line id, None, why)``.
+
+    Raises `DataFileError` naming `path` when the file cannot be read, is not UTF-8, or is a
+    JSON list that cannot be parsed (malformed, nested too deep, a number too long)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError as error:
+        raise DataFileError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    except OSError as error:
+        raise DataFileError(f"{path}: cannot read: {error.strerror or error}") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            items = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from error
+            items = loads(text)
+        except JSONInputError as error:
+            raise DataFileError(f"{path}: not a JSON list this program can read: {error}") from None
         return [(f"#{i}", item, "") for i, item in enumerate(items)]
     out = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: a JSON string may hold U+2028 or U+0085 unescaped, which
+    # `str.splitlines` would take for line ends, cutting one record in two.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            out.append((f"line {number}", json.loads(line), ""))
-        except json.JSONDecodeError as error:
-            out.append((f"line {number}", None, f"{path}:{number}: {error.msg}"))
+            out.append((f"line {number}", loads(line), ""))
+        except JSONInputError as error:
+            out.append((f"line {number}", None, f"{path}:{number}: {error}"))
     return out
 
 
@@ -253,6 +283,68 @@ def validate(
     return good, report
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime, inode, device) -> SHA-256
+
+
+def file_sha256(path: str, field: str) -> str:
+    """The SHA-256 of the file at `path`, read in chunks (a 1 GB JSON is not held in memory;
+    it hashes at the disk's speed); remembered while the file's size, modification time and
+    inode stay the same, so a run that opens its splits several times reads it once.
+    `field` names the setting in errors."""
+    try:
+        stat = os.stat(path)
+        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
+        if key not in _DIGESTS:
+            with open(path, "rb") as file:
+                _DIGESTS[key] = hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError as error:
+        raise DataFileError(
+            f"config.data.{field}: {path}: cannot read: {error.strerror or error}"
+        ) from None
+    return _DIGESTS[key]
+
+
+def source_of(
+    json_path: str, image_dir: str, test_json_path: str | None, on_bad_record: str
+) -> dict:
+    """What a preparation's records depend on: each JSON's absolute path and content hash,
+    the image folder (resolved), the bad-record policy and the builder's version. The
+    tokenizer and template do not shape the prepared records (they are the length table's
+    key)."""
+
+    def path_and_hash(path: str | None, field: str) -> tuple[str | None, str | None]:
+        if not path:
+            return None, None
+        path = os.path.abspath(os.path.expanduser(path))
+        return path, file_sha256(path, field)
+
+    json_abs, json_hash = path_and_hash(json_path, "json_path")
+    test_abs, test_hash = path_and_hash(test_json_path, "test_json_path")
+    return {
+        "json_path": json_abs,
+        "json_sha256": json_hash,
+        "test_json_path": test_abs,
+        "test_json_sha256": test_hash,
+        "image_dir": os.path.realpath(os.path.expanduser(image_dir)),
+        "on_bad_record": on_bad_record,
+        "builder_version": BUILDER_VERSION,
+    }
+
+
+def source_key(source: dict) -> str:
+    """A short hash of `source_of`'s answer: the prepared directory's suffix."""
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def source_changes(saved: dict, current: dict) -> list[str]:
+    """What differs between two `source_of` answers, each as `key: was A, now B`."""
+    return [
+        f"{key}: was {saved.get(key)!r}, now {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+
+
 class LlavaJsonConfig(tfds.core.BuilderConfig):
     """One LLaVA JSON/JSONL file (``train``, and optionally ``test``) + its image folder."""
 
@@ -264,12 +356,15 @@ class LlavaJsonConfig(tfds.core.BuilderConfig):
         image_dir: str,
         test_json_path: str | None = None,
         on_bad_record: str = "error",
+        source: dict | None = None,
     ):
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
-        super().__init__(name=name, version=tfds.core.Version("1.0.0"))
+        super().__init__(name=name, version=tfds.core.Version(BUILDER_VERSION))
         self.json_path, self.image_dir = json_path, image_dir
         self.test_json_path, self.on_bad_record = test_json_path, on_bad_record
+        # `source_of` these settings: written beside the shards, checked when reused
+        self.source = source
 
 
 class LlavaJson(tfds.core.GeneratorBasedBuilder):
@@ -279,7 +374,7 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
     # code needs `importlib_resources`, which it does not install on Python >= 3.9.
     code_path = None
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version(BUILDER_VERSION)
     BUILDER_CONFIGS = []  # always built from an explicit LlavaJsonConfig
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -292,6 +387,11 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
         if config.test_json_path:
             sources["test"] = config.test_json_path
         validated = {split: validate(path, config.image_dir) for split, path in sources.items()}
+        if config.source is not None:  # the records read are the ones the key names
+            for split, path in sources.items():
+                field = "json_path" if split == "train" else "test_json_path"
+                if file_sha256(path, field) != config.source[field.replace("path", "sha256")]:
+                    raise DataFileError(f"{path} changed while it was being prepared; run again")
         reports = {split: report for split, (_, report) in validated.items()}
         self.validation_reports = reports
         for report in reports.values():
@@ -301,6 +401,10 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
         os.makedirs(self.data_dir, exist_ok=True)
         with open(os.path.join(self.data_dir, REPORT_FILE), "w") as file:
             json.dump({s: r.to_json() for s, r in reports.items()}, file, indent=2)
+        if config.source is not None:
+            # in TFDS's temporary folder: it appears with the shards, or not at all
+            with open(os.path.join(self.data_dir, SOURCE_FILE), "w") as file:
+                json.dump(config.source, file, indent=2)
         return {
             split: self._generate_examples(records) for split, (records, _) in validated.items()
         }
