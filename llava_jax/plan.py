@@ -281,13 +281,9 @@ def minimum_state_bytes(model_config: Any, train_pattern: str) -> StateBytes:
     target may name layers by index (`llm/layers_7/…`), each layer counts as the smaller of
     adapted and not, without optimizer state: a lower bound."""
     from llava_jax.models.lora import LORA_FACTORS
+    from llava_jax.train.optimizer import compile_train_pattern
 
-    try:
-        pattern = re.compile(train_pattern)
-    except re.error as err:
-        raise ValueError(
-            f"config.train.train_pattern={train_pattern!r} is not a regex: {err}"
-        ) from None
+    pattern = compile_train_pattern(train_pattern)
 
     def trains(path: str, floating: bool) -> bool:  # as train.optimizer.trainable_mask
         if path.rsplit("/", 1)[-1] in LORA_FACTORS:

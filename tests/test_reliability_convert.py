@@ -145,6 +145,14 @@ def _untouched(out: Path) -> None:
     assert not [n for n in os.listdir(out.parent) if n.startswith(f".{out.name}.")]
 
 
+def _refused_import(capsys, root: Path, adapter: Path, out: Path) -> str:
+    """`peft-to-params` of `adapter` onto the base, `--out` an earlier export given with
+    --overwrite: refused in one line (exit 2), `out` untouched; returns the line."""
+    line = _refused_import(capsys, root, adapter, out)
+    _untouched(out)
+    return line
+
+
 # --- which modules: exactly PEFT's ------------------------------------------------------------
 
 # (case: adapter_config.json settings; the file holds factors for every linear layer but the
@@ -206,16 +214,11 @@ def test_peft_to_params_refuses_factors_peft_would_not_load_in_one_line(base, ca
     root, _, _, _ = base
     folder = _variant(root, "cli_q_proj", {"target_modules": ["q_proj"]})
     out = _earlier_out(root, "cli_q_proj_out")
-    code, line = _convert(
-        capsys, "peft-to-params", "--params", root / "base", "--adapter", folder,
-        "--out", out, "--overwrite",
-    )  # fmt: skip
-    assert code == 2, line
+    line = _refused_import(capsys, root, folder, out)
     # (the first tensor in name order that PEFT would not load)
     assert "'base_model.model.model.language_model.layers.0.mlp.down_proj.lora_A.weight'" in line
     assert "does not select" in line and "PEFT would not load it" in line, line
     assert 'target_modules=["q_proj"]' in line, line
-    _untouched(out)
 
 
 @pytest.mark.timeout(120)
@@ -253,14 +256,9 @@ def test_a_selection_peft_refuses_is_refused_naming_it(
         _peft_load(root, folder)
     assert peft_error in f"{type(theirs.value).__name__}: {theirs.value}"
     out = _earlier_out(root, name + "_out")
-    code, line = _convert(
-        capsys, "peft-to-params", "--params", root / "base", "--adapter", folder,
-        "--out", out, "--overwrite",
-    )  # fmt: skip
-    assert code == 2, line
+    line = _refused_import(capsys, root, folder, out)
     assert named in line and str(folder / ADAPTER_CONFIG) in line, line
     assert "selects" in line and "PEFT refuses" in line, line
-    _untouched(out)
 
 
 # --- numbers: r, lora_alpha and the factors --------------------------------------------------
@@ -285,13 +283,8 @@ def test_peft_to_params_refuses_a_scale_peft_cannot_use(base, capsys, settings, 
     name = next(iter(settings)) + "_" + str(settings[next(iter(settings))]).replace(".", "_")
     folder = _variant(root, name, settings)
     out = _earlier_out(root, name + "_out")
-    code, line = _convert(
-        capsys, "peft-to-params", "--params", root / "base", "--adapter", folder,
-        "--out", out, "--overwrite",
-    )  # fmt: skip
-    assert code == 2, line
+    line = _refused_import(capsys, root, folder, out)
     assert named in line and str(folder / ADAPTER_CONFIG) in line, line
-    _untouched(out)
 
 
 @pytest.mark.timeout(120)
@@ -304,14 +297,9 @@ def test_peft_to_params_refuses_nan_factors_naming_the_tensor(base, capsys):
     tensors[key][3, 1] = np.nan
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     out = _earlier_out(root, "nan_factor_out")
-    code, line = _convert(
-        capsys, "peft-to-params", "--params", root / "base", "--adapter", folder,
-        "--out", out, "--overwrite",
-    )  # fmt: skip
-    assert code == 2, line
+    line = _refused_import(capsys, root, folder, out)
     assert repr(key) in line and str(folder / ADAPTER_WEIGHTS) in line, line
     assert "1 NaN or infinite value" in line, line
-    _untouched(out)
 
 
 @pytest.mark.timeout(180)
@@ -409,24 +397,14 @@ def test_an_adapter_for_another_base_model_is_refused_saying_so(base, capsys, tm
     wider_peft.peft_config["default"].base_model_name_or_path = "example/llava-wider"
     wider_peft.save_pretrained(str(tmp_path / "wider"))
     out = _earlier_out(root, "wider_out")
-    code, line = _convert(
-        capsys, "peft-to-params", "--params", root / "base", "--adapter", tmp_path / "wider",
-        "--out", out, "--overwrite",
-    )  # fmt: skip
-    assert code == 2, line
+    line = _refused_import(capsys, root, tmp_path / "wider", out)
     assert "model.language_model.layers.0.self_attn.q_proj" in line, line
     assert "(4, 60)" in line and "(4, 48)" in line, line
     assert "made for another base model (example/llava-wider)" in line, line
-    _untouched(out)
 
     folder = _variant(root, "other_rank", {"r": 2 * RANK})
-    code, line = _convert(
-        capsys, "peft-to-params", "--params", root / "base", "--adapter", folder,
-        "--out", out, "--overwrite",
-    )  # fmt: skip
-    assert code == 2, line
+    line = _refused_import(capsys, root, folder, out)
     assert f"rank {RANK}" in line and f"says r={2 * RANK}" in line and "disagree" in line, line
-    _untouched(out)
 
 
 @pytest.mark.timeout(120)
@@ -438,14 +416,9 @@ def test_a_truncated_safetensors_file_is_named_with_what_to_do(base, capsys):
     weights = folder / ADAPTER_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-100])
     out = _earlier_out(root, "truncated_out")
-    code, line = _convert(
-        capsys, "peft-to-params", "--params", root / "base", "--adapter", folder,
-        "--out", out, "--overwrite",
-    )  # fmt: skip
-    assert code == 2, line
+    line = _refused_import(capsys, root, folder, out)
     assert str(weights) in line and "truncated or damaged" in line, line
     assert "download it again, or export it again" in line, line
-    _untouched(out)
 
     hf = root / "hf_truncated"
     hf.mkdir()

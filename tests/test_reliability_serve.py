@@ -31,7 +31,7 @@ import pytest
 import test_serve
 from PIL import Image
 from test_inference_cli import QUESTION, cli_env
-from test_serve import MODEL, START_TIMEOUT, free_port, http, user
+from test_serve import MODEL, free_port, http, user, wait_until_serving
 from trainer_fixtures import REPO
 
 # test_serve.py's fixtures, for this module: the tiny model's directory and a scene
@@ -64,16 +64,7 @@ def server(model_dir, tmp_path_factory):
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=log, stderr=log)
         try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while True:
-                try:
-                    if http(f"{url}/health")[0] == 200:
-                        break
-                except OSError:  # not listening yet
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.2)
+            wait_until_serving(url, process, log_path)
             yield Server(url, process.pid, port, log_path)
         finally:
             process.terminate()

@@ -97,6 +97,21 @@ def reference(loaded, image):
     return run, configs, run(configs)
 
 
+def wait_until_serving(url: str, process: subprocess.Popen, log_path) -> None:
+    """Block until the server at `url` answers /health (the test fails with its log if it
+    exits or takes over START_TIMEOUT)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            if http(f"{url}/health")[0] == 200:
+                return
+        except OSError:  # not listening yet
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory, request):
     """The base URL of a server on the tiny model (batches of up to 4, 100 ms to fill one,
@@ -120,16 +135,7 @@ def server(model_dir, tmp_path_factory, request):
         process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=log, stderr=log)
         try:
             request.getfixturevalue("reference")
-            deadline = time.monotonic() + START_TIMEOUT
-            while True:
-                try:
-                    if http(f"{url}/health")[0] == 200:
-                        break
-                except OSError:  # not listening yet
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.2)
+            wait_until_serving(url, process, log_path)
             yield url
         finally:
             process.terminate()

@@ -22,6 +22,16 @@ VISION_PATTERN = r"img/.*"
 SCHEDULES = ("cosine", "constant")
 
 
+def compile_train_pattern(train_pattern: str) -> re.Pattern:
+    """`config.train.train_pattern` as a regex; a `ValueError` naming it if it is none."""
+    try:
+        return re.compile(train_pattern)
+    except re.error as err:
+        raise ValueError(
+            f"config.train.train_pattern={train_pattern!r} is not a regex: {err}"
+        ) from None
+
+
 def trainable_mask(params: Any, train_pattern: str) -> Any:
     """Tree of bools: True where the path (`llm/layers/attn/query/kernel`) fully matches,
     and on every LoRA factor (`…/lora_a`, `…/lora_b`).
@@ -31,12 +41,7 @@ def trainable_mask(params: Any, train_pattern: str) -> Any:
     the adapters train); it may not name a kernel that LoRA adapts (that kernel is the
     frozen base) or an int8 kernel (integers have no gradient).
     """
-    try:
-        compiled = re.compile(train_pattern)
-    except re.error as err:
-        raise ValueError(
-            f"config.train.train_pattern={train_pattern!r} is not a regex: {err}"
-        ) from None
+    compiled = compile_train_pattern(train_pattern)
     paths = [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     factors = [p for p in paths if p.rsplit("/", 1)[-1] in LORA_FACTORS]
     for alternative in _top_level_alternatives(train_pattern):
