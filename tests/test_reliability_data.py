@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import types
 
@@ -303,6 +301,7 @@ def test_the_packing_window_is_bounded_and_the_largest_is_fast():
 @pytest.mark.timeout(300)
 def test_evaluate_pads_batches_to_the_questions_there_are(tmp_path, capsys):
     from hf_reference import tiny_hf_config, tiny_hf_model
+    from peak_memory import run_with_peak_memory
     from test_inference_cli import QUESTION, cli_env, save_word_tokenizer, write_scene
     from trainer_fixtures import REPO
 
@@ -326,26 +325,17 @@ def test_evaluate_pads_batches_to_the_questions_there_are(tmp_path, capsys):
     tiny_hf_model(tiny_hf_config(), seed=3).save_pretrained(model)
     save_word_tokenizer(model)
     write_scene(tmp_path / "scene.png", seed=0)
-    # The child limits its own address space, runs the program and writes its peak resident
-    # memory (VmHWM, this process's own: wait4's ru_maxrss would also count the memory of the
-    # test process it was forked from); the limit keeps the machine safe whatever it tries.
-    limit, peak_file = 6 << 30, tmp_path / "peak"
-    run = (
-        "import atexit, resource, runpy, sys; "
-        f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
-        "peak = sys.argv.pop(1); "
-        "atexit.register(lambda: open(peak, 'w').write(next(line for line in "
-        "open('/proc/self/status') if line.startswith('VmHWM')))); "
-        "runpy.run_module('llava_jax.evaluate', run_name='__main__', alter_sys=True)"
+    args = ["--checkpoint", str(model), "--questions", str(questions), "--out", str(out)]
+    args += ["--batch-size", "1000000", "--max-new-tokens", "2", "--no-progress"]
+    child, peak_mib = run_with_peak_memory(
+        "llava_jax.evaluate",
+        args,
+        tmp_path / "peak",
+        cwd=REPO,
+        env=cli_env(),
+        timeout=240,
+        address_limit=6 << 30,  # whatever it tries, the machine stays safe
     )
-    command = [sys.executable, "-c", run, str(peak_file), "--checkpoint", str(model)]
-    command += ["--questions", str(questions), "--out", str(out), "--batch-size", "1000000"]
-    command += ["--max-new-tokens", "2", "--no-progress"]
-    child = subprocess.run(
-        command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    err = child.stderr.decode(errors="replace")
-    assert child.returncode == 0, err[-2000:]
+    assert child.returncode == 0, child.stderr[-2000:]
     assert [json.loads(x)["question_id"] for x in out.read_text().splitlines()] == [0, 1]
-    peak_mib = int(peak_file.read_text().split()[1]) / 1024  # "VmHWM:  123456 kB"
     assert peak_mib < 1536, peak_mib  # about 600 MiB: a 2-row batch (was 1,000,000 rows)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from peak_memory import run_with_peak_memory
 
 from llava_jax import plan
 from llava_jax.models.config import ModelConfig
@@ -289,38 +290,26 @@ def test_a_million_unscanned_layers_are_refused_in_seconds_and_little_memory(tmp
     """It grew past 4.5 GB for 150 s without an answer (building the unscanned model).
     Now refused from the architecture: under 20 s and 1.5 GiB peak resident memory for
     the whole `python -m llava_jax.plan` process (libtpu included: a TPU slice's memory)."""
-    command = [
-        sys.executable,
-        "-m",
-        "llava_jax.plan",
+    args = [
         "--config=configs/tiny.py",
         "--topology=v5e:2x2",
         "--config.model.text.num_layers=1000000",
         "--config.model.scan_layers=false",
     ]
     env = dict(os.environ, TPU_WORKER_HOSTNAMES="localhost")
-    err_path = tmp_path / "stderr"
     start = time.perf_counter()
-    with open(err_path, "w") as err_file:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err_file
+    try:
+        done, peak_mib = run_with_peak_memory(
+            "llava_jax.plan", args, tmp_path / "peak", cwd=ROOT, env=env, timeout=20
         )
-    deadline = start + 20
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            process.kill()
-            os.wait4(process.pid, 0)
-            pytest.fail("no answer in 20 s")
-        time.sleep(0.1)
+    except subprocess.TimeoutExpired:
+        pytest.fail("no answer in 20 s")
     seconds = time.perf_counter() - start
-    peak_bytes = usage.ru_maxrss * 1024  # Linux: KiB
-    err = err_path.read_text()
+    peak_bytes = peak_mib * 2**20
+    err = done.stderr
     # libtpu may print its own start-up warning; the program's answer is one error line.
     lines = [line for line in err.splitlines() if not line.startswith("Failed to find host")]
-    assert os.waitstatus_to_exitcode(status) == 2, err
+    assert done.returncode == 2, err
     assert one_error_line("\n".join(lines)).startswith(
         "error: the model cannot fit on v5e:2x2 (4 x TPU v5e, 16.0 GiB each) even with every "
         "array sharded over all 4 devices: its parameters alone take 550.3 GiB (1000000 "
