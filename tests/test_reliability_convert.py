@@ -148,7 +148,11 @@ def _untouched(out: Path) -> None:
 def _refused_import(capsys, root: Path, adapter: Path, out: Path) -> str:
     """`peft-to-params` of `adapter` onto the base, `--out` an earlier export given with
     --overwrite: refused in one line (exit 2), `out` untouched; returns the line."""
-    line = _refused_import(capsys, root, adapter, out)
+    code, line = _convert(
+        capsys, "peft-to-params", "--params", root / "base", "--adapter", adapter,
+        "--out", out, "--overwrite",
+    )  # fmt: skip
+    assert code == 2, line
     _untouched(out)
     return line
 
