@@ -8,8 +8,9 @@ setup(
     description="LLaVA (CLIP ViT + projector + LLaMA) in JAX/Flax: train, convert, serve.",
     python_requires=">=3.10",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
-    # The chat page of `python -m llava_jax.serve` (plain HTML and JavaScript).
-    package_data={"llava_jax.serve": ["static/*"]},
+    # The chat page of `python -m llava_jax.serve` (plain HTML and JavaScript), and the
+    # LLaVA-Bench judge's rule file (its prompts, one per question category).
+    package_data={"llava_jax.serve": ["static/*"], "llava_jax.evaluation": ["rule.json"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.10",
