@@ -18,8 +18,10 @@ JSON nested too deeply, or a number of too many digits), a missing or mistyped f
 that is not valid Unicode (a lone surrogate) in any message, an unknown model, a remote
 image URL (the server fetches nothing: images come inline as `data:image/...;base64,...`),
 an image that is not base64, cannot be decoded or is too large, a conversation that does
-not fit the context. Defaults follow OpenAI: temperature 1, top_p 1; a request without a
-seed is seeded at random.
+not fit the context. Defaults and ranges follow OpenAI: temperature 1 in [0, 2], top_p 1 in
+[0, 1]; top_p 0 keeps only the most likely token (as OpenAI and transformers' top-p keep at
+least one): the answer is greedy, whatever the temperature (lmms-eval's POPE and MathVerse
+tasks send it). A request without a seed is seeded at random.
 
 What a request may cost is bounded. Its body is read as it arrives and refused (413) as
 soon as it passes the limit, with or without a Content-Length. An image's size is read from
@@ -163,9 +165,7 @@ def parse_body(raw: bytes) -> Any:
         ) from None
 
 
-def _number(
-    body: dict, name: str, default: float, low: float, high: float, low_open: bool = False
-) -> float:
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
     value = body.get(name)
     if value is None:
         return default
@@ -173,9 +173,10 @@ def _number(
         raise APIError(
             400, f"{name} must be a number, got {json.dumps(value)}", name, "invalid_type"
         )
-    if not (low < value if low_open else low <= value) or value > high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise APIError(400, f"{name} must be in {interval}, got {value}", name, "invalid_value")
+    if not low <= value <= high:
+        raise APIError(
+            400, f"{name} must be in [{low:g}, {high:g}], got {value}", name, "invalid_value"
+        )
     return float(value)
 
 
@@ -376,11 +377,15 @@ def parse_request(body: Any, model_name: str, max_image_bytes: int) -> ChatReque
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options", "invalid_type")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:  # the nucleus is the most likely token alone: greedy decoding
+        temperature, top_p = 0.0, 1.0
     return ChatRequest(
         turns=turns,
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        temperature=temperature,
+        top_p=top_p,
         seed=_integer(body, "seed"),
         stop=stop,
         stream=stream,
