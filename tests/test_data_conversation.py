@@ -17,6 +17,7 @@ from llava_jax.data.conversation import (
     DroppedExample,
     get_template,
     tokenize_conversation,
+    with_system,
 )
 from llava_jax.data.datasets.synthetic import conversation, sample_scene
 from llava_jax.data.prompt import prompt_ids
@@ -525,3 +526,22 @@ def test_prepare_tokenizer_adds_image_and_pad_and_reports_vocab():
         == 1
     )
     assert prepare_tokenizer(tokenizer).added_tokens == ()  # idempotent
+
+
+def test_a_system_prompt_takes_the_template_s_place_or_comes_first():
+    """A chat request's system message (conversation.with_system)."""
+    turns = [_human("<image>\nWhat is it?")]
+    vicuna = with_system(get_template("vicuna_v1"), "Be brief.")
+    assert vicuna.render(turns, generation_prompt=True).text == (
+        "Be brief. USER: <image>\nWhat is it? ASSISTANT:"
+    )
+    chatml = with_system(get_template("chatml"), "Be brief.")
+    assert chatml.render(turns, generation_prompt=True).text.startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?"
+    )
+    mistral = with_system(get_template("mistral_instruct"), "Be brief.")
+    assert mistral.render(turns, generation_prompt=True).text == (
+        "[INST] Be brief.\n\n<image>\nWhat is it? [/INST]"
+    )
+    with pytest.raises(ValueError, match="'plain' template"):
+        with_system(get_template("plain"), "Be brief.")

@@ -121,7 +121,7 @@ class FakeModel:
     def user_turn(self, text: str, with_image: bool) -> dict:
         return {"text": text, "with_image": with_image}
 
-    def prompt_ids(self, turns, images=()) -> np.ndarray:
+    def prompt_ids(self, turns, images=(), system=None) -> np.ndarray:
         return np.arange(4, dtype=np.int32)
 
     def check_prompt(self, prompt_ids, max_new_tokens) -> None:

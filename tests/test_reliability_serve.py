@@ -339,7 +339,7 @@ class CountingModel:
     def user_turn(self, text: str, with_image: bool) -> dict:
         return {"from": "human", "value": text}
 
-    def prompt_ids(self, turns, images=()) -> np.ndarray:
+    def prompt_ids(self, turns, images=(), system=None) -> np.ndarray:
         return np.asarray([1, 2, 3], np.int32)
 
     def check_image_tokens(self, ids, images) -> None:

@@ -209,6 +209,26 @@ def test_round_trip_plain_and_streamed_as_generate_answers(server, client, refer
 
 
 @pytest.mark.timeout(240)
+def test_a_system_message_takes_the_place_of_the_template_s_system_prompt(server, client, loaded):
+    """OpenAI clients (a judge, lmms-eval's reasoning tasks) send system messages: their text
+    is the prompt's system prompt instead of the template's, in the template's own place."""
+    system = "How many shapes ?"  # words of the test tokenizer's vocabulary
+    with_system = ask(
+        client, [{"role": "system", "content": system}, user(QUESTION)], max_tokens=1
+    ).usage.prompt_tokens
+    turns = [loaded.user_turn(QUESTION, with_image=False)]
+    expected = loaded.prompt_ids(turns, system=system)
+    assert with_system == len(expected) != len(loaded.prompt_ids(turns))
+    template = loaded.template
+    rendered = template.render(turns, generation_prompt=True).text
+    assert rendered.startswith(template.system) and template.system != system
+    decode = loaded.tokenizer.tokenizer.decode
+    assert "many shapes" in decode(expected.tolist()).split("USER")[0]
+    assert "curious" in decode(loaded.prompt_ids(turns).tolist())
+    assert "curious" not in decode(expected.tolist())
+
+
+@pytest.mark.timeout(240)
 def test_special_token_text_in_a_request_stays_text(server, client, loaded):
     """A question that writes "</s>" gets the tokens of those characters, not the
     end-of-sequence token mid-turn (the prompt is the tokenizer's text, split as text)."""
@@ -283,7 +303,7 @@ BAD_REQUESTS = {
     ),
     "oversized image": ("data:image/png;base64," + "A" * (MAX_IMAGE_BYTES * 2), 413, None),
     "prompt over the context": (dict(text="shapes " * CONTEXT), 400, "context_length_exceeded"),
-    "system message": (dict(system=True), 400, "invalid_value"),
+    "system message after the conversation began": (dict(system=True), 400, "invalid_value"),
     "temperature out of range": (dict(temperature=-1), 400, "invalid_value"),
 }
 
@@ -302,7 +322,7 @@ def test_bad_inputs_get_a_4xx_and_the_server_goes_on(server, client, image):
         elif "text" in bad:
             body["messages"] = [user(bad["text"])]
         elif "system" in bad:
-            body["messages"] = [{"role": "system", "content": "Be brief."}, user("Hi")]
+            body["messages"] = [user("Hi"), {"role": "system", "content": "Be brief."}]
         else:
             body.update(bad)
             body = {k: v for k, v in body.items() if v is not None}

@@ -169,7 +169,10 @@ def _llava_llama_2_prompt(t: Template, k: int, question: str) -> Pieces:
 
 
 def _mistral_instruct_prompt(t: Template, k: int, question: str) -> Pieces:
-    # LLaVA-NeXT's conv_mistral_instruct: no system prompt, no separator between turns
+    # LLaVA-NeXT's conv_mistral_instruct: no system prompt, no separator between turns; a
+    # caller's system text goes before the first question (as Mistral's chat template does)
+    if k == 0 and t.system:
+        question = f"{t.system}\n\n{question}"
     return (_text(f"[INST] {question} [/INST]"),)
 
 
@@ -228,6 +231,18 @@ class Template:
         prompts = tuple(render_prompt(self, k, turn["value"]) for k, turn in enumerate(turns[0::2]))
         answers = tuple(render_answer(self, turn["value"]) for turn in turns[1::2])
         return Rendered(prompts, answers)
+
+
+def with_system(template: Template, system: str) -> Template:
+    """`template` with `system` as its system prompt (a chat request's system message);
+    `mistral_instruct`, which has none, puts it before the first question. Raises
+    `ValueError` for `plain`, whose prompts hold only images."""
+    if template.name == "plain":
+        raise ValueError(
+            "the 'plain' template (stage 1) keeps no text of the conversation but its images: "
+            "it has no place for a system message"
+        )
+    return dataclasses.replace(template, system=system)
 
 
 TEMPLATES: dict[str, Template] = {

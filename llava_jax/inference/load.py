@@ -46,6 +46,7 @@ from llava_jax.data.conversation import (
     ImageCountError,
     Template,
     get_template,
+    with_system,
 )
 from llava_jax.data.image import (
     CLIP_MEAN,
@@ -199,19 +200,31 @@ class LoadedModel:
             f"{wanted} ({per_image} per image)"
         )
 
-    def prompt_ids(self, turns: Sequence[dict], images: Sequence[ModelImage] = ()) -> np.ndarray:
+    def prompt_ids(
+        self,
+        turns: Sequence[dict],
+        images: Sequence[ModelImage] = (),
+        system: str | None = None,
+    ) -> np.ndarray:
         """`int32[L]`: the conversation rendered with the template, ending where the
         assistant's next answer starts, tokenized, each `<image>` expanded to its image's
         tokens (`images`, in order: a NeXT image's count depends on its size; otherwise
-        every image has `config.num_image_tokens`).
+        every image has `config.num_image_tokens`). `system`: a system prompt in place of
+        the template's own (`conversation.with_system`).
 
         Raises `InputError` when a NeXT model's conversation writes `<image>` a different
         number of times than it has images (the other models: `check_image_tokens`)."""
         counts: int | list[int] = self.config.num_image_tokens
         if self.config.anyres:
             counts = [image.num_tokens for image in images]
+        template = self.template
+        if system is not None:
+            try:
+                template = with_system(template, system)
+            except ValueError as err:
+                raise InputError(f"a system message: {err}") from None
         try:
-            return prompt_ids(turns, self.template, self.tokenizer, counts)
+            return prompt_ids(turns, template, self.tokenizer, counts)
         except DroppedExample as err:  # roles out of order: a caller's mistake
             if err.reason == "reserved_character":
                 raise InputError(f"the prompt cannot be tokenized: {err.detail}") from None

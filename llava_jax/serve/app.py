@@ -113,6 +113,7 @@ class ChatRequest:
     """A checked chat completion request. turns: (role, text, images as bytes)."""
 
     turns: list[tuple[str, str, list[bytes]]]
+    system: str | None  # the system messages' text, in place of the template's own prompt
     max_tokens: int | None
     temperature: float
     top_p: float
@@ -295,18 +296,22 @@ def parse_request(body: Any, model_name: str, max_image_bytes: int) -> ChatReque
         )
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", "messages", "invalid_type")
-    turns = []
+    turns, system = [], []
     for m, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
-        if role not in ("user", "assistant"):
-            hint = (
-                " (the checkpoint's template has its own system prompt)"
-                if role in ("system", "developer")
-                else ""
-            )
+        if role not in ("user", "assistant", "system", "developer"):
             raise APIError(
                 400,
-                f"messages[{m}].role must be 'user' or 'assistant', got {json.dumps(role)}{hint}",
+                f"messages[{m}].role must be 'system', 'user' or 'assistant', got "
+                f"{json.dumps(role)}",
+                f"messages[{m}].role",
+                "invalid_value",
+            )
+        if role in ("system", "developer") and turns:
+            raise APIError(
+                400,
+                f"messages[{m}] is a {role} message after the conversation began: system "
+                "messages come first (they take the place of the template's system prompt)",
                 f"messages[{m}].role",
                 "invalid_value",
             )
@@ -323,6 +328,9 @@ def parse_request(body: Any, model_name: str, max_image_bytes: int) -> ChatReque
                 f"messages[{m}].content",
                 "invalid_value",
             )
+        if role in ("system", "developer"):
+            system.append(text)
+            continue
         if len(images) > 1:
             raise APIError(
                 400,
@@ -330,7 +338,7 @@ def parse_request(body: Any, model_name: str, max_image_bytes: int) -> ChatReque
                 f"messages[{m}].content",
                 "invalid_value",
             )
-        expected = "user" if m % 2 == 0 else "assistant"
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role != expected:
             raise APIError(
                 400,
@@ -340,7 +348,7 @@ def parse_request(body: Any, model_name: str, max_image_bytes: int) -> ChatReque
                 "invalid_value",
             )
         turns.append((role, text, images))
-    if turns[-1][0] != "user":
+    if not turns or turns[-1][0] != "user":
         raise APIError(400, "the last message must be the user's", "messages", "invalid_value")
     if sum(len(images) for _, _, images in turns) > MAX_IMAGES:
         raise APIError(
@@ -383,6 +391,7 @@ def parse_request(body: Any, model_name: str, max_image_bytes: int) -> ChatReque
         temperature, top_p = 0.0, 1.0
     return ChatRequest(
         turns=turns,
+        system="\n\n".join(system) if system else None,
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -471,7 +480,7 @@ def make_job(
             raise APIError(400, str(err), f"messages[{m}].content", "invalid_value") from None
     images = list(images)
     try:
-        ids = model.prompt_ids(turns, images)
+        ids = model.prompt_ids(turns, images, system=request.system)
         model.check_image_tokens(ids, images)
         wanted = request.max_tokens or DEFAULT_MAX_TOKENS
         fits = model.check_prompt(ids, wanted, clamp=True)
