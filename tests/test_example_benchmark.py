@@ -237,14 +237,10 @@ def test_rule_file_is_in_the_wheel(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_hf_dir(tmp_path_factory):
     """A tiny random transformers LLaVA with its word-level tokenizer (test_inference_cli's)."""
-    from hf_reference import tiny_hf_config, tiny_hf_model
-    from test_inference_cli import save_word_tokenizer
+    from test_inference_cli import save_tiny_llava
 
     directory = tmp_path_factory.mktemp("llava-tiny")
-    tiny_hf_model(tiny_hf_config(), seed=3).save_pretrained(directory)
-    save_word_tokenizer(directory)
-    with open(directory / "preprocessor_config.json", "w") as f:
-        json.dump({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}, f)
+    save_tiny_llava(directory)
     return directory
 
 

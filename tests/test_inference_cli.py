@@ -103,16 +103,22 @@ def save_word_tokenizer(directory) -> None:
     ).save_pretrained(directory)
 
 
+def save_tiny_llava(directory, seed: int = 3, text: dict | None = None):
+    """A tiny random transformers LLaVA (`text` updates its decoder's config) saved in
+    `directory` with the word-level tokenizer and a processor config; returns the model."""
+    model = tiny_hf_model(tiny_hf_config(text=text), seed=seed)
+    model.save_pretrained(directory)
+    save_word_tokenizer(directory)
+    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}, f)
+    return model
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """(directory, transformers model): weights, tokenizer, and a processor config."""
     directory = tmp_path_factory.mktemp("hf_llava")
-    model = tiny_hf_model(tiny_hf_config(), seed=3)
-    model.save_pretrained(directory)
-    save_word_tokenizer(directory)
-    with open(directory / "preprocessor_config.json", "w") as f:
-        json.dump({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}, f)
-    return directory, model
+    return directory, save_tiny_llava(directory)
 
 
 def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tmp_path):

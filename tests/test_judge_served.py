@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from hf_reference import tiny_hf_config, tiny_hf_model
-from test_inference_cli import cli_env, save_word_tokenizer
-from test_serve import free_port, http, wait_until_serving
+from test_inference_cli import save_tiny_llava
+from test_serve import http, running_server
 from trainer_fixtures import REPO
 
 from llava_jax.evaluation import judge
@@ -27,22 +24,10 @@ def served_judge(tmp_path_factory):
     """The URL of our server on a tiny random LLaVA with room for a judge's prompt."""
     root = tmp_path_factory.mktemp("served_judge")
     model_dir = root / "model"
-    config = tiny_hf_config(text={"max_position_embeddings": 1024})
-    tiny_hf_model(config, seed=5).save_pretrained(model_dir)
-    save_word_tokenizer(model_dir)
-    port = free_port()
-    command = [sys.executable, "-m", "llava_jax.serve", "--checkpoint", str(model_dir)]
-    command += ["--port", str(port), "--model-name", MODEL, "--max-batch", "2"]
-    url = f"http://127.0.0.1:{port}"
-    log_path = root / "serve.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=log, stderr=log)
-        try:
-            wait_until_serving(url, process, log_path)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
+    save_tiny_llava(model_dir, seed=5, text={"max_position_embeddings": 1024})
+    args = ["--checkpoint", model_dir, "--model-name", MODEL, "--max-batch", 2]
+    with running_server(args, root / "serve.log") as (url, _):
+        yield url
 
 
 @pytest.mark.timeout(300)

@@ -10,9 +10,8 @@ import re
 import subprocess
 
 import pytest
-from hf_reference import tiny_hf_config, tiny_hf_model
 from judge_server import JudgeServer
-from test_inference_cli import cli_env, save_word_tokenizer
+from test_inference_cli import cli_env, save_tiny_llava
 from trainer_fixtures import REPO
 
 HEADING = "### Judge it: LLaVA-Bench"
@@ -31,8 +30,7 @@ def test_the_readme_command_answers_and_judges_the_example_benchmark(tmp_path):
     command = readme_command()
     assert "benchmarks/llava_bench_synthetic" in command and "workdir/tiny" in command
     model = tmp_path / "tiny"
-    tiny_hf_model(tiny_hf_config(), seed=3).save_pretrained(model)
-    save_word_tokenizer(model)
+    save_tiny_llava(model)
     with JudgeServer(model="judge-test") as judge:
         # the checkpoint, the outputs and the judge are this test's; the rest as written
         local = (

@@ -300,9 +300,8 @@ def test_the_packing_window_is_bounded_and_the_largest_is_fast():
 
 @pytest.mark.timeout(300)
 def test_evaluate_pads_batches_to_the_questions_there_are(tmp_path, capsys):
-    from hf_reference import tiny_hf_config, tiny_hf_model
     from peak_memory import run_with_peak_memory
-    from test_inference_cli import QUESTION, cli_env, save_word_tokenizer, write_scene
+    from test_inference_cli import QUESTION, cli_env, save_tiny_llava, write_scene
     from trainer_fixtures import REPO
 
     questions = tmp_path / "q.jsonl"
@@ -322,8 +321,7 @@ def test_evaluate_pads_batches_to_the_questions_there_are(tmp_path, capsys):
     assert refused.value.code == 2 and "--batch-size must be >= 1" in capsys.readouterr().err
 
     model = tmp_path / "hf"
-    tiny_hf_model(tiny_hf_config(), seed=3).save_pretrained(model)
-    save_word_tokenizer(model)
+    save_tiny_llava(model)
     write_scene(tmp_path / "scene.png", seed=0)
     args = ["--checkpoint", str(model), "--questions", str(questions), "--out", str(out)]
     args += ["--batch-size", "1000000", "--max-new-tokens", "2", "--no-progress"]

@@ -18,8 +18,6 @@ import io
 import json
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 import types
@@ -30,9 +28,8 @@ import numpy as np
 import pytest
 import test_serve
 from PIL import Image
-from test_inference_cli import QUESTION, cli_env
-from test_serve import MODEL, free_port, http, user, wait_until_serving
-from trainer_fixtures import REPO
+from test_inference_cli import QUESTION
+from test_serve import MODEL, free_port, http, running_server, user
 
 # test_serve.py's fixtures, for this module: the tiny model's directory and a scene
 model_dir = test_serve.model_dir
@@ -55,25 +52,11 @@ class Server:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """A server on the tiny model with the default pixel limit and 1 MB images."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve_log") / "serve.log"
-    command = [sys.executable, "-m", "llava_jax.serve", "--checkpoint", str(model_dir)]
-    command += ["--port", str(port), "--model-name", MODEL, "--max-batch", "2"]
-    command += ["--batch-wait-ms", "10", "--max-image-bytes", str(MAX_IMAGE_BYTES)]
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=log, stderr=log)
-        try:
-            wait_until_serving(url, process, log_path)
-            yield Server(url, process.pid, port, log_path)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+    args = ["--checkpoint", model_dir, "--model-name", MODEL, "--max-batch", 2]
+    args += ["--batch-wait-ms", 10, "--max-image-bytes", MAX_IMAGE_BYTES]
+    with running_server(args, log_path) as (url, process):
+        yield Server(url, process.pid, int(url.rsplit(":", 1)[1]), log_path)
 
 
 def post(server: Server, body) -> tuple[int, dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -24,13 +25,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import openai
 import pytest
-from hf_reference import tiny_hf_config, tiny_hf_model
 from PIL import Image
-from test_inference_cli import QUESTION, cli_env, save_word_tokenizer, write_scene
+from test_inference_cli import QUESTION, cli_env, save_tiny_llava, write_scene
 from trainer_fixtures import REPO
 
 MODEL = "tiny-llava"
@@ -64,10 +65,7 @@ def data_url(path) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf_llava_serve")
-    tiny_hf_model(tiny_hf_config(), seed=3).save_pretrained(directory)
-    save_word_tokenizer(directory)
-    with open(directory / "preprocessor_config.json", "w") as f:
-        json.dump({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}, f)
+    save_tiny_llava(directory)
     return directory
 
 
@@ -112,31 +110,23 @@ def wait_until_serving(url: str, process: subprocess.Popen, log_path) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory, request):
-    """The base URL of a server on the tiny model (batches of up to 4, 100 ms to fill one,
-    one token per streamed piece). This process compiles its `reference` while the server
-    starts."""
+@contextlib.contextmanager
+def running_server(
+    args: list[str], log_path, while_starting: Callable[[], object] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m llava_jax.serve ARGS --port P` (a free port) until the block ends: (its base
+    URL, its process), once /health answers (`while_starting` runs meanwhile). Afterwards the
+    log must hold no traceback."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve_log") / "serve.log"
-    args = {
-        "--checkpoint": model_dir,
-        "--port": port,
-        "--model-name": MODEL,
-        "--max-batch": MAX_BATCH,
-        "--batch-wait-ms": 100,
-        "--chunk-size": 1,
-        "--max-image-bytes": MAX_IMAGE_BYTES,
-    }
-    command = [sys.executable, "-m", "llava_jax.serve"]
-    command += [str(x) for pair in args.items() for x in pair]
+    command = [sys.executable, "-m", "llava_jax.serve", *map(str, args), "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=log, stderr=log)
         try:
-            request.getfixturevalue("reference")
+            if while_starting is not None:
+                while_starting()
             wait_until_serving(url, process, log_path)
-            yield url
+            yield url, process
         finally:
             process.terminate()
             try:
@@ -145,6 +135,21 @@ def server(model_dir, tmp_path_factory, request):
                 process.kill()
                 process.wait()
     assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory, request):
+    """The base URL of a server on the tiny model (batches of up to 4, 100 ms to fill one,
+    one token per streamed piece). This process compiles its `reference` while the server
+    starts."""
+    log_path = tmp_path_factory.mktemp("serve_log") / "serve.log"
+    args = ["--checkpoint", model_dir, "--model-name", MODEL, "--max-batch", MAX_BATCH]
+    args += ["--batch-wait-ms", 100, "--chunk-size", 1, "--max-image-bytes", MAX_IMAGE_BYTES]
+    with running_server(args, log_path, lambda: request.getfixturevalue("reference")) as (
+        url,
+        _,
+    ):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,15 @@ from llava_jax.json_input import JSONInputError, loads
 
 
 def read_records(
-    path: str | Path, error: type[Exception], errors: str = "strict"
+    path: str | Path,
+    error: type[Exception],
+    errors: str = "strict",
+    require: str | None = "question_id",
 ) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of `path`; each line must be a JSON
-    object with a `question_id`. Anything else raises `error` naming `path:line`: malformed
-    JSON, nesting too deep for the reader, a number of more digits than Python reads.
+    object with the key `require` (None: any object, e.g. LLaVA-Bench's context.jsonl).
+    Anything else raises `error` naming `path:line`: malformed JSON, nesting too deep for the
+    reader, a number of more digits than Python reads.
 
     errors: how bytes that are not UTF-8 are decoded; "surrogateescape" keeps them as lone
     surrogates in the strings, for the caller to refuse one record rather than the file.
@@ -35,7 +39,7 @@ def read_records(
             raise error(f"{path}:{number}: {err}") from None
         if not isinstance(obj, dict):
             raise error(f"{path}:{number}: expected a JSON object")
-        if "question_id" not in obj:
-            raise error(f"{path}:{number}: missing 'question_id'")
+        if require is not None and require not in obj:
+            raise error(f"{path}:{number}: missing {require!r}")
         records.append((number, obj))
     return records

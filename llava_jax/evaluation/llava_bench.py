@@ -140,28 +140,6 @@ class Benchmark:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def _read_objects(path: str) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of a JSONL file without question ids
-    (context.jsonl); `jsonl.read_records` is the reader of files that have them."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")  # as read_records: "\n" only
-    except (OSError, UnicodeDecodeError) as err:
-        reason = getattr(err, "strerror", None) or err
-        raise BenchmarkError(f"{path}: cannot read: {reason}") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = loads(line)
-        except JSONInputError as err:
-            raise BenchmarkError(f"{path}:{number}: {err}") from None
-        if not isinstance(obj, dict):
-            raise BenchmarkError(f"{path}:{number}: expected a JSON object")
-        records.append((number, obj))
-    return records
-
-
 def _require_file(path: str, what: str) -> None:
     if not os.path.isfile(path):
         state = "is not a file" if os.path.exists(path) else "not found"
@@ -243,7 +221,7 @@ def read_contexts(path: str) -> dict[str, Context]:
     """context.jsonl by image; either form of a line (see the module docstring)."""
     _require_file(path, "context file")
     contexts: dict[str, Context] = {}
-    for number, obj in _read_objects(path):
+    for number, obj in read_records(path, BenchmarkError, require=None):
         where = f"{path}:{number}"
         image = obj.get("image")
         if not isinstance(image, str) or not image:
