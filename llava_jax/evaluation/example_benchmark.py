@@ -77,7 +77,6 @@ _CELL_NAMES = {
     (1, 2): "bottom middle",
     (2, 2): "bottom right",
 }
-_SIDE_CELLS = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2)}
 _OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 _UNITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
           "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
@@ -100,29 +99,12 @@ def shape_layout(
     scene: Scene, size: int, rng: np.random.Generator
 ) -> list[tuple[tuple[int, int], tuple[float, float, float, float]]]:
     """((column, row) of its 3x3 cell, pixel box (x1, y1, x2, y2)) of each shape that
-    ``synthetic.render_scene(scene, size, rng)`` draws, in drawing order.
-
-    Makes the same draws from ``rng`` as ``render_scene`` (pass a copy of the generator
-    given to it); ``checked_boxes`` compares the result with the drawn pixels.
-    """
-    rng.integers(0, 60, size=3)  # background
-    for _ in range(3):
-        rng.integers(-15, 16)  # the colour's jitter, one draw a channel
-    cell = size / 3
-    radius = cell * float(rng.uniform(0.3, 0.42))
-    if scene.position is not None:
-        centres = [_SIDE_CELLS[scene.position]]
-    else:
-        cells = [(c, r) for c in range(3) for r in range(3)]
-        chosen = rng.choice(len(cells), size=scene.count, replace=False)
-        centres = [cells[i] for i in chosen]
-    layout = []
-    for col, row in centres:
-        jitter = rng.uniform(-0.08, 0.08, size=2) * cell
-        cx, cy = (col + 0.5) * cell + jitter[0], (row + 0.5) * cell + jitter[1]
-        box = (cx - radius, cy - radius, cx + radius, cy + radius)
-        layout.append(((col, row), tuple(float(v) for v in box)))
-    return layout
+    ``synthetic.render_scene(scene, size, rng)`` draws, in drawing order (from
+    ``synthetic.scene_layout``: pass a copy of the generator given to ``render_scene``);
+    ``checked_boxes`` compares the result with the drawn pixels."""
+    layout = synthetic.scene_layout(scene, size, rng)
+    r = layout.radius
+    return [(cell, (cx - r, cy - r, cx + r, cy + r)) for cell, (cx, cy) in layout.shapes]
 
 
 def checked_boxes(

@@ -72,11 +72,21 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=rgb)
 
 
-def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
-    """Draws ``scene`` on a dark, slightly varying background (RGB, ``size x size``)."""
+@dataclasses.dataclass(frozen=True)
+class SceneLayout:
+    """What `render_scene` draws: the colours, the shapes' radius and, for each shape, its
+    cell of the 3x3 grid (column, row) and its centre (x, y) in pixels."""
+
+    background: tuple[int, ...]
+    rgb: tuple[int, ...]
+    radius: float
+    shapes: tuple[tuple[tuple[int, int], tuple[float, float]], ...]
+
+
+def scene_layout(scene: Scene, size: int, rng: np.random.Generator) -> SceneLayout:
+    """The random draws of `render_scene(scene, size, rng)`, in its order (the example
+    LLaVA-Bench takes its object boxes from them)."""
     background = tuple(int(v) for v in rng.integers(0, 60, size=3))
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
     rgb = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[scene.colour])
     cell = size / 3
     radius = cell * float(rng.uniform(0.3, 0.42))
@@ -84,15 +94,26 @@ def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Ima
         col, row = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2)}[
             scene.position
         ]
-        centres = [(col, row)]
+        cells = [(col, row)]
     else:
-        cells = [(c, r) for c in range(3) for r in range(3)]
-        chosen = rng.choice(len(cells), size=scene.count, replace=False)
-        centres = [cells[i] for i in chosen]
-    for col, row in centres:
+        grid = [(c, r) for c in range(3) for r in range(3)]
+        chosen = rng.choice(len(grid), size=scene.count, replace=False)
+        cells = [grid[i] for i in chosen]
+    shapes = []
+    for col, row in cells:
         jitter = rng.uniform(-0.08, 0.08, size=2) * cell
-        cx, cy = (col + 0.5) * cell + jitter[0], (row + 0.5) * cell + jitter[1]
-        _draw_shape(draw, scene.shape, cx, cy, radius, rgb)
+        centre = ((col + 0.5) * cell + jitter[0], (row + 0.5) * cell + jitter[1])
+        shapes.append(((col, row), (float(centre[0]), float(centre[1]))))
+    return SceneLayout(background, rgb, radius, tuple(shapes))
+
+
+def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
+    """Draws ``scene`` on a dark, slightly varying background (RGB, ``size x size``)."""
+    layout = scene_layout(scene, size, rng)
+    image = Image.new("RGB", (size, size), layout.background)
+    draw = ImageDraw.Draw(image)
+    for _, (cx, cy) in layout.shapes:
+        _draw_shape(draw, scene.shape, cx, cy, layout.radius, layout.rgb)
     return image
 
 
