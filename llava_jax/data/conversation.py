@@ -283,13 +283,13 @@ def check_roles(turns: Sequence[dict], allow_trailing_human: bool = False) -> No
         raise DroppedExample("roles_out_of_order", "the last turn is not an assistant answer")
 
 
-def skip_leading_answer(turns: Sequence[dict]) -> tuple[list[dict], bool]:
+def skip_leading_answer(turns: Sequence[dict]) -> list[dict]:
     """LLaVA's ``preprocess_v1``: a conversation that starts with a ``gpt`` turn loses that
-    turn and trains on the rest. Returns the turns and whether one was skipped."""
+    turn and trains on the rest."""
     turns = list(turns)
     if turns and isinstance(turns[0], dict) and turns[0].get("from") == GPT:
-        return turns[1:], True
-    return turns, False
+        return turns[1:]
+    return turns
 
 
 def move_image_to_front(turns: Sequence[dict]) -> list[dict]:
@@ -363,7 +363,7 @@ def tokenize_conversation(
             f"template version {template.version} is kept only so that models trained with "
             f"it still answer; training uses version {TEMPLATE_VERSION}"
         )
-    turns, _ = skip_leading_answer(turns)
+    turns = skip_leading_answer(turns)
     check_roles(turns)
     for index, turn in enumerate(turns):
         if not str(turn.get("value", "")).strip():

@@ -708,7 +708,7 @@ def make_eval_questions(
         except DroppedExample as error:
             logging.warning("Eval record %s left out: %s", record.id, error)
             continue
-        turns, _ = skip_leading_answer(record.conversations)
+        turns = skip_leading_answer(record.conversations)
         for turn in range(1, len(turns), 2):
             image_tokens = config.num_image_tokens
             if counts is not None:  # the images the prompt so far shows

@@ -203,7 +203,7 @@ def check_record(record, image_dir: str) -> tuple[list[str], list[dict], Problem
     paths = _image_paths(record)
     if not all(isinstance(p, str) and p for p in paths):
         return [], [], Problem("bad_json", record_id, "", "`image` is not a path or list of paths")
-    turns, _ = skip_leading_answer(turns)
+    turns = skip_leading_answer(turns)
     try:
         check_roles(turns)
         for index, turn in enumerate(turns):
@@ -295,8 +295,11 @@ def file_sha256(path: str, field: str) -> str:
         stat = os.stat(path)
         key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
         if key not in _DIGESTS:
-            with open(path, "rb") as file:
-                _DIGESTS[key] = hashlib.file_digest(file, "sha256").hexdigest()
+            digest = hashlib.sha256()
+            with open(path, "rb") as file:  # (hashlib.file_digest is Python 3.11+)
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+            _DIGESTS[key] = digest.hexdigest()
     except OSError as error:
         raise DataFileError(
             f"config.data.{field}: {path}: cannot read: {error.strerror or error}"
