@@ -118,17 +118,20 @@ class ExampleEncoder:
         if not self.config.group_by_modality_length:
             return report
         # Refilling the slot would shift every later batch across mega-batch boundaries.
+        return {**self.empty_example(self.config.max_images_per_sample), "dropped": [report]}
+
+    def empty_example(self, slots: int) -> dict:
+        """An example of the batch's shapes holding nothing: every token the pad id, no
+        segment, no target, `slots` empty image slots (a NeXT layout all -1)."""
         c, geometry = self.config, self.config.anyres
         tiles = () if geometry is None else (geometry.max_tiles,)
-        slots = c.max_images_per_sample
         example = {
             "id": "",
             "drop_reason": "",
-            "dropped": [report],
             "input_ids": np.full((c.max_len,), self.pad_token_id, np.int32),
             "loss_mask": np.zeros((c.max_len,), np.float32),
             "attention_mask": np.zeros((c.max_len,), np.int32),
-            "positions": np.arange(c.max_len, dtype=np.int32),
+            "positions": np.zeros((c.max_len,), np.int32),
             "images": np.zeros((slots, *tiles, c.image_size, c.image_size, 3), np.float32),
             "image_mask": np.zeros((slots,), bool),
         }
@@ -275,16 +278,12 @@ class RowEncoder:
 
     def __call__(self, row: dict) -> dict:
         c = self.config
-        input_ids = np.full((c.max_len,), self.encoder.pad_token_id, np.int32)
-        loss_mask = np.zeros((c.max_len,), np.float32)
-        segments = np.zeros((c.max_len,), np.int32)
-        positions = np.zeros((c.max_len,), np.int32)
+        example = self.encoder.empty_example(c.max_images_per_row)
+        input_ids, loss_mask = example["input_ids"], example["loss_mask"]
+        segments, positions = example["attention_mask"], example["positions"]
+        images, image_mask = example["images"], example["image_mask"]
+        layouts = example.get("image_layout")
         geometry = c.anyres
-        tiles = () if geometry is None else (geometry.max_tiles,)
-        slots = c.max_images_per_row
-        images = np.zeros((slots, *tiles, c.image_size, c.image_size, 3), np.float32)
-        image_mask = np.zeros((slots,), bool)
-        layouts = None if geometry is None else np.full((slots, geometry.max_tokens), -1, np.int32)
         ids, dropped = [], []
         start, image_slot = 0, 0
         for stored in row["records"]:
@@ -326,20 +325,7 @@ class RowEncoder:
                 layouts[image_slot : image_slot + count] = layout[valid]
             ids.append(record.id)
             start, image_slot = end, image_slot + count
-        example = {
-            "id": ",".join(ids),
-            "drop_reason": "",
-            "dropped": dropped,
-            "input_ids": input_ids,
-            "loss_mask": loss_mask,
-            "attention_mask": segments,
-            "positions": positions,
-            "images": images,
-            "image_mask": image_mask,
-        }
-        if layouts is not None:
-            example["image_layout"] = layouts
-        return example
+        return {**example, "id": ",".join(ids), "dropped": dropped}  # (filled in place)
 
 
 class NoUsableData(RuntimeError):

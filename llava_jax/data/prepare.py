@@ -29,11 +29,7 @@ from llava_jax.data.pipeline import tokenizer_for
 from llava_jax.errors import InputError
 
 
-def parse_args(argv: list[str]) -> DataConfig:
-    return _parse(argv)[0]
-
-
-def _parse(argv: list[str]) -> tuple[DataConfig, bool]:
+def parse_args(argv: list[str]) -> tuple[DataConfig, bool]:
     """The data settings the flags give, and whether `--debug` was given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     program.add_debug_argument(parser)
@@ -55,7 +51,7 @@ def _parse(argv: list[str]) -> tuple[DataConfig, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, debug = _parse(sys.argv[1:] if argv is None else argv)
+    config, debug = parse_args(sys.argv[1:] if argv is None else argv)
     program.setup_logging()  # warnings on the terminal, without the routine ones
     try:
         builder = datasets.prepare(config)

@@ -282,7 +282,7 @@ def answer_questions(
                 batch_size=batch_size,
                 image_slots=image_slots,
                 image_layouts=layouts(todo),
-                batch_rows=max(rows, len(todo)),
+                batch_rows=rows,
             )
             if todo
             else []
