@@ -280,15 +280,12 @@ def minimum_state_bytes(model_config: Any, train_pattern: str) -> StateBytes:
     the optimizer state of the further layers is left out; and unscanned with LoRA, whose
     target may name layers by index (`llm/layers_7/…`), each layer counts as the smaller of
     adapted and not, without optimizer state: a lower bound."""
-    from llava_jax.models.lora import LORA_FACTORS
-    from llava_jax.train.optimizer import compile_train_pattern
+    from llava_jax.train.optimizer import compile_train_pattern, path_trains
 
     pattern = compile_train_pattern(train_pattern)
 
-    def trains(path: str, floating: bool) -> bool:  # as train.optimizer.trainable_mask
-        if path.rsplit("/", 1)[-1] in LORA_FACTORS:
-            return True
-        return floating and pattern.fullmatch(path) is not None  # integers have no gradient
+    def trains(path: str, floating: bool) -> bool:  # integers (int8 bases) have no gradient
+        return floating and path_trains(pattern, path)
 
     counts = {"img": model_config.vision.num_layers, "llm": model_config.text.num_layers}
     by_index = not model_config.scan_layers  # unscanned: paths carry the layer's index

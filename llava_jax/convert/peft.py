@@ -40,6 +40,7 @@ from safetensors.numpy import save_file
 
 from llava_jax.convert.hf import projector_rules, text_rules, vision_rules
 from llava_jax.convert.safetensors_io import CheckpointError, open_safetensors
+from llava_jax.json_input import JSONInputError, loads
 from llava_jax.models.config import LoraConfig, ModelConfig
 from llava_jax.models.llava import to_scan_layout, to_unscanned_layout
 from llava_jax.models.lora import LORA_FACTORS, adapted_layers
@@ -325,11 +326,11 @@ def read_adapter_config(adapter_dir: str) -> dict:
     zero or negative alpha is a valid, if odd, adapter and is kept)."""
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        with open(path, "rb") as f:
+            raw = loads(f.read())
     except FileNotFoundError:
         raise CheckpointError(f"{adapter_dir}: not a PEFT adapter (no {ADAPTER_CONFIG})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except JSONInputError as err:
         raise CheckpointError(f"{path}: not JSON ({err})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: not a JSON object")

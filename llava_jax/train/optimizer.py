@@ -32,6 +32,12 @@ def compile_train_pattern(train_pattern: str) -> re.Pattern:
         ) from None
 
 
+def path_trains(pattern: re.Pattern, path: str) -> bool:
+    """Whether the parameter at `path` (`llm/layers/attn/query/kernel`) trains: `pattern`
+    (a compiled train pattern) fully matches it, or it is a LoRA factor."""
+    return pattern.fullmatch(path) is not None or path.rsplit("/", 1)[-1] in LORA_FACTORS
+
+
 def trainable_mask(params: Any, train_pattern: str) -> Any:
     """Tree of bools: True where the path (`llm/layers/attn/query/kernel`) fully matches,
     and on every LoRA factor (`…/lora_a`, `…/lora_b`).
@@ -63,11 +69,7 @@ def trainable_mask(params: Any, train_pattern: str) -> Any:
                 "(config.train.train_pattern='proj/.*')"
             )
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: (
-            compiled.fullmatch(path_string(p)) is not None
-            or path_string(p).rsplit("/", 1)[-1] in LORA_FACTORS
-        ),
-        params,
+        lambda p, _: path_trains(compiled, path_string(p)), params
     )
 
 
