@@ -53,35 +53,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import statistics
 import sys
-import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
-from llava_jax import program
+from llava_jax import chat_endpoint, program
 from llava_jax.errors import InputError
 from llava_jax.evaluation import llava_bench
 from llava_jax.evaluation.llava_bench import Answer, Benchmark, BenchQuestion
 from llava_jax.json_input import JSONInputError, loads
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_BASE_URL = chat_endpoint.OPENAI_BASE_URL
 # LLaVA's own judge: figures are comparable with LLaVA's only under the same judge, so the
 # program never substitutes another one silently (a retired model gets a 404 that says so).
 DEFAULT_MODEL = "gpt-4-0314"
 LLAVA_JUDGES = ("gpt-4-0314", "gpt-4-0613")  # the two summarize_gpt_review.py knows
 DEFAULT_RULE = os.path.join(os.path.dirname(__file__), "rule.json")
-PLACEHOLDER_KEY = "none"  # a local judge takes any key; the client needs one
 
 RUN_FILE = "judge_run.json"
 FAILED_FILE = "failed.jsonl"
@@ -91,18 +86,11 @@ LOCK_FILE = ".judge.lock"
 REFERENCE_FIRST = "reference_first"  # LLaVA's order: the reference is Assistant 1
 MODEL_FIRST = "model_first"  # --swap: the model's answer is Assistant 1
 
-BACKOFF_BASE_S = 1.0
-BACKOFF_MAX_S = 60.0
-RETRY_AFTER_MAX_S = 60.0
 # What must match for a rerun to continue the reviews in --out (the rest is information).
 IDENTITY_SETTINGS = ("judge_model", "temperature", "max_tokens", "runs", "swap", "llava_compat")
 FLAG_OF = {s: "--" + s.replace("_", "-") for s in IDENTITY_SETTINGS}
 
 log = logging.getLogger(__name__)
-
-
-class JudgeError(InputError):
-    """The judge cannot be used as given (URL, key, model, settings): one line, exit 2."""
 
 
 class OutDirError(InputError):
@@ -115,7 +103,7 @@ class JudgeSettings:
 
     base_url: str = DEFAULT_BASE_URL
     model: str = DEFAULT_MODEL
-    api_key: str = PLACEHOLDER_KEY
+    api_key: str = chat_endpoint.PLACEHOLDER_KEY
     temperature: float = 0.2
     max_tokens: int = 1024
     timeout: float = 120.0
@@ -145,10 +133,6 @@ def review_file_name(run: int, runs: int, order: str) -> str:
 
 def orders(swap: bool) -> tuple[str, ...]:
     return (REFERENCE_FIRST, MODEL_FIRST) if swap else (REFERENCE_FIRST,)
-
-
-def is_openai(base_url: str) -> bool:
-    return urllib.parse.urlparse(base_url).hostname == "api.openai.com"
 
 
 # --- the output folder: records, resume, identity --------------------------------------------
@@ -397,44 +381,34 @@ def _identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # --- asking the judge -------------------------------------------------------------------------
 
 
-class _GaveUp(Exception):
-    """A question's request failed past the retries (recorded failed; the run goes on)."""
+class JudgeEndpoint(chat_endpoint.Endpoint):
+    """The judge's endpoint: its errors name the judge's flags and LLaVA's own judges."""
 
+    def __init__(self, settings: JudgeSettings):
+        super().__init__(
+            chat_endpoint.EndpointSettings(
+                base_url=settings.base_url,
+                model=settings.model,
+                api_key=settings.api_key,
+                temperature=settings.temperature,
+                max_tokens=settings.max_tokens,
+                timeout=settings.timeout,
+                retries=settings.retries,
+                concurrency=settings.concurrency,
+            ),
+            chat_endpoint.Names("the judge", "--judge-base-url", "--judge-model"),
+            hints="--max-tokens and --temperature",
+        )
 
-def _error_message(err: Any) -> str:
-    body = getattr(err, "body", None)
-    if isinstance(body, dict):
-        message = body.get("message") or (body.get("error") or {}).get("message")
-        if isinstance(message, str) and message:
-            return message
-    return str(getattr(err, "message", "") or err)
-
-
-def _retry_after(err: Any) -> float | None:
-    """The judge's Retry-After (seconds), from retry-after-ms or retry-after."""
-    response = getattr(err, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    for header, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            value = float(headers.get(header)) * scale
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(value) and 0 <= value <= RETRY_AFTER_MAX_S:
-            return value
-    return None
-
-
-def backoff_s(attempt: int, retry_after: float | None = None) -> float:
-    """Seconds before retry `attempt` (0-based): the judge's Retry-After when it gives one,
-    else exponential with jitter (half to all of 1, 2, 4 … s, at most a minute), so
-    concurrent requests that failed together do not come back together."""
-    if retry_after is not None:
-        return retry_after
-    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
+    def model_hint(self) -> str:
+        s = self.settings
+        if s.model in LLAVA_JUDGES and chat_endpoint.is_openai(s.base_url):
+            return f" ({s.model} is LLaVA's judge; OpenAI retires old snapshots)"
+        return ""
 
 
 class Judging:
-    """Judges items with one client, writing each result as it comes."""
+    """Judges items through one endpoint, writing each result as it comes."""
 
     def __init__(
         self,
@@ -452,92 +426,8 @@ class Judging:
         self.out = out
         self.llava_compat = llava_compat
         self.progress = progress
-        self.contacted = False  # any HTTP answer: the URL reaches a server
-        self.succeeded = False  # a 2xx: the key, model and settings work
-        self.counts = collections.Counter()
-
-    def _fatal(self, status: int, err: Any) -> JudgeError:
-        s, message = self.settings, _error_message(err)
-        where = f"the judge at {s.base_url}"
-        if status == 401:
-            return JudgeError(
-                f"{where} refused the API key (401: {message}); "
-                "set OPENAI_API_KEY to a key it takes"
-            )
-        if status == 403:
-            return JudgeError(
-                f"{where} refused the request (403: {message}); check the key's access"
-            )
-        if status == 404:
-            hint = ""
-            if s.model in LLAVA_JUDGES and is_openai(s.base_url):
-                hint = f" ({s.model} is LLaVA's judge; OpenAI retires old snapshots)"
-            return JudgeError(
-                f"{where} answered 404 for model {s.model!r}{hint}: {message}; name a model it "
-                "serves with --judge-model, or fix --judge-base-url (its OpenAI API, …/v1)"
-            )
-        return JudgeError(
-            f"{where} refused the request ({status}: {message}); check --judge-model, "
-            "--max-tokens and --temperature"
-        )
-
-    async def request(self, client: Any, messages: list[dict[str, str]]) -> str | None:
-        """The judge's reply text (None: a reply without text). Retries what may pass;
-        raises `JudgeError` for what will not, `_GaveUp` past the retries."""
-        import openai
-
-        s = self.settings
-        problem = ""
-        for attempt in range(s.retries + 1):
-            retry_after = None
-            try:
-                response = await client.chat.completions.create(
-                    model=s.model,
-                    messages=messages,
-                    temperature=s.temperature,
-                    max_tokens=s.max_tokens,
-                )
-            except openai.APIStatusError as err:
-                self.contacted = True
-                status = err.status_code
-                if status in (401, 403, 404) or (
-                    400 <= status < 500 and status not in (408, 409, 429) and not self.succeeded
-                ):
-                    raise self._fatal(status, err) from None
-                if 400 <= status < 500 and status not in (408, 409, 429):
-                    raise _GaveUp(
-                        f"the judge refused the request ({status}: {_error_message(err)})"
-                    ) from None
-                problem = f"HTTP {status}: {_error_message(err)}"
-                retry_after = _retry_after(err)
-            except openai.APITimeoutError:
-                problem = f"no reply within --timeout {s.timeout:g} s"
-            except openai.APIConnectionError as err:
-                if not self.contacted:
-                    cause = err.__cause__ or err
-                    raise JudgeError(
-                        f"cannot reach the judge at {s.base_url} ({cause}); check --judge-base-url"
-                    ) from None
-                problem = f"connection lost: {err.__cause__ or err}"
-            except openai.APIError as err:  # a reply that is not OpenAI's shape
-                self.contacted = True
-                problem = f"unreadable reply: {err}"
-            else:
-                self.contacted = self.succeeded = True
-                try:
-                    text = response.choices[0].message.content
-                except (AttributeError, IndexError, KeyError, TypeError):
-                    return None
-                return text if isinstance(text, str) else None
-            log.info(
-                "judge request failed (%s); attempt %d of %d", problem, attempt + 1, s.retries + 1
-            )
-            if attempt < s.retries:
-                self.counts["retries"] += 1
-                await asyncio.sleep(backoff_s(attempt, retry_after))
-        raise _GaveUp(
-            f"the judge failed {s.retries + 1} times (--retries {s.retries}); last: {problem}"
-        )
+        self.endpoint = JudgeEndpoint(settings)
+        self.counts = self.endpoint.counts  # retries, failed, unparsable
 
     def _base_record(self, item: Item) -> dict[str, Any]:
         question = item.question
@@ -564,10 +454,10 @@ class Judging:
         self.out.add_failed(record)
         self.counts["failed"] += 1
 
-    async def judge(self, client: Any, item: Item) -> None:
+    async def judge(self, item: Item) -> None:
         """Review one item, or record why it has no review."""
         try:
-            await self._judge(client, item)
+            await self._judge(item)
         finally:
             if self.progress is not None:
                 self.progress.update(1)
@@ -575,7 +465,7 @@ class Judging:
                     failed=self.counts["failed"], retries=self.counts["retries"], refresh=False
                 )
 
-    async def _judge(self, client: Any, item: Item) -> None:
+    async def _judge(self, item: Item) -> None:
         question = item.question
         answer = self.answers[question.key]
         if answer.error is not None:
@@ -597,8 +487,8 @@ class Judging:
         reply = None
         for _ in range(attempts):
             try:
-                reply = await self.request(client, messages)
-            except _GaveUp as err:
+                reply = (await self.endpoint.request(messages)).text
+            except chat_endpoint.GaveUp as err:
                 self._fail(item, str(err))
                 return
             scores = None if reply is None else llava_bench.parse_score(reply)
@@ -631,33 +521,7 @@ class Judging:
         self.out.add_review(item, record)
 
     async def judge_all(self, items: Sequence[Item]) -> None:
-        import openai
-
-        s = self.settings
-        client = openai.AsyncOpenAI(
-            api_key=s.api_key, base_url=s.base_url, timeout=s.timeout, max_retries=0
-        )
-        try:
-            pending = collections.deque(items)
-            # One request at a time until the judge has answered: a wrong URL, key or model
-            # then stops the run after one request, not --concurrency of them.
-            while pending and not self.contacted:
-                await self.judge(client, pending.popleft())
-
-            async def worker() -> None:
-                while pending:
-                    await self.judge(client, pending.popleft())
-
-            tasks = [asyncio.create_task(worker()) for _ in range(min(s.concurrency, len(pending)))]
-            try:
-                await asyncio.gather(*tasks)
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-        finally:
-            await client.close()
+        await self.endpoint.run_all(items, self.judge)
 
 
 def pending_items(
@@ -990,38 +854,19 @@ def write_summary(out_dir: str) -> dict[str, Any]:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    def need(ok: bool, flag: str, what: str, value: Any) -> None:
-        if not ok:
-            raise InputError(f"{flag} must be {what}, got {value}")
-
-    need(args.concurrency >= 1, "--concurrency", ">= 1", args.concurrency)
-    need(args.retries >= 0, "--retries", ">= 0", args.retries)
-    need(args.parse_retries >= 0, "--parse-retries", ">= 0", args.parse_retries)
-    need(args.runs >= 1, "--runs", ">= 1", args.runs)
-    need(args.max_tokens >= 1, "--max-tokens", ">= 1", args.max_tokens)
-    need(math.isfinite(args.timeout) and args.timeout > 0, "--timeout", "> 0 seconds", args.timeout)
-    need(
-        math.isfinite(args.temperature) and 0 <= args.temperature <= 2,
-        "--temperature", "between 0 and 2", args.temperature,
-    )  # fmt: skip
-    url = urllib.parse.urlparse(args.judge_base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise InputError(
-            f"--judge-base-url must be an http(s) URL such as {DEFAULT_BASE_URL}, "
-            f"got {args.judge_base_url!r}"
-        )
-
-
-def _api_key(base_url: str) -> str:
-    key = os.environ.get("OPENAI_API_KEY")
-    if key:
-        return key
-    if is_openai(base_url):
-        raise InputError(
-            f"OPENAI_API_KEY is not set: the judge at {base_url} needs your key (a judge "
-            "elsewhere, named by --judge-base-url, takes any)"
-        )
-    return PLACEHOLDER_KEY
+    chat_endpoint.check_settings(
+        base_url=args.judge_base_url,
+        url_flag="--judge-base-url",
+        concurrency=args.concurrency,
+        retries=args.retries,
+        max_tokens=args.max_tokens,
+        timeout=args.timeout,
+        temperature=args.temperature,
+    )
+    if args.parse_retries < 0:
+        raise InputError(f"--parse-retries must be >= 0, got {args.parse_retries}")
+    if args.runs < 1:
+        raise InputError(f"--runs must be >= 1, got {args.runs}")
 
 
 def judge_benchmark(
@@ -1109,7 +954,7 @@ def _judge_main(argv: Sequence[str]) -> int:
         settings = JudgeSettings(
             base_url=args.judge_base_url,
             model=args.judge_model,
-            api_key=_api_key(args.judge_base_url),
+            api_key=chat_endpoint.api_key(args.judge_base_url, "the judge", "--judge-base-url"),
             temperature=args.temperature,
             max_tokens=args.max_tokens,
             timeout=args.timeout,
