@@ -242,7 +242,7 @@ class Endpoint:
                         f"check {self.names.url_flag}"
                     ) from None
                 problem = f"connection lost: {err.__cause__ or err}"
-            except openai.APIError as err:  # a reply that is not OpenAI's shape
+            except (openai.APIError, ValueError) as err:  # not OpenAI's shape, not JSON
                 self.contacted = True
                 problem = f"unreadable reply: {err}"
             else:

@@ -11,9 +11,10 @@ line is the two scores, as LLaVA's rule asks.
 It records every request (`requests`: the question, the messages, the body, the outcome) and
 `answered` (the questions it gave scores or text for, 200), checks the key (`api_key`) and
 the model (`model`) as OpenAI does (401, 404 in OpenAI's error shape), and can be told to
-fail a question's next requests (`fail(question, 429, 500, "garbage", "timeout", "drop")`)
-or to hold every request after the first `n` answers (`hold(n)`: they wait, and are dropped
-unanswered on `release()`), for a test that kills its client mid-run.
+fail a question's next requests (`fail(question, 429, 500, "garbage", "timeout", "drop",
+"garbage-json")`) or to hold every request after the first `n` answers (`hold(n)`: they
+wait, and are dropped unanswered on `release()`), for a test that kills its client mid-run.
+The HTTP plumbing, the checks, the failures and the hold are `fake_openai.FakeOpenAI`'s.
 
     with JudgeServer(model="judge") as judge:
         ... --judge-base-url judge.url --judge-model judge ...
@@ -23,12 +24,10 @@ unanswered on `release()`), for a test that kills its client mid-run.
 from __future__ import annotations
 
 import collections
-import json
 import re
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from fake_openai import FakeOpenAI
 
 SCORE = re.compile(r"\(score (-?\d+(?:\.\d+)?)\)")
 QUESTION = re.compile(r"\[Question\]\n(.*?)\n\n\[", re.S)
@@ -40,7 +39,7 @@ def _section(content: str, n: int) -> str | None:
     return None if found is None else found.group(2)
 
 
-class JudgeServer:
+class JudgeServer(FakeOpenAI):
     """See the module docstring. `url` is the base URL an OpenAI client takes (…/v1)."""
 
     def __init__(
@@ -55,173 +54,41 @@ class JudgeServer:
         slow_s: float = 3.0,
         retry_after_ms: int | None = 10,
     ):
-        self.model = model
-        self.api_key = api_key
+        super().__init__(
+            model=model,
+            api_key=api_key,
+            delay_s=delay_s,
+            slow_s=slow_s,
+            retry_after_ms=retry_after_ms,
+        )
         self.default_score = default_score
         self.position_bias = position_bias
         self.repeat_offsets = repeat_offsets
-        self.delay_s = delay_s
-        self.slow_s = slow_s  # a "timeout" answers this late
-        self.retry_after_ms = retry_after_ms  # sent with 429 and 5xx, as OpenAI does
-        self.requests: list[dict[str, Any]] = []
-        self.answered: list[str] = []
         self._scored: collections.Counter[str] = collections.Counter()
-        self._script: dict[str, collections.deque] = collections.defaultdict(collections.deque)
-        self._hold_after: int | None = None
-        self._release = threading.Event()
-        self.held = 0
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # --- control -------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "start the server first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
     def fail(self, question: str, *outcomes: int | str) -> None:
         """The next requests about `question` get these outcomes, in order: an HTTP status
         (429, 500, 503 …), "garbage" (a reply without two scores), "timeout" (the reply
-        comes `slow_s` late), "drop" (the connection closes unanswered)."""
-        with self._lock:
-            self._script[question].extend(outcomes)
+        comes `slow_s` late), "drop" (the connection closes unanswered), "garbage-json" (a
+        200 whose body is not JSON)."""
+        self._queue(question, outcomes)
 
-    def hold(self, after: int | None) -> None:
-        """Requests after the first `after` answers wait for `release()` (None: none wait)."""
-        with self._lock:
-            self._hold_after = after
-            self._release.clear()
+    # --- what the judge says -------------------------------------------------------------
 
-    def release(self) -> None:
-        """Held requests are dropped unanswered; later ones are answered."""
-        with self._lock:
-            self._hold_after = None
-        self._release.set()
+    def _describe(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        found = QUESTION.search(messages[-1].get("content") or "")
+        return {"question": found.group(1) if found else None}
 
-    def count(self, question: str) -> int:
-        with self._lock:
-            return sum(1 for r in self.requests if r["question"] == question)
+    def _matches(self, key: Any, record: dict[str, Any]) -> bool:
+        return record["question"] == key
 
-    def outcomes(self, question: str) -> list[Any]:
-        with self._lock:
-            return [r["outcome"] for r in self.requests if r["question"] == question]
+    def _subject(self, record: dict[str, Any]) -> Any:
+        return record["question"]
 
-    # --- serving -------------------------------------------------------------------------
-
-    def start(self) -> JudgeServer:
-        judge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
-            def do_POST(self) -> None:
-                judge._handle(self)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._release.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> JudgeServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def _send(self, handler: BaseHTTPRequestHandler, status: int, body: dict, **headers) -> None:
-        data = json.dumps(body).encode()
-        try:
-            handler.send_response(status)
-            handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", str(len(data)))
-            for name, value in headers.items():
-                handler.send_header(name.replace("_", "-"), str(value))
-            handler.end_headers()
-            handler.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (a timeout): nothing was answered
-
-    def _error(self, handler: Any, status: int, message: str, code: str, **headers) -> None:
-        error = {"message": message, "type": "invalid_request_error", "code": code}
-        self._send(handler, status, {"error": error}, **headers)
-
-    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
-        length = int(handler.headers.get("Content-Length") or 0)
-        body = json.loads(handler.rfile.read(length) or b"{}")
-        messages = body.get("messages") or [{}]
-        content = messages[-1].get("content") or ""
-        found = QUESTION.search(content)
-        question = found.group(1) if found else None
-        record = {"question": question, "messages": messages, "body": body, "outcome": None}
-        with self._lock:
-            self.requests.append(record)
-            outcome = self._script[question].popleft() if self._script[question] else None
-            hold = self._hold_after is not None and len(self.answered) >= self._hold_after
-            if hold:
-                self.held += 1
-        if handler.path != "/v1/chat/completions":
-            record["outcome"] = 404
-            return self._error(handler, 404, f"no route {handler.path}", "not_found")
-        if self.api_key is not None and handler.headers.get("Authorization") != (
-            f"Bearer {self.api_key}"
-        ):
-            record["outcome"] = 401
-            return self._error(handler, 401, "Incorrect API key provided", "invalid_api_key")
-        if body.get("model") != self.model:
-            record["outcome"] = 404
-            message = f"The model `{body.get('model')}` does not exist"
-            return self._error(handler, 404, message, "model_not_found")
-        if hold:
-            self._release.wait()
-            record["outcome"] = "held"
-            handler.close_connection = True
-            return None  # dropped unanswered
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        if isinstance(outcome, int):
-            record["outcome"] = outcome
-            headers = {}
-            if self.retry_after_ms is not None:
-                headers["retry_after_ms"] = self.retry_after_ms
-            return self._error(handler, outcome, f"stand-in failure {outcome}", "x", **headers)
-        if outcome == "drop":
-            record["outcome"] = "drop"
-            handler.close_connection = True
-            return None
-        if outcome == "timeout":
-            time.sleep(self.slow_s)
-        text = GARBAGE if outcome == "garbage" else self._scores(content)
-        record["outcome"] = outcome or "scored"
-        reply = {
-            "id": f"chatcmpl-{len(self.requests)}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
-        self._send(handler, 200, reply)
-        if outcome != "timeout":  # a late reply reaches no one
-            with self._lock:
-                self.answered.append(question)
-        return None
+    def _content(self, record: dict[str, Any], step: Any) -> tuple[Any, str | None]:
+        if step == "garbage":
+            return "garbage", GARBAGE
+        return "scored", self._scores(record["messages"][-1].get("content") or "")
 
     def _score(self, answer: str | None) -> float:
         found = SCORE.search(answer or "")

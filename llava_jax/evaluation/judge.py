@@ -55,8 +55,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -65,7 +63,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from llava_jax import chat_endpoint, program
+from llava_jax import chat_endpoint, program, record_log
 from llava_jax.errors import InputError
 from llava_jax.evaluation import llava_bench
 from llava_jax.evaluation.llava_bench import Answer, Benchmark, BenchQuestion
@@ -138,21 +136,6 @@ def orders(swap: bool) -> tuple[str, ...]:
 # --- the output folder: records, resume, identity --------------------------------------------
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomically(path: str, text: str) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, path)
-
-
 def read_run_file(out: str) -> dict[str, Any]:
     """judge_run.json of `out`; `OutDirError` naming it when absent or unreadable."""
     path = os.path.join(out, RUN_FILE)
@@ -169,33 +152,10 @@ def read_run_file(out: str) -> dict[str, Any]:
 
 
 def _read_record_lines(path: str) -> list[tuple[int, dict[str, Any]]]:
-    """The records of a review or failed file. A last line cut short (the program killed
-    while writing it) is removed from the file: its question is judged again."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        log.warning("%s: dropped a last line cut short; that question is judged again", path)
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    records = []
-    for number, line in enumerate(data.decode("utf-8", "replace").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = loads(line)
-        except JSONInputError as err:
-            raise OutDirError(
-                f"{path}:{number}: {err} (a damaged record: remove the line to judge its "
-                "question again)"
-            ) from None
-        if not isinstance(obj, dict) or "question_id" not in obj:
-            raise OutDirError(f"{path}:{number}: not a record of this judge (no question_id)")
-        records.append((number, obj))
-    return records
+    """The records of a review or failed file (a last line cut short is removed)."""
+    return record_log.read_appended(
+        path, OutDirError, "question_id", "that question is judged again"
+    )
 
 
 def _check_review(path: str, number: int, review: dict[str, Any]) -> None:
@@ -219,8 +179,8 @@ class OutDir:
         self.path = path
         self.runs = runs
         self.swap = swap
-        self._lock: Any = None
-        self._files: dict[str, Any] = {}
+        self._lock = record_log.FolderLock(path, LOCK_FILE, "--out", "judge", OutDirError)
+        self._appender = record_log.Appender(llava_bench.dumps_line)
 
     def review_path(self, run: int, order: str) -> str:
         return os.path.join(self.path, review_file_name(run, self.runs, order))
@@ -231,28 +191,11 @@ class OutDir:
 
     def open(self) -> None:
         """Make the folder and hold it: a second judge process on it is refused."""
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise OutDirError(f"--out {self.path} is a file; give a folder")
-        try:
-            os.makedirs(self.path, exist_ok=True)
-            self._lock = open(os.path.join(self.path, LOCK_FILE), "a")  # noqa: SIM115
-        except OSError as err:
-            raise OutDirError(f"--out {self.path}: cannot write: {err.strerror or err}") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise OutDirError(
-                f"--out {self.path} is in use by another judge process; wait for it to end "
-                "or choose another --out"
-            ) from None
+        self._lock.acquire()
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        self._appender.close()
+        self._lock.release()
 
     def existing_reviews(self) -> list[str]:
         """Review or failed files already here (of any run count), by name."""
@@ -307,14 +250,10 @@ class OutDir:
                     + ". Use another --out, or remove its reviews to judge again"
                 )
             return
-        _write_atomically(path, json.dumps(identity, indent=2) + "\n")
+        record_log.write_atomically(path, json.dumps(identity, indent=2) + "\n")
 
     def _append(self, path: str, record: dict[str, Any]) -> None:
-        f = self._files.get(path)
-        if f is None:
-            f = self._files[path] = open(path, "a", encoding="utf-8")  # noqa: SIM115
-        f.write(llava_bench.dumps_line(record))
-        f.flush()  # a run killed now keeps this record
+        self._appender.append(path, record)  # flushed: a run killed now keeps this record
 
     def add_review(self, item: Item, record: dict[str, Any]) -> None:
         self._append(self.review_path(item.run, item.order), record)
@@ -324,15 +263,15 @@ class OutDir:
 
     def sort_reviews(self) -> None:
         """Every review file in question order (reviews arrive in completion order)."""
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        self._appender.close()
         for run in range(1, self.runs + 1):
             for order in orders(self.swap):
                 path = self.review_path(run, order)
                 records = [r for _, r in _read_record_lines(path)]
                 records.sort(key=lambda r: r.get("id", 0))
-                _write_atomically(path, "".join(llava_bench.dumps_line(r) for r in records))
+                record_log.write_atomically(
+                    path, "".join(llava_bench.dumps_line(r) for r in records)
+                )
 
 
 def run_identity(
@@ -348,7 +287,7 @@ def run_identity(
     files = {name: path for name, path in benchmark.files.items()}
     files["--answers"] = answers_path
     return {
-        "files": {name: _sha256(path) for name, path in files.items()},
+        "files": {name: record_log.sha256_file(path) for name, path in files.items()},
         "paths": {name: os.path.abspath(path) for name, path in files.items()},
         "judge_model": settings.model,
         "temperature": settings.temperature,
@@ -845,7 +784,9 @@ def plot_summary(summary: dict[str, Any], path: str) -> None:
 def write_summary(out_dir: str) -> dict[str, Any]:
     """summary.json and summary.png in `out_dir`; returns the summary."""
     summary = summarize(out_dir)
-    _write_atomically(os.path.join(out_dir, SUMMARY_JSON), json.dumps(summary, indent=2) + "\n")
+    record_log.write_atomically(
+        os.path.join(out_dir, SUMMARY_JSON), json.dumps(summary, indent=2) + "\n"
+    )
     plot_summary(summary, os.path.join(out_dir, SUMMARY_PNG))
     return summary
 

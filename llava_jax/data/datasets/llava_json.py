@@ -94,6 +94,7 @@ class ValidationReport:
     # kept records changed as LLaVA changes them (`ADJUSTMENTS`), and a few of their ids
     adjusted: dict[str, int] = dataclasses.field(default_factory=dict)
     adjusted_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    kinds: tuple[str, ...] = PROBLEMS  # the problems there are, in the order reported
 
     def adjust(self, kind: str, record_id: str) -> None:
         seen = self.adjusted.get(kind, 0)
@@ -117,7 +118,7 @@ class ValidationReport:
             "total": self.total,
             "kept": self.kept,
             "dropped": self.dropped,
-            "counts": {kind: self.counts[kind] for kind in PROBLEMS if kind in self.counts},
+            "counts": {kind: self.counts[kind] for kind in self.kinds if kind in self.counts},
             "examples": [dataclasses.asdict(p) for p in self.examples],
             "adjusted": dict(self.adjusted),
             "adjusted_examples": dict(self.adjusted_examples),
@@ -125,7 +126,7 @@ class ValidationReport:
 
     def summary(self) -> str:
         lines = [f"{self.source}: {self.total} records, {self.kept} kept, {self.dropped} bad"]
-        lines += [f"  {kind}: {self.counts[kind]}" for kind in PROBLEMS if kind in self.counts]
+        lines += [f"  {kind}: {self.counts[kind]}" for kind in self.kinds if kind in self.counts]
         for kind, count in self.adjusted.items():
             ids = ", ".join(self.adjusted_examples.get(kind, []))
             lines.append(f"  kept with {kind} (as LLaVA does): {count}, e.g. {ids}")
@@ -229,7 +230,7 @@ def check_record(record, image_dir: str) -> tuple[list[str], list[dict], Problem
     return full_paths, turns, None
 
 
-def _unreadable(path: str, image_dir: str) -> str:
+def image_problem(path: str, image_dir: str) -> str:
     """'' if the image at ``path`` decodes fully, else why not."""
     try:
         decode_image(read_image_file(path, image_dir))
@@ -264,7 +265,7 @@ def validate(
     all_paths = sorted({p for _, paths, _ in candidates for p in paths})
     with ThreadPoolExecutor(num_threads) as pool:  # PIL decodes outside the GIL
         checks = tqdm(
-            pool.map(lambda path: _unreadable(path, image_dir), all_paths),
+            pool.map(lambda path: image_problem(path, image_dir), all_paths),
             total=len(all_paths),
             desc="Checking images",
             unit="img",
