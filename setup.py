@@ -10,7 +10,11 @@ setup(
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
     # The chat page of `python -m llava_jax.serve` (plain HTML and JavaScript), and the
     # LLaVA-Bench judge's rule file (its prompts, one per question category).
-    package_data={"llava_jax.serve": ["static/*"], "llava_jax.evaluation": ["rule.json"]},
+    package_data={
+        "llava_jax.serve": ["static/*"],
+        "llava_jax.evaluation": ["rule.json"],
+        "llava_jax.data": ["instruct_prompts/*/*.txt"],
+    },
     install_requires=[
         "jax>=0.7",
         "flax>=0.10",

@@ -1,7 +1,7 @@
-"""The judge pointed at `python -m llava_jax.serve` itself: a tiny random LLaVA answers the
-judge's requests (LLaVA's system message included) through the OpenAI API. Its reviews do not
-hold two scores: each is asked again, then counted as failed; the run completes, the summary
-says so, and the server goes on."""
+"""The judge and the instruction-data generator pointed at `python -m llava_jax.serve` itself:
+a tiny random LLaVA answers their requests (system messages included) through the OpenAI API.
+Its reviews do not hold two scores: each is asked again, then counted as failed; the run
+completes, the summary says so, and the server goes on."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import json
 import os
 
 import pytest
+from PIL import Image
 from test_inference_cli import save_tiny_llava
 from test_serve import http, running_server
 from trainer_fixtures import REPO
 
+from llava_jax.data import instruct
 from llava_jax.evaluation import judge
 
 BENCHMARK = os.path.join(REPO, "benchmarks", "llava_bench_synthetic")
@@ -64,4 +66,51 @@ def test_our_server_as_the_judge_completes_and_counts_its_unparsable_reviews(
     assert all(f["reason"] for f in summary["failed"])
     assert all(len(r["tuple"]) == 2 and min(r["tuple"]) >= 0 for r in reviewed)
     assert (out / "summary.png").stat().st_size > 0
+    assert http(f"{served_judge}/health")[1]["status"] == "ok"
+
+
+@pytest.mark.timeout(300)
+def test_our_server_as_the_data_generator_completes_and_counts_what_did_not_parse(
+    served_judge, tmp_path, capsys
+):
+    """The instruction-data generator with `python -m llava_jax.serve` as its LLM: a random
+    model's replies do not parse (or are empty); each is asked again, then skipped and
+    counted by reason; the run completes with a (here empty) validated LLaVA JSON."""
+    prompts = tmp_path / "prompts"  # short prompts in LLaVA's layout: they fit the context
+    for kind, reply in (
+        ("conversation", "Question:\nWhat is red?\n===\nAnswer:\nThe ball."),
+        ("detail_description", "A red ball lies on green grass."),
+        ("complex_reasoning", "Question:\nWhy is the ball here?\n===\nAnswer:\nA game."),
+    ):
+        (prompts / kind).mkdir(parents=True)
+        (prompts / kind / "system_message.txt").write_text("You see one image. Talk about it.\n")
+        (prompts / kind / "000_caps.txt").write_text(
+            "A red ball on grass.\n\nball: [0.1, 0.2, 0.3, 0.4]\n"
+        )
+        (prompts / kind / "000_conv.txt").write_text(reply + "\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    notes = []
+    for k in range(3):
+        Image.new("RGB", (16, 16), (60 * k, 90, 30)).save(images / f"{k}.png")
+        notes.append(json.dumps({"image": f"{k}.png", "captions": [f"A ball number {k}."]}))
+    (tmp_path / "notes.jsonl").write_text("\n".join(notes) + "\n")
+    out = tmp_path / "generated"
+    argv = ["--image-dir", str(images), "--annotations", str(tmp_path / "notes.jsonl")]
+    argv += ["--out", str(out), "--prompts", str(prompts), "--base-url", f"{served_judge}/v1"]
+    argv += ["--model", MODEL, "--max-tokens", "8", "--parse-retries", "1", "--no-progress"]
+    assert instruct.main(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    made = sum(report["records"].values())
+    skipped = {kind: sum(reasons.values()) for kind, reasons in report["skipped"].items()}
+    # every (image, kind) made records or is counted skipped, by reason
+    per_kind = {kind: report["records"][kind] + skipped.get(kind, 0) for kind in report["kinds"]}
+    assert per_kind == {"conversation": 3, "detail_description": 3, "complex_reasoning": 3}
+    assert sum(skipped.values()) > 0
+    reasons = {r for kind in report["skipped"].values() for r in kind}
+    assert reasons <= {"unparsable", "empty_reply", "leaks_source"}
+    lines = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert all(line["attempts"] == 2 for line in lines)
+    assert len(json.loads((out / "llava_instruct.json").read_text())) == made
+    assert report["usage"]["prompt_tokens"] > 0  # the server's usage, summed
     assert http(f"{served_judge}/health")[1]["status"] == "ok"
