@@ -15,7 +15,8 @@ import sys
 import time
 
 import pytest
-from instruct_server import InstructServer
+from fake_openai import words
+from instruct_server import InstructServer, default_reply
 from PIL import Image
 from test_judge import free_port, one_error_line
 from trainer_fixtures import REPO
@@ -196,7 +197,11 @@ def test_each_request_is_the_system_message_the_few_shot_pairs_then_the_context(
 
 def test_the_default_replies_become_these_llava_records_in_annotation_order(coco):
     with InstructServer(model=MODEL) as llm:
-        assert instruct.main(coco_args(coco, llm.url, "--concurrency", "3")) == 0
+        argv = coco_args(coco, llm.url, "--concurrency", "3", "--price-per-1k", "0.5,2")
+        assert instruct.main(argv) == 0
+        # the server counts a word a token: the prompt's words and the replies' words
+        prompt_words = sum(words(m["content"]) for r in llm.requests for m in r["messages"])
+        reply_words = sum(words(default_reply(r["kind"], r["context"])) for r in llm.requests)
     records = read_json(os.path.join(coco["out"], instruct.OUT_JSON))
     expected_turns = [
         # image 1: conversation (a pair per caption), detail, reasoning; then image 2
@@ -237,7 +242,8 @@ def test_the_default_replies_become_these_llava_records_in_annotation_order(coco
         "conversation": 2, "detail_description": 2, "complex_reasoning": 2
     }  # fmt: skip
     assert report["annotations"]["counts"]["missing_image"] == 1
-    assert report["usage"]["prompt_tokens"] > 0 and report["usage"]["completion_tokens"] > 0
+    assert report["usage"] == {"prompt_tokens": prompt_words, "completion_tokens": reply_words}
+    assert report["estimated_cost"] == pytest.approx(prompt_words / 1000 * 0.5 + reply_words / 500)
 
 
 # --- replies ----------------------------------------------------------------------------------
@@ -499,3 +505,46 @@ def test_bad_settings_are_one_line(coco, capsys, problem):
         "bad kind": "poems",
     }[problem]
     assert expected in line, line
+
+
+def test_records_whose_image_does_not_decode_are_left_out_named_and_taken_once_mended(coco):
+    broken = os.path.join(coco["images"], IMAGE_2)
+    with open(broken, "rb") as f:
+        good = f.read()
+    with open(broken, "wb") as f:
+        f.write(good[:40])  # a JPEG cut short: the file is there, its pixels are not
+    args = ["--kind", "conversation"]
+    with InstructServer(model=MODEL) as llm:
+        assert instruct.main(coco_args(coco, llm.url, *args)) == 0
+        report = read_json(os.path.join(coco["out"], instruct.REPORT_FILE))
+        assert [(i["image"], i["kind"]) for i in report["invalid"]] == [(IMAGE_2, "conversation")]
+        assert "unreadable_image" in report["invalid"][0]["problem"]
+        assert report["skipped"] == {"conversation": {"invalid_record": 1}}
+        records = read_json(os.path.join(coco["out"], instruct.OUT_JSON))
+        assert [r["image"] for r in records] == [IMAGE_1]
+        with open(broken, "wb") as f:
+            f.write(good)
+        asked = len(llm.requests)
+        assert instruct.main(coco_args(coco, llm.url, *args)) == 0
+        assert len(llm.requests) == asked  # its records were kept: nothing asked again
+    records = read_json(os.path.join(coco["out"], instruct.OUT_JSON))
+    assert [r["image"] for r in records] == [IMAGE_1, IMAGE_2]
+
+
+def test_a_damaged_or_repeated_done_line_is_named(coco, capsys):
+    args = ["--kind", "conversation", "--concurrency", "1"]
+    with InstructServer(model=MODEL) as llm:
+        assert instruct.main(coco_args(coco, llm.url, *args)) == 0
+        capsys.readouterr()
+        done_path = os.path.join(coco["out"], instruct.DONE_FILE)
+        with open(done_path) as f:
+            first, second = f.read().splitlines()
+        for text, said in (
+            (f"{first[:30]}\n{second}\n", "done.jsonl:1"),
+            (f"{first}\n{second}\n{first}\n", "recorded a second time"),
+        ):
+            with open(done_path, "w") as f:
+                f.write(text)
+            assert instruct.main(coco_args(coco, llm.url, *args)) == 2
+            assert said in one_error_line(capsys.readouterr().err)
+        assert len(llm.requests) == 2

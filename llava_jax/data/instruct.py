@@ -240,12 +240,6 @@ class Generation:
         }
         self.counts = self.endpoint.counts  # retries, skipped
 
-    def _usage(self, before: tuple[int, int]) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.endpoint.usage["prompt_tokens"] - before[0],
-            "completion_tokens": self.endpoint.usage["completion_tokens"] - before[1],
-        }
-
     async def handle(self, task: Task) -> None:
         try:
             await self._handle(task)
@@ -268,29 +262,32 @@ class Generation:
             self.out.add(DONE_FILE, {**base, "records": records, "attempts": 0})
             return
         messages = fmt.request_messages(self.prompts[task.kind], task.image)
-        before = (self.endpoint.usage["prompt_tokens"], self.endpoint.usage["completion_tokens"])
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}  # this task's replies, all paid
         attempts = self.settings.parse_retries + 1
         problem, text = None, None
         for attempt in range(1, attempts + 1):
             try:
-                text = (await self.endpoint.request(messages)).text
+                reply = await self.endpoint.request(messages)
             except chat_endpoint.GaveUp as err:
-                self._skip(base, "request_failed", str(err), text, attempt, before)
+                self._skip(base, "request_failed", str(err), text, attempt, usage)
                 return
+            text = reply.text
+            usage["prompt_tokens"] += reply.prompt_tokens
+            usage["completion_tokens"] += reply.completion_tokens
             try:
                 content = fmt.parse_reply(task.kind, text)
             except fmt.ReplyError as err:
                 problem = err
                 continue
             records = fmt.make_records(task.kind, task.image, content, seed)
-            line = {**base, "records": records, "attempts": attempt, "usage": self._usage(before)}
+            line = {**base, "records": records, "attempts": attempt, "usage": usage}
             self.out.add(DONE_FILE, line)
             return
         assert problem is not None
         detail = (
             f"{problem.detail} ({attempts} replies, --parse-retries {self.settings.parse_retries})"
         )
-        self._skip(base, problem.reason, detail, text, attempts, before)
+        self._skip(base, problem.reason, detail, text, attempts, usage)
 
     def _skip(
         self,
@@ -299,10 +296,10 @@ class Generation:
         detail: str,
         reply: str | None,
         attempts: int,
-        before: tuple[int, int],
+        usage: dict[str, int],
     ) -> None:
         line = {**base, "reason": reason, "detail": detail, "reply": reply, "attempts": attempts}
-        self.out.add(SKIPPED_FILE, {**line, "usage": self._usage(before)})
+        self.out.add(SKIPPED_FILE, {**line, "usage": usage})
         self.counts["skipped"] += 1
 
     async def generate(self, tasks: Sequence[Task]) -> None:
@@ -337,7 +334,11 @@ def _validation_problem(records: list[dict], image_dir: str, decoded: dict[str, 
 
 
 def finish(
-    out: OutDir, images: Sequence[ImageAnnotations], settings: Settings, image_dir: str
+    out: OutDir,
+    images: Sequence[ImageAnnotations],
+    settings: Settings,
+    image_dir: str,
+    progress: bool = True,
 ) -> tuple[int, dict[tuple[str, str], str]]:
     """Write llava_instruct.json (images in annotation order, kinds in --kind order) from
     every done (image, kind) whose records pass the project's LLaVA JSON validation, and
@@ -364,7 +365,7 @@ def finish(
     ) as f:
         json.dump(records, f, ensure_ascii=False, indent=1)
         f.write("\n")
-    _, report = llava_json.validate(f.name, image_dir)
+    _, report = llava_json.validate(f.name, image_dir, progress=progress)
     if report.dropped:
         os.unlink(f.name)
         raise InputError(
@@ -511,7 +512,7 @@ def generate(
                 generation = Generation(settings, out, bar)
                 asyncio.run(generation.generate(tasks))
         out.appender.close()
-        written, invalid = finish(out, images, settings, image_dir)
+        written, invalid = finish(out, images, settings, image_dir, progress)
         retries = generation.counts["retries"] if generation else 0
         report = build_report(out, images, annotation_report, settings, written, invalid, retries)
         record_log.write_atomically(out.file(REPORT_FILE), json.dumps(report, indent=2) + "\n")

@@ -240,7 +240,7 @@ def image_problem(path: str, image_dir: str) -> str:
 
 
 def validate(
-    json_path: str, image_dir: str, num_threads: int = 8
+    json_path: str, image_dir: str, num_threads: int = 8, progress: bool = True
 ) -> tuple[list[Record], ValidationReport]:
     """Validates every record (images decoded fully) and returns the good ones, their
     images not yet read, and the report. Never raises for a bad record."""
@@ -269,7 +269,7 @@ def validate(
             total=len(all_paths),
             desc="Checking images",
             unit="img",
-            disable=not all_paths,
+            disable=not (all_paths and progress),
         )
         unreadable = {path: why for path, why in zip(all_paths, checks, strict=True) if why}
     good = []
