@@ -69,6 +69,7 @@ RUN_FILE = "generation.json"
 LOCK_FILE = ".instruct.lock"
 # What must match for a rerun to continue the records in --out.
 IDENTITY_SETTINGS = ("model", "temperature", "max_tokens", "seed")
+# Why an (image, kind) has no records: skipped.jsonl's and the report's reasons.
 SKIP_REASONS = ("request_failed", *fmt.REPLY_PROBLEMS, "invalid_record")
 NAMES = chat_endpoint.Names("the LLM", "--base-url", "--model")
 
@@ -96,10 +97,6 @@ class Task:
 
     image: ImageAnnotations
     kind: str
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.image.image, self.kind)
 
 
 # --- the output folder ------------------------------------------------------------------------
@@ -420,7 +417,11 @@ def build_report(
         "kinds": list(settings.kinds),
         "records": {kind: records[kind] for kind in settings.kinds},
         "records_written": written,
-        "skipped": {kind: dict(reasons[kind]) for kind in settings.kinds if kind in reasons},
+        "skipped": {
+            kind: {r: reasons[kind][r] for r in SKIP_REASONS if reasons[kind][r]}
+            for kind in settings.kinds
+            if kind in reasons
+        },
         "pending": pending,
         "invalid": [
             {"image": image, "kind": kind, "problem": problem}
@@ -438,7 +439,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['images']} images; records per kind:"]
     for kind in report["kinds"]:
         skipped = report["skipped"].get(kind, {})
-        said = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
+        said = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
         lines.append(
             f"  {kind}: {report['records'][kind]} records"
             + (f"; skipped {sum(skipped.values())} ({said})" if skipped else "")

@@ -96,18 +96,13 @@ class OutDirError(InputError):
 
 
 @dataclasses.dataclass(frozen=True)
-class JudgeSettings:
-    """How the judge is asked (`base_url`, `model`, sampling) and how hard we try."""
+class JudgeSettings(chat_endpoint.EndpointSettings):
+    """How the judge is asked (LLaVA's model and sampling by default), and how many times a
+    reply without two scores is asked again."""
 
-    base_url: str = DEFAULT_BASE_URL
     model: str = DEFAULT_MODEL
-    api_key: str = chat_endpoint.PLACEHOLDER_KEY
     temperature: float = 0.2
-    max_tokens: int = 1024
-    timeout: float = 120.0
-    retries: int = 5
     parse_retries: int = 3
-    concurrency: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,16 +320,7 @@ class JudgeEndpoint(chat_endpoint.Endpoint):
 
     def __init__(self, settings: JudgeSettings):
         super().__init__(
-            chat_endpoint.EndpointSettings(
-                base_url=settings.base_url,
-                model=settings.model,
-                api_key=settings.api_key,
-                temperature=settings.temperature,
-                max_tokens=settings.max_tokens,
-                timeout=settings.timeout,
-                retries=settings.retries,
-                concurrency=settings.concurrency,
-            ),
+            settings,
             chat_endpoint.Names("the judge", "--judge-base-url", "--judge-model"),
             hints="--max-tokens and --temperature",
         )
