@@ -395,34 +395,6 @@ def _size(n: int | None) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
-def _abstract_batch(config: Any, model_config: Any, global_batch: int, sharding: Any) -> dict:
-    import jax
-    import numpy as np
-
-    data = config.data
-    length = data.max_len
-    size = model_config.vision.image_size
-    slots = data.image_slots
-    shapes = {
-        "input_ids": ((global_batch, length), np.int32),
-        "loss_mask": ((global_batch, length), np.float32),
-        "attention_mask": ((global_batch, length), np.int32),
-        "positions": ((global_batch, length), np.int32),
-        "images": ((global_batch, slots, size, size, 3), np.float32),
-        "image_mask": ((global_batch, slots), np.bool_),
-    }
-    if model_config.anyres:  # LLaVA-NeXT: every image as its largest grid of tiles
-        from llava_jax.data.anyres import Anyres
-
-        grid = Anyres(size, model_config.vision.patch_size, model_config.image_grid_pinpoints)
-        shapes["images"] = ((global_batch, slots, grid.max_tiles, size, size, 3), np.float32)
-        shapes["image_layout"] = ((global_batch, slots, grid.max_tokens), np.int32)
-    return {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        for k, (shape, dtype) in shapes.items()
-    }
-
-
 def plan_train_step(
     config: Any,
     devices: list[Any],
@@ -441,6 +413,7 @@ def plan_train_step(
     import jax
 
     from llava_jax.hardware import chip_for
+    from llava_jax.models.inputs import abstract_batch
     from llava_jax.models.llava import abstract_params
     from llava_jax.sharding import batch_sharding, data_parallel_size, device_bytes
     from llava_jax.train.config import RunConfig
@@ -459,7 +432,7 @@ def plan_train_step(
         state_bytes = minimum_state_bytes(model_config, config.train.train_pattern)
         where = f"on {topology} ({len(devices)} x {chip.name}, {_size(budget)} each)"
         check_state_fits(state_bytes, len(devices), budget, where, hbm_bytes is not None)
-    from llava_jax.train.step import jit_train_step, make_train_step
+    from llava_jax.train.step import build_train_step
     from llava_jax.train.trainer import make_run_setup  # slow to import (tokenizers)
 
     mesh = config.mesh.make_mesh(devices)
@@ -473,15 +446,11 @@ def plan_train_step(
         micro_batches = max(global_batch // (device_batch * data_parallel), 1)
         global_batch = device_batch * data_parallel * micro_batches
     setup, schedule = make_run_setup(config, model_config, total_steps=1000, mesh=mesh)
-    step_fn = make_train_step(
-        setup,
-        schedule,
-        micro_batches=micro_batches,
-        z_loss_weight=config.train.z_loss_weight,
-        loss_chunk_size=config.train.loss_chunk_size,
-    )
-    step = jit_train_step(setup, step_fn, global_batch, micro_batches)
-    batch = _abstract_batch(config, model_config, global_batch, batch_sharding(mesh))
+    step = build_train_step(config.train, setup, schedule, global_batch, micro_batches)
+    batch = abstract_batch(
+        model_config, global_batch, config.data.max_len, config.data.image_slots,
+        batch_sharding(mesh),
+    )  # fmt: skip
     start = time.perf_counter()
     state = setup.abstract_state
     arguments = device_bytes(state) + device_bytes(batch)

@@ -25,6 +25,7 @@ jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes, pro
 import numpy as np  # noqa: E402
 from train_fixtures import WELL_CONDITIONED, build, make_batch  # noqa: E402
 
+from llava_jax.models.inputs import Batch  # noqa: E402
 from llava_jax.sharding import batch_sharding  # noqa: E402
 from llava_jax.train.step import metrics_to_host  # noqa: E402
 
@@ -42,7 +43,7 @@ for i in range(3):
         k: jax.make_array_from_process_local_data(sharding, v, global_batch[k].shape)
         for k, v in local.items()
     }
-    state, metrics = step(state, batch)
+    state, metrics = step(state, Batch.from_arrays(batch))
     losses.append(metrics_to_host(metrics)["loss"])
 print(json.dumps({"process": process_id, "local_rows": starts, "losses": losses}), flush=True)
 jax.distributed.shutdown()

@@ -182,7 +182,7 @@ def test_to_global_batch_shards_the_batch_over_data_axes(config, tokenizer):
     mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
     global_batch = to_global_batch(batch, mesh)
     for key, value in batch.items():
-        array = global_batch[key]
+        array = getattr(global_batch, key)
         assert array.shape == value.shape and array.dtype == value.dtype
         assert array.sharding.spec[0] == ("data", "fsdp")
         assert len(array.addressable_shards) == 8

@@ -15,6 +15,7 @@ from train_fixtures import (
     run_steps,
 )
 
+from llava_jax.models.inputs import Batch
 from llava_jax.train.loss import linear_cross_entropy_sums, masked_cross_entropy_sums
 
 
@@ -91,5 +92,5 @@ def test_fused_loss_without_targets_is_zero_and_finite():
     _, state, step = build((8, 1, 1), loss_chunk_size=4)
     batch = make_batch(3)
     batch["loss_mask"][:] = 0
-    state, metrics = step(state, batch)
+    state, metrics = step(state, Batch.from_arrays(batch))
     assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0

@@ -24,6 +24,7 @@ from llava_jax.data.pipeline import (
     make_train_iterator,
     tokenizer_for,
 )
+from llava_jax.models.inputs import Batch
 from llava_jax.models.llava import Llava
 from llava_jax.sharding import make_mesh
 from llava_jax.train.state import init_train_state
@@ -248,7 +249,7 @@ def test_packed_loss_and_gradients_equal_unpacked(config, tokenizer, records):
     model, params = _model_and_params(tokenizer)
 
     def mean_loss(params, batch):
-        _, ce, _, tokens = loss_sums(model, params, batch)
+        _, ce, _, tokens = loss_sums(model, params, Batch.from_arrays(batch))
         return ce / tokens, tokens
 
     results = []
@@ -566,9 +567,9 @@ def test_an_empty_slot_or_an_all_padding_batch_leaves_the_step_finite(attention)
         emptied[key][5] = 0  # pad id 0 in these batches
     unsupervised = {key: value.copy() for key, value in batch.items()}
     unsupervised["loss_mask"][5] = 0  # the same row, real but not a target
-    _, reference = step(state, unsupervised)
+    _, reference = step(state, Batch.from_arrays(unsupervised))
     fresh = init_train_state(setup, jax.random.key(0), host_params())
-    _, metrics = step(fresh, emptied)
+    _, metrics = step(fresh, Batch.from_arrays(emptied))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
     np.testing.assert_allclose(float(metrics["loss"]), float(reference["loss"]), rtol=1e-6)
     np.testing.assert_allclose(
@@ -580,7 +581,7 @@ def test_an_empty_slot_or_an_all_padding_batch_leaves_the_step_finite(attention)
     fresh = init_train_state(setup, jax.random.key(0), host_params())
     before = flat_params(fresh.params)
     nothing = {key: np.zeros_like(value) for key, value in batch.items()}
-    fresh, metrics = step(fresh, nothing)
+    fresh, metrics = step(fresh, Batch.from_arrays(nothing))
     assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
     after = flat_params(fresh.params)
     assert all(np.isfinite(v).all() for v in after.values())

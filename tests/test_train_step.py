@@ -22,6 +22,7 @@ from train_fixtures import (
 )
 
 from llava_jax.models.config import ModelConfig
+from llava_jax.models.inputs import Batch
 from llava_jax.sharding import make_mesh
 from llava_jax.train.loss import masked_cross_entropy_sums
 from llava_jax.train.optimizer import learning_rate_schedule, trainable_mask
@@ -109,8 +110,8 @@ def test_gradient_accumulation_equals_one_large_batch():
     _, state_acc, step_acc = build((2, 1, 4), micro_batches=4, **WELL_CONDITIONED)
     for i in range(3):
         batch = make_batch(200 + i, supervised=supervised)
-        state_one, m_one = step_one(state_one, batch)
-        state_acc, m_acc = step_acc(state_acc, batch)
+        state_one, m_one = step_one(state_one, Batch.from_arrays(batch))
+        state_acc, m_acc = step_acc(state_acc, Batch.from_arrays(batch))
         assert abs(float(m_one["loss"]) - float(m_acc["loss"])) <= 1e-6
         assert float(m_one["supervised_tokens"]) == float(m_acc["supervised_tokens"])
     assert max_relative(flat_params(state_acc.params), flat_params(state_one.params)) <= 1e-5
@@ -141,8 +142,8 @@ def test_targets_outside_the_mask_change_nothing():
     other["input_ids"][np.arange(8), last] = (other["input_ids"][np.arange(8), last] + 5) % 62
     _, state_a, step_a = build((2, 2, 2))
     _, state_b, step_b = build((2, 2, 2))
-    state_a, m_a = step_a(state_a, batch)
-    state_b, m_b = step_b(state_b, other)
+    state_a, m_a = step_a(state_a, Batch.from_arrays(batch))
+    state_b, m_b = step_b(state_b, Batch.from_arrays(other))
     assert float(m_a["loss"]) == float(m_b["loss"])
     assert float(m_a["grad_norm"]) == float(m_b["grad_norm"])
     assert max_relative(flat_params(state_a.params), flat_params(state_b.params)) == 0
@@ -153,7 +154,7 @@ def test_batch_without_supervised_tokens_gives_zero_loss_and_no_nan():
     batch = make_batch(3)
     batch["loss_mask"][:] = 0
     before = flat_params(state.params)
-    state, metrics = step(state, batch)
+    state, metrics = step(state, Batch.from_arrays(batch))
     assert float(metrics["loss"]) == 0.0
     assert float(metrics["grad_norm"]) == 0.0
     after = flat_params(state.params)
@@ -172,7 +173,7 @@ def test_projector_and_vision_learning_rates_are_separate():
         vision_learning_rate=1e-5,
     )
     before = flat_params(state.params)
-    state, _ = step(state, make_batch(1))
+    state, _ = step(state, Batch.from_arrays(make_batch(1)))
     after = flat_params(state.params)
 
     def median_move(prefix):

@@ -7,6 +7,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
+from llava_jax.models.inputs import Batch
 from llava_jax.models.llava import init_params
 from llava_jax.sharding import DEFAULT_RULES, make_mesh
 from llava_jax.train.optimizer import OptimizerConfig, make_optimizer
@@ -111,6 +112,6 @@ def build(
 def run_steps(step, state, num_steps: int = 3, batch_size: int = 8):
     losses = []
     for i in range(num_steps):
-        state, metrics = step(state, make_batch(100 + i, batch_size))
+        state, metrics = step(state, Batch.from_arrays(make_batch(100 + i, batch_size)))
         losses.append(float(metrics["loss"]))
     return state, losses

@@ -54,17 +54,10 @@ from llava_jax.data.datasets.record import Record, from_stored
 from llava_jax.data.image import decode_image, decoded_size, load_and_preprocess
 from llava_jax.data.prompt import prompt_ids
 from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer, tokenizer_fingerprint
+from llava_jax.models.inputs import Batch
 from llava_jax.sharding import batch_sharding
 
-BATCH_KEYS = (
-    "input_ids",
-    "loss_mask",
-    "attention_mask",
-    "positions",
-    "images",
-    "image_mask",
-    "image_layout",  # LLaVA-NeXT only
-)
+BATCH_KEYS = Batch.fields()  # a host batch's arrays: the model's input contract
 
 
 def tokenizer_for(config: DataConfig) -> LoadedTokenizer:
@@ -636,16 +629,17 @@ def make_train_iterator(
     )
 
 
-def to_global_batch(
-    local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
-) -> dict[str, jax.Array]:
-    """Each process's ``[B_local, ...]`` arrays -> global ``[B_local * processes, ...]``
-    ``jax.Array``s, the leading axis split over the mesh's (data, fsdp) axes."""
+def to_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> Batch:
+    """Each process's ``[B_local, ...]`` arrays -> the global `Batch` of
+    ``[B_local * processes, ...]`` ``jax.Array``s, the leading axis split over the mesh's
+    (data, fsdp) axes."""
     sharding = batch_sharding(mesh)
-    return {
-        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-        for key, value in local_batch.items()
-    }
+    return Batch.from_arrays(
+        {
+            key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for key, value in local_batch.items()
+        }
+    )
 
 
 @dataclasses.dataclass(frozen=True)

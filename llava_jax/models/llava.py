@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.models.config import ModelConfig
+from llava_jax.models.inputs import batch_shapes
 from llava_jax.models.layers import stack_layers, unstack_layers
 from llava_jax.models.llama import KVCache, LlamaDecoder
 from llava_jax.models.lora import prepare_base, prepare_base_abstract
@@ -226,20 +227,19 @@ class Llava(nn.Module):
 
 
 def dummy_inputs(config: ModelConfig, batch_size: int = 1) -> dict[str, Array]:
-    """Smallest inputs that reach every parameter: one image and its image tokens (for
-    LLaVA-NeXT one tile, its features laid out as they are)."""
+    """Smallest inputs that reach every parameter, in the input contract's shapes
+    (`models/inputs.py`): one image slot and its image tokens (LLaVA-NeXT: the first of
+    its layout's rows, the rest -1)."""
     length = config.num_image_tokens + 1
-    vision = config.vision
-    image_shape = (batch_size, 1, vision.image_size, vision.image_size, vision.num_channels)
-    input_ids = jnp.full((batch_size, length), config.image_token_id, jnp.int32)
+    shapes = batch_shapes(config, batch_size, length, image_slots=1)
+    input_ids = jnp.full(shapes["input_ids"][0], config.image_token_id, jnp.int32)
     inputs = {"input_ids": input_ids.at[:, -1].set(0)}
-    if config.anyres:
-        tiles = (batch_size, 1, 1, *image_shape[2:])
-        layout = jnp.arange(config.num_image_tokens, dtype=jnp.int32)
-        inputs["images"] = jnp.zeros(tiles, jnp.float32)
-        inputs["image_layout"] = jnp.broadcast_to(layout, (batch_size, 1, len(layout)))
-    else:
-        inputs["images"] = jnp.zeros(image_shape, jnp.float32)
+    inputs["images"] = jnp.zeros(*shapes["images"])
+    if "image_layout" in shapes:
+        layout_shape = shapes["image_layout"][0]
+        rows = jnp.arange(layout_shape[-1], dtype=jnp.int32)
+        layout = jnp.where(rows < config.num_image_tokens, rows, -1)
+        inputs["image_layout"] = jnp.broadcast_to(layout, layout_shape)
     return inputs
 
 

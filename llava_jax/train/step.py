@@ -18,18 +18,13 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llava_jax.models.inputs import Batch
 from llava_jax.models.llava import Llava, lm_head_kernel
 from llava_jax.sharding import BATCH_AXES, batch_sharding, check_batch_size, replicated
+from llava_jax.train.config import TrainConfig
 from llava_jax.train.loss import linear_cross_entropy_sums, masked_cross_entropy_sums
 from llava_jax.train.optimizer import merge_trainable, split_trainable
 from llava_jax.train.state import TrainSetup, TrainState
-
-Batch = dict[str, jax.Array]
-MODEL_INPUTS = ("input_ids", "images", "image_mask", "attention_mask", "positions", "image_layout")
-
-
-def _model_inputs(batch: Batch) -> dict[str, jax.Array]:
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def loss_sums(
@@ -45,13 +40,13 @@ def loss_sums(
     flow through `objective` (= CE + z-loss). With `loss_chunk_size`, the LM head and the
     loss run fused, in chunks of that many positions (train/loss.py). `dropout_rng` turns
     on the model's dropout (LoRA's); None runs it deterministically."""
-    inputs = _model_inputs(batch)
+    inputs = batch.model_inputs()
     rngs = {} if dropout_rng is None else {"rngs": {"dropout": dropout_rng}}
     if not loss_chunk_size:
         logits = model.apply({"params": params}, **inputs, **rngs)
         with jax.named_scope("lm_head_loss"):
             ce, z, tokens = masked_cross_entropy_sums(
-                logits, batch["input_ids"], batch["loss_mask"], z_loss_weight
+                logits, batch.input_ids, batch.loss_mask, z_loss_weight
             )
         return ce + z, ce, z, tokens
     hidden = model.apply({"params": params}, **inputs, return_hidden=True, **rngs)
@@ -59,8 +54,8 @@ def loss_sums(
         return linear_cross_entropy_sums(
             hidden,
             lm_head_kernel(model.config, params),
-            batch["input_ids"],
-            batch["loss_mask"],
+            batch.input_ids,
+            batch.loss_mask,
             chunk_size=loss_chunk_size,
             z_loss_weight=z_loss_weight,
             dtype=jnp.dtype(model.config.dtype),
@@ -122,7 +117,7 @@ def make_train_step(
                 updates, opt_state = setup.optimizer.update(grads, state.opt_state, trainable)
                 trainable = optax.apply_updates(trainable, updates)
             params = merge_trainable(state.params, trainable, mask)
-        real = batch["attention_mask"] > 0  # segment ids: 0 is padding
+        real = batch.attention_mask > 0  # segment ids: 0 is padding
         metrics = {
             "loss": ce / denominator,
             "z_loss": z / denominator,
@@ -130,7 +125,7 @@ def make_train_step(
             "tokens": jnp.sum(real).astype(jnp.float32),
             "padding_fraction": 1.0 - jnp.mean(real.astype(jnp.float32)),
             # Conversations: a packed row holds several (its highest segment id).
-            "examples": jnp.sum(jnp.max(batch["attention_mask"], axis=1)).astype(jnp.float32),
+            "examples": jnp.sum(jnp.max(batch.attention_mask, axis=1)).astype(jnp.float32),
             "grad_norm": grad_norm,
             "learning_rate": learning_rate(state.step),
         }
@@ -146,7 +141,7 @@ def _accumulate(grad_fn, trainable, params, batch, rng, micro_batches, setup):
     Row r of the global batch goes to micro-batch r % k, so every device contributes its
     share to every micro-batch and no data moves between devices.
     """
-    batch_size = batch["input_ids"].shape[0]
+    batch_size = batch.input_ids.shape[0]
     split_sharding = NamedSharding(setup.mesh, P(None, BATCH_AXES))
 
     def split(x: jax.Array) -> jax.Array:
@@ -201,6 +196,26 @@ def jit_train_step(
 
     run.jitted = jitted
     return run
+
+
+def build_train_step(
+    train: TrainConfig,
+    setup: TrainSetup,
+    learning_rate: optax.Schedule,
+    global_batch_size: int,
+    micro_batches: int,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The run's jitted train step, as `config.train` asks for it: the one place it is
+    assembled (the trainer runs it, `python -m llava_jax.plan` compiles it)."""
+    step_fn = make_train_step(
+        setup,
+        learning_rate,
+        micro_batches=micro_batches,
+        z_loss_weight=train.z_loss_weight,
+        loss_chunk_size=train.loss_chunk_size,
+        seed=train.seed,
+    )
+    return jit_train_step(setup, step_fn, global_batch_size, micro_batches)
 
 
 def metrics_to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:

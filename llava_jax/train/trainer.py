@@ -55,7 +55,7 @@ from llava_jax.train.state import (
     init_train_state,
     make_setup,
 )
-from llava_jax.train.step import jit_train_step, make_train_step, metrics_to_host
+from llava_jax.train.step import build_train_step, metrics_to_host
 
 Params = dict[str, Any]
 
@@ -322,16 +322,8 @@ class Run:
         accumulate = train.micro_batches_for(
             self.data_config.global_batch_size, data_parallel_size(self.setup.mesh)
         )
-        step_fn = make_train_step(
-            self.setup,
-            schedule,
-            micro_batches=accumulate,
-            z_loss_weight=train.z_loss_weight,
-            loss_chunk_size=train.loss_chunk_size,
-            seed=train.seed,
-        )
-        self.train_step = jit_train_step(
-            self.setup, step_fn, self.data_config.global_batch_size, accumulate
+        self.train_step = build_train_step(
+            train, self.setup, schedule, self.data_config.global_batch_size, accumulate
         )
         data = self.data_config
         self.flops_per_step = train_step_flops(

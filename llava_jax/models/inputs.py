@@ -1,0 +1,213 @@
+"""What the model takes in: the batch's fields, their shapes, and the geometry of its images.
+
+The model owns this contract; the data pipeline fills it, the train step and the plan read it.
+It imports nothing of Flax's modules (only `flax.struct`) and nothing of `data/`, so every room
+may use it.
+
+`Batch` (one global batch; B rows of T tokens, I image slots a row):
+
+- `input_ids int32[B, T]`: each `<image>` expanded to its image tokens, right-padded;
+- `loss_mask float32[B, T]`: 1 where the token is a target;
+- `attention_mask int32[B, T]`: segment ids, 1.. per conversation of a (packed) row, 0 padding;
+- `positions int32[B, T]`: RoPE positions, restarting at each conversation (None: counted
+  from the attention mask, one conversation a row);
+- `images float32[B, I, H, W, 3]` (LLaVA-1.5) or `float32[B, I, tiles, H, W, 3]` (LLaVA-NeXT:
+  the overview, then the grid's tiles, then zeros; `ImageGeometry.max_tiles`);
+- `image_mask bool[B, I]`: which slots hold an image;
+- `image_layout int32[B, I, N] | None`: LLaVA-NeXT only, each image token's row in its
+  image's feature table (`ImageGeometry.feature_layout`; -1 after the image's tokens).
+
+An image's tokens on a grid (LLaVA-NeXT's "anyres"): an image of H x W is seen at the grid
+resolution from `pinpoints` that keeps the most of it (`select_best_resolution`), resized to
+fit it, padded and cut into `tile x tile` tiles behind an overview; each tile becomes
+`side x side` features (`side = tile // patch`), laid out as one map cropped back to the
+image's aspect ratio ("unpadded") with an `image_newline` closing every row. The order equals
+transformers' `LlavaNextModel.pack_image_features`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flax import struct
+
+from llava_jax.models.config import ModelConfig
+
+
+@struct.dataclass
+class Batch:
+    """One global batch of training inputs (see the module docstring for shapes)."""
+
+    input_ids: Any
+    loss_mask: Any
+    attention_mask: Any
+    images: Any
+    image_mask: Any
+    positions: Any = None  # None: counted from the attention mask (one conversation a row)
+    image_layout: Any = None  # LLaVA-NeXT only
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        """The batch's keys, in order: the one place they are listed."""
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> Batch:
+        """The batch of these arrays (other keys, e.g. an example's id, are left out)."""
+        return cls(**{name: arrays[name] for name in cls.fields() if name in arrays})
+
+    def model_inputs(self) -> dict[str, Any]:
+        """The arguments of `Llava.__call__`: everything but the targets' mask."""
+        return {
+            name: getattr(self, name)
+            for name in self.fields()
+            if name != "loss_mask" and getattr(self, name) is not None
+        }
+
+
+def batch_shapes(
+    config: ModelConfig, batch_size: int, length: int, image_slots: int
+) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """`{field: (shape, dtype)}` of a `Batch` for `config`: images at their largest (every
+    LLaVA-NeXT image as its largest grid of tiles)."""
+    size, channels = config.vision.image_size, config.vision.num_channels
+    rows = (batch_size, length)
+    shapes = {
+        "input_ids": (rows, np.int32),
+        "loss_mask": (rows, np.float32),
+        "attention_mask": (rows, np.int32),
+        "positions": (rows, np.int32),
+        "images": ((batch_size, image_slots, size, size, channels), np.float32),
+        "image_mask": ((batch_size, image_slots), np.bool_),
+    }
+    geometry = ImageGeometry.of(config)
+    if geometry is not None:
+        tiles = (batch_size, image_slots, geometry.max_tiles, size, size, channels)
+        shapes["images"] = (tiles, np.float32)
+        shapes["image_layout"] = ((batch_size, image_slots, geometry.max_tokens), np.int32)
+    return shapes
+
+
+def abstract_batch(
+    config: ModelConfig, batch_size: int, length: int, image_slots: int, sharding: Any = None
+) -> Batch:
+    """A `Batch` of `jax.ShapeDtypeStruct`s (for compiling ahead of time)."""
+    import jax
+
+    return Batch.from_arrays(
+        {
+            name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for name, (shape, dtype) in batch_shapes(
+                config, batch_size, length, image_slots
+            ).items()
+        }
+    )
+
+
+def select_best_resolution(
+    height: int, width: int, pinpoints: Sequence[Sequence[int]]
+) -> tuple[int, int]:
+    """The `(height, width)` of `pinpoints` that shows the most of an image of this size
+    (most pixels kept after downscaling to fit), then wastes the fewest."""
+    best, most_kept, least_wasted = None, 0, math.inf
+    for grid_height, grid_width in pinpoints:
+        scale = min(grid_width / width, grid_height / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        wasted = grid_width * grid_height - kept
+        if kept > most_kept or (kept == most_kept and wasted < least_wasted):
+            best, most_kept, least_wasted = (int(grid_height), int(grid_width)), kept, wasted
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+    """The geometry of one model's any-resolution images (LLaVA-NeXT).
+
+    `tile`: the vision tower's input size; `patch`: its patch size; `pinpoints`: the grid
+    resolutions `(height, width)`, each a multiple of `tile`.
+    """
+
+    tile: int
+    patch: int
+    pinpoints: tuple[tuple[int, int], ...]
+
+    def __post_init__(self):
+        pinpoints = tuple(tuple(int(v) for v in p) for p in self.pinpoints)
+        object.__setattr__(self, "pinpoints", pinpoints)
+        for height, width in self.pinpoints:
+            if height % self.tile or width % self.tile:
+                raise ValueError(
+                    f"image_grid_pinpoints entry {(height, width)} is not a multiple of the "
+                    f"vision tower's image size {self.tile}"
+                )
+
+    @property
+    def side(self) -> int:
+        """Features along one side of a tile."""
+        return self.tile // self.patch
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Tiles `(rows, cols)` for an image of `height x width`."""
+        best_height, best_width = select_best_resolution(height, width, self.pinpoints)
+        return best_height // self.tile, best_width // self.tile
+
+    @property
+    def max_tiles(self) -> int:
+        """Tiles of the largest grid, plus the overview: the static tile count per image."""
+        return 1 + max(h // self.tile * (w // self.tile) for h, w in self.pinpoints)
+
+    @property
+    def max_tokens(self) -> int:
+        """Image tokens of the largest possible layout: the static feature count per image."""
+        side = self.side
+        return side * side + max(
+            h // self.tile * side * (w // self.tile * side + 1) for h, w in self.pinpoints
+        )
+
+    def unpadded(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """`(top, left, rows, cols)` of the feature map that covers the image itself."""
+        grid_rows, grid_cols = self.grid(height, width)
+        rows, cols = grid_rows * self.side, grid_cols * self.side
+        if width / height > cols / rows:  # wider than the grid: padded above and below
+            kept = int(round(height * (cols / width), 7))
+            pad = (rows - kept) // 2
+            return pad, 0, rows - 2 * pad, cols
+        kept = int(round(width * (rows / height), 7))
+        pad = (cols - kept) // 2
+        return 0, pad, rows, cols - 2 * pad
+
+    def num_tokens(self, height: int, width: int) -> int:
+        """Image tokens an image of `height x width` takes in the prompt."""
+        _, _, rows, cols = self.unpadded(height, width)
+        return self.side * self.side + rows * (cols + 1)
+
+    def feature_layout(self, height: int, width: int) -> np.ndarray:
+        """`int32[max_tokens]`: for each image token, its row in the image's feature table
+        `[max_tiles * side**2 + 1]` (tile t's patch (y, x) at `t * side**2 + y * side + x`;
+        tile 0 the overview; the last row the newline); -1 after the image's tokens."""
+        side, per_tile = self.side, self.side * self.side
+        newline = self.max_tiles * per_tile
+        _, grid_cols = self.grid(height, width)
+        top, left, rows, cols = self.unpadded(height, width)
+        y = np.arange(rows)[:, None] + top  # row in the whole grid's map
+        x = np.arange(cols)[None, :] + left
+        tile = 1 + (y // side) * grid_cols + x // side
+        rows_of_map = tile * per_tile + (y % side) * side + x % side
+        with_newline = np.concatenate(
+            [rows_of_map, np.full((rows, 1), newline, rows_of_map.dtype)], axis=1
+        )
+        layout = np.concatenate([np.arange(per_tile), with_newline.reshape(-1)])
+        out = np.full(self.max_tokens, -1, np.int32)
+        out[: len(layout)] = layout
+        return out
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> ImageGeometry | None:
+        """`config`'s grid geometry, or None for one square image per slot (LLaVA-1.5)."""
+        if not config.image_grid_pinpoints:
+            return None
+        return cls(config.vision.image_size, config.vision.patch_size, config.image_grid_pinpoints)
