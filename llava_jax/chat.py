@@ -27,24 +27,9 @@ from collections.abc import Callable, Sequence
 from llava_jax import cli, program
 from llava_jax.errors import InputError
 from llava_jax.inference.load import ROLES, LoadedModel, ModelImage
+from llava_jax.inference.stops import visible_text
 
 EXIT_WORDS = ("exit", "quit")
-
-
-def visible_text(text: str, stops: Sequence[str]) -> str:
-    """What may be shown of a partial answer: cut at a stop string, and without a tail that
-    could still grow into one (or a half-decoded character)."""
-    for stop in stops:
-        if stop in text:
-            text = text[: text.index(stop)]
-    hold = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                hold = max(hold, size)
-                break
-    text = text[: len(text) - hold]
-    return text.rstrip("\ufffd").lstrip()
 
 
 class ChatSession:

@@ -20,7 +20,7 @@ from transformers.generation.logits_process import (
 
 from llava_jax.convert import load_hf
 from llava_jax.inference import Engine, SamplingConfig, filter_logits
-from llava_jax.inference.engine import SamplingParams, select_tokens
+from llava_jax.inference.sampling import SamplingParams, select_tokens
 from llava_jax.models.llama import init_cache
 from llava_jax.models.llava import Llava
 from llava_jax.sharding import make_mesh

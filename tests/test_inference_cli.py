@@ -29,7 +29,9 @@ from llava_jax.convert import load_hf
 from llava_jax.data.conversation import VICUNA_SYSTEM
 from llava_jax.data.datasets import synthetic
 from llava_jax.evaluation.batch import QuestionFileError, answer_questions, read_questions
-from llava_jax.inference.load import InputError, detect_kind, load_model
+from llava_jax.inference.checkpoints import detect_kind
+from llava_jax.inference.load import InputError, load_model
+from llava_jax.inference.stops import visible_text
 from llava_jax.sharding import make_mesh
 
 CORRUPT_JPG = os.path.join(REPO, "tests", "fixtures", "data", "llava_bad", "images", "corrupt.jpg")
@@ -207,10 +209,10 @@ def test_chat_session_streams_and_keeps_the_history(hf_dir, tmp_path):
 
 
 def test_visible_text_holds_back_a_possible_stop_string():
-    assert chat.visible_text(" red </", ("</s>",)) == "red "
-    assert chat.visible_text("red </s> more", ("</s>",)) == "red "
-    assert chat.visible_text("red <", ("</s>",)) == "red "
-    assert chat.visible_text("red", ("</s>",)) == "red"
+    assert visible_text(" red </", ("</s>",)) == "red "
+    assert visible_text("red </s> more", ("</s>",)) == "red "
+    assert visible_text("red <", ("</s>",)) == "red "
+    assert visible_text("red", ("</s>",)) == "red"
 
 
 # --- a tiny trained model and the command lines ------------------------------------------------

@@ -154,7 +154,7 @@ def test_a_decode_step_updates_the_donated_cache_in_place(scan_layers):
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_the_engine_decode_loop_donates_and_updates_the_cache_in_place(scan_layers):
     from llava_jax.inference import Engine, SamplingConfig
-    from llava_jax.inference.engine import PromptBatch
+    from llava_jax.inference.programs import PromptBatch
 
     config, params = _long_cache_model(scan_layers)
     engine = Engine(config)

@@ -271,8 +271,9 @@ def test_generate_chat_evaluate_and_the_server_take_a_next_model_and_any_image(
 
     from llava_jax import chat, evaluate, generate
     from llava_jax.inference.load import InputError, load_model
-    from llava_jax.serve.app import make_job, parse_request
+    from llava_jax.serve.app import make_job
     from llava_jax.serve.batcher import Batcher, Done
+    from llava_jax.serve.requests import parse_request
 
     directory, _, pinpoints = next_dir
     steps = 6
@@ -641,7 +642,7 @@ def test_a_mistral_next_model_equals_transformers_and_round_trips(tmp_path):
     round_trip = hf_logits(again, input_ids, mask, reference)
     np.testing.assert_allclose(round_trip[real], expected[real], atol=1e-5, rtol=0)
 
-    from llava_jax.inference.load import _hf_data
+    from llava_jax.inference.checkpoints import _hf_data
 
     assert _hf_data(str(tmp_path / "hf"), TILE, config.text.model_type).template == (
         "mistral_instruct"

@@ -332,7 +332,7 @@ class CountingModel:
         return wanted
 
     def sampling(self, max_new_tokens, temperature, top_k, top_p, seed):
-        from llava_jax.inference.engine import SamplingConfig
+        from llava_jax.inference.sampling import SamplingConfig
 
         return SamplingConfig(max_new_tokens, temperature=temperature, seed=seed)
 

@@ -408,7 +408,7 @@ class EndlessModel:
 
 @pytest.mark.timeout(30)
 def test_batcher_ends_a_batch_whose_clients_left():
-    from llava_jax.inference.engine import SamplingConfig
+    from llava_jax.inference.sampling import SamplingConfig
     from llava_jax.serve.batcher import Batcher, Delta, Job
 
     loop = asyncio.new_event_loop()
@@ -451,7 +451,7 @@ class PickyModel(EndlessModel):
 
 @pytest.mark.timeout(30)
 def test_batcher_a_failing_request_does_not_fail_its_batch():
-    from llava_jax.inference.engine import SamplingConfig
+    from llava_jax.inference.sampling import SamplingConfig
     from llava_jax.serve.batcher import Batcher, Done, Failed, Job
 
     loop = asyncio.new_event_loop()

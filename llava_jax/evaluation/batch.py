@@ -46,8 +46,9 @@ import numpy as np
 
 from llava_jax.errors import InputError
 from llava_jax.evaluation.jsonl import read_records
-from llava_jax.inference.engine import Engine, SamplingConfig
+from llava_jax.inference.engine import Engine
 from llava_jax.inference.load import LoadedModel, ModelImage
+from llava_jax.inference.sampling import SamplingConfig
 
 
 class QuestionFileError(InputError):

@@ -13,35 +13,28 @@ images decoded and normalised by `LoadedModel.image_from_bytes` with the model's
 settings. The stop strings are the template's end of answer plus the request's `stop`.
 
 Everything a client can get wrong is answered with a 4xx in OpenAI's error shape,
-`{"error": {"message", "type", "param", "code"}}`, naming the problem: malformed JSON (or
-JSON nested too deeply, or a number of too many digits), a missing or mistyped field, text
-that is not valid Unicode (a lone surrogate) in any message, an unknown model, a remote
-image URL (the server fetches nothing: images come inline as `data:image/...;base64,...`),
-an image that is not base64, cannot be decoded or is too large, a conversation that does
-not fit the context. Defaults and ranges follow OpenAI: temperature 1 in [0, 2], top_p 1 in
-[0, 1]; top_p 0 keeps only the most likely token (as OpenAI and transformers' top-p keep at
-least one): the answer is greedy, whatever the temperature (lmms-eval's POPE and MathVerse
-tasks send it). A request without a seed is seeded at random.
+`{"error": {"message", "type", "param", "code"}}` (`api_error.py`), naming the problem:
+what the request itself says wrong is found by `requests.py` as it reads and checks it
+(malformed JSON, a missing or mistyped field, an unknown model, an image URL that is not an
+inline base64 data URL, ...); here, an image that cannot be decoded or is too large, a
+conversation that does not fit the context. A request without a seed is seeded at random.
 
 What a request may cost is bounded. Its body is read as it arrives and refused (413) as
-soon as it passes the limit, with or without a Content-Length. An image's size is read from
-its header and refused over `max_image_pixels` (default `IMAGE_PIXELS_MULTIPLE` times the
-pixels of the model's largest input) before any pixel is decoded; images are decoded by
-`image_workers` threads at most, whatever the number of requests, and the memory a decoded
-image took is handed back to the system afterwards.
+soon as it passes the limit, with or without a Content-Length (`requests.read_body`). An
+image's size is read from its header and refused over `max_image_pixels` (default
+`IMAGE_PIXELS_MULTIPLE` times the pixels of the model's largest input) before any pixel is
+decoded; images are decoded by `image_workers` threads at most, whatever the number of
+requests, and the memory a decoded image took is handed back to the system afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import concurrent.futures
 import ctypes
 import dataclasses
 import json
 import os
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -53,353 +46,23 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
-from llava_jax import json_input
 from llava_jax.errors import InputError, PromptTooLongError
-from llava_jax.inference.load import ModelImage, check_text
+from llava_jax.inference.load import ModelImage
+from llava_jax.serve.api_error import APIError, error_response
 from llava_jax.serve.batcher import Batcher, Delta, Done, Failed, Job
+from llava_jax.serve.requests import ChatRequest, parse_body, parse_request, read_body
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 DEFAULT_MAX_TOKENS = 256
-MAX_IMAGES = 4  # per conversation
-MAX_STOPS = 4  # as OpenAI allows
 # The default pixel limit of an image: this many times the pixels of the model's largest
 # input (LLaVA-1.5's 336 x 336: 14.4 million pixels, so a 12-megapixel photo fits). Decoding
 # costs 5 to 8 bytes a pixel at its peak (grey to colour): some 115 MB at that limit.
 IMAGE_PIXELS_MULTIPLE = 128
 IMAGE_WORKERS = 2  # images decoded at once, whatever the number of requests
-_DATA_URL = re.compile(
-    r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),(?P<data>.*)", re.DOTALL
-)
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.kind, self.headers = kind, headers
-
-    def response(self) -> JSONResponse:
-        return error_response(
-            self.status, self.message, self.param, self.code, self.kind, self.headers
-        )
-
-
-def error_response(
-    status: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
-    kind: str = "invalid_request_error",
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-@dataclasses.dataclass
-class ChatRequest:
-    """A checked chat completion request. turns: (role, text, images as bytes)."""
-
-    turns: list[tuple[str, str, list[bytes]]]
-    system: str | None  # the system messages' text, in place of the template's own prompt
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-    stream: bool
-    include_usage: bool
-
-
-# --- reading a request ---------------------------------------------------------------------------
-
-
-def _too_large(message: str) -> APIError:
-    # The connection is closed after the answer: the rest of the body is never read.
-    return APIError(413, message, None, "request_too_large", headers={"Connection": "close"})
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request's body, read as it arrives: refused (413) as soon as it passes
-    `max_bytes`, whether it says its length (Content-Length) or not (chunked), so a body
-    over the limit is never held whole. A client that leaves mid-body gets a 499 (which
-    it does not read) rather than an error in the server's log."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and (len(length) > 30 or int(length) > max_bytes):
-        raise _too_large(
-            f"the request is {length[:30]} bytes, more than the server's limit of {max_bytes} bytes"
-        )
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise _too_large(
-                    f"the request is more than the server's limit of {max_bytes} bytes"
-                )
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise APIError(499, "the client closed the request", None, "client_closed") from None
-    return b"".join(chunks)
-
-
-def parse_body(raw: bytes) -> Any:
-    """The JSON of a request body; `APIError` 400 naming what is wrong (malformed, nested too
-    deeply, a number of too many digits, not UTF-8)."""
-    try:
-        return json_input.loads(raw)
-    except json_input.JSONInputError as err:
-        raise APIError(
-            400, f"the request body cannot be read: {err}", None, "invalid_json"
-        ) from None
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(
-            400, f"{name} must be a number, got {json.dumps(value)}", name, "invalid_type"
-        )
-    if not low <= value <= high:
-        raise APIError(
-            400, f"{name} must be in [{low:g}, {high:g}], got {value}", name, "invalid_value"
-        )
-    return float(value)
-
-
-def _integer(body: dict, name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(
-            400, f"{name} must be an integer, got {json.dumps(value)}", name, "invalid_type"
-        )
-    return value
-
-
-def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
-    """The image bytes of a `data:image/...;base64,...` URL; remote URLs are refused."""
-    if re.match(r"(?i)(https?|ftp|file)://", url):
-        raise APIError(
-            400,
-            "image URLs are not fetched by this server: send the image inline "
-            "as a data URL (data:image/png;base64,...)",
-            param,
-            "unsupported_image_url",
-        )
-    match = _DATA_URL.fullmatch(url)
-    if not match:
-        shown = url[:40] + ("…" if len(url) > 40 else "")
-        raise APIError(
-            400,
-            f"image_url must be a data URL (data:image/png;base64,...), got {shown!r}",
-            param,
-            "invalid_image_url",
-        )
-    mime = (match["mime"] or "").lower()
-    if mime and not mime.startswith("image/"):
-        raise APIError(400, f"the data URL holds {mime}, not an image", param, "invalid_image_url")
-    if ";base64" not in match["params"].lower():
-        raise APIError(
-            400,
-            "the image data URL must be base64-encoded (data:image/png;base64,...)",
-            param,
-            "invalid_image_url",
-        )
-    data = re.sub(r"\s+", "", match["data"])
-    if len(data) * 3 // 4 > max_bytes:
-        raise APIError(
-            413,
-            f"the image is {len(data) * 3 // 4} bytes, more than the server's "
-            f"limit of {max_bytes} bytes (--max-image-bytes)",
-            param,
-            "image_too_large",
-        )
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise APIError(
-            400, f"the image data URL is not valid base64: {err}", param, "invalid_image_url"
-        ) from None
-
-
-def _content(message: dict, m: int, max_image_bytes: int) -> tuple[str, list[bytes]]:
-    """(text, images) of `messages[m]`: a string, or parts of type text and image_url."""
-    where = f"messages[{m}].content"
-    content = message.get("content")
-    if isinstance(content, str):
-        return content, []
-    if not isinstance(content, list) or not content:
-        raise APIError(
-            400, f"{where} must be a string or a non-empty list of parts", where, "invalid_type"
-        )
-    texts, images = [], []
-    for p, part in enumerate(content):
-        at = f"{where}[{p}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            if not isinstance(url, str):
-                raise APIError(
-                    400, f"{at}.image_url.url must be a string", f"{at}.image_url", "invalid_type"
-                )
-            images.append(decode_data_url(url, f"{at}.image_url", max_image_bytes))
-        else:
-            raise APIError(
-                400,
-                f"{at} must be {{'type': 'text', 'text': ...}} or {{'type': "
-                "'image_url', 'image_url': {'url': 'data:...'}}",
-                at,
-                "invalid_content_part",
-            )
-    return "\n".join(texts), images
-
-
-def parse_request(body: Any, model_name: str, max_image_bytes: int) -> ChatRequest:
-    """Check a chat completion request's JSON; `APIError` names the first problem."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", None, "invalid_type")
-    model = body.get("model")
-    if model is None:
-        raise APIError(
-            400, "missing required parameter: model", "model", "missing_required_parameter"
-        )
-    if model != model_name:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist: this server serves {model_name!r}",
-            "model",
-            "model_not_found",
-        )
-    messages = body.get("messages")
-    if messages is None:
-        raise APIError(
-            400, "missing required parameter: messages", "messages", "missing_required_parameter"
-        )
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list", "messages", "invalid_type")
-    turns, system = [], []
-    for m, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ("user", "assistant", "system", "developer"):
-            raise APIError(
-                400,
-                f"messages[{m}].role must be 'system', 'user' or 'assistant', got "
-                f"{json.dumps(role)}",
-                f"messages[{m}].role",
-                "invalid_value",
-            )
-        if role in ("system", "developer") and turns:
-            raise APIError(
-                400,
-                f"messages[{m}] is a {role} message after the conversation began: system "
-                "messages come first (they take the place of the template's system prompt)",
-                f"messages[{m}].role",
-                "invalid_value",
-            )
-        text, images = _content(message, m, max_image_bytes)
-        try:  # a tokenizer cannot take a lone surrogate (JSON's "\ud800")
-            check_text(text, f"messages[{m}].content")
-        except InputError as err:
-            where = f"messages[{m}].content"
-            raise APIError(400, str(err), where, "invalid_value") from None
-        if images and role != "user":
-            raise APIError(
-                400,
-                f"messages[{m}]: only user messages may have images",
-                f"messages[{m}].content",
-                "invalid_value",
-            )
-        if role in ("system", "developer"):
-            system.append(text)
-            continue
-        if len(images) > 1:
-            raise APIError(
-                400,
-                f"messages[{m}] has {len(images)} images: one per message at most",
-                f"messages[{m}].content",
-                "invalid_value",
-            )
-        expected = "user" if len(turns) % 2 == 0 else "assistant"
-        if role != expected:
-            raise APIError(
-                400,
-                f"messages[{m}] is {role}, expected {expected}: the "
-                "conversation alternates user and assistant, starting with user",
-                f"messages[{m}].role",
-                "invalid_value",
-            )
-        turns.append((role, text, images))
-    if not turns or turns[-1][0] != "user":
-        raise APIError(400, "the last message must be the user's", "messages", "invalid_value")
-    if sum(len(images) for _, _, images in turns) > MAX_IMAGES:
-        raise APIError(
-            400, f"at most {MAX_IMAGES} images per conversation", "messages", "invalid_value"
-        )
-    max_tokens = _integer(body, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens")
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(
-            400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens", "invalid_value"
-        )
-    n = _integer(body, "n")
-    if n not in (None, 1):
-        raise APIError(
-            400, f"n={n}: this server gives one choice per request", "n", "invalid_value"
-        )
-    stop = body.get("stop")
-    if stop is None:
-        stop = ()
-    elif isinstance(stop, str):
-        stop = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stop = tuple(stop)
-    else:
-        raise APIError(400, "stop must be a string or a list of strings", "stop", "invalid_type")
-    if len(stop) > MAX_STOPS or any(not s for s in stop):
-        raise APIError(
-            400, f"stop takes 1 to {MAX_STOPS} non-empty strings", "stop", "invalid_value"
-        )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "stream must be true or false", "stream", "invalid_type")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise APIError(400, "stream_options must be an object", "stream_options", "invalid_type")
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0.0:  # the nucleus is the most likely token alone: greedy decoding
-        temperature, top_p = 0.0, 1.0
-    return ChatRequest(
-        turns=turns,
-        system="\n\n".join(system) if system else None,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=_integer(body, "seed"),
-        stop=stop,
-        stream=stream,
-        include_usage=bool(options.get("include_usage", False)),
-    )
+# --- a request's images and prompt ---------------------------------------------------------------
 
 
 def default_max_image_pixels(model: Any) -> int:

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from llava_jax.chat import visible_text
 from llava_jax.errors import InputError
-from llava_jax.inference.engine import SamplingConfig
 from llava_jax.inference.load import ModelImage
+from llava_jax.inference.sampling import SamplingConfig
+from llava_jax.inference.stops import visible_text
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from llava_jax.data.pipeline import make_eval_questions, make_train_iterator, to
 from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.evaluation.batch import generate_answers
 from llava_jax.evaluation.vqa_normalize import normalize_vqa_answer
-from llava_jax.inference.engine import Engine, SamplingConfig, default_length_bucket
+from llava_jax.inference.engine import Engine, default_length_bucket
+from llava_jax.inference.sampling import SamplingConfig
 from llava_jax.train.config import EvalConfig
 from llava_jax.train.state import TrainSetup
 from llava_jax.train.step import make_eval_step, metrics_to_host
