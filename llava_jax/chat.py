@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from llava_jax import cli, program
 from llava_jax.errors import InputError
 from llava_jax.inference.load import ROLES, LoadedModel, ModelImage
+from llava_jax.inference.prompting import Turn, prepare_prompt, render_turns
 from llava_jax.inference.stops import visible_text
 
 EXIT_WORDS = ("exit", "quit")
@@ -37,7 +38,7 @@ class ChatSession:
 
     images: the image (`LoadedModel.load_image`) in a list, or an empty one. sampling:
     keyword arguments of `LoadedModel.sampling`; `seed` grows by one each turn. chunk_size:
-    tokens per streamed piece.
+    tokens per streamed piece. history: the turns so far (`turns`: as LLaVA's).
     """
 
     def __init__(
@@ -52,7 +53,12 @@ class ChatSession:
         self.images = list(images)
         self.chunk_size = chunk_size
         self.sampling = sampling
-        self.turns: list[dict] = []
+        self.history: list[Turn] = []
+
+    @property
+    def turns(self) -> list[dict]:
+        """The conversation so far as LLaVA's turns (`{"from", "value"}`)."""
+        return render_turns(self.model, self.history)
 
     def ask(self, question: str, write: Callable[[str], None]) -> str:
         """Answer `question` with the history; pieces of the answer go to `write` as they
@@ -64,17 +70,17 @@ class ChatSession:
         chat without an image).
         """
         model = self.model
-        first = not self.turns
-        turns = [*self.turns, model.user_turn(question, first and bool(self.images))]
-        ids = model.prompt_ids(turns, self.images)
-        model.check_image_tokens(ids, self.images)
-        max_new = self.sampling.get("max_new_tokens", 512)
-        fits = model.check_prompt(ids, max_new, clamp=True)
-        knobs = {**self.sampling, "max_new_tokens": fits}
-        knobs["seed"] = knobs.get("seed", 0) + len(self.turns) // 2
-        sampling = model.sampling(**knobs)
-        images = model.batch_images([self.images])
-        stream = model.stream([ids], sampling=sampling, chunk_size=self.chunk_size, **images)
+        first = not self.history
+        turns = [*self.history, Turn("user", question, first and bool(self.images))]
+        knobs = dict(self.sampling)
+        max_new = knobs.pop("max_new_tokens", 512)
+        knobs["seed"] = knobs.get("seed", 0) + len(self.history) // 2
+        prepared = prepare_prompt(model, turns, self.images, max_new_tokens=max_new, sampling=knobs)
+        sampling = prepared.sampling
+        pixels = model.batch_images([prepared.images])
+        stream = model.stream(
+            [prepared.ids], sampling=sampling, chunk_size=self.chunk_size, **pixels
+        )
         tokens: list[int] = []
         shown = ""
         for pieces in stream:
@@ -86,7 +92,7 @@ class ChatSession:
         answer = stream.result.texts[0].strip()
         if answer.startswith(shown):
             write(answer[len(shown) :])
-        self.turns = [*turns, {"from": "gpt", "value": answer}]
+        self.history = [*turns, Turn("assistant", answer)]
         return answer
 
 

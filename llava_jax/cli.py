@@ -1,15 +1,43 @@
 """The arguments of the programs that load a model (`generate`, `chat`, `evaluate`,
 `serve`): the model, its mesh and numerics, sampling, and the checks that run before the slow
-load. What every program shares (terminal, log, cache, errors, `run`) is `program.py`.
+load. A library function's error about one of its arguments (an `ArgumentError`, e.g.
+`load_model`'s "tokenizer=DIR") is said with the flag that gave it ("--tokenizer DIR"):
+`FLAGS` is the table, `flag_names` the translation. What every program shares (terminal,
+log, cache, errors, `run`) is `program.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-from llava_jax.errors import InputError
+from llava_jax.errors import ArgumentError, InputError
 from llava_jax.program import add_common_arguments
+
+# The arguments of library functions (load_model, evaluate_file, ...) the programs' flags give.
+FLAGS = {
+    "tokenizer": "--tokenizer",
+    "template": "--template",
+    "step": "--step",
+    "dtype": "--dtype",
+    "quantize": "--quantize",
+    "out_path": "--out",
+}
+
+
+@contextlib.contextmanager
+def flag_names() -> Iterator[None]:
+    """An `ArgumentError` about an argument a flag gives (`FLAGS`) leaves this block as an
+    `InputError` naming the flag instead (`step=3 ...` -> `--step 3 ...`)."""
+    try:
+        yield
+    except ArgumentError as err:
+        flag = FLAGS.get(err.argument)
+        if flag is None:
+            raise
+        raise InputError(err.naming(flag)) from err
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,19 +120,22 @@ def mesh_from_args(args: argparse.Namespace) -> Any:
 
 
 def model_from_args(args: argparse.Namespace) -> Any:
-    """The `LoadedModel` the model arguments name."""
+    """The `LoadedModel` the model arguments name; its errors about an argument name the
+    flag (`flag_names`)."""
     from llava_jax.inference.load import load_model
 
-    return load_model(
-        args.checkpoint,
-        mesh=mesh_from_args(args),
-        template=args.template,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        step=args.step,
-        quantize=getattr(args, "quantize", None),
-        scan_layers=scan_layers_from_args(args),
-    )
+    mesh = mesh_from_args(args)
+    with flag_names():
+        return load_model(
+            args.checkpoint,
+            mesh=mesh,
+            template=args.template,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            step=args.step,
+            quantize=getattr(args, "quantize", None),
+            scan_layers=scan_layers_from_args(args),
+        )
 
 
 def scan_layers_from_args(args: argparse.Namespace) -> bool | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 
 class InputError(Exception):
     """Something the user gave cannot be used (a path, an image, a prompt); the message
@@ -10,3 +13,39 @@ class InputError(Exception):
 
 class PromptTooLongError(InputError, ValueError):
     """The prompt does not fit the model's context (the message gives the lengths)."""
+
+
+class Named:
+    """How a message names an argument: `f"{arg}"` its name alone, `arg(value)` its name and
+    value (`step=3` as a call writes them, `--step 3` as a command line does)."""
+
+    def __init__(self, name: str, joiner: str) -> None:
+        self.name, self.joiner = name, joiner
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __call__(self, value: Any) -> str:
+        return f"{self.name}{self.joiner}{value}"
+
+
+class ArgumentError(InputError):
+    """The argument `argument` (its name in the call, e.g. "tokenizer") cannot be used.
+
+    say: the message, or a function of how the argument is named (a `Named`) that writes it,
+    e.g. `lambda arg: f"{arg(step)} contradicts ..."`. The message names it as a call does
+    (`step=3 contradicts ...`); `naming("--step")` is the same message naming a flag
+    (`--step 3 contradicts ...`).
+    """
+
+    def __init__(self, argument: str, say: str | Callable[[Named], str]) -> None:
+        self.argument = argument
+        self._say = say
+        super().__init__(self._message(Named(argument, "=")))
+
+    def _message(self, name: Named) -> str:
+        return self._say if isinstance(self._say, str) else self._say(name)
+
+    def naming(self, flag: str) -> str:
+        """The message with the argument named as the command-line flag `flag`."""
+        return self._message(Named(flag, " "))

@@ -61,22 +61,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
 
     def body() -> int:
-        check_output_path(args.questions, args.out)  # never write over the questions
-        read_questions(args.questions)  # a malformed file fails before the model loads
-        image_dir = args.image_dir or os.path.dirname(os.path.abspath(args.questions))
-        model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
-        model = cli.model_from_args(args)
-        sampling = model.sampling(**cli.sampling_from_args(args))
-        counts = evaluate_file(
-            model,
-            args.questions,
-            image_dir,
-            args.out,
-            sampling,
-            batch_size=args.batch_size,
-            model_id=model_id,
-            progress=not args.no_progress,
-        )
+        with cli.flag_names():  # evaluate_file's out_path=... is said as --out ...
+            check_output_path(args.questions, args.out)  # never write over the questions
+            read_questions(args.questions)  # a malformed file fails before the model loads
+            image_dir = args.image_dir or os.path.dirname(os.path.abspath(args.questions))
+            model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
+            model = cli.model_from_args(args)
+            sampling = model.sampling(**cli.sampling_from_args(args))
+            counts = evaluate_file(
+                model,
+                args.questions,
+                image_dir,
+                args.out,
+                sampling,
+                batch_size=args.batch_size,
+                model_id=model_id,
+                progress=not args.no_progress,
+            )
         print(json.dumps({"out": args.out, **counts}), file=sys.stderr)
         return 0
 

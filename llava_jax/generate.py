@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 from llava_jax import cli, program
 from llava_jax.inference.load import LoadedModel
+from llava_jax.inference.prompting import Turn, prepare_prompt
 
 
 def answer(
@@ -51,17 +52,22 @@ def answer(
     often than it has images (once at most, where the image goes; never without one).
     """
     images = [] if image_path is None else [model.load_image(image_path)]
-    ids = model.prompt_ids([model.user_turn(prompt, with_image=bool(images))], images)
-    model.check_image_tokens(ids, images)
-    fits = model.check_prompt(ids, max_new_tokens, clamp=True)
+    prepared = prepare_prompt(
+        model,
+        [Turn("user", prompt, with_image=bool(images))],
+        images,
+        max_new_tokens=max_new_tokens,
+        sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+    )
+    fits = prepared.max_new_tokens
     if fits < max_new_tokens:
         print(
-            f"note: the prompt has {len(ids)} tokens; --max-new-tokens lowered from "
+            f"note: the prompt has {len(prepared.ids)} tokens; --max-new-tokens lowered from "
             f"{max_new_tokens} to {fits} to fit the model's context of {model.context_length}",
             file=sys.stderr,
         )
-    sampling = model.sampling(fits, temperature, top_k, top_p, seed)
-    return model.generate([ids], sampling=sampling, **model.batch_images([images])).texts[0].strip()
+    pixels = model.batch_images([prepared.images])
+    return model.generate([prepared.ids], sampling=prepared.sampling, **pixels).texts[0].strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

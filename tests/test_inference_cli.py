@@ -23,14 +23,16 @@ import torch
 from hf_reference import IMAGE_TOKEN, VOCAB, tiny_hf_config, tiny_hf_model
 from trainer_fixtures import REPO, main_command, xla_flags
 
-from llava_jax import chat, evaluate, generate
+from llava_jax import chat, cli, evaluate, generate
 from llava_jax import checkpoint as ckpt
 from llava_jax.convert import load_hf
 from llava_jax.data.conversation import VICUNA_SYSTEM
 from llava_jax.data.datasets import synthetic
+from llava_jax.errors import ArgumentError, PromptTooLongError
 from llava_jax.evaluation.batch import QuestionFileError, answer_questions, read_questions
 from llava_jax.inference.checkpoints import detect_kind
 from llava_jax.inference.load import InputError, load_model
+from llava_jax.inference.prompting import Turn, TurnError, prepare_prompt
 from llava_jax.inference.stops import visible_text
 from llava_jax.sharding import make_mesh
 
@@ -123,7 +125,7 @@ def hf_dir(tmp_path_factory):
     return directory, save_tiny_llava(directory)
 
 
-def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tmp_path):
+def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tmp_path, capsys):
     directory, hf_model = hf_dir
     from_hf = load_model(str(directory))
     assert (from_hf.kind, from_hf.template.name, from_hf.data.image_aspect) == (
@@ -136,8 +138,15 @@ def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tm
 
     params_dir = tmp_path / "params"
     ckpt.save_params(str(params_dir), *load_hf(str(directory)))
-    with pytest.raises(InputError, match=r"params.*--tokenizer"):
+    # The library names its argument; a program names the flag that gives it.
+    with pytest.raises(
+        InputError, match=r"params checkpoint holds no tokenizer; give tokenizer=DIR$"
+    ):
         load_model(str(params_dir))
+    assert generate.main(["--checkpoint", str(params_dir), "--prompt", "q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no tokenizer for ") and err.count("\n") == 1
+    assert err.endswith(": a params checkpoint holds no tokenizer; give --tokenizer DIR\n")
     from_params = load_model(str(params_dir), tokenizer=str(directory))
     assert from_params.kind == "params"
 
@@ -206,6 +215,48 @@ def test_chat_session_streams_and_keeps_the_history(hf_dir, tmp_path):
 
     with open(os.devnull, "w") as devnull:
         assert chat.chat_loop(session, eof, out=devnull) == 0
+
+
+def test_prepare_prompt_checks_the_turns_and_fits_the_answer(hf_dir):
+    """The one prompt routine of generate, chat, evaluate and the server."""
+    directory, _ = hf_dir
+    model = load_model(str(directory))
+    turns = [Turn("user", QUESTION), Turn("assistant", "red"), Turn("user", "and <image>?")]
+    with pytest.raises(TurnError, match=r"<image> written 1 time\(s\) but the turn has no") as bad:
+        prepare_prompt(model, turns, max_new_tokens=4)
+    assert (bad.value.argument, bad.value.turn) == ("turns", 2)
+
+    asked = [Turn("user", QUESTION)]
+    prepared = prepare_prompt(
+        model, asked, max_new_tokens=10**6, sampling={"temperature": 0.5, "seed": 3}, stop=["x"]
+    )
+    expected = model.prompt_ids([model.user_turn(QUESTION, with_image=False)])
+    np.testing.assert_array_equal(prepared.ids, expected)
+    assert prepared.images == () and prepared.max_new_tokens == model.context_length - len(expected)
+    sampling = prepared.sampling
+    assert (sampling.max_new_tokens, sampling.temperature, sampling.seed) == (
+        prepared.max_new_tokens,
+        0.5,
+        3,
+    )
+    assert sampling.stop_strings == (*model.stop_strings, "x")
+    assert prepare_prompt(model, asked, max_new_tokens=4).sampling is None
+    with pytest.raises(PromptTooLongError, match="max_new_tokens=1000000"):
+        prepare_prompt(model, asked, max_new_tokens=10**6, clamp=False)
+
+
+def test_an_argument_error_names_the_argument_or_the_flag(hf_dir):
+    directory, _ = hf_dir
+    with pytest.raises(ArgumentError) as caught:
+        load_model(str(directory), step=3)
+    err = caught.value
+    assert err.argument == "step" and str(err).startswith(f"step=3: {directory} is a Hugging")
+    assert err.naming("--step") == "--step 3" + str(err)[len("step=3") :]
+    with pytest.raises(InputError) as said, cli.flag_names():
+        raise err
+    assert str(said.value) == err.naming("--step")
+    with pytest.raises(ArgumentError, match=r"^dtype must be a floating-point type, got int8$"):
+        load_model(str(directory), dtype="int8")
 
 
 def test_visible_text_holds_back_a_possible_stop_string():

@@ -44,10 +44,11 @@ from typing import Any
 
 import numpy as np
 
-from llava_jax.errors import InputError
+from llava_jax.errors import ArgumentError, InputError, Named
 from llava_jax.evaluation.jsonl import read_records
 from llava_jax.inference.engine import Engine
 from llava_jax.inference.load import LoadedModel, ModelImage
+from llava_jax.inference.prompting import Turn, prepare_prompt
 from llava_jax.inference.sampling import SamplingConfig
 
 
@@ -55,17 +56,21 @@ class QuestionFileError(InputError):
     """The questions file cannot be used; the message names the file and the line."""
 
 
-class OutputFileError(InputError):
-    """The answers cannot be written where asked; the message names the path."""
+class OutputFileError(ArgumentError):
+    """The answers cannot be written where asked: an `ArgumentError` about `out_path`,
+    whose message names the path (`say`: as `ArgumentError`'s)."""
+
+    def __init__(self, say: Callable[[Named], str]) -> None:
+        super().__init__("out_path", say)
 
 
 PARTIAL_SUFFIX = ".partial"  # the answers file while it is being written
 
 
 def check_output_path(questions_path: str, out_path: str) -> None:
-    """Raises `OutputFileError` when `out_path` (or its `.partial`) is the questions file,
-    under any spelling (a relative path, `..`, a symbolic or hard link), is a folder, or
-    lies in a folder that is a file."""
+    """Raises `OutputFileError` (about `out_path`; `evaluate` says `--out`) when `out_path`
+    (or its `.partial`) is the questions file, under any spelling (a relative path, `..`, a
+    symbolic or hard link), is a folder, or lies in a folder that is a file."""
     for path in (out_path, out_path + PARTIAL_SUFFIX):
         same = os.path.realpath(path) == os.path.realpath(questions_path)
         if not same and os.path.exists(path) and os.path.exists(questions_path):
@@ -73,18 +78,24 @@ def check_output_path(questions_path: str, out_path: str) -> None:
         if same:
             what = "" if path == out_path else f" (its file in progress, {path})"
             raise OutputFileError(
-                f"--out {out_path}{what} is the questions file {questions_path}: the answers "
-                "would replace the questions; choose another --out"
+                lambda arg, what=what: (
+                    f"{arg(out_path)}{what} is the questions file {questions_path}: "
+                    f"the answers would replace the questions; choose another {arg}"
+                )
             )
     if os.path.isdir(out_path):
-        raise OutputFileError(f"--out {out_path} is a folder; give the answers file's path")
+        raise OutputFileError(
+            lambda arg: f"{arg(out_path)} is a folder; give the answers file's path"
+        )
     parent = os.path.dirname(os.path.abspath(out_path))
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
-        raise OutputFileError(f"--out {out_path}: {parent} is a file, not a folder")
+        raise OutputFileError(lambda arg: f"{arg(out_path)}: {parent} is a file, not a folder")
     if parent and not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputFileError(f"--out {out_path}: cannot write in {parent} (permission denied)")
+        raise OutputFileError(
+            lambda arg: f"{arg(out_path)}: cannot write in {parent} (permission denied)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,11 +189,10 @@ def _prepare(
             where = f"question {question.question_id!r} (line {question.line})"
             raise InputError(f"{where}: {err}") from None
     images = [] if image is None else [image]
-    prompt_ids = model.prompt_ids([model.user_turn(question.text, with_image=bool(images))], images)
-    model.check_prompt(prompt_ids, max_new_tokens)
-    # exactly the image tokens of its image, or the batch's generation would fail
-    model.check_image_tokens(prompt_ids, images)
-    return _Prepared(question, prompt_ids, image)
+    turn = Turn("user", question.text, with_image=bool(images))
+    # the whole answer must fit: a batch's rows share one sampling config
+    prompt = prepare_prompt(model, [turn], images, max_new_tokens=max_new_tokens, clamp=False)
+    return _Prepared(question, prompt.ids, image)
 
 
 def generate_answers(
@@ -341,7 +351,10 @@ def evaluate_file(
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as err:
-        raise OutputFileError(f"--out {out_path}: cannot make {directory}: {err}") from None
+        reason = str(err)
+        raise OutputFileError(
+            lambda arg: f"{arg(out_path)}: cannot make {directory}: {reason}"
+        ) from None
     counts = {"num_questions": len(questions), "num_answered": 0, "num_errors": 0}
     partial = out_path + PARTIAL_SUFFIX
     with (
@@ -369,8 +382,9 @@ def _open_for_writing(path: str, out_path: str) -> Any:
     try:
         return open(path, "w", encoding="utf-8")
     except OSError as err:
+        reason = err.strerror or str(err)
         raise OutputFileError(
-            f"--out {out_path}: cannot write {path}: {err.strerror or err}"
+            lambda arg: f"{arg(out_path)}: cannot write {path}: {reason}"
         ) from None
 
 

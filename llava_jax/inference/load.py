@@ -10,9 +10,11 @@ image's tiles and feature layout, any size), and a conversation with its images 
 tokens, exactly as training did (its `data` settings: template, image size, aspect, mean
 and std, the grid), makes the CLI knobs a `SamplingConfig` that stops at the template's end
 of answer, stacks rows of images into the engine's arrays (`batch_images`), and generates
-with one `Engine` (built once, so its compiled programs serve every call). Problems the user
-can fix (a path, an image, a prompt that does not fit) raise `InputError` with a message
-that names the thing.
+with one `Engine` (built once, so its compiled programs serve every call); the programs
+make their prompts with these steps through one routine, `prompting.prepare_prompt`.
+Problems the user can fix (a path, an image, a prompt that does not fit) raise `InputError`
+with a message that names the thing; one about an argument of `load_model`, an
+`ArgumentError` naming the argument (`step=3`), which a program says as its flag.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from llava_jax.data.image import (
 )
 from llava_jax.data.prompt import prompt_ids, user_turn
 from llava_jax.data.tokenizer import LoadedTokenizer
-from llava_jax.errors import InputError
+from llava_jax.errors import ArgumentError, InputError
 from llava_jax.inference.checkpoints import KIND_NAMES, detect_kind, load_checkpoint
 from llava_jax.inference.engine import Engine, fit_new_tokens
 from llava_jax.inference.generation import GenerationResult, GenerationStream
@@ -443,40 +445,50 @@ def load_model(
     1.3-1.8x faster on XLA:CPU than the stacked, scanned layers; True: stacked); None keeps the
     saved layout. `LoadedModel.params` and `.config` are in the layout chosen.
 
-    Raises `InputError` naming the path: not a model directory, no checkpoint, no tokenizer,
-    an unknown `quantize`.
+    Raises `InputError` naming the path: not a model directory, no checkpoint, a damaged
+    one, a step it has not saved; `ArgumentError` naming the argument (`step=3`, which the
+    programs say as their flag, `--step 3`): no tokenizer, an unknown `template`, `dtype`
+    or `quantize`, a `step` for a directory without steps or other than the path's.
     """
     try:  # before the (slow) load
         quantize = check_mode(quantize)
     except ValueError as err:
-        raise InputError(f"--quantize: {err}") from None
+        reason = str(err)
+        raise ArgumentError("quantize", lambda arg: f"{arg}: {reason}") from None
     kind, directory, named_step = detect_kind(path)
     if step is not None and kind != "workdir":
-        raise InputError(
-            f"--step {step}: {path} is a {KIND_NAMES[kind]}, which has no steps (a step "
-            "names a checkpoint of a training workdir)"
+        raise ArgumentError(
+            "step",
+            lambda arg: (
+                f"{arg(step)}: {path} is a {KIND_NAMES[kind]}, which has no steps (a "
+                "step names a checkpoint of a training workdir)"
+            ),
         )
     if step is not None and named_step is not None and step != named_step:
-        raise InputError(
-            f"--step {step} contradicts the checkpoint path {path} (step {named_step})"
+        raise ArgumentError(
+            "step",
+            lambda arg: f"{arg(step)} contradicts the checkpoint path {path} (step {named_step})",
         )
     step = named_step if step is None else step
     if step is not None and step < 0:
-        raise InputError(f"--step must be a step number >= 0, got {step}")
+        raise ArgumentError("step", lambda arg: f"{arg} must be a step number >= 0, got {step}")
     if template is not None:  # before the (slow) load
         try:
             get_template(template)
         except ValueError as err:
-            raise InputError(str(err)) from None
+            raise ArgumentError("template", str(err)) from None
     if dtype is not None:
         try:
             dtype = jax.numpy.dtype(dtype)
         except TypeError:
-            raise InputError(
-                f"unknown dtype {dtype!r}: e.g. float32, bfloat16 or float16"
+            raise ArgumentError(
+                "dtype", f"unknown dtype {dtype!r}: e.g. float32, bfloat16 or float16"
             ) from None
         if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
-            raise InputError(f"--dtype must be a floating-point type, got {dtype.name}")
+            name = dtype.name
+            raise ArgumentError(
+                "dtype", lambda arg: f"{arg} must be a floating-point type, got {name}"
+            )
     loaded = load_checkpoint(
         path,
         kind,

@@ -6,11 +6,11 @@
     GET  /health                {"status": "ok", "running": …, "queued": …, …}
     GET  /                      the chat page (static/index.html)
 
-A request becomes a prompt exactly as `generate` and `chat` make one: `LoadedModel.user_turn`
-(the image's `<image>` first in its turn), `prompt_ids` with the checkpoint's own template,
-`check_image_tokens`, `check_prompt` (max_tokens lowered to what the context leaves), and
-images decoded and normalised by `LoadedModel.image_from_bytes` with the model's data
-settings. The stop strings are the template's end of answer plus the request's `stop`.
+A request becomes a prompt as every program makes one, `prompting.prepare_prompt` (the
+image's `<image>` first in its turn, the checkpoint's own template, exactly the image
+tokens of its images, max_tokens lowered to what the context leaves), with images decoded
+and normalised by `LoadedModel.image_from_bytes` with the model's data settings. The stop
+strings are the template's end of answer plus the request's `stop`.
 
 Everything a client can get wrong is answered with a 4xx in OpenAI's error shape,
 `{"error": {"message", "type", "param", "code"}}` (`api_error.py`), naming the problem:
@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
-import dataclasses
 import json
 import os
 import secrets
@@ -49,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_jax.errors import InputError, PromptTooLongError
 from llava_jax.inference.load import ModelImage
+from llava_jax.inference.prompting import Turn, TurnError, prepare_prompt
 from llava_jax.serve.api_error import APIError, error_response
 from llava_jax.serve.batcher import Batcher, Delta, Done, Failed, Job
 from llava_jax.serve.requests import ChatRequest, parse_body, parse_request, read_body
@@ -132,33 +132,30 @@ def make_job(
     the server runs on its few image threads); when None they are decoded here."""
     if images is None:
         images = decode_images(model, request, max_image_pixels)
-    turns = []
-    for m, (role, text, pictures) in enumerate(request.turns):
-        try:
-            if role == "user":
-                turns.append(model.user_turn(text, with_image=bool(pictures)))
-            else:  # its text is checked by `parse_request`
-                turns.append({"from": "gpt", "value": text})
-        except InputError as err:
-            raise APIError(400, str(err), f"messages[{m}].content", "invalid_value") from None
-    images = list(images)
+    # an assistant message's text is checked by `parse_request`
+    turns = [Turn(role, text, bool(pictures)) for role, text, pictures in request.turns]
+    seed = secrets.randbits(32) if request.seed is None else request.seed % (1 << 32)
     try:
-        ids = model.prompt_ids(turns, images, system=request.system)
-        model.check_image_tokens(ids, images)
-        wanted = request.max_tokens or DEFAULT_MAX_TOKENS
-        fits = model.check_prompt(ids, wanted, clamp=True)
+        prepared = prepare_prompt(
+            model,
+            turns,
+            images,
+            max_new_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
+            system=request.system,
+            sampling=dict(temperature=request.temperature, top_k=0, top_p=request.top_p, seed=seed),
+            stop=request.stop,
+        )
+    except TurnError as err:
+        where = f"messages[{err.turn}].content"
+        raise APIError(400, str(err), where, "invalid_value") from None
     except PromptTooLongError as err:
         raise APIError(400, str(err), "messages", "context_length_exceeded") from None
     except (InputError, ValueError) as err:
         raise APIError(400, str(err), "messages", "invalid_value") from None
-    seed = secrets.randbits(32) if request.seed is None else request.seed % (1 << 32)
-    sampling = model.sampling(fits, request.temperature, 0, request.top_p, seed)
-    stops = tuple(dict.fromkeys((*sampling.stop_strings, *request.stop)))
-    sampling = dataclasses.replace(sampling, stop_strings=stops)
     return Job(
-        prompt=ids,
-        images=tuple(images),
-        sampling=sampling,
+        prompt=prepared.ids,
+        images=prepared.images,
+        sampling=prepared.sampling,
         stream=request.stream,
         loop=loop,
     )
