@@ -27,7 +27,8 @@ from transformers import PreTrainedTokenizerFast
 
 from llava_jax.data import datasets
 from llava_jax.data.config import DataConfig
-from llava_jax.data.pipeline import ExampleEncoder, make_train_iterator
+from llava_jax.data.encode import ExampleEncoder
+from llava_jax.data.pipeline import make_train_iterator
 from llava_jax.data.tokenizer import prepare_tokenizer
 
 WORDS = [

@@ -44,7 +44,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from llava_jax import checkpoint as ckpt
-    from llava_jax.data.pipeline import make_eval_questions
+    from llava_jax.data.eval_questions import make_eval_questions
     from llava_jax.evaluation.batch import generate_answers
     from llava_jax.evaluation.vqa_normalize import normalize_vqa_answer
     from llava_jax.inference import SamplingConfig

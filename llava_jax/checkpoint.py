@@ -61,7 +61,7 @@ def load_params(directory: str, target: Any = None) -> tuple[ModelConfig, Any]:
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{directory}: not a params checkpoint (no {MODEL_CONFIG_FILE})")
     with open(config_path) as f:
-        config = ModelConfig.from_dict(json.load(f))
+        config = ModelConfig.from_section(json.load(f), config_path)
     checkpointer = ocp.StandardCheckpointer()
     params_path = os.path.join(directory, PARAMS_DIR)
     try:
@@ -85,7 +85,9 @@ def load_model_params(path: str) -> tuple[ModelConfig, Any]:
             f"workdir (no {CHECKPOINT_DIR}/)"
         )
     step, run_config = read_run_config(path)
-    return ModelConfig.from_section(run_config["model"]), restore_params(path, step=step)
+    return ModelConfig.from_section(run_config["model"], "the run config's model"), restore_params(
+        path, step=step
+    )
 
 
 # --- integrity ------------------------------------------------------------------------------
@@ -361,6 +363,16 @@ def _migrated(run_config: dict) -> dict:
     if "vocab_follows_tokenizer" in model:  # now config.init.vocab_follows_tokenizer
         follows = model.pop("vocab_follows_tokenizer")
         run_config.setdefault("init", {}).setdefault("vocab_follows_tokenizer", follows)
+    # Renamed: data.num_epochs (how often the iterator reads the data, beside
+    # train.num_epochs, the run's length) and train.micro_batches (beside
+    # per_device_batch_size).
+    for section, old, new in (
+        ("data", "num_epochs", "passes"),
+        ("train", "micro_batches", "accumulation_steps"),
+    ):
+        block = run_config.get(section, {})
+        if isinstance(block, dict) and old in block:
+            block.setdefault(new, block.pop(old))
     return run_config
 
 

@@ -9,9 +9,9 @@ import pytest
 
 from llava_jax.data import datasets
 from llava_jax.data.config import DataConfig
+from llava_jax.data.eval_questions import make_eval_questions
 from llava_jax.data.pipeline import (
     make_dataset,
-    make_eval_questions,
     make_train_iterator,
     to_global_batch,
     tokenizer_for,
@@ -89,7 +89,7 @@ def test_restored_iterator_yields_the_same_next_batches(config, tokenizer):
 
 
 def _ids(config, tokenizer, process_index, process_count, epochs=1):
-    config = dataclasses.replace(config, num_epochs=epochs)
+    config = dataclasses.replace(config, passes=epochs)
     return [
         example["id"] for example in make_dataset(config, tokenizer, process_index, process_count)
     ]
@@ -132,7 +132,7 @@ def test_corrupt_image_is_dropped_counted_and_never_batched(config, tokenizer, t
     records[5] = dict(records[5], image_bytes=[b"\x89PNG broken"])
     text_only = dict(records[6], image_bytes=[], image_paths=[])  # text has <image>: mismatch
     records[6] = text_only
-    cfg = dataclasses.replace(config, num_epochs=1)
+    cfg = dataclasses.replace(config, passes=1)
     iterator = make_train_iterator(cfg, tokenizer, 0, 1, source=records)
     batches = list(iterator)
     assert len(batches) == 1  # 15 good examples: one full batch, the rest dropped at the end

@@ -431,7 +431,8 @@ def test_the_data_pipeline_tiles_images_and_gives_each_its_own_token_count(tmp_p
     reads the batch, every image token taking a feature."""
     import dataclasses
 
-    from llava_jax.data.pipeline import ExampleEncoder, make_train_iterator, tokenizer_for
+    from llava_jax.data.encode import ExampleEncoder
+    from llava_jax.data.pipeline import make_train_iterator, tokenizer_for
     from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
 
     pinpoints, _, sizes = CONFIGS["wide-and-tall"]
@@ -483,13 +484,8 @@ def test_next_data_packs_and_groups_with_each_images_own_token_count(tmp_path):
     as unpacked; packed and grouped training read NeXT data."""
     import dataclasses
 
-    from llava_jax.data.pipeline import (
-        ExampleEncoder,
-        RowEncoder,
-        length_table,
-        make_train_iterator,
-        tokenizer_for,
-    )
+    from llava_jax.data.encode import ExampleEncoder, RowEncoder
+    from llava_jax.data.pipeline import length_table, make_train_iterator, tokenizer_for
 
     pinpoints, _, sizes = CONFIGS["long-grids"]
     config = next_data_config(
@@ -529,14 +525,14 @@ def test_next_data_packs_and_groups_with_each_images_own_token_count(tmp_path):
 def test_an_image_whose_size_changes_on_decoding_is_dropped_from_next_data(tmp_path, monkeypatch):
     """A NeXT image's tokens are counted from its header: one whose decoded pixels have
     another size is dropped, named, rather than trained on with misplaced image tokens."""
-    from llava_jax.data import pipeline
+    from llava_jax.data import encode, pipeline
 
     pinpoints, _, _ = CONFIGS["wide-and-tall"]
     config = next_data_config(tmp_path, pinpoints, max_len=96)
     stored = stored_record(0, random_images([(30, 50)])[0], path="images/a.ico")
-    encoder = pipeline.ExampleEncoder(config, pipeline.tokenizer_for(config))
+    encoder = encode.ExampleEncoder(config, pipeline.tokenizer_for(config))
     assert encoder(stored)["drop_reason"] == ""
-    monkeypatch.setattr(pipeline, "decoded_size", lambda data: (16, 16))  # what a header said
+    monkeypatch.setattr(encode, "decoded_size", lambda data: (16, 16))  # what a header said
     dropped = encoder(stored)
     assert dropped["drop_reason"] == "image_size_changed"
     assert dropped["file"] == "images/a.ico" and "(16, 16)" in dropped["detail"]

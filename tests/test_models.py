@@ -166,8 +166,8 @@ def test_config_errors_name_the_field(change, message):
 
 def test_config_dict_round_trip_and_unknown_keys():
     config = dataclasses.replace(TINY, vision_feature_layer=(0, -1))
-    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert ModelConfig.from_section(config.to_dict(), "model") == config
     bad = config.to_dict()
     bad["text"]["num_layer"] = 3
-    with pytest.raises(ValueError, match="unknown text config key.*num_layer"):
-        ModelConfig.from_dict(bad)
+    with pytest.raises(ValueError, match=r"model\.text: unknown key\(s\) \['num_layer'\]"):
+        ModelConfig.from_section(bad, "model")

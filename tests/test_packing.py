@@ -15,11 +15,10 @@ from train_fixtures import TINY, build, flat_params, host_params, make_batch, ma
 from llava_jax.data import datasets
 from llava_jax.data.config import DataConfig
 from llava_jax.data.datasets.record import from_stored
+from llava_jax.data.encode import ExampleEncoder, RowEncoder
 from llava_jax.data.packing import LengthTable, first_fit, modality_length_order
 from llava_jax.data.pipeline import (
-    ExampleEncoder,
     NoUsableData,
-    RowEncoder,
     length_table,
     make_train_iterator,
     tokenizer_for,
@@ -135,7 +134,7 @@ def test_first_fit_places_whole_conversations_within_the_limits():
 
 
 def test_packed_rows_hold_each_conversation_as_unpacked_training_would(config, tokenizer, records):
-    one_epoch = dataclasses.replace(config, num_epochs=1, global_batch_size=1)  # every row
+    one_epoch = dataclasses.replace(config, passes=1, global_batch_size=1)  # every row
     iterator = make_train_iterator(one_epoch, tokenizer, 0, 1, source=records)
     batches = list(iterator)
     assert not iterator.dropped
@@ -236,14 +235,14 @@ def test_packed_loss_and_gradients_equal_unpacked(config, tokenizer, records):
     chosen = [records[i] for i in (0, 1, 2, 3, 4)]  # image, text-only, image, two images, ...
     kinds = [len(r["image_bytes"]) for r in chosen]
     assert 0 in kinds and 1 in kinds and 2 in kinds
-    packed_config = dataclasses.replace(config, num_epochs=1, global_batch_size=2, max_len=200)
+    packed_config = dataclasses.replace(config, passes=1, global_batch_size=2, max_len=200)
     packed = next(make_train_iterator(packed_config, tokenizer, 0, 1, source=chosen))
     assert packed["attention_mask"].max() >= 3  # one row holds three or more conversations
     assert sorted(sum((records_in(packed, r) for r in range(2)), [])) == sorted(
         from_stored(r).id for r in chosen
     )
     plain_config = dataclasses.replace(
-        config, packing=False, num_epochs=1, global_batch_size=len(chosen)
+        config, packing=False, passes=1, global_batch_size=len(chosen)
     )
     plain = next(make_train_iterator(plain_config, tokenizer, 0, 1, source=chosen))
     model, params = _model_and_params(tokenizer)
@@ -272,7 +271,7 @@ def test_changing_one_conversation_leaves_the_others_logits_bitwise(
     attention, config, tokenizer, records
 ):
     chosen = [records[i] for i in (0, 1, 2, 3, 4)]
-    packed_config = dataclasses.replace(config, num_epochs=1, global_batch_size=2)
+    packed_config = dataclasses.replace(config, passes=1, global_batch_size=2)
     batch = next(make_train_iterator(packed_config, tokenizer, 0, 1, source=chosen))
     row = int(np.argmax(batch["attention_mask"].max(axis=1)))  # the row with most segments
     model, params = _model_and_params(tokenizer)
@@ -321,7 +320,7 @@ def test_modality_length_grouping_gives_single_modality_batches_sorted_by_length
     config, tokenizer, records
 ):
     grouped = dataclasses.replace(
-        config, packing=False, group_by_modality_length=True, global_batch_size=4, num_epochs=2
+        config, packing=False, group_by_modality_length=True, global_batch_size=4, passes=2
     )
     table = length_table(grouped, tokenizer, records)
     iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=records)
@@ -380,7 +379,7 @@ def test_bad_records_leave_their_place_in_a_packed_row_counted(config, tokenizer
     )
     corrupt = dict(records[2], id="corrupt", image_bytes=[b"not an image"])
     source = [five, corrupt, *records[4:12]]
-    one_epoch = dataclasses.replace(config, num_epochs=1, global_batch_size=2)
+    one_epoch = dataclasses.replace(config, passes=1, global_batch_size=2)
     iterator = make_train_iterator(one_epoch, tokenizer, 0, 1, source=source)
     with caplog.at_level("WARNING"):
         batches = list(iterator)
@@ -454,7 +453,7 @@ def test_dropped_records_do_not_shift_the_grouped_batches(
     mixed tail is one modality sorted longest first; the batches are those of the usable
     records alone, slot for slot; the drops are counted."""
     clean, with_drops, empty, corrupt = grouping_sources
-    grouped = _grouped(config, num_epochs=2)
+    grouped = _grouped(config, passes=2)
     with caplog.at_level("WARNING"):
         iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=with_drops)
         batches = list(iterator)

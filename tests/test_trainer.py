@@ -219,10 +219,10 @@ def test_missing_data_path_is_named(tmp_path, data_dir):
 
 def test_per_device_batch_size_sets_the_micro_batches():
     train = TrainConfig(per_device_batch_size=2)
-    assert train.micro_batches_for(32, data_parallel_size=8) == 2  # 32 = 2 per device x 8 x 2
-    assert TrainConfig(micro_batches=4).micro_batches_for(32, 8) == 4  # unset: as given
+    assert train.accumulation_steps_for(32, data_parallel_size=8) == 2  # 32 = 2 per device x 8 x 2
+    assert TrainConfig(accumulation_steps=4).accumulation_steps_for(32, 8) == 4  # unset: as given
     with pytest.raises(ValueError, match="per_device_batch_size=3.*32 is not a multiple of 3 x 8"):
-        TrainConfig(per_device_batch_size=3).micro_batches_for(32, data_parallel_size=8)
+        TrainConfig(per_device_batch_size=3).accumulation_steps_for(32, data_parallel_size=8)
 
 
 def test_unwritable_workdir_is_named(tmp_path, data_dir):
@@ -369,3 +369,22 @@ def test_profile_steps_write_a_trace_of_those_steps(tmp_path, data_dir):
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     with pytest.raises(ValueError, match=r"profile_steps=\(3, 2\)"):
         train_and_evaluate(tiny_config(data_dir, train__profile_steps=(3, 2)), str(workdir))
+
+
+def test_a_run_config_saved_before_the_renames_reads_in_todays_names():
+    """data.num_epochs became data.passes and train.micro_batches train.accumulation_steps
+    (each stood beside a field of a like name and another meaning); a saved run config with
+    the old names still reads, with their values, and so do older layouts."""
+    from llava_jax.checkpoint import _migrated
+    from llava_jax.data.config import DataConfig
+
+    saved = {
+        "model": {"vocab_follows_tokenizer": False},
+        "data": {"num_epochs": 3, "global_batch_size": 8},
+        "train": {"micro_batches": 4, "num_epochs": 2.0},
+    }
+    migrated = _migrated(saved)
+    assert DataConfig.from_section(migrated["data"], "data").passes == 3
+    train = TrainConfig.from_section(migrated["train"], "train")
+    assert (train.accumulation_steps, train.num_epochs) == (4, 2.0)
+    assert migrated["init"] == {"vocab_follows_tokenizer": False} and migrated["model"] == {}

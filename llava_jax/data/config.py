@@ -77,7 +77,9 @@ class DataConfig(Section):
     group_by_modality_length: bool = False
     global_batch_size: int = 32
     seed: int = 0
-    num_epochs: int | None = None  # None: repeat forever, reshuffling every epoch
+    # How many times the iterator reads the data (None: forever, reshuffled each pass); the
+    # run's length is config.train's (num_steps or num_epochs).
+    passes: int | None = None
     num_workers: int = 0  # grain worker processes (0: preprocess in this process)
     worker_buffer_size: int = 4  # examples each worker prepares ahead
 

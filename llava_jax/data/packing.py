@@ -15,7 +15,7 @@ the prepared shards as `.npz`, keyed by everything the count depends on.
   sorted by length (longest first); mega-batches in a shuffled order; each modality's last
   mega-batch, mixed together, last; an epoch is whole global batches (drop_last). Only the
   records the table keeps are planned; one found bad only when read keeps its slot (an
-  all-padding example, pipeline.ExampleEncoder), so no later batch shifts.
+  all-padding example, encode.ExampleEncoder), so no later batch shifts.
 """
 
 from __future__ import annotations

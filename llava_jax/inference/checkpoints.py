@@ -15,7 +15,8 @@ tokenizer and data settings (`load_checkpoint`).
   image settings as for Hugging Face.
 
 Problems the user can fix (a path, a missing checkpoint or tokenizer, a tokenizer that does
-not belong to the model) raise `InputError` with a message that names the thing.
+not belong to the model) raise `InputError` with a message that names the thing (no
+tokenizer: an `ArgumentError` about `tokenizer`, which a program says as its flag).
 `inference/load.py` turns what is read into a `LoadedModel`.
 """
 
@@ -25,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,7 +41,7 @@ from llava_jax.data.tokenizer import (
     tokenizer_difference,
     tokenizer_fingerprint,
 )
-from llava_jax.errors import InputError
+from llava_jax.errors import ArgumentError, InputError, Named
 from llava_jax.models.config import ModelConfig
 from llava_jax.sharding import Rules, sharded_params
 
@@ -89,11 +91,15 @@ def detect_kind(path: str) -> tuple[str, str, int | None]:
     )
 
 
-def _find_tokenizer(path: str, tokenizer: str | None, default: str | None, hint: str) -> str:
+def _find_tokenizer(
+    path: str, tokenizer: str | None, default: str | None, hint: Callable[[Named], str]
+) -> str:
+    """The tokenizer directory: `tokenizer`, else `default`. Raises `ArgumentError` about
+    `tokenizer` when there is none, ending with `hint(arg)` (what to give, naming it)."""
     candidate = tokenizer or default
     if candidate is None or not os.path.isdir(candidate):
         where = f" ({candidate} is not a directory)" if candidate else ""
-        raise InputError(f"no tokenizer for {path}{where}: {hint}")
+        raise ArgumentError("tokenizer", lambda arg: f"no tokenizer for {path}{where}: {hint(arg)}")
     if tokenizer and default and os.path.isdir(default):
         _warn_if_another_tokenizer(tokenizer, default)
     return candidate
@@ -199,7 +205,7 @@ def _load_workdir(
         raise InputError(
             f"{workdir}: cannot read the run config of {which}: {type(err).__name__}: {err}"
         ) from None
-    config = ModelConfig.from_section(run_config["model"])
+    config = ModelConfig.from_section(run_config["model"], f"{workdir}: the run config's model")
     if dtype is not None:
         config = config.replace(dtype=jax.numpy.dtype(dtype).name)
     params = ckpt.restore_params(workdir, _restore_target(config, mesh, rules), step=step)
@@ -207,7 +213,7 @@ def _load_workdir(
         workdir,
         tokenizer,
         os.path.join(workdir, TOKENIZER_DIR),
-        "the training run saves it in WORKDIR/tokenizer; give --tokenizer",
+        lambda arg: f"the training run saves it in WORKDIR/tokenizer; give {arg}",
     )
     data = DataConfig.saved(run_config.get("data", {}), "the run's data config")
     return config, params, _load_tokenizer(tokenizer_dir), data, step
@@ -272,7 +278,7 @@ def load_checkpoint(
 
             config, params = load_hf(directory, **numerics)
             loaded_tokenizer = _load_tokenizer(
-                _find_tokenizer(directory, tokenizer, directory, "give --tokenizer")
+                _find_tokenizer(directory, tokenizer, directory, lambda arg: f"give {arg}")
             )
             data = _hf_data(directory, config.vision.image_size, config.text.model_type)
         else:
@@ -282,10 +288,11 @@ def load_checkpoint(
                 os.path.join(directory, TOKENIZER_DIR)
                 if os.path.isdir(os.path.join(directory, TOKENIZER_DIR))
                 else None,
-                "a params checkpoint holds no tokenizer; give --tokenizer DIR",
+                lambda arg: f"a params checkpoint holds no tokenizer; give {arg('DIR')}",
             )
-            with open(os.path.join(directory, ckpt.MODEL_CONFIG_FILE)) as f:
-                config = ModelConfig.from_section(json.load(f))
+            config_path = os.path.join(directory, ckpt.MODEL_CONFIG_FILE)
+            with open(config_path) as f:
+                config = ModelConfig.from_section(json.load(f), config_path)
             _, params = ckpt.load_params(directory, _restore_target(config, mesh, rules))
             if dtype is not None:
                 config = config.replace(**numerics)

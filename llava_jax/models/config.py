@@ -286,30 +286,3 @@ class ModelConfig(Section):
                 f"vision.hidden_size={self.vision.hidden_size} is not a multiple of "
                 f"vision.num_heads={self.vision.num_heads}"
             )
-
-    # --- plain-dict round trip (configs, checkpoints, JSON) --------------------------------
-    @classmethod
-    def from_section(cls, section: Any, where: str = "model") -> ModelConfig:
-        """From the run config's `model` block (or nested plain values, as saved in JSON);
-        an unknown key is an error that names it."""
-        values = section.to_dict() if hasattr(section, "to_dict") else section
-        return cls.from_dict(values)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Build from nested plain values; an unknown key is an error that names it."""
-        values = dict(values)
-        text = dict(values.pop("text", {}))
-        rope = RopeConfig(**_known(RopeConfig, text.pop("rope", {}), "text.rope"))
-        vision = VisionConfig(**_known(VisionConfig, values.pop("vision", {}), "vision"))
-        lora = LoraConfig(**_known(LoraConfig, values.pop("lora", {}), "lora"))
-        text_config = TextConfig(rope=rope, **_known(TextConfig, text, "text"))
-        return cls(vision=vision, text=text_config, lora=lora, **_known(cls, values, "model"))
-
-
-def _known(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {where} config key(s) {unknown}; known: {sorted(names)}")
-    return dict(values)

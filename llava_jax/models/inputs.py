@@ -92,6 +92,22 @@ def batch_shapes(
     return shapes
 
 
+def tiles_per_image(config: ModelConfig) -> int:
+    """Inputs of the vision tower per image slot: one square, or LLaVA-NeXT's largest grid
+    of tiles and its overview (the static count every batch holds)."""
+    geometry = ImageGeometry.of(config)
+    return 1 if geometry is None else geometry.max_tiles
+
+
+def fewest_image_tokens(config: ModelConfig) -> int:
+    """Tokens of the smallest image in a prompt: the fixed count, or (LLaVA-NeXT) those of a
+    square image one tile across."""
+    geometry = ImageGeometry.of(config)
+    if geometry is None:
+        return config.num_image_tokens
+    return geometry.num_tokens(geometry.tile, geometry.tile)
+
+
 def abstract_batch(
     config: ModelConfig, batch_size: int, length: int, image_slots: int, sharding: Any = None
 ) -> Batch:

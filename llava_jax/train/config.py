@@ -77,9 +77,10 @@ class TrainConfig(Section):
 
     num_steps: default `num_epochs` of the data. per_device_batch_size: sequences per device
     in one forward/backward pass, the global batch accumulated over as many micro-batches as
-    that takes (overrides `micro_batches`). train_pattern: regex over parameter paths that
-    train. loss_chunk_size: the LM head and the loss run fused in chunks of this many
-    positions, so the float32 [B, T, vocab] logits never exist (0: whole logits).
+    that takes (overrides `accumulation_steps`, the micro-batches given directly).
+    train_pattern: regex over parameter paths that train. loss_chunk_size: the LM head and
+    the loss run fused in chunks of this many positions, so the float32 [B, T, vocab] logits
+    never exist (0: whole logits).
     eval_every: 0, only at the end. stop_at_step: leave (with a checkpoint) once this step
     is done, for jobs with a time limit; the schedule still spans num_steps.
     profile_steps: (first, last): a JAX profiler trace of these steps in WORKDIR/profile
@@ -88,7 +89,7 @@ class TrainConfig(Section):
 
     num_steps: int | None = None
     num_epochs: float = 1.0
-    micro_batches: int = 1
+    accumulation_steps: int = 1  # micro-batches a step accumulates (see per_device_batch_size)
     per_device_batch_size: int | None = None
     train_pattern: str = "proj/.*|llm/.*"
     z_loss_weight: float = 0.0
@@ -117,7 +118,7 @@ class TrainConfig(Section):
                     f"config.train.profile_steps={self.profile_steps}: give (first, last) "
                     "with 1 <= first <= last"
                 )
-        for field in ("log_every", "checkpoint_every", "keep_checkpoints", "micro_batches"):
+        for field in ("log_every", "checkpoint_every", "keep_checkpoints", "accumulation_steps"):
             if getattr(self, field) < 1:
                 raise ValueError(f"config.train.{field}={getattr(self, field)} must be >= 1")
         if self.eval_every < 0:
@@ -128,12 +129,12 @@ class TrainConfig(Section):
                 "(0: the whole logits at once)"
             )
 
-    def micro_batches_for(self, global_batch_size: int, data_parallel_size: int) -> int:
+    def accumulation_steps_for(self, global_batch_size: int, data_parallel_size: int) -> int:
         """Micro-batches per step: from `per_device_batch_size` where set, else
-        `micro_batches`. An indivisible combination names the numbers."""
+        `accumulation_steps`. An indivisible combination names the numbers."""
         per_device = self.per_device_batch_size
         if per_device is None:
-            return self.micro_batches
+            return self.accumulation_steps
         if per_device < 1 or global_batch_size % (per_device * data_parallel_size):
             raise ValueError(
                 f"config.train.per_device_batch_size={per_device}: the global batch "

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from llava_jax.data.config import DataConfig
-from llava_jax.data.pipeline import make_eval_questions, make_train_iterator, to_global_batch
+from llava_jax.data.eval_questions import make_eval_questions
+from llava_jax.data.pipeline import make_train_iterator, to_global_batch
 from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.evaluation.batch import generate_answers
 from llava_jax.evaluation.vqa_normalize import normalize_vqa_answer
@@ -52,7 +53,7 @@ class Evaluator:
         # Held-out conversations one per row, in stored order: the same figures whether the
         # run packs or groups its training batches.
         self.data = data.replace(
-            num_epochs=1,
+            passes=1,
             global_batch_size=min(data.global_batch_size, config.batch_size),
             packing=False,
             group_by_modality_length=False,

@@ -41,6 +41,7 @@ from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.hardware import chip_for, measured_matmul_peak
 from llava_jax.models.attention import resolve as resolve_attention
 from llava_jax.models.config import ModelConfig
+from llava_jax.models.inputs import fewest_image_tokens, tiles_per_image
 from llava_jax.sharding import data_parallel_size, device_bytes
 from llava_jax.train.config import RunConfig, TrainConfig
 from llava_jax.train.evaluator import Evaluator
@@ -86,14 +87,14 @@ def check_workdir(workdir: str) -> None:
             raise PermissionError(f"{what} {folder} cannot be written: {err}") from None
 
 
-def check_room_for_an_answer(data: DataConfig, tokenizer: LoadedTokenizer) -> None:
+def check_room_for_an_answer(
+    data: DataConfig, model: ModelConfig, tokenizer: LoadedTokenizer
+) -> None:
     """`data.max_len` holds a one-image prompt of the template and at least one answer
     token; otherwise every record would be dropped as too long."""
     turns = [{"from": "human", "value": IMAGE_PLACEHOLDER}]
     template = data.conversation_template
-    image_tokens = data.num_image_tokens
-    if data.anyres:  # the fewest an image can take: a square one
-        image_tokens = data.anyres.num_tokens(data.image_size, data.image_size)
+    image_tokens = fewest_image_tokens(model)
     needed = len(prompt_ids(turns, template, tokenizer, image_tokens)) + 2
     if data.max_len < needed:
         raise ValueError(
@@ -147,7 +148,7 @@ def checkpoint_model(source: str) -> tuple[ModelConfig, Params | None]:
         model_config, params = ckpt.load_params(source)
         return model_config, jax.tree.map(np.asarray, params)
     _, run_config = ckpt.read_run_config(source)
-    return ModelConfig.from_section(run_config["model"]), None
+    return ModelConfig.from_section(run_config["model"], f"{source}: the run config's model"), None
 
 
 def initial_model(run: RunConfig, tokenizer: LoadedTokenizer) -> tuple[ModelConfig, Params | None]:
@@ -308,7 +309,7 @@ class Run:
         multihost_utils.sync_global_devices("data prepared")
         if jax.process_index() != 0:
             self._load_tokenizer_and_model()
-        check_room_for_an_answer(self.data_config, self.tokenizer)
+        check_room_for_an_answer(self.data_config, self.model_config, self.tokenizer)
         self.total_steps = _total_steps(config.train, self.data_config, self.tokenizer)
         self.setup, schedule = make_run_setup(config, self.model_config, self.total_steps)
         check_packing_attention(self.model_config, self.data_config, self.setup.mesh)
@@ -319,7 +320,7 @@ class Run:
                 f"config.eval.batch_size={config.eval.batch_size} is not a multiple of the "
                 f"data-parallel size {data_parallel_size(self.setup.mesh)}"
             )
-        accumulate = train.micro_batches_for(
+        accumulate = train.accumulation_steps_for(
             self.data_config.global_batch_size, data_parallel_size(self.setup.mesh)
         )
         self.train_step = build_train_step(
@@ -331,7 +332,7 @@ class Run:
             batch=data.global_batch_size,
             length=data.max_len,
             # LLaVA-NeXT: every tile goes through the vision tower as an image
-            images=data.image_slots * (data.anyres.max_tiles if data.anyres else 1),
+            images=data.image_slots * tiles_per_image(self.model_config),
             trainable=pattern_trains(train.train_pattern),
         )
         self.peak_flops = peak_flops_per_device(self.setup.mesh, self.model_config.dtype)

@@ -1,0 +1,268 @@
+"""A stored record -> one fixed-shape training example (in grain's workers): its images
+decoded and preprocessed (LLaVA-NeXT: tiles and feature layout), its conversation rendered
+and tokenized with LLaVA's targets; and several examples -> one packed row.
+
+An example holds one row of the host batch (`models/inputs.py` `Batch`, without the batch
+axis) plus `id` and `drop_reason` ('' when it trains); a record that must not be trained on
+becomes its drop report (`id`, `file`, `detail`, a `drop_reason`), counted by the pipeline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llava_jax.data.config import DataConfig
+from llava_jax.data.conversation import (
+    DroppedExample,
+    TokenizedConversation,
+    tokenize_conversation,
+)
+from llava_jax.data.datasets.record import Record, from_stored
+from llava_jax.data.image import decode_image, decoded_size, load_and_preprocess
+from llava_jax.data.tokenizer import LoadedTokenizer
+
+
+class ExampleEncoder:
+    """Stored record -> one fixed-shape example (runs in grain workers).
+
+    Returns the example dict with ``input_ids int32[T]``, ``loss_mask float32[T]``,
+    ``attention_mask int32[T]``, ``images float32[I, H, W, 3]``, ``image_mask bool[I]``,
+    ``id`` and ``drop_reason == ''``; or, for a sample that must not be trained on,
+    only ``id``, ``file``, ``detail`` and a non-empty ``drop_reason``.
+    """
+
+    def __init__(self, config: DataConfig, tokenizer: LoadedTokenizer):
+        self.config = config
+        self.template = config.conversation_template
+        self.tokenizer = tokenizer
+        self.image_token_id = tokenizer.image_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __call__(self, stored: dict) -> dict:
+        """The record's example, or, for a record dropped here (e.g. an unreadable image),
+        its drop report: ``id``, ``drop_reason``, ``detail``, ``file``; ``BatchIterator``
+        fills its place from the stream. Under ``group_by_modality_length`` the place is a
+        slot of a planned batch and stays: an all-padding example (``input_ids`` the pad id,
+        ``loss_mask``, ``attention_mask`` 0, no image; ``id`` '') with the report in
+        ``dropped``, as a packed row reports a record it leaves out."""
+        record = from_stored(stored)
+        try:
+            return self.encode(record)
+        except DroppedExample as error:
+            report = {
+                "id": record.id,
+                "drop_reason": error.reason,
+                "detail": error.detail,
+                "file": error.file,
+            }
+        if not self.config.group_by_modality_length:
+            return report
+        # Refilling the slot would shift every later batch across mega-batch boundaries.
+        return {**self.empty_example(self.config.max_images_per_sample), "dropped": [report]}
+
+    def empty_example(self, slots: int) -> dict:
+        """An example of the batch's shapes holding nothing: every token the pad id, no
+        segment, no target, `slots` empty image slots (a NeXT layout all -1)."""
+        c, geometry = self.config, self.config.anyres
+        tiles = () if geometry is None else (geometry.max_tiles,)
+        example = {
+            "id": "",
+            "drop_reason": "",
+            "input_ids": np.full((c.max_len,), self.pad_token_id, np.int32),
+            "loss_mask": np.zeros((c.max_len,), np.float32),
+            "attention_mask": np.zeros((c.max_len,), np.int32),
+            "positions": np.zeros((c.max_len,), np.int32),
+            "images": np.zeros((slots, *tiles, c.image_size, c.image_size, 3), np.float32),
+            "image_mask": np.zeros((slots,), bool),
+        }
+        if geometry is not None:
+            example["image_layout"] = np.full((slots, geometry.max_tokens), -1, np.int32)
+        return example
+
+    def _too_many_images(self, record: Record) -> str:
+        """The drop detail when the record has more images than a sample may, else ''."""
+        count, most = len(record.image_bytes), self.config.max_images_per_sample
+        return f"{count} > {most}" if count > most else ""
+
+    @staticmethod
+    def _unreadable(record: Record, index: int, error: ValueError) -> DroppedExample:
+        paths = record.image_paths
+        file = paths[index] if index < len(paths) else ""
+        return DroppedExample("unreadable_image", str(error), file)
+
+    def images(self, record: Record) -> tuple[np.ndarray, np.ndarray]:
+        """``float32[I, H, W, 3]`` and ``bool[I]`` for the record's images."""
+        c = self.config
+        if detail := self._too_many_images(record):
+            raise DroppedExample("too_many_images", detail)
+        images = np.zeros((c.max_images_per_sample, c.image_size, c.image_size, 3), np.float32)
+        mask = np.zeros((c.max_images_per_sample,), bool)
+        for index, data in enumerate(record.image_bytes):
+            try:
+                images[index] = load_and_preprocess(
+                    data, c.image_size, c.image_aspect, c.image_mean, c.image_std
+                )
+            except ValueError as error:  # ImageDecodeError: corrupt bytes
+                raise self._unreadable(record, index, error) from error
+            mask[index] = True
+        return images, mask
+
+    def anyres_images(self, record: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """LLaVA-NeXT (data/anyres.py): each image's tiles ``float32[I, T, S, S, 3]``,
+        ``bool[I]``, its feature layout ``int32[I, N]`` and its number of image tokens."""
+        c, geometry = self.config, self.config.anyres
+        if detail := self._too_many_images(record):
+            raise DroppedExample("too_many_images", detail)
+        slots = c.max_images_per_sample
+        tiles = np.zeros((slots, geometry.max_tiles, c.image_size, c.image_size, 3), np.float32)
+        mask = np.zeros((slots,), bool)
+        layout = np.full((slots, geometry.max_tokens), -1, np.int32)
+        counts = []
+        for index, data in enumerate(record.image_bytes):
+            try:
+                image = decode_image(data)
+                measured = decoded_size(data)
+            except ValueError as error:  # ImageDecodeError: corrupt bytes
+                raise self._unreadable(record, index, error) from error
+            if image.size != measured:  # a format that settles its size on load (ICO)
+                raise DroppedExample(
+                    "image_size_changed",
+                    f"image {index}: header {measured}, decoded {image.size} (width, height)",
+                    record.image_paths[index] if index < len(record.image_paths) else "",
+                )
+            tiles[index], layout[index], count = geometry.encode(image, c.image_mean, c.image_std)
+            counts.append(count)
+            mask[index] = True
+        return tiles, mask, layout, counts
+
+    def image_tokens(self, record: Record) -> list[int] | None:
+        """LLaVA-NeXT: each image's number of image tokens, from its header (nothing
+        decoded; raises ``DroppedExample`` for an unreadable one); None otherwise."""
+        geometry = self.config.anyres
+        if geometry is None:
+            return None
+        counts = []
+        for index, data in enumerate(record.image_bytes):
+            try:
+                width, height = decoded_size(data)
+            except ValueError as error:
+                raise self._unreadable(record, index, error) from error
+            counts.append(geometry.num_tokens(height, width))
+        return counts
+
+    def tokenize(self, record: Record, image_tokens: list | None = None) -> TokenizedConversation:
+        """The record's tokens, unpadded (raises ``DroppedExample``); `image_tokens`: each
+        image's token count (LLaVA-NeXT), else `num_image_tokens` each."""
+        return tokenize_conversation(
+            record.conversations,
+            self.tokenizer,
+            self.template,
+            num_images=len(record.image_bytes),
+            num_image_tokens=self.config.num_image_tokens if image_tokens is None else image_tokens,
+            max_len=self.config.max_len,
+        )
+
+    def measure(self, stored: dict) -> tuple[int, int, str]:
+        """(tokens, images, drop reason or '') of a stored record, no image decoded (a NeXT
+        image's token count comes from its header's size)."""
+        record = from_stored(stored)
+        images = len(record.image_bytes)
+        if self._too_many_images(record):
+            return 0, images, "too_many_images"  # as `images` would drop it
+        try:
+            return len(self.tokenize(record, self.image_tokens(record)).input_ids), images, ""
+        except DroppedExample as error:
+            return 0, images, error.reason
+
+    def encode(self, record: Record) -> dict:
+        c = self.config
+        layout = None
+        if c.anyres is not None:  # the image sizes set the token counts: images first
+            images, image_mask, layout, counts = self.anyres_images(record)
+            tokens = self.tokenize(record, counts)
+        else:
+            tokens = self.tokenize(record)
+            images, image_mask = self.images(record)
+        length = len(tokens.input_ids)
+        input_ids = np.full((c.max_len,), self.pad_token_id, np.int32)
+        input_ids[:length] = tokens.input_ids
+        loss_mask = np.zeros((c.max_len,), np.float32)
+        loss_mask[:length] = tokens.loss_mask
+        attention_mask = np.zeros((c.max_len,), np.int32)
+        attention_mask[:length] = 1
+        example = {
+            "id": record.id,
+            "drop_reason": "",
+            "input_ids": input_ids,
+            "loss_mask": loss_mask,
+            "attention_mask": attention_mask,
+            "positions": np.arange(c.max_len, dtype=np.int32),
+            "images": images,
+            "image_mask": image_mask,
+        }
+        if layout is not None:
+            example["image_layout"] = layout
+        return example
+
+
+class RowEncoder:
+    """A packed row's stored records -> one example of the shapes ``ExampleEncoder`` gives
+    (``I`` = ``max_images_per_row``), conversation k of the row as segment k + 1 with
+    positions from 0. A record that fails here (an unreadable image) leaves its place
+    empty and is reported in ``dropped``; the row itself is never dropped, so every
+    process keeps the same rows."""
+
+    def __init__(self, config: DataConfig, tokenizer: LoadedTokenizer):
+        self.config = config
+        self.encoder = ExampleEncoder(config, tokenizer)
+
+    def __call__(self, row: dict) -> dict:
+        c = self.config
+        example = self.encoder.empty_example(c.max_images_per_row)
+        input_ids, loss_mask = example["input_ids"], example["loss_mask"]
+        segments, positions = example["attention_mask"], example["positions"]
+        images, image_mask = example["images"], example["image_mask"]
+        layouts = example.get("image_layout")
+        geometry = c.anyres
+        ids, dropped = [], []
+        start, image_slot = 0, 0
+        for stored in row["records"]:
+            record = from_stored(stored)
+            try:
+                if geometry is None:
+                    tokens = self.encoder.tokenize(record)
+                    pictures, valid = self.encoder.images(record)
+                else:
+                    pictures, valid, layout, counts = self.encoder.anyres_images(record)
+                    tokens = self.encoder.tokenize(record, counts)
+            except DroppedExample as error:
+                dropped.append(
+                    {
+                        "id": record.id,
+                        "drop_reason": error.reason,
+                        "detail": error.detail,
+                        "file": error.file,
+                    }
+                )
+                continue
+            end = start + len(tokens.input_ids)
+            count = int(valid.sum())
+            if end > c.max_len or image_slot + count > c.max_images_per_row:
+                raise RuntimeError(  # the length table and this encoder disagree: a bug
+                    f"record {record.id} does not fit its packed row ({end} tokens, "
+                    f"{image_slot + count} images)"
+                )
+            input_ids[start:end] = tokens.input_ids
+            loss_mask[start:end] = tokens.loss_mask
+            # Position `start` is predicted from the previous conversation's last token:
+            # never a target, as a row's first token never is.
+            loss_mask[start] = 0.0
+            segments[start:end] = len(ids) + 1
+            positions[start:end] = np.arange(end - start)
+            images[image_slot : image_slot + count] = pictures[valid]
+            image_mask[image_slot : image_slot + count] = True
+            if layouts is not None:
+                layouts[image_slot : image_slot + count] = layout[valid]
+            ids.append(record.id)
+            start, image_slot = end, image_slot + count
+        return {**example, "id": ",".join(ids), "dropped": dropped}  # (filled in place)
