@@ -16,9 +16,11 @@ requests that `_matches(key, record)` these steps, one each. A step is a failure
     "garbage-json"                   a 200 whose body is not JSON
 
 or anything else, handed to the subclass's `_content(record, step)` that writes the reply
-(`UNSCRIPTED` when no step is left). `hold(n)`: after `n` answers (`answered`: 200
-completions that reached the client), every request waits until `release()`, which drops the
-held ones unanswered: for a test that kills its client mid-run. `delay_s` slows every answer.
+(`UNSCRIPTED` when no step is left). `hold(n)`: once `n` requests have been let through to a
+200 answer (`answered`: the 200 completions that reached the client), every further request
+waits until `release()`, which drops the held ones unanswered: for a test that kills its
+client mid-run (counted when let through, so requests arriving together cannot overshoot).
+`delay_s` slows every answer.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def words(content: Any) -> int:
     return len(message_text(content).split())
 
 
+def _answers(step: Any) -> bool:
+    """Whether a step ends in a 200 answer the client reads (not a failure, a drop, a
+    reply too late or one that is not JSON)."""
+    if isinstance(step, int) and not isinstance(step, bool):
+        return False
+    return step not in ("drop", "timeout", "garbage-json")
+
+
 class FakeOpenAI:
     """See the module docstring. `url` is the base URL an OpenAI client takes (…/v1)."""
 
@@ -70,6 +80,7 @@ class FakeOpenAI:
         self.requests: list[dict[str, Any]] = []
         self.answered: list[Any] = []  # the subject of each 200 completion the client got
         self.held = 0
+        self._answering = 0  # requests let through to a 200 answer (hold counts these)
         self._script: dict[Any, collections.deque] = collections.defaultdict(collections.deque)
         self._hold_after: int | None = None
         self._release = threading.Event()
@@ -221,12 +232,16 @@ class FakeOpenAI:
             message = f"The model `{body.get('model')}` does not exist"
             return self._error(handler, 404, message, "model_not_found")
         with self._lock:
-            hold = self._hold_after is not None and len(self.answered) >= self._hold_after
+            # Counted when let through, not when answered: requests in flight together
+            # cannot all pass a hold that one answer more would have closed.
+            hold = self._hold_after is not None and self._answering >= self._hold_after
             if hold:
                 self.held += 1
                 step = UNSCRIPTED  # a held request uses no script: it is never answered
             else:
                 step = self._next_step(record)
+                if _answers(step):
+                    self._answering += 1
         if hold:
             self._release.wait()
             return self._drop(handler, record, "held")

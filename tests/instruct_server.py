@@ -36,9 +36,10 @@ content is null), or a failure: 429, 500, 400 … (that status, OpenAI's error s
 Every 200 completion carries `usage`: prompt_tokens = whitespace-separated words of all the
 messages' contents, completion_tokens = words of the reply, total_tokens = their sum.
 
-`hold(n)`: after n 200 answers, every further request waits until `release()`, which closes
-the held ones' connections unanswered (for a test that kills its client mid-run); `held`
-counts them. `requests`: one dict per request, "messages", "body" (the parsed JSON), "kind",
+`hold(n)`: once n requests are let through to a 200 answer, every further request waits
+until `release()`, which closes the held ones' connections unanswered (for a test that
+kills its client mid-run); `held` counts them. `requests`: one dict per request,
+"messages", "body" (the parsed JSON), "kind",
 "context" (the final user content), "outcome" (200, 429, 500, 400, 401, 404, "timeout",
 "drop", "garbage-json", "held"); `answered`: the contexts of the 200 answers that reached the
 client; `count(marker)`, `outcomes(marker)`: of the requests whose context contains marker.
