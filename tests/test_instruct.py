@@ -21,7 +21,7 @@ from PIL import Image
 from test_judge import free_port, one_error_line
 from trainer_fixtures import REPO
 
-from llava_jax.data import annotations, instruct
+from llava_jax.data import annotations, instruct, instruct_output
 from llava_jax.data import instruct_format as fmt
 from llava_jax.data.conversation import IMAGE_PLACEHOLDER
 
@@ -202,7 +202,7 @@ def test_the_default_replies_become_these_llava_records_in_annotation_order(coco
         # the server counts a word a token: the prompt's words and the replies' words
         prompt_words = sum(words(m["content"]) for r in llm.requests for m in r["messages"])
         reply_words = sum(words(default_reply(r["kind"], r["context"])) for r in llm.requests)
-    records = read_json(os.path.join(coco["out"], instruct.OUT_JSON))
+    records = read_json(os.path.join(coco["out"], instruct_output.OUT_JSON))
     expected_turns = [
         # image 1: conversation (a pair per caption), detail, reasoning; then image 2
         [("What is shown, view 1?", "A man rides a bicycle down a city street."),
@@ -236,8 +236,10 @@ def test_the_default_replies_become_these_llava_records_in_annotation_order(coco
     with InstructServer(model=MODEL) as llm:
         again = os.path.join(coco["root"], "again")
         assert instruct.main(coco_args(coco, llm.url, out=again)) == 0
-    assert file_bytes(coco["out"], instruct.OUT_JSON) == file_bytes(again, instruct.OUT_JSON)
-    report = read_json(os.path.join(coco["out"], instruct.REPORT_FILE))
+    assert file_bytes(coco["out"], instruct_output.OUT_JSON) == file_bytes(
+        again, instruct_output.OUT_JSON
+    )
+    report = read_json(os.path.join(coco["out"], instruct_output.REPORT_FILE))
     assert report["records"] == {
         "conversation": 2, "detail_description": 2, "complex_reasoning": 2
     }  # fmt: skip
@@ -305,15 +307,15 @@ def test_failures_are_retried_then_counted_and_a_rerun_asks_only_for_what_is_lef
         assert instruct.main(coco_args(coco, llm.url, *args)) == 0
         assert llm.outcomes("city street") == [429, 500, "garbage-json", "drop", 200]
         assert llm.count("red ball") == 3
-        skipped = read_jsonl(os.path.join(coco["out"], instruct.SKIPPED_FILE))
+        skipped = read_jsonl(os.path.join(coco["out"], instruct_output.SKIPPED_FILE))
         assert len(skipped) == 1 and skipped[0]["image"] == IMAGE_2
         assert skipped[0]["reason"] == "leaks_source" and skipped[0]["attempts"] == 3
         assert skipped[0]["reply"] == leak and "caption" in skipped[0]["detail"]
-        report = read_json(os.path.join(coco["out"], instruct.REPORT_FILE))
+        report = read_json(os.path.join(coco["out"], instruct_output.REPORT_FILE))
         assert report["records"] == {"conversation": 1}
         assert report["skipped"] == {"conversation": {"leaks_source": 1}}
         assert report["retries_this_run"] == 4
-        records = read_json(os.path.join(coco["out"], instruct.OUT_JSON))
+        records = read_json(os.path.join(coco["out"], instruct_output.OUT_JSON))
         assert [r["image"] for r in records] == [IMAGE_1]
 
         # the same command again: everything is done or skipped, nothing is asked
@@ -321,10 +323,10 @@ def test_failures_are_retried_then_counted_and_a_rerun_asks_only_for_what_is_lef
         assert instruct.main(coco_args(coco, llm.url, *args)) == 0
         assert len(llm.requests) == asked
         # a skipped line removed is asked for again, and now answered
-        open(os.path.join(coco["out"], instruct.SKIPPED_FILE), "w").close()
+        open(os.path.join(coco["out"], instruct_output.SKIPPED_FILE), "w").close()
         assert instruct.main(coco_args(coco, llm.url, *args)) == 0
         assert llm.count("red ball") == 4 and len(llm.requests) == asked + 1
-    records = read_json(os.path.join(coco["out"], instruct.OUT_JSON))
+    records = read_json(os.path.join(coco["out"], instruct_output.OUT_JSON))
     assert [r["image"] for r in records] == [IMAGE_1, IMAGE_2]
 
 
@@ -334,11 +336,13 @@ def test_an_endpoint_failing_past_the_retries_is_counted_and_the_run_goes_on(coc
         llm.script("city street", None, None, None)  # three replies without text
         llm.script("red ball", 503, 503)
         assert instruct.main(coco_args(coco, llm.url, *args)) == 0
-    skipped = {s["image"]: s for s in read_jsonl(os.path.join(coco["out"], instruct.SKIPPED_FILE))}
+    skipped = {
+        s["image"]: s for s in read_jsonl(os.path.join(coco["out"], instruct_output.SKIPPED_FILE))
+    }
     assert skipped[IMAGE_1]["reason"] == "empty_reply"
     assert skipped[IMAGE_2]["reason"] == "request_failed"
     assert "503" in skipped[IMAGE_2]["detail"] and "--retries 1" in skipped[IMAGE_2]["detail"]
-    assert read_json(os.path.join(coco["out"], instruct.OUT_JSON)) == []
+    assert read_json(os.path.join(coco["out"], instruct_output.OUT_JSON)) == []
 
 
 # --- resume -------------------------------------------------------------------------------------
@@ -385,29 +389,29 @@ def test_a_kill_mid_run_and_a_rerun_give_the_records_of_an_uninterrupted_run(tmp
             [sys.executable, "-m", "llava_jax.data.instruct", *args(llm.url, cut)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        _wait_for_lines(os.path.join(cut, instruct.DONE_FILE), 5, process)
+        _wait_for_lines(os.path.join(cut, instruct_output.DONE_FILE), 5, process)
         time.sleep(0.3)  # the held requests in flight
         process.send_signal(signal.SIGKILL)
         process.wait()
         llm.release()
         assert llm.held > 0  # the kill came with requests in flight
         first_answers = len(llm.answered)
-        assert len(read_jsonl(os.path.join(cut, instruct.DONE_FILE))) == first_answers == 5
+        assert len(read_jsonl(os.path.join(cut, instruct_output.DONE_FILE))) == first_answers == 5
         llm.hold(None)
         assert instruct.main(args(llm.url, cut)) == 0
         # nothing answered twice: 16 (image, kind) pairs, 16 answers in both runs together
         assert len(llm.answered) == 16
         assert len(set(llm.answered)) == 16
-    done = read_jsonl(os.path.join(cut, instruct.DONE_FILE))
+    done = read_jsonl(os.path.join(cut, instruct_output.DONE_FILE))
     assert len({(d["image"], d["kind"]) for d in done}) == len(done) == 16
-    assert file_bytes(whole, instruct.OUT_JSON) == file_bytes(cut, instruct.OUT_JSON)
+    assert file_bytes(whole, instruct_output.OUT_JSON) == file_bytes(cut, instruct_output.OUT_JSON)
 
 
 def test_a_last_line_cut_short_is_asked_for_again(coco):
     args = ["--kind", "detail_description", "--concurrency", "1"]
     with InstructServer(model=MODEL) as llm:
         assert instruct.main(coco_args(coco, llm.url, *args)) == 0
-        done_path = os.path.join(coco["out"], instruct.DONE_FILE)
+        done_path = os.path.join(coco["out"], instruct_output.DONE_FILE)
         with open(done_path, "rb") as f:
             data = f.read()
         with open(done_path, "wb") as f:  # a kill while writing the second line
@@ -415,7 +419,7 @@ def test_a_last_line_cut_short_is_asked_for_again(coco):
         assert instruct.main(coco_args(coco, llm.url, *args)) == 0
         assert len(llm.requests) == 3
     assert len(read_jsonl(done_path)) == 2
-    assert len(read_json(os.path.join(coco["out"], instruct.OUT_JSON))) == 2
+    assert len(read_json(os.path.join(coco["out"], instruct_output.OUT_JSON))) == 2
 
 
 # --- stage 1 ------------------------------------------------------------------------------------
@@ -432,7 +436,7 @@ def test_brief_makes_a_pretraining_record_per_caption_without_an_llm(tmp_path):
     argv = ["--image-dir", str(images), "--annotations", str(notes), "--out", str(out),
             "--kind", "brief", "--base-url", unreachable, "--no-progress"]  # fmt: skip
     assert instruct.main(argv) == 0
-    records = read_json(out / instruct.OUT_JSON)
+    records = read_json(out / instruct_output.OUT_JSON)
     assert [r["conversations"][1]["value"] for r in records] == captions
     places = set()
     for record in records:
@@ -516,18 +520,18 @@ def test_records_whose_image_does_not_decode_are_left_out_named_and_taken_once_m
     args = ["--kind", "conversation"]
     with InstructServer(model=MODEL) as llm:
         assert instruct.main(coco_args(coco, llm.url, *args)) == 0
-        report = read_json(os.path.join(coco["out"], instruct.REPORT_FILE))
+        report = read_json(os.path.join(coco["out"], instruct_output.REPORT_FILE))
         assert [(i["image"], i["kind"]) for i in report["invalid"]] == [(IMAGE_2, "conversation")]
         assert "unreadable_image" in report["invalid"][0]["problem"]
         assert report["skipped"] == {"conversation": {"invalid_record": 1}}
-        records = read_json(os.path.join(coco["out"], instruct.OUT_JSON))
+        records = read_json(os.path.join(coco["out"], instruct_output.OUT_JSON))
         assert [r["image"] for r in records] == [IMAGE_1]
         with open(broken, "wb") as f:
             f.write(good)
         asked = len(llm.requests)
         assert instruct.main(coco_args(coco, llm.url, *args)) == 0
         assert len(llm.requests) == asked  # its records were kept: nothing asked again
-    records = read_json(os.path.join(coco["out"], instruct.OUT_JSON))
+    records = read_json(os.path.join(coco["out"], instruct_output.OUT_JSON))
     assert [r["image"] for r in records] == [IMAGE_1, IMAGE_2]
 
 
@@ -536,7 +540,7 @@ def test_a_damaged_or_repeated_done_line_is_named(coco, capsys):
     with InstructServer(model=MODEL) as llm:
         assert instruct.main(coco_args(coco, llm.url, *args)) == 0
         capsys.readouterr()
-        done_path = os.path.join(coco["out"], instruct.DONE_FILE)
+        done_path = os.path.join(coco["out"], instruct_output.DONE_FILE)
         with open(done_path) as f:
             first, second = f.read().splitlines()
         for text, said in (

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from trainer_fixtures import REPO, main_command, subprocess_env
 from vicuna_tokenizer import save_vicuna_tokenizer
 
-from llava_jax.data import instruct
+from llava_jax.data import instruct, instruct_output
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
 SHAPES = ("square", "circle")
@@ -51,7 +51,7 @@ def _generate(llm: InstructServer, root, name: str, notes: list[dict], images: s
             "--model", "llm-test", "--kind", "conversation,detail_description",
             "--no-progress"]  # fmt: skip
     assert instruct.main(argv) == 0
-    return os.path.join(out, instruct.OUT_JSON)
+    return os.path.join(out, instruct_output.OUT_JSON)
 
 
 @pytest.mark.timeout(600)

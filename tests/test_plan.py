@@ -34,7 +34,7 @@ def tiny(mesh=(-1, 1, 1), **overrides):
 
 
 def _param_bytes(config) -> int:
-    shapes = nn.meta.unbox(abstract_params(ModelConfig.from_section(config.model)))
+    shapes = nn.meta.unbox(abstract_params(ModelConfig.from_section(config.model, "config.model")))
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
@@ -142,7 +142,7 @@ def test_lora_plan_counts_the_int8_base_and_only_trainable_optimizer_state():
     config.model.lora.rank = 4
     config.model.lora.dropout = 0.05
     config.model.lora.base_dtype = "int8"
-    shapes = nn.meta.unbox(abstract_params(ModelConfig.from_section(config.model)))
+    shapes = nn.meta.unbox(abstract_params(ModelConfig.from_section(config.model, "config.model")))
     dtypes = {x.dtype for x in jax.tree.leaves(shapes)}
     assert np.dtype(np.int8) in dtypes
     mask = trainable_mask(shapes, "proj/.*")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from peak_memory import run_with_peak_memory
 
-from llava_jax import plan
+from llava_jax import plan, plan_checks
 from llava_jax.models.config import ModelConfig
 from llava_jax.models.llava import abstract_params
 from llava_jax.train.optimizer import trainable_mask
@@ -208,7 +208,7 @@ def _model(config_file: str, *, scan: bool, **fields) -> tuple[ModelConfig, str]
         section, field = key.split("__")
         target = {"model": config.model, "train": config.train}.get(section)
         (config.model[section] if target is None else target)[field] = value
-    return ModelConfig.from_section(config.model), config.train.train_pattern
+    return ModelConfig.from_section(config.model, "config.model"), config.train.train_pattern
 
 
 @pytest.mark.timeout(120)
@@ -230,7 +230,7 @@ def test_the_state_is_counted_from_a_one_layer_model_exactly(config_file, fields
     """Parameters and Adam's moments, as the whole model's tree and train mask have them,
     from a model with one layer per tower (either layout, an index in the train pattern)."""
     model_config, pattern = _model(config_file, scan=scan, **fields)
-    counted = plan.minimum_state_bytes(model_config, pattern)
+    counted = plan_checks.minimum_state_bytes(model_config, pattern)
     assert (counted.param_bytes, counted.optimizer_bytes) == _exact_state_bytes(
         model_config, pattern
     )
@@ -243,7 +243,7 @@ def test_a_lora_model_is_counted_exactly_scanned_and_at_most_its_size_unscanned(
     of adapted and not, so the count never exceeds the model (a lower bound)."""
     fields = {"lora__rank": 4, "lora__base_dtype": "int8", "train__train_pattern": "proj/.*"}
     model_config, pattern = _model(TINY, scan=scan, **fields)
-    counted = plan.minimum_state_bytes(model_config, pattern)
+    counted = plan_checks.minimum_state_bytes(model_config, pattern)
     params, moments = _exact_state_bytes(model_config, pattern)
     assert counted.param_bytes == params
     if scan:
@@ -255,10 +255,12 @@ def test_a_lora_model_is_counted_exactly_scanned_and_at_most_its_size_unscanned(
 @pytest.mark.timeout(60)
 def test_the_state_refusal_is_at_the_whole_slices_memory():
     """Refused only past num_devices x memory: one byte over, not at it."""
-    state = plan.StateBytes(param_bytes=3000, optimizer_bytes=1000, layers={"text": (2, 1000)})
-    plan.check_state_fits(state, 4, 1000, "on cpu:4", memory_flag=True)
+    state = plan_checks.StateBytes(
+        param_bytes=3000, optimizer_bytes=1000, layers={"text": (2, 1000)}
+    )
+    plan_checks.check_state_fits(state, 4, 1000, "on cpu:4", memory_flag=True)
     with pytest.raises(ValueError, match=r"but 4 x 999 B is 3.9 KiB in all \(at least 5 such"):
-        plan.check_state_fits(state, 4, 999, "on cpu:4", memory_flag=True)
+        plan_checks.check_state_fits(state, 4, 999, "on cpu:4", memory_flag=True)
 
 
 @pytest.mark.timeout(60)

@@ -1,18 +1,14 @@
 """Hugging Face LLaVA / CLIP / LLaMA safetensors <-> llava_jax parameter trees (numpy, no torch).
 
 Configs are read and written with transformers' config classes (plain JSON, no model code);
-weights with safetensors. Each of our leaves has one HF key and a layout rule:
-
-  linear  torch `[out, in]` <-> our `[*in_dims, *out_dims]` kernel (transpose + reshape)
-  conv    torch `[D, C, p, p]` <-> our `[p, p, C, D]`
-  plain   same values, possibly reshaped (biases of split heads, norms, embeddings)
+weights with safetensors. Which HF key each of our leaves has, and its layout there:
+convert/hf_keys.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any
 
@@ -21,6 +17,21 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from llava_jax.convert.hf_keys import (
+    IGNORED_SUFFIXES,
+    LM_HEAD_KEYS,
+    NEWLINE_KEYS,
+    PROJECTOR_PREFIXES,
+    TEXT_PREFIXES,
+    VISION_PREFIXES,
+    Rule,
+    hf_shape,
+    projector_rules,
+    text_rules,
+    to_hf,
+    to_ours,
+    vision_rules,
+)
 from llava_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
 from llava_jax.models.config import ModelConfig, RopeConfig, TextConfig, VisionConfig
 from llava_jax.models.layers import activation
@@ -29,32 +40,6 @@ from llava_jax.models.llava import to_unscanned_layout as _unscan
 from llava_jax.models.lora import merge_lora as merged_lora_model
 
 Params = dict[str, Any]
-
-# Where each tower sits in the files transformers writes (older layout first, then the
-# in-memory layout of transformers 5). CLIP vision weights may or may not sit under
-# `vision_model.`.
-VISION_PREFIXES = (
-    "vision_tower.vision_model.",
-    "vision_tower.",
-    "model.vision_tower.vision_model.",
-    "model.vision_tower.",
-)
-TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
-LM_HEAD_KEYS = ("language_model.lm_head.weight", "lm_head.weight")
-PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
-NEWLINE_KEYS = ("image_newline", "model.image_newline")  # LLaVA-NeXT; ours: proj/image_newline
-# Buffers some exports carry; they are recomputed, never parameters.
-IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One leaf: our path, its HF key (after the tower prefix), and the layout rule."""
-
-    path: tuple[str, ...]
-    key: str
-    kind: str  # linear | conv | plain
-    num_in: int = 1  # linear: how many leading axes of our kernel are input axes
 
 
 # --- configs --------------------------------------------------------------------------------
@@ -260,112 +245,6 @@ def _read_hf_config(path: str) -> Any:
     return AutoConfig.from_pretrained(path)
 
 
-# --- key maps -------------------------------------------------------------------------------
-
-
-def _attention_rules(prefix: str, hf: str, names: dict[str, str], bias: bool) -> list[Rule]:
-    rules = []
-    for ours, theirs in names.items():
-        num_in = 2 if ours == "out" else 1
-        rules.append(
-            Rule((*prefix, "attn", ours, "kernel"), f"{hf}{theirs}.weight", "linear", num_in)
-        )
-        if bias:
-            rules.append(Rule((*prefix, "attn", ours, "bias"), f"{hf}{theirs}.bias", "plain"))
-    return rules
-
-
-def _dense_rules(path: tuple[str, ...], key: str, bias: bool) -> list[Rule]:
-    rules = [Rule((*path, "kernel"), f"{key}.weight", "linear")]
-    if bias:
-        rules.append(Rule((*path, "bias"), f"{key}.bias", "plain"))
-    return rules
-
-
-def vision_rules(config: VisionConfig) -> list[Rule]:
-    """Rules for the `img` tower, HF keys relative to the CLIP vision model."""
-    rules = [
-        Rule(("embedding", "patch", "kernel"), "embeddings.patch_embedding.weight", "conv"),
-        Rule(("embedding", "cls"), "embeddings.class_embedding", "plain"),
-        Rule(("embedding", "pos"), "embeddings.position_embedding.weight", "plain"),
-    ]
-    for ours, theirs in (("pre_norm", "pre_layrnorm"), ("post_norm", "post_layernorm")):
-        rules += [
-            Rule((ours, "scale"), f"{theirs}.weight", "plain"),
-            Rule((ours, "bias"), f"{theirs}.bias", "plain"),
-        ]
-    attn = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "out_proj"}
-    for i in range(config.num_layers):
-        layer, hf = (f"layers_{i}",), f"encoder.layers.{i}."
-        for ours, theirs in (("attn_norm", "layer_norm1"), ("mlp_norm", "layer_norm2")):
-            rules += [
-                Rule((*layer, ours, "scale"), f"{hf}{theirs}.weight", "plain"),
-                Rule((*layer, ours, "bias"), f"{hf}{theirs}.bias", "plain"),
-            ]
-        rules += _attention_rules(layer, f"{hf}self_attn.", attn, bias=True)
-        rules += _dense_rules((*layer, "fc1"), f"{hf}mlp.fc1", bias=True)
-        rules += _dense_rules((*layer, "fc2"), f"{hf}mlp.fc2", bias=True)
-    return rules
-
-
-def text_rules(config: TextConfig) -> list[Rule]:
-    """Rules for the `llm` tower, HF keys relative to the LLaMA base model (lm_head apart)."""
-    rules = [
-        Rule(("embed", "embedding"), "embed_tokens.weight", "plain"),
-        Rule(("final_norm", "scale"), "norm.weight", "plain"),
-    ]
-    attn = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "o_proj"}
-    for i in range(config.num_layers):
-        layer, hf = (f"layers_{i}",), f"layers.{i}."
-        rules += [
-            Rule((*layer, "attn_norm", "scale"), f"{hf}input_layernorm.weight", "plain"),
-            Rule((*layer, "mlp_norm", "scale"), f"{hf}post_attention_layernorm.weight", "plain"),
-        ]
-        rules += _attention_rules(layer, f"{hf}self_attn.", attn, bias=config.attention_bias)
-        for ours in ("gate", "up", "down"):
-            rules += _dense_rules((*layer, ours), f"{hf}mlp.{ours}_proj", bias=config.mlp_bias)
-    return rules
-
-
-def projector_rules(config: ModelConfig) -> list[Rule]:
-    rules = []
-    for i in (1, 2):
-        rules += _dense_rules((f"fc{i}",), f"linear_{i}", bias=config.projector_bias)
-    return rules
-
-
-# --- layout rules ---------------------------------------------------------------------------
-
-
-def _to_ours(rule: Rule, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if rule.kind == "linear":
-        return value.T.reshape(shape)
-    if rule.kind == "conv":
-        return value.transpose(2, 3, 1, 0)
-    return value.reshape(shape)
-
-
-def _to_hf(rule: Rule, value: np.ndarray) -> np.ndarray:
-    if rule.kind == "linear":
-        in_size = math.prod(value.shape[: rule.num_in])
-        return value.reshape(in_size, -1).T
-    if rule.kind == "conv":
-        return value.transpose(3, 2, 0, 1)
-    if value.ndim == 2 and rule.path[-1] == "bias":  # split-head bias [H, Dh] -> [H * Dh]
-        return value.reshape(-1)
-    return value
-
-
-def _hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if rule.kind == "linear":
-        return (math.prod(shape[rule.num_in :]), math.prod(shape[: rule.num_in]))
-    if rule.kind == "conv":
-        return (shape[3], shape[2], shape[0], shape[1])
-    if rule.path[-1] == "bias":
-        return (math.prod(shape),)
-    return shape
-
-
 # --- reading --------------------------------------------------------------------------------
 
 
@@ -393,12 +272,12 @@ def _read_tower(
             )
         expected = tuple(shapes[rule.path].shape)
         found = reader.shape(key)
-        if found != _hf_shape(rule, expected):
+        if found != hf_shape(rule, expected):
             raise CheckpointError(
                 f"{reader.directory}: key {key!r} has shape {found}, but the config implies "
-                f"{_hf_shape(rule, expected)} (parameter {'/'.join(rule.path)} {expected})"
+                f"{hf_shape(rule, expected)} (parameter {'/'.join(rule.path)} {expected})"
             )
-        flat[rule.path] = _to_ours(rule, reader[key], expected).astype(dtype)
+        flat[rule.path] = to_ours(rule, reader[key], expected).astype(dtype)
         used.add(key)
     return unflatten_dict(flat)
 
@@ -609,10 +488,10 @@ def to_hf_tensors(config: ModelConfig, params: Params, dtype: Any = None) -> dic
     tensors = {}
     for tower, prefix, rules in towers:
         for rule in rules:
-            tensors[prefix + rule.key] = _to_hf(rule, flat[(tower, *rule.path)])
+            tensors[prefix + rule.key] = to_hf(rule, flat[(tower, *rule.path)])
     if not config.text.tie_word_embeddings:
         head = Rule(("lm_head", "kernel"), "", "linear")
-        tensors["language_model.lm_head.weight"] = _to_hf(head, flat[("llm", "lm_head", "kernel")])
+        tensors["language_model.lm_head.weight"] = to_hf(head, flat[("llm", "lm_head", "kernel")])
     if config.anyres:
         tensors[NEWLINE_KEYS[0]] = flat[("proj", "image_newline")]
     if dtype is not None:

@@ -9,7 +9,7 @@ it in memory, under PEFT's wrapper:
 
 so that `peft.PeftModel.from_pretrained(base, folder)` applies `W + (alpha/r)·B·A`. Ours
 are `lora_a: [*in, r]` and `lora_b: [r, *out]` (models/lora.py); the input and output
-axes flatten in the order the kernels' own exchange uses (convert/hf.py).
+axes flatten in the order the kernels' own exchange uses (convert/hf_keys.py).
 
 The vision tower's modules are named differently by transformers 4.52–4.57
 (`model.vision_tower.vision_model.encoder.layers.0.…`) and 5.x (`model.vision_tower.encoder.
@@ -38,7 +38,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from llava_jax.convert.hf import projector_rules, text_rules, vision_rules
+from llava_jax.convert.hf_keys import projector_rules, text_rules, vision_rules
 from llava_jax.convert.safetensors_io import CheckpointError, open_safetensors
 from llava_jax.json_input import JSONInputError, loads
 from llava_jax.models.config import LoraConfig, ModelConfig
