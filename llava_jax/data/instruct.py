@@ -62,6 +62,7 @@ from llava_jax.data.instruct_output import (
     REPORT_FILE,
     SKIPPED_FILE,
     OutDir,
+    Settings,
     build_report,
     finish,
     format_report,
@@ -70,19 +71,6 @@ from llava_jax.data.instruct_output import (
 from llava_jax.errors import InputError
 
 NAMES = chat_endpoint.Names("the LLM", "--base-url", "--model")
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything a run is asked to do, beyond its inputs."""
-
-    kinds: tuple[str, ...]
-    endpoint: chat_endpoint.EndpointSettings
-    prompts_root: str = fmt.DEFAULT_PROMPTS
-    parse_retries: int = 2
-    seed: int = 0
-    limit: int | None = None
-    price_per_1k: tuple[float, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

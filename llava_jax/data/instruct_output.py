@@ -1,26 +1,25 @@
-"""The generator's output folder (`--out` of `python -m llava_jax.data.instruct`): the names of
-its files; done.jsonl and skipped.jsonl, appended as each (image, kind) is done and read back
-on resume; generation.json, the identity of the inputs and settings the records were made
-with (a rerun with others is refused, naming them); and the end of a run: the LLaVA JSON
-written from the done records and checked by the project's LLaVA JSON validation, and the
-report (records, skips, tokens, cost)."""
+"""The generator's run settings (`Settings`, what the records depend on) and its output
+folder (`--out` of `python -m llava_jax.data.instruct`): the names of its files; done.jsonl
+and skipped.jsonl, appended as each (image, kind) is done and read back on resume;
+generation.json, the identity of the inputs and settings the records were made with (a
+rerun with others is refused, naming them); and the end of a run: the LLaVA JSON written
+from the done records and checked by the project's LLaVA JSON validation, and the report
+(records, skips, tokens, cost)."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from llava_jax import record_log
+from llava_jax import chat_endpoint, record_log
 from llava_jax.data import instruct_format as fmt
 from llava_jax.data.annotations import ImageAnnotations
 from llava_jax.errors import InputError
-
-if TYPE_CHECKING:
-    from llava_jax.data.instruct import Settings
 
 OUT_JSON = "llava_instruct.json"
 DONE_FILE = "done.jsonl"
@@ -32,6 +31,19 @@ LOCK_FILE = ".instruct.lock"
 IDENTITY_SETTINGS = ("model", "temperature", "max_tokens", "seed")
 # Why an (image, kind) has no records: skipped.jsonl's and the report's reasons.
 SKIP_REASONS = ("request_failed", *fmt.REPLY_PROBLEMS, "invalid_record")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run is asked to do, beyond its inputs."""
+
+    kinds: tuple[str, ...]
+    endpoint: chat_endpoint.EndpointSettings
+    prompts_root: str = fmt.DEFAULT_PROMPTS
+    parse_retries: int = 2
+    seed: int = 0
+    limit: int | None = None
+    price_per_1k: tuple[float, float] | None = None
 
 
 class OutDirError(InputError):

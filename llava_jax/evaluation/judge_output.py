@@ -8,16 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from llava_jax import record_log
+from llava_jax import chat_endpoint, record_log
 from llava_jax.errors import InputError
 from llava_jax.evaluation import llava_bench
 from llava_jax.evaluation.llava_bench import Benchmark, BenchQuestion
 from llava_jax.json_input import JSONInputError, loads
-
-if TYPE_CHECKING:
-    from llava_jax.evaluation.judge import JudgeSettings
 
 RUN_FILE = "judge_run.json"
 FAILED_FILE = "failed.jsonl"
@@ -198,7 +195,7 @@ class OutDir:
 def run_identity(
     benchmark: Benchmark,
     answers_path: str,
-    settings: JudgeSettings,
+    settings: chat_endpoint.EndpointSettings,
     *,
     runs: int,
     swap: bool,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from llava_jax.errors import PromptTooLongError
 from llava_jax.inference.generation import (
+    Detokenizer,
     GenerationRequest,
     GenerationResult,
     GenerationRun,
@@ -64,13 +65,6 @@ from llava_jax.sharding import (
 Array = jax.Array
 DEFAULT_STOP_CHECK_INTERVAL = 16  # tokens per chunk when stop strings are checked on host
 DEFAULT_SAMPLING = SamplingConfig()  # `generate`'s and `stream`'s default (greedy)
-
-
-class Detokenizer(Protocol):
-    def decode(self, token_ids: list[int]) -> str: ...
-
-
-# --- checks shared with the callers -----------------------------------------------------------
 
 
 def fit_new_tokens(

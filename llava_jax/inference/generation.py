@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -31,8 +31,14 @@ from llava_jax.inference.sampling import (
 )
 from llava_jax.sharding import global_array
 
-if TYPE_CHECKING:
-    from llava_jax.inference.engine import Detokenizer, Engine
+
+class Detokenizer(Protocol):
+    """What the engine needs of a tokenizer: token ids back to text."""
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+# --- checks shared with the callers -----------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -122,7 +128,7 @@ class GenerationRun:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Any,  # the Engine (inference/engine.py) whose programs run it
         request: GenerationRequest,
         fields: dict[str, np.ndarray | None],
         rows: int,
