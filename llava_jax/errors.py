@@ -1,4 +1,10 @@
-"""Errors the user can fix: the command-line programs print the message and exit with 2."""
+"""Errors the user can fix: the command-line programs print the message and exit with 2.
+
+`ArgumentError` is one about an argument of a library function (`load_model`'s `tokenizer`,
+`step`, ...; `evaluate_file`'s `out_path`; a turn of a prompt): its message names the
+argument as a call writes it (`step=3`), and `naming(flag)` says the same naming the flag a
+program took it from (`--step 3`); `cli.py` holds the programs' table of flags.
+"""
 
 from __future__ import annotations
 

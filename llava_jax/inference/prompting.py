@@ -1,5 +1,4 @@
-"""A conversation and its images -> the prompt a loaded model answers, checked; and the error
-about one argument a caller gave.
+"""A conversation and its images -> the prompt a loaded model answers, checked.
 
 `prepare_prompt` is the one way every inference program (`generate`, `chat`, `evaluate`,
 the server) makes its prompt: the turns rendered (`LoadedModel.user_turn`: an image's
@@ -7,13 +6,9 @@ the server) makes its prompt: the turns rendered (`LoadedModel.user_turn`: an im
 prompt in place of the template's own when given), checked to hold exactly the image tokens
 of its images (`check_image_tokens`) and to leave room for the answer (`check_prompt`:
 `max_new_tokens` lowered to what the context leaves, or refused), and the sampling made with
-the room there is. It raises about its arguments: `TurnError` naming the turn whose text
-cannot be used, `InputError` about the conversation, `PromptTooLongError` giving the lengths.
-
-`ArgumentError` is an `InputError` about one argument of a library function (`load_model`'s
-`tokenizer`, `step`, ...; `evaluate_file`'s `out_path`; a turn here). Its message names the
-argument as a call writes it (`step=3`); `naming(flag)` says the same naming the flag a
-program took it from (`--step 3`): `cli.py` holds the programs' table of flags.
+the room there is. It raises about its arguments (`errors.ArgumentError`): `TurnError`
+naming the turn whose text cannot be used, `InputError` about the conversation,
+`PromptTooLongError` giving the lengths.
 """
 
 from __future__ import annotations
