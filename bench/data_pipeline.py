@@ -30,6 +30,7 @@ from llava_jax.data.config import DataConfig
 from llava_jax.data.encode import ExampleEncoder
 from llava_jax.data.pipeline import make_train_iterator
 from llava_jax.data.tokenizer import prepare_tokenizer
+from llava_jax.models.inputs import ImageGeometry
 
 WORDS = [
     "the",
@@ -141,15 +142,14 @@ def main() -> None:
             image_dir=os.path.join(root, "images"),
             data_dir=os.path.join(root, "tfds"),
             template="vicuna_v1",
-            image_size=336,
-            num_image_tokens=576,
             max_len=2048,
             global_batch_size=16,
             num_workers=args.workers,
         )
+        geometry = ImageGeometry.square(336, 576)  # LLaVA-1.5's CLIP ViT-L/14-336
         source = datasets.open_split(config, "train")
         tokenizer = llama_like_tokenizer(rng)
-        encoder = ExampleEncoder(config, tokenizer)
+        encoder = ExampleEncoder(config, geometry, tokenizer)
 
         stored = [source[i] for i in range(min(len(source), 64))]
         for record in stored[:8]:  # warm up
@@ -162,7 +162,7 @@ def main() -> None:
         one_core = count / (time.perf_counter() - start)
         print(f"one core (preprocess only): {one_core:.0f} examples/s")
 
-        iterator = make_train_iterator(config, tokenizer, 0, 1)
+        iterator = make_train_iterator(config, geometry, tokenizer, 0, 1)
         next(iterator)  # start the workers
         start = time.perf_counter()
         for _ in range(args.batches):

@@ -132,13 +132,14 @@ def held_out_loss_with_an_int8_base(workdir: str, batches: int = 6) -> tuple[flo
         "trained": (config, loaded.params),
         "int8": (int8, prepare_base(int8, loaded.params)),
     }
-    data = loaded.data.replace(global_batch_size=64, num_epochs=1)
-    iterator = make_train_iterator(data, loaded.tokenizer, split="test")
+    data = loaded.data.replace(global_batch_size=64, passes=1)
+    iterator = make_train_iterator(data, loaded.geometry, loaded.tokenizer, split="test")
     sums = {name: [0.0, 0.0] for name in variants}
+    from llava_jax.models.inputs import Batch
     from llava_jax.models.llava import Llava
 
     for raw in itertools.islice(iterator, batches):
-        batch = {k: np.asarray(v) for k, v in raw.items()}
+        batch = Batch.from_arrays({k: np.asarray(v) for k, v in raw.items()})
         for name, (cfg, params) in variants.items():
             _, ce, _, tokens = loss_sums(Llava(cfg), params, batch)
             sums[name][0] += float(ce)

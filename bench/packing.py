@@ -109,6 +109,7 @@ def main() -> None:
         to_global_batch,
         tokenizer_for,
     )
+    from llava_jax.models.inputs import ImageGeometry
     from llava_jax.program import skip_absent_accelerators
     from llava_jax.sharding import make_mesh
     from llava_jax.train.config import RunConfig, base_config
@@ -137,10 +138,10 @@ def main() -> None:
         run = RunConfig.from_config(config)
         tokenizer = tokenizer_for(run.data)
         model_config, params = initial_model(run, tokenizer)
-        data = run.data.for_model(model_config)
+        data, geometry = run.data, ImageGeometry.of(model_config)
         words = sorted(w for w in tokenizer.tokenizer.get_vocab() if w.isalpha() and w.islower())
         records = make_records(args.records, 0, args.max_len, words)
-        table = length_table(data, tokenizer, records)
+        table = length_table(data, geometry, tokenizer, records)
         kept = table.lengths[table.lengths > 0]
         print(
             f"jax {jax.__version__} on {jax.default_backend()}, "
@@ -165,7 +166,7 @@ def main() -> None:
         results = {}
         for name, settings in batchings.items():
             iterator = make_train_iterator(
-                dataclasses.replace(data, **settings), tokenizer, 0, 1, source=records
+                dataclasses.replace(data, **settings), geometry, tokenizer, 0, 1, source=records
             )
             state = init_train_state(setup, jax.random.key(0), params)
             real = conversations = 0

@@ -63,8 +63,10 @@ def main() -> None:
         "int8": load_model(args.workdir, quantize="int8"),
     }
     reference = models["float32"]
-    data = reference.data.replace(num_epochs=1)
-    questions = make_eval_questions(data, reference.tokenizer, "test", num_records)
+    data = reference.data.replace(passes=1)
+    questions = make_eval_questions(
+        data, reference.geometry, reference.tokenizer, "test", num_records
+    )
     references = [normalize_vqa_answer(q.answer) for q in questions]
     length = default_length_bucket(max(len(q.prompt_ids) for q in questions))
     batch_size = min(batch_size, len(questions))

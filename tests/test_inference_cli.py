@@ -133,7 +133,7 @@ def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tm
         "vicuna_v1",
         "pad",
     )
-    assert from_hf.data.image_size == 28 and from_hf.data.image_mean == (0.5, 0.5, 0.5)
+    assert from_hf.geometry.image_size == 28 and from_hf.data.image_mean == (0.5, 0.5, 0.5)
     assert from_hf.tokenizer.image_token_id == from_hf.config.image_token_id == IMAGE_TOKEN
 
     params_dir = tmp_path / "params"

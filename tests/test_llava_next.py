@@ -278,8 +278,8 @@ def test_generate_chat_evaluate_and_the_server_take_a_next_model_and_any_image(
     directory, _, pinpoints = next_dir
     steps = 6
     model = load_model(str(directory))
-    geometry = Anyres(tile=TILE, patch=PATCH, pinpoints=pinpoints)
-    assert model.data.anyres == geometry
+    geometry = Anyres(TILE, PATCH, pinpoints, square_tokens=(TILE // PATCH) ** 2)
+    assert model.anyres == geometry
 
     answers = {}
     for name, (height, width) in PROGRAM_IMAGES.items():
@@ -387,21 +387,19 @@ def test_a_next_model_trains_and_evaluates(tmp_path):
     assert np.isfinite(summary["eval"]["eval_loss"])
     assert summary["eval"]["num_examples"] > 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["data"]["image_grid_pinpoints"] == [[48, 96], [96, 48], [96, 96]]
+    assert saved["model"]["image_grid_pinpoints"] == [[48, 96], [96, 48], [96, 96]]
 
 
-def next_data_config(tmp_path, pinpoints, **fields):
-    """A NeXT `DataConfig` of the tiny tower's tiles (the built-in tokenizer)."""
+def next_data_config(tmp_path, **fields):
+    """A `DataConfig` for NeXT data (the built-in tokenizer)."""
     from llava_jax.data.config import DataConfig
 
-    return DataConfig(
-        data_dir=str(tmp_path),
-        image_size=TILE,
-        image_patch_size=PATCH,
-        num_image_tokens=(TILE // PATCH) ** 2,
-        image_grid_pinpoints=pinpoints,
-        **fields,
-    )
+    return DataConfig(data_dir=str(tmp_path), **fields)
+
+
+def next_geometry(pinpoints) -> Anyres:
+    """The NeXT image geometry of the tiny tower's tiles and these grids."""
+    return Anyres(tile=TILE, patch=PATCH, pinpoints=pinpoints)
 
 
 def stored_record(index: int, image: Image.Image | None, answer: str = "red", path: str = ""):
@@ -434,16 +432,17 @@ def test_the_data_pipeline_tiles_images_and_gives_each_its_own_token_count(tmp_p
     from llava_jax.data.encode import ExampleEncoder
     from llava_jax.data.pipeline import make_train_iterator, tokenizer_for
     from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
+    from llava_jax.models.inputs import ImageGeometry
 
     pinpoints, _, sizes = CONFIGS["wide-and-tall"]
-    config = next_data_config(tmp_path, pinpoints, max_len=96, global_batch_size=3)
+    config = next_data_config(tmp_path, max_len=96, global_batch_size=3)
+    geometry = next_geometry(pinpoints)
     tokenizer = tokenizer_for(config)
     records = [stored_record(i, image) for i, image in enumerate(random_images(sizes, seed=7))]
-    batch = next(make_train_iterator(config, tokenizer, 0, 1, source=records))
-    geometry = config.anyres
+    batch = next(make_train_iterator(config, geometry, tokenizer, 0, 1, source=records))
     assert batch["images"].shape == (3, 1, geometry.max_tiles, TILE, TILE, 3)
     assert batch["image_layout"].shape == (3, 1, geometry.max_tokens)
-    encoder = ExampleEncoder(config, tokenizer)
+    encoder = ExampleEncoder(config, geometry, tokenizer)
     by_size = {}
     for record, image in zip(records, random_images(sizes, seed=7), strict=True):
         example = encoder.encode(from_stored(record))
@@ -475,7 +474,7 @@ def test_the_data_pipeline_tiles_images_and_gives_each_its_own_token_count(tmp_p
         {"params": params}, **inputs, image_layout=batch["image_layout"]
     )
     assert np.isfinite(np.asarray(logits)).all()
-    assert dataclasses.replace(config, image_grid_pinpoints=()).anyres is None
+    assert not ImageGeometry.of(dataclasses.replace(model_config, image_grid_pinpoints=())).tiled
 
 
 def test_next_data_packs_and_groups_with_each_images_own_token_count(tmp_path):
@@ -488,21 +487,19 @@ def test_next_data_packs_and_groups_with_each_images_own_token_count(tmp_path):
     from llava_jax.data.pipeline import length_table, make_train_iterator, tokenizer_for
 
     pinpoints, _, sizes = CONFIGS["long-grids"]
-    config = next_data_config(
-        tmp_path, pinpoints, max_len=256, max_images_per_row=3, global_batch_size=2
-    )
+    config = next_data_config(tmp_path, max_len=256, max_images_per_row=3, global_batch_size=2)
+    geometry = next_geometry(pinpoints)
     tokenizer = tokenizer_for(config)
     images = [*random_images(sizes, seed=9), None]
     records = [stored_record(i, image, "red " * (i + 1)) for i, image in enumerate(images)]
-    unpacked = ExampleEncoder(config, tokenizer)
+    unpacked = ExampleEncoder(config, geometry, tokenizer)
     examples = [unpacked.encode(from_stored(r)) for r in records]
     lengths = [int(e["attention_mask"].sum()) for e in examples]
-    table = length_table(config, tokenizer, records)
+    table = length_table(config, geometry, tokenizer, records)
     assert table.lengths.tolist() == lengths and len(set(lengths)) == len(lengths)
 
     packed = dataclasses.replace(config, packing=True)
-    row = RowEncoder(packed, tokenizer)({"records": records[:3]})
-    geometry = config.anyres
+    row = RowEncoder(packed, geometry, tokenizer)({"records": records[:3]})
     assert row["images"].shape == (3, geometry.max_tiles, TILE, TILE, 3)
     start = 0
     for slot, (example, length) in enumerate(zip(examples[:3], lengths, strict=False)):
@@ -515,7 +512,7 @@ def test_next_data_packs_and_groups_with_each_images_own_token_count(tmp_path):
 
     for option in ("packing", "group_by_modality_length"):
         reading = dataclasses.replace(config, **{option: True})
-        batch = next(make_train_iterator(reading, tokenizer, 0, 1, source=records))
+        batch = next(make_train_iterator(reading, geometry, tokenizer, 0, 1, source=records))
         slots = reading.image_slots
         assert batch["image_layout"].shape == (2, slots, geometry.max_tokens)
         image_tokens = (batch["input_ids"] == tokenizer.image_token_id).sum(axis=1)
@@ -528,9 +525,11 @@ def test_an_image_whose_size_changes_on_decoding_is_dropped_from_next_data(tmp_p
     from llava_jax.data import encode, pipeline
 
     pinpoints, _, _ = CONFIGS["wide-and-tall"]
-    config = next_data_config(tmp_path, pinpoints, max_len=96)
+    config = next_data_config(tmp_path, max_len=96)
     stored = stored_record(0, random_images([(30, 50)])[0], path="images/a.ico")
-    encoder = encode.ExampleEncoder(config, pipeline.tokenizer_for(config))
+    encoder = encode.ExampleEncoder(
+        config, next_geometry(pinpoints), pipeline.tokenizer_for(config)
+    )
     assert encoder(stored)["drop_reason"] == ""
     monkeypatch.setattr(encode, "decoded_size", lambda data: (16, 16))  # what a header said
     dropped = encoder(stored)
@@ -640,9 +639,7 @@ def test_a_mistral_next_model_equals_transformers_and_round_trips(tmp_path):
 
     from llava_jax.inference.checkpoints import _hf_data
 
-    assert _hf_data(str(tmp_path / "hf"), TILE, config.text.model_type).template == (
-        "mistral_instruct"
-    )
+    assert _hf_data(str(tmp_path / "hf"), config.text.model_type).template == "mistral_instruct"
 
     hf_config.text_config.sliding_window = 64
     next_model(hf_config).save_pretrained(tmp_path / "window")

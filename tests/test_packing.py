@@ -13,6 +13,7 @@ import pytest
 from train_fixtures import TINY, build, flat_params, host_params, make_batch, max_relative
 
 from llava_jax.data import datasets
+from llava_jax.data.anyres import Anyres
 from llava_jax.data.config import DataConfig
 from llava_jax.data.datasets.record import from_stored
 from llava_jax.data.encode import ExampleEncoder, RowEncoder
@@ -23,7 +24,7 @@ from llava_jax.data.pipeline import (
     make_train_iterator,
     tokenizer_for,
 )
-from llava_jax.models.inputs import Batch
+from llava_jax.models.inputs import Batch, ImageGeometry
 from llava_jax.models.llava import Llava
 from llava_jax.sharding import make_mesh
 from llava_jax.train.state import init_train_state
@@ -47,8 +48,6 @@ def config(tmp_path_factory):
         synthetic_num_train=30,
         synthetic_num_test=4,
         synthetic_image_size=16,
-        image_size=14,  # TINY's vision tower: 4 image tokens
-        num_image_tokens=4,
         max_len=160,
         max_images_per_sample=2,
         max_images_per_row=4,
@@ -57,6 +56,11 @@ def config(tmp_path_factory):
         global_batch_size=4,
         seed=1,
     )
+
+
+@pytest.fixture(scope="module")
+def geometry():
+    return ImageGeometry.square(14, 4)  # TINY's vision tower: 4 image tokens
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +137,14 @@ def test_first_fit_places_whole_conversations_within_the_limits():
         first_fit(order, table, max_len=160, max_images=1, window=3)
 
 
-def test_packed_rows_hold_each_conversation_as_unpacked_training_would(config, tokenizer, records):
+def test_packed_rows_hold_each_conversation_as_unpacked_training_would(
+    config, geometry, tokenizer, records
+):
     one_epoch = dataclasses.replace(config, passes=1, global_batch_size=1)  # every row
-    iterator = make_train_iterator(one_epoch, tokenizer, 0, 1, source=records)
+    iterator = make_train_iterator(one_epoch, geometry, tokenizer, 0, 1, source=records)
     batches = list(iterator)
     assert not iterator.dropped
-    unpacked = ExampleEncoder(dataclasses.replace(config, packing=False), tokenizer)
+    unpacked = ExampleEncoder(dataclasses.replace(config, packing=False), geometry, tokenizer)
     by_id = {from_stored(r).id: r for r in records}
     seen = []
     for batch in batches:
@@ -229,14 +235,14 @@ def _inputs(batch):
     return {k: jnp.asarray(batch[k]) for k in keys}
 
 
-def test_packed_loss_and_gradients_equal_unpacked(config, tokenizer, records):
+def test_packed_loss_and_gradients_equal_unpacked(config, geometry, tokenizer, records):
     """Text-only, one-image and two-image conversations: the token-weighted loss and its
     gradients are the same packed into rows as one conversation per row (float32)."""
     chosen = [records[i] for i in (0, 1, 2, 3, 4)]  # image, text-only, image, two images, ...
     kinds = [len(r["image_bytes"]) for r in chosen]
     assert 0 in kinds and 1 in kinds and 2 in kinds
     packed_config = dataclasses.replace(config, passes=1, global_batch_size=2, max_len=200)
-    packed = next(make_train_iterator(packed_config, tokenizer, 0, 1, source=chosen))
+    packed = next(make_train_iterator(packed_config, geometry, tokenizer, 0, 1, source=chosen))
     assert packed["attention_mask"].max() >= 3  # one row holds three or more conversations
     assert sorted(sum((records_in(packed, r) for r in range(2)), [])) == sorted(
         from_stored(r).id for r in chosen
@@ -244,7 +250,7 @@ def test_packed_loss_and_gradients_equal_unpacked(config, tokenizer, records):
     plain_config = dataclasses.replace(
         config, packing=False, passes=1, global_batch_size=len(chosen)
     )
-    plain = next(make_train_iterator(plain_config, tokenizer, 0, 1, source=chosen))
+    plain = next(make_train_iterator(plain_config, geometry, tokenizer, 0, 1, source=chosen))
     model, params = _model_and_params(tokenizer)
 
     def mean_loss(params, batch):
@@ -268,11 +274,11 @@ def test_packed_loss_and_gradients_equal_unpacked(config, tokenizer, records):
 
 @pytest.mark.parametrize("attention", ["xla", "chunked", "dot_product"])
 def test_changing_one_conversation_leaves_the_others_logits_bitwise(
-    attention, config, tokenizer, records
+    attention, config, geometry, tokenizer, records
 ):
     chosen = [records[i] for i in (0, 1, 2, 3, 4)]
     packed_config = dataclasses.replace(config, passes=1, global_batch_size=2)
-    batch = next(make_train_iterator(packed_config, tokenizer, 0, 1, source=chosen))
+    batch = next(make_train_iterator(packed_config, geometry, tokenizer, 0, 1, source=chosen))
     row = int(np.argmax(batch["attention_mask"].max(axis=1)))  # the row with most segments
     model, params = _model_and_params(tokenizer)
     model = Llava(dataclasses.replace(model.config, attention=attention))
@@ -297,18 +303,18 @@ def test_changing_one_conversation_leaves_the_others_logits_bitwise(
 
 
 def test_packing_resumes_exactly_and_does_not_depend_on_the_process_count(
-    config, tokenizer, records
+    config, geometry, tokenizer, records
 ):
-    iterator = make_train_iterator(config, tokenizer, 0, 1, source=records)
+    iterator = make_train_iterator(config, geometry, tokenizer, 0, 1, source=records)
     take(iterator, 3)
     state = json.loads(json.dumps(iterator.get_state()))  # must survive JSON (Orbax)
     expected = take(iterator, 8)  # crosses into the second epoch
-    restored = make_train_iterator(config, tokenizer, 0, 1, source=records)
+    restored = make_train_iterator(config, geometry, tokenizer, 0, 1, source=records)
     restored.set_state(state)
     assert_same_batches(take(restored, 8), expected)
 
-    one = make_train_iterator(config, tokenizer, 0, 1, source=records)
-    two = [make_train_iterator(config, tokenizer, p, 2, source=records) for p in range(2)]
+    one = make_train_iterator(config, geometry, tokenizer, 0, 1, source=records)
+    two = [make_train_iterator(config, geometry, tokenizer, p, 2, source=records) for p in range(2)]
     for _ in range(10):
         whole = next(one)
         halves = [next(iterator) for iterator in two]
@@ -317,13 +323,13 @@ def test_packing_resumes_exactly_and_does_not_depend_on_the_process_count(
 
 
 def test_modality_length_grouping_gives_single_modality_batches_sorted_by_length(
-    config, tokenizer, records
+    config, geometry, tokenizer, records
 ):
     grouped = dataclasses.replace(
         config, packing=False, group_by_modality_length=True, global_batch_size=4, passes=2
     )
-    table = length_table(grouped, tokenizer, records)
-    iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=records)
+    table = length_table(grouped, geometry, tokenizer, records)
+    iterator = make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=records)
     batches = list(iterator)
     # LLaVA puts each modality's last mega-batch together at the end of the epoch: only
     # batches holding some of those may mix (or be unsorted).
@@ -349,11 +355,11 @@ def test_modality_length_grouping_gives_single_modality_batches_sorted_by_length
     assert len(set(order0.tolist())) == len(order0) == len(records) // 4 * 4
     assert order0.tolist() == modality_length_order(table, 4, grouped.seed, 0).tolist()
     assert order0.tolist() != modality_length_order(table, 4, grouped.seed, 1).tolist()
-    iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=records)
+    iterator = make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=records)
     take(iterator, 5)
     state = iterator.get_state()
     expected = take(iterator, 4)
-    restored = make_train_iterator(grouped, tokenizer, 0, 1, source=records)
+    restored = make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=records)
     restored.set_state(state)
     assert_same_batches(take(restored, 4), expected)
 
@@ -369,7 +375,9 @@ def test_settings_that_cannot_work_are_refused(config):
     check_packing_attention(model, dataclasses.replace(config, packing=False), make_mesh((8, 1, 1)))
 
 
-def test_bad_records_leave_their_place_in_a_packed_row_counted(config, tokenizer, records, caplog):
+def test_bad_records_leave_their_place_in_a_packed_row_counted(
+    config, geometry, tokenizer, records, caplog
+):
     """Too many images (known before packing) and an unreadable image (found when the row
     is encoded) are dropped and counted; the rows go on, and nothing stops. When every
     record is unusable, packing says so instead of spinning."""
@@ -380,7 +388,7 @@ def test_bad_records_leave_their_place_in_a_packed_row_counted(config, tokenizer
     corrupt = dict(records[2], id="corrupt", image_bytes=[b"not an image"])
     source = [five, corrupt, *records[4:12]]
     one_epoch = dataclasses.replace(config, passes=1, global_batch_size=2)
-    iterator = make_train_iterator(one_epoch, tokenizer, 0, 1, source=source)
+    iterator = make_train_iterator(one_epoch, geometry, tokenizer, 0, 1, source=source)
     with caplog.at_level("WARNING"):
         batches = list(iterator)
     ids = {i for b in batches for row in range(len(b["ids"])) for i in records_in(b, row)}
@@ -391,7 +399,7 @@ def test_bad_records_leave_their_place_in_a_packed_row_counted(config, tokenizer
     assert "too_many_images: 1" in caplog.text and "five-images" in caplog.text
     assert "corrupt" in caplog.text
     with pytest.raises(NoUsableData, match="too_many_images: 2"):
-        make_train_iterator(one_epoch, tokenizer, 0, 1, source=[five, five])
+        make_train_iterator(one_epoch, geometry, tokenizer, 0, 1, source=[five, five])
 
 
 GROUPED_BATCH = 16
@@ -446,7 +454,7 @@ def _grouped(config, **changes):
 
 
 def test_dropped_records_do_not_shift_the_grouped_batches(
-    config, tokenizer, grouping_sources, caplog
+    config, geometry, tokenizer, grouping_sources, caplog
 ):
     """3 empty answers (left out before the batches are planned) and a corrupt image (found
     when read: its slot stays, all padding) among 316 records: every batch but each epoch's
@@ -455,9 +463,9 @@ def test_dropped_records_do_not_shift_the_grouped_batches(
     clean, with_drops, empty, corrupt = grouping_sources
     grouped = _grouped(config, passes=2)
     with caplog.at_level("WARNING"):
-        iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=with_drops)
+        iterator = make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=with_drops)
         batches = list(iterator)
-    table = length_table(grouped, tokenizer, with_drops)
+    table = length_table(grouped, geometry, tokenizer, with_drops)
     assert table.dropped() == {"empty_turn": 3}  # the table decodes no image
 
     # By the batches' own rows: one modality, longest first, except each epoch's tail (each
@@ -481,7 +489,7 @@ def test_dropped_records_do_not_shift_the_grouped_batches(
     )
 
     # Slot for slot the batches of the usable records alone, the corrupt one's slot empty.
-    reference = list(make_train_iterator(grouped, tokenizer, 0, 1, source=usable))
+    reference = list(make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=usable))
     assert len(batches) == len(reference) == 2 * per_epoch
     corrupt_slots = [0, 0]  # per epoch
     for index, (got, expected) in enumerate(zip(batches, reference, strict=True)):
@@ -509,48 +517,50 @@ def test_dropped_records_do_not_shift_the_grouped_batches(
 
 
 def test_grouped_batches_with_drops_resume_exactly_on_any_process_count(
-    config, tokenizer, grouping_sources
+    config, geometry, tokenizer, grouping_sources
 ):
     """With the drops, the grouped batches are the same read by two processes, and a run
     resumed from its iterator state goes on exactly, drop counts included."""
     _, with_drops, _, corrupt = grouping_sources
     grouped = _grouped(config)  # epochs without end
-    iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=with_drops)
+    iterator = make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=with_drops)
     expected = take(iterator, 24)  # into the second epoch
     empty_slots = int(sum((b["ids"] == "").sum() for b in expected))
     assert empty_slots >= 1 and iterator.dropped == {"unreadable_image": empty_slots}
     assert corrupt not in {i for b in expected for i in b["ids"]}
-    two = [make_train_iterator(grouped, tokenizer, p, 2, source=with_drops) for p in range(2)]
+    two = [
+        make_train_iterator(grouped, geometry, tokenizer, p, 2, source=with_drops) for p in range(2)
+    ]
     for index, whole in enumerate(expected):
         halves = [next(share) for share in two]
         for key, value in whole.items():
             joined = np.concatenate([h[key] for h in halves])
             np.testing.assert_array_equal(joined, value, err_msg=f"batch {index}, {key}")
     assert two[0].dropped + two[1].dropped == iterator.dropped
-    iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=with_drops)
+    iterator = make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=with_drops)
     take(iterator, 3)
     state = json.loads(json.dumps(iterator.get_state()))  # must survive JSON (Orbax)
-    restored = make_train_iterator(grouped, tokenizer, 0, 1, source=with_drops)
+    restored = make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=with_drops)
     restored.set_state(state)
     assert_same_batches(take(restored, 21), expected[3:])
     assert restored.dropped == {"unreadable_image": empty_slots}
 
 
-def test_grouping_says_so_when_no_record_is_usable(config, tokenizer, records):
+def test_grouping_says_so_when_no_record_is_usable(config, geometry, tokenizer, records):
     """Every record dropped by the table, or found bad when read, or fewer usable records
     than one global batch: an error that says so, never a wait without end."""
     grouped = dataclasses.replace(_grouped(config), global_batch_size=4)
     empty = [dict(_empty_answer(records[0]), id=f"empty-{i}") for i in range(8)]
     with pytest.raises(NoUsableData, match="empty_turn: 8"):
-        make_train_iterator(grouped, tokenizer, 0, 1, source=empty)
+        make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=empty)
     corrupt = [dict(records[0], id=f"corrupt-{i}", image_bytes=[b"not an image"]) for i in range(8)]
-    iterator = make_train_iterator(grouped, tokenizer, 0, 1, source=corrupt)
+    iterator = make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=corrupt)
     first = next(iterator)  # its 4 slots kept, empty: the run of drops is half a pass
     assert not first["attention_mask"].any() and not first["loss_mask"].any()
     with pytest.raises(NoUsableData, match="unreadable_image: 8"):
         next(iterator)
     with pytest.raises(ValueError, match="3 usable records, fewer than one global batch"):
-        make_train_iterator(grouped, tokenizer, 0, 1, source=[*empty[:5], *records[:3]])
+        make_train_iterator(grouped, geometry, tokenizer, 0, 1, source=[*empty[:5], *records[:3]])
 
 
 @pytest.mark.parametrize("attention", ["chunked", "dot_product", "splash"])
@@ -588,9 +598,12 @@ def test_an_empty_slot_or_an_all_padding_batch_leaves_the_step_finite(attention)
 
 
 @pytest.mark.parametrize("pinpoints", [(), ((28, 28), (28, 56))], ids=["llava-1.5", "next"])
-def test_an_empty_grouped_slot_has_the_shapes_of_an_example(config, tokenizer, records, pinpoints):
-    grouped = _grouped(config, image_grid_pinpoints=pinpoints, image_patch_size=7)
-    encoder = ExampleEncoder(grouped, tokenizer)
+def test_an_empty_grouped_slot_has_the_shapes_of_an_example(
+    config, geometry, tokenizer, records, pinpoints
+):
+    grouped = _grouped(config)
+    geometry = Anyres(geometry.tile, 7, pinpoints) if pinpoints else geometry
+    encoder = ExampleEncoder(grouped, geometry, tokenizer)
     good = encoder(records[0])
     assert good["drop_reason"] == ""
     empty = encoder(dict(records[0], image_bytes=[b"not an image"]))
@@ -603,17 +616,21 @@ def test_an_empty_grouped_slot_has_the_shapes_of_an_example(config, tokenizer, r
     assert not empty["attention_mask"].any() and not empty["image_mask"].any()
     if pinpoints:
         assert np.all(empty["image_layout"] == -1)
-    plain = ExampleEncoder(dataclasses.replace(grouped, group_by_modality_length=False), tokenizer)
+    plain = ExampleEncoder(
+        dataclasses.replace(grouped, group_by_modality_length=False), geometry, tokenizer
+    )
     refilled = plain(dict(records[0], image_bytes=[b"not an image"]))
     assert refilled["drop_reason"] == "unreadable_image" and "input_ids" not in refilled
 
 
-def test_packing_says_so_when_every_record_is_found_bad_when_read(config, tokenizer, records):
+def test_packing_says_so_when_every_record_is_found_bad_when_read(
+    config, geometry, tokenizer, records
+):
     """Rows whose every record fails when read are empty rows: a whole pass of them ends
     in `NoUsableData`, as the plain stream does, instead of empty batches without end."""
     corrupt = [dict(records[0], id=f"corrupt-{i}", image_bytes=[b"not an image"]) for i in range(8)]
     iterator = make_train_iterator(
-        dataclasses.replace(config, global_batch_size=2), tokenizer, 0, 1, source=corrupt
+        dataclasses.replace(config, global_batch_size=2), geometry, tokenizer, 0, 1, source=corrupt
     )
     with pytest.raises(NoUsableData, match="unreadable_image: 8"):
         take(iterator, 20)

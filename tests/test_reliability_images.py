@@ -38,6 +38,7 @@ from llava_jax.data.image import (
 from llava_jax.errors import InputError
 from llava_jax.evaluation.batch import Question, _prepare, answer_questions
 from llava_jax.inference.load import LoadedModel
+from llava_jax.models.inputs import ImageGeometry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILL = mean_colour(CLIP_MEAN)
@@ -107,12 +108,12 @@ class FakeModel:
 
     def __init__(self):
         self.data = types.SimpleNamespace(
-            image_size=SIZE,
             image_aspect="pad",
             image_mean=CLIP_MEAN,
             image_std=image_lib.CLIP_STD,
-            anyres=None,
         )
+        self.geometry = ImageGeometry.square(SIZE, 4)
+        self.anyres = None
         self.config = types.SimpleNamespace(
             vision=types.SimpleNamespace(num_channels=3), num_image_tokens=4
         )

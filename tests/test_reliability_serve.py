@@ -20,7 +20,6 @@ import select
 import socket
 import threading
 import time
-import types
 from http.client import HTTPResponse
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import test_serve
 from PIL import Image
 from test_inference_cli import QUESTION
 from test_serve import MODEL, free_port, http, running_server, user
+
+from llava_jax.models.inputs import ImageGeometry
 
 # test_serve.py's fixtures, for this module: the tiny model's directory and a scene
 model_dir = test_serve.model_dir
@@ -301,7 +302,7 @@ class CountingModel:
     """A stand-in for `LoadedModel` whose image decoding takes 0.1 s and counts how many
     run at once."""
 
-    data = types.SimpleNamespace(image_size=28, anyres=None)
+    geometry = ImageGeometry.square(28, 1)
 
     def __init__(self):
         self.lock = threading.Lock()

@@ -22,6 +22,7 @@ from trainer_fixtures import (
 
 from llava_jax import checkpoint as ckpt
 from llava_jax.data.pipeline import make_train_iterator, to_global_batch, tokenizer_for
+from llava_jax.models.inputs import ImageGeometry
 from llava_jax.train.config import RunConfig, TrainConfig
 from llava_jax.train.trainer import (
     Run,
@@ -107,11 +108,11 @@ def test_restore_onto_another_mesh(tmp_path, data_dir):
     run = RunConfig.from_config(config)
     tokenizer = tokenizer_for(run.data)
     model_config, _ = initial_model(run, tokenizer)
-    data = run.data.for_model(model_config)
+    geometry = ImageGeometry.of(model_config)
     results = {}
     for shape in ((8, 1, 1), (2, 2, 2)):
         setup, schedule = make_run_setup(run, model_config, 4, mesh=make_mesh(shape))
-        iterator = make_train_iterator(data, tokenizer)
+        iterator = make_train_iterator(run.data, geometry, tokenizer)
         step, state = ckpt.TrainCheckpoints(workdir).restore_latest(setup.abstract_state, iterator)
         assert step == 4
         assert state.params["llm"]["lm_head"]["kernel"].sharding.mesh.devices.shape == shape

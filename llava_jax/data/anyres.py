@@ -28,6 +28,11 @@ class Anyres(ImageGeometry):
     """`ImageGeometry` (models/inputs.py) with the host's work on an image: its tiles and
     everything the prompt needs of it."""
 
+    @classmethod
+    def of_geometry(cls, geometry: ImageGeometry) -> Anyres:
+        """The host's tiles for a model's geometry (`ImageGeometry.of(model_config)`)."""
+        return cls(geometry.tile, geometry.patch, geometry.pinpoints, geometry.square_tokens)
+
     def encode(
         self, image: Image.Image, mean: Sequence[float], std: Sequence[float]
     ) -> tuple[np.ndarray, np.ndarray, int]:

@@ -8,9 +8,7 @@ fields, whichever program reads them. Imports nothing heavy (no grain, no TFDS).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-from llava_jax.data.anyres import Anyres
 from llava_jax.data.conversation import (
     TEMPLATE_VERSION,
     TEMPLATE_VERSIONS,
@@ -27,14 +25,17 @@ ON_BAD_RECORD = ("error", "skip")
 # (100K conversations of 60-1,200 tokens into 2,048: 31,279 rows at 64 open rows, 31,041 at
 # 4,096 and at 16,384).
 MAX_PACKING_WINDOW = 4096
+# Keys a data section held while it copied what the model dictates (models/inputs.py
+# ImageGeometry reads them from the model now).
+MODEL_DICTATED = ("image_size", "num_image_tokens", "image_grid_pinpoints", "image_patch_size")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Section):
     """Every setting of the data package (`config.data`).
 
-    The model dictates `image_size`, `num_image_tokens` and LLaVA-NeXT's grid: `for_model`
-    fills them in from the model config (the trainer and inference both use it).
+    What the model dictates of its images (their size, tokens, LLaVA-NeXT's grids) is not
+    here: the data functions take it from the model, as `models/inputs.py` `ImageGeometry`.
     """
 
     source: str = "synthetic"  # synthetic | llava_json
@@ -57,16 +58,10 @@ class DataConfig(Section):
     # this key is one of those). Training takes the current version only.
     template_version: int = TEMPLATE_VERSION
     tokenizer_path: str | None = None  # None with 'synthetic': the built-in tokenizer
-    image_size: int = 32
     image_aspect: str = "pad"  # pad | resize | crop
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
-    num_image_tokens: int = 16
     max_images_per_sample: int = 1
-    # LLaVA-NeXT: the model's grid resolutions and vision patch size (`for_model` fills them
-    # in, as image_size); empty: each image is one square (data/anyres.py).
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
-    image_patch_size: int = 14
     max_len: int = 128
     # Whole conversations packed first-fit into rows of max_len tokens (data/packing.py);
     # global_batch_size then counts rows. Attention stays within each conversation.
@@ -86,8 +81,6 @@ class DataConfig(Section):
     def __post_init__(self):
         object.__setattr__(self, "image_mean", tuple(self.image_mean))
         object.__setattr__(self, "image_std", tuple(self.image_std))
-        pinpoints = tuple(tuple(int(v) for v in p) for p in self.image_grid_pinpoints)
-        object.__setattr__(self, "image_grid_pinpoints", pinpoints)
         if self.source not in SOURCES:
             raise ValueError(f"config.data.source={self.source!r} is not one of {SOURCES}")
         if self.image_aspect not in ASPECT_MODES:
@@ -127,7 +120,6 @@ class DataConfig(Section):
             "max_images_per_sample",
             "max_images_per_row",
             "packing_window",
-            "image_size",
         ):
             if getattr(self, field) < 1:
                 raise ValueError(f"config.data.{field}={getattr(self, field)} must be >= 1")
@@ -137,21 +129,15 @@ class DataConfig(Section):
         """The data settings saved with a run's checkpoints. A run config written before the
         conversation format had versions (no `template_version`) was trained with version 1."""
         section = {"template_version": 1, **section}
+        # Saved before the model's image settings left the data section: the model's own
+        # (its vision tower, grids and counts) are the ones that count.
+        for key in MODEL_DICTATED:
+            section.pop(key, None)
         # Windows past the bound were accepted before it; a saved one says only how that run
         # packed (no program reads it back to pack), so it is kept within the bound.
         if isinstance(section.get("packing_window"), int):
             section["packing_window"] = min(section["packing_window"], MAX_PACKING_WINDOW)
         return cls.from_section(section, where)
-
-    def for_model(self, model: Any) -> DataConfig:
-        """These settings with what the model (a `ModelConfig`) dictates: the image size,
-        the tokens of an image and LLaVA-NeXT's grid and patch size."""
-        return self.replace(
-            image_size=model.vision.image_size,
-            num_image_tokens=model.num_image_tokens,
-            image_grid_pinpoints=model.image_grid_pinpoints,
-            image_patch_size=model.vision.patch_size,
-        )
 
     @property
     def conversation_template(self) -> Template:
@@ -162,10 +148,3 @@ class DataConfig(Section):
     def image_slots(self) -> int:
         """Image slots of a batch row: a packed row's, or one conversation's."""
         return self.max_images_per_row if self.packing else self.max_images_per_sample
-
-    @property
-    def anyres(self) -> Anyres | None:
-        """LLaVA-NeXT's image geometry, or None for one square image per slot."""
-        if not self.image_grid_pinpoints:
-            return None
-        return Anyres(self.image_size, self.image_patch_size, self.image_grid_pinpoints)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llava_jax.data.anyres import Anyres
 from llava_jax.data.config import DataConfig
 from llava_jax.data.conversation import (
     DroppedExample,
@@ -20,6 +21,7 @@ from llava_jax.data.conversation import (
 from llava_jax.data.datasets.record import Record, from_stored
 from llava_jax.data.image import decode_image, decoded_size, load_and_preprocess
 from llava_jax.data.tokenizer import LoadedTokenizer
+from llava_jax.models.inputs import ImageGeometry
 
 
 class ExampleEncoder:
@@ -31,8 +33,11 @@ class ExampleEncoder:
     only ``id``, ``file``, ``detail`` and a non-empty ``drop_reason``.
     """
 
-    def __init__(self, config: DataConfig, tokenizer: LoadedTokenizer):
+    def __init__(self, config: DataConfig, geometry: ImageGeometry, tokenizer: LoadedTokenizer):
         self.config = config
+        self.geometry = geometry  # the model's images (models/inputs.py)
+        # LLaVA-NeXT: the host's tiles and layouts of its grids; None for square images
+        self.anyres = Anyres.of_geometry(geometry) if geometry.tiled else None
         self.template = config.conversation_template
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.image_token_id
@@ -63,7 +68,7 @@ class ExampleEncoder:
     def empty_example(self, slots: int) -> dict:
         """An example of the batch's shapes holding nothing: every token the pad id, no
         segment, no target, `slots` empty image slots (a NeXT layout all -1)."""
-        c, geometry = self.config, self.config.anyres
+        c, geometry, size = self.config, self.anyres, self.geometry.image_size
         tiles = () if geometry is None else (geometry.max_tiles,)
         example = {
             "id": "",
@@ -72,7 +77,7 @@ class ExampleEncoder:
             "loss_mask": np.zeros((c.max_len,), np.float32),
             "attention_mask": np.zeros((c.max_len,), np.int32),
             "positions": np.zeros((c.max_len,), np.int32),
-            "images": np.zeros((slots, *tiles, c.image_size, c.image_size, 3), np.float32),
+            "images": np.zeros((slots, *tiles, size, size, 3), np.float32),
             "image_mask": np.zeros((slots,), bool),
         }
         if geometry is not None:
@@ -92,15 +97,15 @@ class ExampleEncoder:
 
     def images(self, record: Record) -> tuple[np.ndarray, np.ndarray]:
         """``float32[I, H, W, 3]`` and ``bool[I]`` for the record's images."""
-        c = self.config
+        c, size = self.config, self.geometry.image_size
         if detail := self._too_many_images(record):
             raise DroppedExample("too_many_images", detail)
-        images = np.zeros((c.max_images_per_sample, c.image_size, c.image_size, 3), np.float32)
+        images = np.zeros((c.max_images_per_sample, size, size, 3), np.float32)
         mask = np.zeros((c.max_images_per_sample,), bool)
         for index, data in enumerate(record.image_bytes):
             try:
                 images[index] = load_and_preprocess(
-                    data, c.image_size, c.image_aspect, c.image_mean, c.image_std
+                    data, size, c.image_aspect, c.image_mean, c.image_std
                 )
             except ValueError as error:  # ImageDecodeError: corrupt bytes
                 raise self._unreadable(record, index, error) from error
@@ -110,11 +115,11 @@ class ExampleEncoder:
     def anyres_images(self, record: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
         """LLaVA-NeXT (data/anyres.py): each image's tiles ``float32[I, T, S, S, 3]``,
         ``bool[I]``, its feature layout ``int32[I, N]`` and its number of image tokens."""
-        c, geometry = self.config, self.config.anyres
+        c, geometry, size = self.config, self.anyres, self.geometry.image_size
         if detail := self._too_many_images(record):
             raise DroppedExample("too_many_images", detail)
         slots = c.max_images_per_sample
-        tiles = np.zeros((slots, geometry.max_tiles, c.image_size, c.image_size, 3), np.float32)
+        tiles = np.zeros((slots, geometry.max_tiles, size, size, 3), np.float32)
         mask = np.zeros((slots,), bool)
         layout = np.full((slots, geometry.max_tokens), -1, np.int32)
         counts = []
@@ -138,7 +143,7 @@ class ExampleEncoder:
     def image_tokens(self, record: Record) -> list[int] | None:
         """LLaVA-NeXT: each image's number of image tokens, from its header (nothing
         decoded; raises ``DroppedExample`` for an unreadable one); None otherwise."""
-        geometry = self.config.anyres
+        geometry = self.anyres
         if geometry is None:
             return None
         counts = []
@@ -153,12 +158,16 @@ class ExampleEncoder:
     def tokenize(self, record: Record, image_tokens: list | None = None) -> TokenizedConversation:
         """The record's tokens, unpadded (raises ``DroppedExample``); `image_tokens`: each
         image's token count (LLaVA-NeXT), else `num_image_tokens` each."""
+        if image_tokens is None:
+            image_tokens = self.geometry.tokens_of_square
         return tokenize_conversation(
             record.conversations,
             self.tokenizer,
             self.template,
             num_images=len(record.image_bytes),
-            num_image_tokens=self.config.num_image_tokens if image_tokens is None else image_tokens,
+            num_image_tokens=self.geometry.tokens_of_square
+            if image_tokens is None
+            else image_tokens,
             max_len=self.config.max_len,
         )
 
@@ -177,7 +186,7 @@ class ExampleEncoder:
     def encode(self, record: Record) -> dict:
         c = self.config
         layout = None
-        if c.anyres is not None:  # the image sizes set the token counts: images first
+        if self.anyres is not None:  # the image sizes set the token counts: images first
             images, image_mask, layout, counts = self.anyres_images(record)
             tokens = self.tokenize(record, counts)
         else:
@@ -212,9 +221,9 @@ class RowEncoder:
     empty and is reported in ``dropped``; the row itself is never dropped, so every
     process keeps the same rows."""
 
-    def __init__(self, config: DataConfig, tokenizer: LoadedTokenizer):
+    def __init__(self, config: DataConfig, geometry: ImageGeometry, tokenizer: LoadedTokenizer):
         self.config = config
-        self.encoder = ExampleEncoder(config, tokenizer)
+        self.encoder = ExampleEncoder(config, geometry, tokenizer)
 
     def __call__(self, row: dict) -> dict:
         c = self.config
@@ -223,7 +232,7 @@ class RowEncoder:
         segments, positions = example["attention_mask"], example["positions"]
         images, image_mask = example["images"], example["image_mask"]
         layouts = example.get("image_layout")
-        geometry = c.anyres
+        geometry = self.encoder.anyres
         ids, dropped = [], []
         start, image_slot = 0, 0
         for stored in row["records"]:

@@ -21,6 +21,7 @@ from llava_jax.data.datasets.record import from_stored
 from llava_jax.data.encode import ExampleEncoder
 from llava_jax.data.prompt import prompt_ids
 from llava_jax.data.tokenizer import LoadedTokenizer
+from llava_jax.models.inputs import ImageGeometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class EvalQuestion:
 
 def make_eval_questions(
     config: DataConfig,
+    geometry: ImageGeometry,
     tokenizer: LoadedTokenizer,
     split: str = "test",
     limit: int | None = None,
@@ -54,7 +56,7 @@ def make_eval_questions(
     (records with unreadable images are left out, and logged)."""
     if source is None:
         source = datasets.open_split(config, split)
-    encoder = ExampleEncoder(config, tokenizer)
+    encoder = ExampleEncoder(config, geometry, tokenizer)
     template = config.conversation_template
     questions = []
     # the TFDS source order is a fixed hash order, the same on every run
@@ -62,7 +64,7 @@ def make_eval_questions(
         record = from_stored(source[index])
         layout, counts = None, None
         try:
-            if config.anyres is not None:
+            if encoder.anyres is not None:
                 images, image_mask, layout, counts = encoder.anyres_images(record)
             else:
                 images, image_mask = encoder.images(record)
@@ -71,7 +73,7 @@ def make_eval_questions(
             continue
         turns = skip_leading_answer(record.conversations)
         for turn in range(1, len(turns), 2):
-            image_tokens = config.num_image_tokens
+            image_tokens = geometry.tokens_of_square
             if counts is not None:  # the images the prompt so far shows
                 shown = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns[:turn])
                 image_tokens = counts[:shown]

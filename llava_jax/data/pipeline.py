@@ -45,7 +45,7 @@ from llava_jax.data.config import DataConfig
 from llava_jax.data.datasets.record import from_stored
 from llava_jax.data.encode import ExampleEncoder, RowEncoder
 from llava_jax.data.tokenizer import LoadedTokenizer, load_tokenizer, tokenizer_fingerprint
-from llava_jax.models.inputs import Batch
+from llava_jax.models.inputs import Batch, ImageGeometry
 from llava_jax.sharding import batch_sharding
 
 BATCH_KEYS = Batch.fields()  # a host batch's arrays: the model's input contract
@@ -208,6 +208,7 @@ def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
 
 def length_table(
     config: DataConfig,
+    geometry: ImageGeometry,
     tokenizer: LoadedTokenizer,
     source: Sequence,
     split: str | None = None,
@@ -215,7 +216,7 @@ def length_table(
     """Every record's token and image counts (data/packing.py), measured with this
     pipeline's tokenization; kept beside the prepared `split` when one is named (a given
     in-memory source is measured each time)."""
-    encoder = ExampleEncoder(config, tokenizer)
+    encoder = ExampleEncoder(config, geometry, tokenizer)
     cache_path = None
     if split is not None:
         key = packing.cache_key(
@@ -224,10 +225,10 @@ def length_table(
             config.template,
             config.template_version,
             config.max_len,
-            config.num_image_tokens,
+            geometry.tokens_of_square,
             config.max_images_per_sample,
             len(source),
-            config.anyres,
+            encoder.anyres,
         )
         directory = datasets.builder_for(config).data_dir
         cache_path = os.path.join(directory, "llava_jax_lengths", f"{split}-{key}.npz")
@@ -266,20 +267,24 @@ def packed_rows(
     )
 
 
-def train_sequences(config: DataConfig, tokenizer: LoadedTokenizer, num_epochs: float) -> int:
+def train_sequences(
+    config: DataConfig, geometry: ImageGeometry, tokenizer: LoadedTokenizer, num_epochs: float
+) -> int:
     """Rows the train split gives in `num_epochs` epochs: its records (grouped: whole
     global batches of the records the length table keeps), or with `packing` the packed
     rows of those epochs (a fraction of an epoch counts that part of its rows)."""
     source = datasets.open_split(config, "train")
     if config.group_by_modality_length:  # each epoch is whole global batches
         batch = config.global_batch_size
-        table = length_table(config, tokenizer, source, "train")
+        table = length_table(config, geometry, tokenizer, source, "train")
         usable = int(np.sum(table.drop_reasons == ""))
         return int(usable // batch * batch * num_epochs)
     if not config.packing:
         return int(len(source) * num_epochs)
     rows = packed_rows(
-        config, grain.MapDataset.source(source), length_table(config, tokenizer, source, "train")
+        config,
+        grain.MapDataset.source(source),
+        length_table(config, geometry, tokenizer, source, "train"),
     )
     whole, part = divmod(num_epochs, 1)
     total = sum(len(rows.plan(epoch)) for epoch in range(int(whole)))
@@ -290,6 +295,7 @@ def train_sequences(config: DataConfig, tokenizer: LoadedTokenizer, num_epochs: 
 
 def make_dataset(
     config: DataConfig,
+    geometry: ImageGeometry,
     tokenizer: LoadedTokenizer,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -306,12 +312,12 @@ def make_dataset(
     if source is None:
         source = datasets.open_split(config, split)
     dataset = grain.MapDataset.source(source)
-    encoder = ExampleEncoder(config, tokenizer)
+    encoder = ExampleEncoder(config, geometry, tokenizer)
     if config.packing or config.group_by_modality_length:
-        table = length_table(config, tokenizer, source, split if prepared else None)
+        table = length_table(config, geometry, tokenizer, source, split if prepared else None)
     if config.packing:
         dataset = packed_rows(config, dataset, table, config.passes)
-        encoder = RowEncoder(config, tokenizer)
+        encoder = RowEncoder(config, geometry, tokenizer)
     elif config.group_by_modality_length:
         # Planned over the records the table keeps; one dropped when read keeps its slot
         # (ExampleEncoder), so the batches stay LLaVA's mega-batches.
@@ -353,6 +359,7 @@ def make_dataset(
 
 def make_train_iterator(
     config: DataConfig,
+    geometry: ImageGeometry,
     tokenizer: LoadedTokenizer,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -366,7 +373,7 @@ def make_train_iterator(
     process_index, process_count = _process_index_and_count(process_index, process_count)
     if source is None:
         source = datasets.open_split(config, split)
-    dataset = make_dataset(config, tokenizer, process_index, process_count, split, source)
+    dataset = make_dataset(config, geometry, tokenizer, process_index, process_count, split, source)
     return BatchIterator(
         iter(dataset),
         config.global_batch_size // process_count,

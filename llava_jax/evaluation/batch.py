@@ -274,10 +274,10 @@ def answer_questions(
 
     def layouts(todo: list[_Prepared]) -> list[np.ndarray | None] | None:
         """A NeXT model's feature layouts int32[1, N], one per question (None: no image)."""
-        anyres = model.data.anyres
-        if anyres is None:
+        geometry = model.geometry
+        if not geometry.tiled:
             return None
-        empty = np.full((1, anyres.max_tokens), -1, np.int32)
+        empty = np.full((1, geometry.max_tokens), -1, np.int32)
         return [empty if i.image is None else i.image.layout[None] for i in todo]
 
     def flush() -> Iterator[dict]:

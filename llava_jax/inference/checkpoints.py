@@ -148,7 +148,7 @@ def _check_tokenizer(config: ModelConfig, tokenizer: LoadedTokenizer, where: str
         )
 
 
-def _hf_data(path: str, size: int, text_model_type: str = "llama") -> DataConfig:
+def _hf_data(path: str, text_model_type: str = "llama") -> DataConfig:
     """LLaVA-1.5's conversation format (LLaVA-NeXT-Mistral's for a Mistral decoder) and
     images padded to a square; mean/std from the processor config when present."""
     processor = os.path.join(path, HF_PREPROCESSOR_FILE)
@@ -159,7 +159,6 @@ def _hf_data(path: str, size: int, text_model_type: str = "llama") -> DataConfig
         std = tuple(values.get("image_std", std))
     return DataConfig(
         template=_default_template(text_model_type),
-        image_size=size,
         image_aspect="pad",
         image_mean=mean,
         image_std=std,
@@ -280,7 +279,7 @@ def load_checkpoint(
             loaded_tokenizer = _load_tokenizer(
                 _find_tokenizer(directory, tokenizer, directory, lambda arg: f"give {arg}")
             )
-            data = _hf_data(directory, config.vision.image_size, config.text.model_type)
+            data = _hf_data(directory, config.text.model_type)
         else:
             tokenizer_dir = _find_tokenizer(
                 directory,
@@ -297,10 +296,7 @@ def load_checkpoint(
             if dtype is not None:
                 config = config.replace(**numerics)
             loaded_tokenizer = _load_tokenizer(tokenizer_dir)
-            data = DataConfig(
-                template=_default_template(config.text.model_type),
-                image_size=config.vision.image_size,
-            )
+            data = DataConfig(template=_default_template(config.text.model_type))
     except InputError:
         raise
     except (OSError, ValueError, KeyError) as err:

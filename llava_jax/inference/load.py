@@ -20,6 +20,7 @@ with a message that names the thing; one about an argument of `load_model`, an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from llava_jax.data.anyres import Anyres
 from llava_jax.data.config import DataConfig
 from llava_jax.data.conversation import (
     IMAGE_PLACEHOLDER,
@@ -54,6 +56,7 @@ from llava_jax.inference.engine import Engine, fit_new_tokens
 from llava_jax.inference.generation import GenerationResult, GenerationStream
 from llava_jax.inference.sampling import SamplingConfig
 from llava_jax.models.config import ModelConfig
+from llava_jax.models.inputs import ImageGeometry
 from llava_jax.models.quantize import (
     check_mode,
     decoder_dense_bytes,
@@ -101,6 +104,16 @@ class LoadedModel:
     rules: Rules = DEFAULT_RULES
     quantize: str | None = None
     _engine: Engine | None = dataclasses.field(default=None, repr=False)
+
+    @functools.cached_property
+    def geometry(self) -> ImageGeometry:
+        """The model's images: their size, token counts and (NeXT) grids."""
+        return ImageGeometry.of(self.config)
+
+    @functools.cached_property
+    def anyres(self) -> Anyres | None:
+        """LLaVA-NeXT: the host's tiles and layouts of the model's grids; None otherwise."""
+        return Anyres.of_geometry(self.geometry) if self.geometry.tiled else None
 
     # --- text -----------------------------------------------------------------------------
     @property
@@ -268,19 +281,18 @@ class LoadedModel:
         """A decoded RGB image -> a `ModelImage` with the model's data settings: padded or
         resized to a square and normalised; a NeXT model's tiled (any size)."""
         data = self.data
-        if data.anyres is not None:
-            tiles, layout, count = data.anyres.encode(image, data.image_mean, data.image_std)
+        if self.anyres is not None:
+            tiles, layout, count = self.anyres.encode(image, data.image_mean, data.image_std)
             return ModelImage(tiles, count, layout)
-        pixels = preprocess_image(
-            image, data.image_size, data.image_aspect, data.image_mean, data.image_std
-        )
-        return ModelImage(pixels, self.config.num_image_tokens)
+        size = self.geometry.image_size
+        pixels = preprocess_image(image, size, data.image_aspect, data.image_mean, data.image_std)
+        return ModelImage(pixels, self.geometry.tokens_of_square)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
         """An image slot's pixels: (H, W, C), or a NeXT model's tiles (T, H, W, C)."""
-        size, channels = self.data.image_size, self.config.vision.num_channels
-        tiles = () if self.data.anyres is None else (self.data.anyres.max_tiles,)
+        size, channels = self.geometry.image_size, self.config.vision.num_channels
+        tiles = (self.geometry.max_tiles,) if self.geometry.tiled else ()
         return (*tiles, size, size, channels)
 
     def batch_images(
@@ -296,8 +308,10 @@ class LoadedModel:
             return {"images": None, "image_mask": None, "image_layout": None}
         images = np.zeros((len(rows), slots, *self.image_shape), np.float32)
         mask = np.zeros((len(rows), slots), bool)
-        anyres = self.data.anyres
-        layout = None if anyres is None else np.full((len(rows), slots, anyres.max_tokens), -1)
+        geometry = self.geometry
+        layout = None
+        if geometry.tiled:
+            layout = np.full((len(rows), slots, geometry.max_tokens), -1)
         for b, row in enumerate(rows):
             for i, image in enumerate(row):
                 images[b, i] = image.pixels
@@ -504,9 +518,9 @@ def load_model(
         chosen = get_template(template or data.template, data.template_version)
     except ValueError as err:
         raise InputError(str(err)) from None
-    data = data.replace(template=chosen.name).for_model(config)
+    data = data.replace(template=chosen.name)
     image_tokens = f"{config.num_image_tokens} image tokens"
-    if data.anyres is not None:
+    if config.anyres:
         image_tokens = f"images tiled on {len(config.image_grid_pinpoints)} grids"
     logging.info(
         "Loaded %s (%s%s): template %s (version %d), %s, context %d",

@@ -85,27 +85,11 @@ def batch_shapes(
         "image_mask": ((batch_size, image_slots), np.bool_),
     }
     geometry = ImageGeometry.of(config)
-    if geometry is not None:
+    if geometry.tiled:
         tiles = (batch_size, image_slots, geometry.max_tiles, size, size, channels)
         shapes["images"] = (tiles, np.float32)
         shapes["image_layout"] = ((batch_size, image_slots, geometry.max_tokens), np.int32)
     return shapes
-
-
-def tiles_per_image(config: ModelConfig) -> int:
-    """Inputs of the vision tower per image slot: one square, or LLaVA-NeXT's largest grid
-    of tiles and its overview (the static count every batch holds)."""
-    geometry = ImageGeometry.of(config)
-    return 1 if geometry is None else geometry.max_tiles
-
-
-def fewest_image_tokens(config: ModelConfig) -> int:
-    """Tokens of the smallest image in a prompt: the fixed count, or (LLaVA-NeXT) those of a
-    square image one tile across."""
-    geometry = ImageGeometry.of(config)
-    if geometry is None:
-        return config.num_image_tokens
-    return geometry.num_tokens(geometry.tile, geometry.tile)
 
 
 def abstract_batch(
@@ -141,15 +125,19 @@ def select_best_resolution(
 
 @dataclasses.dataclass(frozen=True)
 class ImageGeometry:
-    """The geometry of one model's any-resolution images (LLaVA-NeXT).
+    """The geometry of one model's images, which the data and inference sides read from the
+    model (`of`), never from their own settings.
 
-    `tile`: the vision tower's input size; `patch`: its patch size; `pinpoints`: the grid
-    resolutions `(height, width)`, each a multiple of `tile`.
+    `tile`: the vision tower's input size; `patch`: its patch size; `pinpoints`: LLaVA-NeXT's
+    grid resolutions `(height, width)`, each a multiple of `tile` (empty: one square image a
+    slot, LLaVA-1.5); `square_tokens`: the tokens of one square image (None: `side**2`; the
+    model's count, which keeps CLS under the "full" feature strategy).
     """
 
     tile: int
     patch: int
-    pinpoints: tuple[tuple[int, int], ...]
+    pinpoints: tuple[tuple[int, int], ...] = ()
+    square_tokens: int | None = None
 
     def __post_init__(self):
         pinpoints = tuple(tuple(int(v) for v in p) for p in self.pinpoints)
@@ -166,6 +154,26 @@ class ImageGeometry:
         """Features along one side of a tile."""
         return self.tile // self.patch
 
+    @property
+    def tiled(self) -> bool:
+        """LLaVA-NeXT: an image is its grid's tiles behind an overview, laid out per image."""
+        return bool(self.pinpoints)
+
+    @property
+    def image_size(self) -> int:
+        """Pixels along a side of what the vision tower sees (a square image, or a tile)."""
+        return self.tile
+
+    @property
+    def tokens_of_square(self) -> int:
+        """Image tokens of one square image (LLaVA-1.5's count for every image)."""
+        return self.side * self.side if self.square_tokens is None else self.square_tokens
+
+    @property
+    def fewest_tokens(self) -> int:
+        """Tokens of the smallest image in a prompt (NeXT: a square one tile across)."""
+        return self.num_tokens(self.tile, self.tile) if self.tiled else self.tokens_of_square
+
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Tiles `(rows, cols)` for an image of `height x width`."""
         best_height, best_width = select_best_resolution(height, width, self.pinpoints)
@@ -173,12 +181,17 @@ class ImageGeometry:
 
     @property
     def max_tiles(self) -> int:
-        """Tiles of the largest grid, plus the overview: the static tile count per image."""
+        """Tiles of the largest grid, plus the overview: the static tile count per image (1
+        for a square image)."""
+        if not self.tiled:
+            return 1
         return 1 + max(h // self.tile * (w // self.tile) for h, w in self.pinpoints)
 
     @property
     def max_tokens(self) -> int:
         """Image tokens of the largest possible layout: the static feature count per image."""
+        if not self.tiled:
+            return self.tokens_of_square
         side = self.side
         return side * side + max(
             h // self.tile * side * (w // self.tile * side + 1) for h, w in self.pinpoints
@@ -198,6 +211,8 @@ class ImageGeometry:
 
     def num_tokens(self, height: int, width: int) -> int:
         """Image tokens an image of `height x width` takes in the prompt."""
+        if not self.tiled:
+            return self.tokens_of_square
         _, _, rows, cols = self.unpadded(height, width)
         return self.side * self.side + rows * (cols + 1)
 
@@ -222,8 +237,15 @@ class ImageGeometry:
         return out
 
     @classmethod
-    def of(cls, config: ModelConfig) -> ImageGeometry | None:
-        """`config`'s grid geometry, or None for one square image per slot (LLaVA-1.5)."""
-        if not config.image_grid_pinpoints:
-            return None
-        return cls(config.vision.image_size, config.vision.patch_size, config.image_grid_pinpoints)
+    def of(cls, config: ModelConfig) -> ImageGeometry:
+        """The geometry of `config`'s images: its vision tower's, its grids', its counts."""
+        vision = config.vision
+        return cls(
+            vision.image_size, vision.patch_size, config.image_grid_pinpoints,
+            config.num_image_tokens,
+        )  # fmt: skip
+
+    @classmethod
+    def square(cls, image_size: int, tokens: int) -> ImageGeometry:
+        """One square image of `image_size` pixels, `tokens` image tokens (LLaVA-1.5)."""
+        return cls(image_size, image_size, (), tokens)

@@ -68,11 +68,11 @@ IMAGE_WORKERS = 2  # images decoded at once, whatever the number of requests
 def default_max_image_pixels(model: Any) -> int:
     """`IMAGE_PIXELS_MULTIPLE` times the pixels of the model's largest input: its image size
     squared, or a NeXT model's largest grid resolution."""
-    data = model.data
-    if data.anyres is not None:
-        largest = max(height * width for height, width in data.anyres.pinpoints)
+    geometry = model.geometry
+    if geometry.tiled:
+        largest = max(height * width for height, width in geometry.pinpoints)
     else:
-        largest = data.image_size**2
+        largest = geometry.image_size**2
     return IMAGE_PIXELS_MULTIPLE * largest
 
 

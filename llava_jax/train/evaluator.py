@@ -28,6 +28,7 @@ from llava_jax.evaluation.batch import generate_answers
 from llava_jax.evaluation.vqa_normalize import normalize_vqa_answer
 from llava_jax.inference.engine import Engine, default_length_bucket
 from llava_jax.inference.sampling import SamplingConfig
+from llava_jax.models.inputs import ImageGeometry
 from llava_jax.train.config import EvalConfig
 from llava_jax.train.state import TrainSetup
 from llava_jax.train.step import make_eval_step, metrics_to_host
@@ -58,11 +59,14 @@ class Evaluator:
             packing=False,
             group_by_modality_length=False,
         )
+        self.geometry = ImageGeometry.of(setup.model_config)
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self.loss_step = make_eval_step(setup, loss_chunk_size, trace_counts=self.trace_counts)
         self.questions = []
         if config.num_records > 0:
-            self.questions = make_eval_questions(self.data, tokenizer, "test", config.num_records)
+            self.questions = make_eval_questions(
+                self.data, self.geometry, tokenizer, "test", config.num_records
+            )
         self.engine = Engine(
             setup.model_config, mesh=setup.mesh, rules=setup.rules, tokenizer=tokenizer.tokenizer
         )
@@ -98,7 +102,7 @@ class Evaluator:
         if self.config.loss_batches <= 0:
             return None
         try:
-            iterator = make_train_iterator(self.data, self.tokenizer, split="test")
+            iterator = make_train_iterator(self.data, self.geometry, self.tokenizer, split="test")
         except (KeyError, ValueError, FileNotFoundError) as err:
             logging.warning("No held-out split for the eval loss: %s", err)
             return None

@@ -41,7 +41,7 @@ from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.hardware import chip_for, measured_matmul_peak
 from llava_jax.models.attention import resolve as resolve_attention
 from llava_jax.models.config import ModelConfig
-from llava_jax.models.inputs import fewest_image_tokens, tiles_per_image
+from llava_jax.models.inputs import ImageGeometry
 from llava_jax.sharding import data_parallel_size, device_bytes
 from llava_jax.train.config import RunConfig, TrainConfig
 from llava_jax.train.evaluator import Evaluator
@@ -94,7 +94,7 @@ def check_room_for_an_answer(
     token; otherwise every record would be dropped as too long."""
     turns = [{"from": "human", "value": IMAGE_PLACEHOLDER}]
     template = data.conversation_template
-    image_tokens = fewest_image_tokens(model)
+    image_tokens = ImageGeometry.of(model).fewest_tokens
     needed = len(prompt_ids(turns, template, tokenizer, image_tokens)) + 2
     if data.max_len < needed:
         raise ValueError(
@@ -193,10 +193,12 @@ def initial_model(run: RunConfig, tokenizer: LoadedTokenizer) -> tuple[ModelConf
     return model_config, params
 
 
-def _total_steps(train: TrainConfig, data: DataConfig, tokenizer: LoadedTokenizer) -> int:
+def _total_steps(
+    train: TrainConfig, data: DataConfig, geometry: ImageGeometry, tokenizer: LoadedTokenizer
+) -> int:
     if train.num_steps:
         return int(train.num_steps)
-    rows = train_sequences(data, tokenizer, train.num_epochs)  # records, or packed rows
+    rows = train_sequences(data, geometry, tokenizer, train.num_epochs)  # records, or rows
     return max(1, math.floor(rows / data.global_batch_size))
 
 
@@ -305,12 +307,14 @@ class Run:
             self._load_tokenizer_and_model()
             train_split = datasets.open_split(self.data_config, "train")  # prepares it
             if self.data_config.packing or self.data_config.group_by_modality_length:
-                length_table(self.data_config, self.tokenizer, train_split, "train")  # cached
+                length_table(self.data_config, self.geometry, self.tokenizer, train_split, "train")
         multihost_utils.sync_global_devices("data prepared")
         if jax.process_index() != 0:
             self._load_tokenizer_and_model()
         check_room_for_an_answer(self.data_config, self.model_config, self.tokenizer)
-        self.total_steps = _total_steps(config.train, self.data_config, self.tokenizer)
+        self.total_steps = _total_steps(
+            config.train, self.data_config, self.geometry, self.tokenizer
+        )
         self.setup, schedule = make_run_setup(config, self.model_config, self.total_steps)
         check_packing_attention(self.model_config, self.data_config, self.setup.mesh)
         train = config.train
@@ -332,7 +336,7 @@ class Run:
             batch=data.global_batch_size,
             length=data.max_len,
             # LLaVA-NeXT: every tile goes through the vision tower as an image
-            images=data.image_slots * tiles_per_image(self.model_config),
+            images=data.image_slots * self.geometry.max_tiles,
             trainable=pattern_trains(train.train_pattern),
         )
         self.peak_flops = peak_flops_per_device(self.setup.mesh, self.model_config.dtype)
@@ -353,7 +357,8 @@ class Run:
     def _load_tokenizer_and_model(self) -> None:
         self.tokenizer = tokenizer_for(self.config.data)
         self.model_config, self.host_params = initial_model(self.config, self.tokenizer)
-        self.data_config = self.config.data.for_model(self.model_config)
+        self.data_config = self.config.data
+        self.geometry = ImageGeometry.of(self.model_config)  # what the data reads of the model
 
     def _say(self, message: str) -> None:
         """One line for the person at the terminal (process 0 only)."""
@@ -403,7 +408,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         for line in self.startup_summary().splitlines():
             self._say(line)
-        self.iterator = make_train_iterator(self.data_config, self.tokenizer)
+        self.iterator = make_train_iterator(self.data_config, self.geometry, self.tokenizer)
         self.checkpoints = ckpt.TrainCheckpoints(
             self.workdir, keep=self.config.train.keep_checkpoints
         )
