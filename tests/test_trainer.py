@@ -389,3 +389,18 @@ def test_a_run_config_saved_before_the_renames_reads_in_todays_names():
     train = TrainConfig.from_section(migrated["train"], "train")
     assert (train.accumulation_steps, train.num_epochs) == (4, 2.0)
     assert migrated["init"] == {"vocab_follows_tokenizer": False} and migrated["model"] == {}
+
+
+def test_a_data_section_saved_with_the_models_image_settings_reads_without_them():
+    """Before the data side read the model's geometry, the saved data section copied the
+    model's image size, token count, grids and patch size; such a section still reads (the
+    model section holds them), and nothing of them is left on the data settings."""
+    from llava_jax.data.config import MODEL_DICTATED, DataConfig
+
+    saved = {"image_size": 336, "num_image_tokens": 576, "image_patch_size": 14,
+             "image_grid_pinpoints": [[336, 672], [672, 336]], "global_batch_size": 8}  # fmt: skip
+    data = DataConfig.saved(saved, "the saved data config")
+    assert data.global_batch_size == 8
+    assert not any(hasattr(data, key) for key in MODEL_DICTATED)
+    with pytest.raises(ValueError, match="unknown key"):  # only a saved section is forgiven
+        DataConfig.from_section(saved, "config.data")
