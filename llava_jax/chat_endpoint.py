@@ -11,6 +11,7 @@ answered once, requests go one at a time, so a wrong setting costs one request, 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import dataclasses
@@ -90,6 +91,57 @@ def api_key(base_url: str, who: str, url_flag: str) -> str:
             f"elsewhere, named by {url_flag}, takes any)"
         )
     return PLACEHOLDER_KEY
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    names: Names,
+    *,
+    model_default: str | None,
+    model_help: str,
+    temperature: float,
+    sampling_help: str = "",
+) -> None:
+    """The endpoint's flags: `names.url_flag`, `names.model_flag` and the sampling and
+    retry settings (`settings_from_args` reads them back). `sampling_help`: said of the
+    temperature's and max tokens' defaults (e.g. whose they are)."""
+    said = f"{sampling_help}: %(default)s" if sampling_help else "default %(default)s"
+    parser.add_argument(names.url_flag, default=OPENAI_BASE_URL, help="OpenAI-compatible API")
+    parser.add_argument(names.model_flag, default=model_default, help=model_help)
+    parser.add_argument("--temperature", type=float, default=temperature, help=said)
+    parser.add_argument("--max-tokens", type=int, default=1024, help=said)
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument(
+        "--retries", type=int, default=5, help="on 429, 5xx, timeouts, lost connections"
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+
+
+def settings_from_args(
+    args: argparse.Namespace, names: Names, *, needs_key: bool = True
+) -> dict[str, Any]:
+    """`EndpointSettings`' fields from the flags of `add_arguments`, checked (`InputError`
+    naming the flag); the key from OPENAI_API_KEY (`needs_key=False`: none is read)."""
+
+    def flag(name: str) -> Any:
+        return getattr(args, name.lstrip("-").replace("-", "_"))
+
+    base_url = flag(names.url_flag)
+    check_settings(
+        base_url=base_url, url_flag=names.url_flag, concurrency=args.concurrency,
+        retries=args.retries, max_tokens=args.max_tokens, timeout=args.timeout,
+        temperature=args.temperature,
+    )  # fmt: skip
+    return {
+        "base_url": base_url,
+        "model": flag(names.model_flag) or "",
+        "api_key": api_key(base_url, names.who, names.url_flag) if needs_key else "",
+        "temperature": args.temperature,
+        "max_tokens": args.max_tokens,
+        "timeout": args.timeout,
+        "retries": args.retries,
+        "concurrency": args.concurrency,
+    }
 
 
 def check_settings(

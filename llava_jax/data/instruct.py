@@ -281,17 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--prompts", default=fmt.DEFAULT_PROMPTS, help="prompt folders (LLaVA's layout)"
     )
-    parser.add_argument(
-        "--base-url", default=chat_endpoint.OPENAI_BASE_URL, help="OpenAI-compatible API"
-    )
-    parser.add_argument("--model", help="the LLM's model name (needed unless --kind brief)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=1024)
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    parser.add_argument(
-        "--retries", type=int, default=5, help="on 429, 5xx, timeouts, lost connections"
-    )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    chat_endpoint.add_arguments(
+        parser, NAMES, model_default=None,
+        model_help="the LLM's model name (needed unless --kind brief)", temperature=1.0,
+    )  # fmt: skip
     parser.add_argument(
         "--parse-retries", type=int, default=2,
         help="asks again when a reply is empty, does not parse or names its source",
@@ -308,11 +301,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         kinds = _kinds(args.kind)
         asks = any(kind in fmt.LLM_KINDS for kind in kinds)
-        chat_endpoint.check_settings(
-            base_url=args.base_url, url_flag="--base-url", concurrency=args.concurrency,
-            retries=args.retries, max_tokens=args.max_tokens, timeout=args.timeout,
-            temperature=args.temperature,
-        )  # fmt: skip
         if args.parse_retries < 0:
             raise InputError(f"--parse-retries must be >= 0, got {args.parse_retries}")
         if args.limit is not None and args.limit < 1:
@@ -320,14 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if asks and not args.model:
             raise InputError(f"--model is needed for --kind {args.kind} (only brief asks no LLM)")
         endpoint = chat_endpoint.EndpointSettings(
-            base_url=args.base_url,
-            model=args.model or "",
-            api_key=chat_endpoint.api_key(args.base_url, "the LLM", "--base-url") if asks else "",
-            temperature=args.temperature,
-            max_tokens=args.max_tokens,
-            timeout=args.timeout,
-            retries=args.retries,
-            concurrency=args.concurrency,
+            **chat_endpoint.settings_from_args(args, NAMES, needs_key=asks)
         )
         settings = Settings(
             kinds=kinds,

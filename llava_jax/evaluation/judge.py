@@ -77,11 +77,11 @@ from llava_jax.evaluation.judge_output import (
 from llava_jax.evaluation.judge_summary import format_summary, write_summary
 from llava_jax.evaluation.llava_bench import Answer, Benchmark
 
-DEFAULT_BASE_URL = chat_endpoint.OPENAI_BASE_URL
 # LLaVA's own judge: figures are comparable with LLaVA's only under the same judge, so the
 # program never substitutes another one silently (a retired model gets a 404 that says so).
 DEFAULT_MODEL = "gpt-4-0314"
 LLAVA_JUDGES = ("gpt-4-0314", "gpt-4-0613")  # the two summarize_gpt_review.py knows
+JUDGE_NAMES = chat_endpoint.Names("the judge", "--judge-base-url", "--judge-model")
 DEFAULT_RULE = os.path.join(os.path.dirname(__file__), "rule.json")
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class JudgeEndpoint(chat_endpoint.Endpoint):
     def __init__(self, settings: JudgeSettings):
         super().__init__(
             settings,
-            chat_endpoint.Names("the judge", "--judge-base-url", "--judge-model"),
+            JUDGE_NAMES,
             hints="--max-tokens and --temperature",
         )
 
@@ -252,15 +252,6 @@ def pending_items(
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    chat_endpoint.check_settings(
-        base_url=args.judge_base_url,
-        url_flag="--judge-base-url",
-        concurrency=args.concurrency,
-        retries=args.retries,
-        max_tokens=args.max_tokens,
-        timeout=args.timeout,
-        temperature=args.temperature,
-    )
     if args.parse_retries < 0:
         raise InputError(f"--parse-retries must be >= 0, got {args.parse_retries}")
     if args.runs < 1:
@@ -324,17 +315,11 @@ def _judge_main(argv: Sequence[str]) -> int:
     parser.add_argument("--answers", required=True, help="the model's answers JSONL")
     parser.add_argument("--out", required=True, help="folder for the reviews and the summary")
     parser.add_argument("--rule", default=DEFAULT_RULE, help="rule file (LLaVA's rule.json shape)")
-    parser.add_argument("--judge-base-url", default=DEFAULT_BASE_URL, help="OpenAI-compatible API")
-    parser.add_argument(
-        "--judge-model", default=DEFAULT_MODEL, help="the judge (default: LLaVA's, %(default)s)"
-    )
-    parser.add_argument("--temperature", type=float, default=0.2, help="LLaVA's: %(default)s")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="LLaVA's: %(default)s")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    parser.add_argument(
-        "--retries", type=int, default=5, help="on 429, 5xx, timeouts, lost connections"
-    )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    chat_endpoint.add_arguments(
+        parser, JUDGE_NAMES, model_default=DEFAULT_MODEL,
+        model_help="the judge (default: LLaVA's, %(default)s)", temperature=0.2,
+        sampling_help="LLaVA's",
+    )  # fmt: skip
     parser.add_argument(
         "--parse-retries", type=int, default=3, help="asks again when a reply has no two scores"
     )
@@ -348,18 +333,9 @@ def _judge_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        endpoint = chat_endpoint.settings_from_args(args, JUDGE_NAMES)
         _check_arguments(args)
-        settings = JudgeSettings(
-            base_url=args.judge_base_url,
-            model=args.judge_model,
-            api_key=chat_endpoint.api_key(args.judge_base_url, "the judge", "--judge-base-url"),
-            temperature=args.temperature,
-            max_tokens=args.max_tokens,
-            timeout=args.timeout,
-            retries=args.retries,
-            parse_retries=args.parse_retries,
-            concurrency=args.concurrency,
-        )
+        settings = JudgeSettings(**endpoint, parse_retries=args.parse_retries)
         try:
             summary = judge_benchmark(
                 args.benchmark,
