@@ -91,7 +91,7 @@ def make_batch(batch_size: int, length: int, image_token: int, seed: int = 0):
         prompt = rng.integers(1, image_token, length).astype(np.int32)
         prompt[1:5] = image_token
         prompts.append(prompt)
-    images = rng.standard_normal((batch_size, 1, 28, 28, 3)).astype(np.float32)
+    images = rng.standard_normal((batch_size, 1, 1, 28, 28, 3)).astype(np.float32)
     return prompts, images
 
 
@@ -325,7 +325,7 @@ def main() -> None:
             prompts, images = make_batch(batch_size, prompt_length, image_token)
             ids = torch.tensor(np.stack(prompts).astype(np.int64))
             mask = torch.ones_like(ids)
-            pixel_values = torch.tensor(images[:, 0].transpose(0, 3, 1, 2))
+            pixel_values = torch.tensor(images[:, 0, 0].transpose(0, 3, 1, 2))
             for layout in sides:  # compiles the prefill and the decode loop for this shape
                 ours(layout, prompts, images)
             theirs(ids, mask, pixel_values)

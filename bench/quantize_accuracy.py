@@ -102,6 +102,7 @@ def main() -> None:
             batch_size=batch_size,
             image_slots=questions[0].images.shape,
             length=length,
+            image_layouts=[q.image_layout for q in questions],
         )
         correct = [
             normalize_vqa_answer(a) == r for a, r in zip(answers[name], references, strict=True)

@@ -131,7 +131,7 @@ def make_batch(
         "input_ids": input_ids,
         "loss_mask": loss_mask,
         "attention_mask": np.ones((batch_size, length), np.int32),
-        "images": rng.standard_normal((batch_size, 1, size, size, 3)).astype(np.float32),
+        "images": rng.standard_normal((batch_size, 1, 1, size, size, 3)).astype(np.float32),
         "image_mask": np.ones((batch_size, 1), bool),
     }
 
@@ -144,6 +144,7 @@ class JaxSide:
         import jax
 
         from llava_jax.convert import load_hf
+        from llava_jax.models.inputs import Batch
         from llava_jax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, place
         from llava_jax.train.optimizer import OptimizerConfig, make_optimizer
         from llava_jax.train.state import init_train_state, make_setup
@@ -166,7 +167,7 @@ class JaxSide:
         self.state = init_train_state(self.setup, jax.random.key(0), params)
         step_fn = make_train_step(self.setup, schedule, loss_chunk_size=args.loss_chunk)
         self.step = jit_train_step(self.setup, step_fn, len(batch["input_ids"]))
-        self.batch = place(batch, {k: batch_sharding(mesh) for k in batch})
+        self.batch = Batch.from_arrays(place(batch, {k: batch_sharding(mesh) for k in batch}))
 
     def run(self, steps: int) -> float:
         import jax
@@ -263,7 +264,7 @@ class TorchSide:
         self.inputs = dict(
             input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
             attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
-            pixel_values=torch.tensor(batch["images"][:, 0].transpose(0, 3, 1, 2)),
+            pixel_values=torch.tensor(batch["images"][:, 0, 0].transpose(0, 3, 1, 2)),
             labels=torch.tensor(labels, dtype=torch.long),
         )
 

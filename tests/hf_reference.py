@@ -90,8 +90,8 @@ def make_inputs(
         if real_lengths is not None:
             attention_mask[b, real_lengths[b] :] = 0
             input_ids[b, real_lengths[b] :] = 0
-    images = rng.standard_normal(
-        (batch, max_images, vision.image_size, vision.image_size, vision.num_channels)
+    images = rng.standard_normal(  # one tile an image (models/inputs.py)
+        (batch, max_images, 1, vision.image_size, vision.image_size, vision.num_channels)
     ).astype(np.float32)
     image_mask = np.arange(max_images)[None, :] < np.asarray(images_per_sample)[:, None]
     return {
@@ -104,7 +104,7 @@ def make_inputs(
 
 def reference_logits(model: LlavaForConditionalGeneration, inputs: dict) -> np.ndarray:
     """transformers' logits for our batch: valid images flattened in batch order, NCHW."""
-    valid = inputs["images"][inputs["image_mask"]]
+    valid = inputs["images"][inputs["image_mask"]][:, 0]  # each image's one tile
     pixel_values = torch.tensor(valid.transpose(0, 3, 1, 2)) if len(valid) else None
     with torch.no_grad():
         out = model(

@@ -68,7 +68,7 @@ def test_batch_has_fixed_shapes_and_consistent_masks(config, geometry, tokenizer
     assert batch["input_ids"].shape == (b, t) and batch["input_ids"].dtype == np.int32
     assert batch["loss_mask"].shape == (b, t) and batch["loss_mask"].dtype == np.float32
     assert batch["attention_mask"].shape == (b, t) and batch["attention_mask"].dtype == np.int32
-    assert batch["images"].shape == (b, 1, s, s, 3) and batch["images"].dtype == np.float32
+    assert batch["images"].shape == (b, 1, 1, s, s, 3) and batch["images"].dtype == np.float32
     assert batch["image_mask"].shape == (b, 1) and batch["image_mask"].dtype == bool
     assert batch["image_mask"].all()
     is_image = batch["input_ids"] == tokenizer.image_token_id
@@ -204,7 +204,7 @@ def test_eval_questions_are_the_assistant_turns(config, geometry, tokenizer):
     answers = sum(len(json.loads(source[i]["conversations"])) // 2 for i in range(len(source)))
     assert len(questions) == answers
     first = questions[0]
-    assert first.images.shape == (1, 16, 16, 3) and first.image_mask.tolist() == [True]
+    assert first.images.shape == (1, 1, 16, 16, 3) and first.image_mask.tolist() == [True]
     assert (first.prompt_ids == tokenizer.image_token_id).sum() == IMAGE_TOKENS
     decoded = tokenizer.tokenizer.decode(first.prompt_ids[-3:])
     assert decoded.replace(" ", "").endswith("ASSISTANT:")

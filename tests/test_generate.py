@@ -103,7 +103,7 @@ class DigitTokenizer:
 
 def make_prompts(hf_config, lengths, images_per_row, seed=0):
     """Random prompts (no pad token, no image token) with `per_image` image tokens per image,
-    and images float32[B, I, H, W, 3] with image_mask bool[B, I]."""
+    and images float32[B, I, 1, H, W, 3] (one tile each) with image_mask bool[B, I]."""
     rng = np.random.default_rng(seed)
     per_image = image_tokens_per_image(hf_config)
     prompts = []
@@ -116,7 +116,7 @@ def make_prompts(hf_config, lengths, images_per_row, seed=0):
     vision = hf_config.vision_config
     max_images = max(max(images_per_row), 1)
     size = vision.image_size
-    images = rng.standard_normal((len(lengths), max_images, size, size, 3)).astype(np.float32)
+    images = rng.standard_normal((len(lengths), max_images, 1, size, size, 3)).astype(np.float32)
     image_mask = np.arange(max_images)[None, :] < np.asarray(images_per_row)[:, None]
     return prompts, images, image_mask
 
@@ -134,7 +134,7 @@ def left_pad(prompts, length=None):
 def hf_greedy(model, prompts, images, image_mask, max_new_tokens):
     """transformers' greedy `generate` on the left-padded batch -> int64[B, max_new_tokens]."""
     ids, mask = left_pad(prompts)
-    valid = images[image_mask]
+    valid = images[image_mask][:, 0]  # each image's one tile
     pixel_values = torch.tensor(valid.transpose(0, 3, 1, 2)) if len(valid) else None
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = None  # never stop early: compare every token

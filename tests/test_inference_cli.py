@@ -177,7 +177,7 @@ def test_hf_dir_and_params_checkpoint_give_transformers_greedy_output(hf_dir, tm
     with torch.no_grad():
         out = hf_model.generate(
             input_ids=torch.tensor(ids[None].astype(np.int64)),
-            pixel_values=torch.tensor(images[:, 0].transpose(0, 3, 1, 2)),
+            pixel_values=torch.tensor(images[:, 0, 0].transpose(0, 3, 1, 2)),  # one tile
             max_new_tokens=MAX_NEW,
             do_sample=False,
             eos_token_id=2,

@@ -20,9 +20,10 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
 from llava_jax.convert import load_hf, load_towers, save_hf
-from llava_jax.data.anyres import Anyres
 from llava_jax.data.datasets.record import from_stored
 from llava_jax.data.image import CLIP_MEAN, CLIP_STD
+from llava_jax.data.image_tiles import ImageTiler
+from llava_jax.models.inputs import ImageGeometry
 from llava_jax.models.llava import Llava, init_params
 
 TILE, PATCH = 28, 14  # 2 x 2 features a tile
@@ -87,7 +88,7 @@ def test_image_token_counts_equal_the_processor_for_a_table_of_sizes(tmp_path):
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    ours = Anyres(tile=336, patch=14, pinpoints=pinpoints)
+    ours = ImageTiler(tile=336, patch=14, pinpoints=pinpoints)
     sizes = [(336, 336), (480, 640), (640, 480), (1000, 200), (200, 1000), (333, 999)]
     sizes += [(1, 1), (24, 1920), (1920, 24), (768, 1024), (2000, 2000), (512, 513)]
     for height, width in sizes:
@@ -111,7 +112,7 @@ def test_logits_equal_transformers_with_images_of_several_sizes(tmp_path, name):
 
     images = random_images(sizes)
     reference = processor_for(pinpoints)(images, return_tensors="np")
-    geometry = Anyres(tile=TILE, patch=PATCH, pinpoints=pinpoints)
+    geometry = ImageTiler(tile=TILE, patch=PATCH, pinpoints=pinpoints)
     tiles = np.stack([geometry.tiles(image, CLIP_MEAN, CLIP_STD) for image in images])
     hf_pixels = reference["pixel_values"].transpose(0, 1, 3, 4, 2)  # [B, T, H, W, 3]
     counts = [1 + np.prod(geometry.grid(h, w)) for h, w in sizes]
@@ -162,7 +163,7 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     hf_model = next_model(next_config(pinpoints, feature_layer), seed=3)
     hf_model.save_pretrained(tmp_path / "hf")
     config, params = load_hf(str(tmp_path / "hf"))
-    geometry = Anyres(tile=TILE, patch=PATCH, pinpoints=pinpoints)
+    geometry = ImageTiler(tile=TILE, patch=PATCH, pinpoints=pinpoints)
     images = random_images(sizes, seed=4)
     rng = np.random.default_rng(5)
     prompts = [
@@ -278,8 +279,8 @@ def test_generate_chat_evaluate_and_the_server_take_a_next_model_and_any_image(
     directory, _, pinpoints = next_dir
     steps = 6
     model = load_model(str(directory))
-    geometry = Anyres(TILE, PATCH, pinpoints, square_tokens=(TILE // PATCH) ** 2)
-    assert model.anyres == geometry
+    geometry = ImageTiler(TILE, PATCH, pinpoints, square_tokens=(TILE // PATCH) ** 2)
+    assert model.tiler == geometry
 
     answers = {}
     for name, (height, width) in PROGRAM_IMAGES.items():
@@ -397,9 +398,9 @@ def next_data_config(tmp_path, **fields):
     return DataConfig(data_dir=str(tmp_path), **fields)
 
 
-def next_geometry(pinpoints) -> Anyres:
+def next_geometry(pinpoints) -> ImageTiler:
     """The NeXT image geometry of the tiny tower's tiles and these grids."""
-    return Anyres(tile=TILE, patch=PATCH, pinpoints=pinpoints)
+    return ImageTiler(tile=TILE, patch=PATCH, pinpoints=pinpoints)
 
 
 def stored_record(index: int, image: Image.Image | None, answer: str = "red", path: str = ""):
@@ -559,7 +560,7 @@ def test_load_towers_starts_a_next_model_with_a_fresh_newline(tmp_path, family):
         vision_feature_layer=feature_layer,
         image_grid_pinpoints=pinpoints,
     )
-    assert config.anyres
+    assert ImageGeometry.of(config).tiled
     newline = np.asarray(params["proj"]["image_newline"])
     assert newline.shape == (256,) and abs(newline.std() * 16 - 1) < 0.15
     save_hf(config, params, str(tmp_path / "next"))
@@ -607,7 +608,7 @@ def test_a_mistral_next_model_equals_transformers_and_round_trips(tmp_path):
     config, params = load_hf(str(tmp_path / "hf"))
     assert config.text.model_type == "mistral"
 
-    geometry = Anyres(tile=TILE, patch=PATCH, pinpoints=pinpoints)
+    geometry = ImageTiler(tile=TILE, patch=PATCH, pinpoints=pinpoints)
     images = random_images(sizes[:2], seed=6)
     reference = processor_for(pinpoints)(images, return_tensors="np")
     tokens = [geometry.num_tokens(h, w) for h, w in sizes[:2]]

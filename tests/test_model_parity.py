@@ -134,7 +134,7 @@ def test_mlp3x_projector_runs_three_layers(tmp_path):
     variables = Llava(deep).init(
         jax.random.key(0),
         jnp.asarray(make_inputs(tiny_hf_config(), [1], 32)["input_ids"]),
-        jnp.zeros((1, 1, 28, 28, 3)),
+        jnp.zeros((1, 1, 1, 28, 28, 3)),
     )
     assert sorted(variables["params"]["proj"]) == ["fc1", "fc2", "fc3"]
 

@@ -68,7 +68,7 @@ def test_one_compilation_serves_batches_with_images_in_different_places():
         return Llava(TINY).apply({"params": params}, ids, images, image_mask)
 
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.standard_normal((2, 2, 14, 14, 3)), jnp.float32)
+    images = jnp.asarray(rng.standard_normal((2, 2, 1, 14, 14, 3)), jnp.float32)
     for start, mask in ((0, [[True, False], [True, True]]), (5, [[False, False], [True, False]])):
         ids = np.full((2, 20), 3, np.int32)
         for b, row in enumerate(mask):
@@ -83,7 +83,7 @@ def test_masked_out_image_slots_are_skipped_in_order():
     """With image_mask [False, True], the image tokens take image 1, as [True] on image 1."""
     params = init_params(TINY, jax.random.key(0))
     rng = np.random.default_rng(1)
-    images = jnp.asarray(rng.standard_normal((1, 2, 14, 14, 3)), jnp.float32)
+    images = jnp.asarray(rng.standard_normal((1, 2, 1, 14, 14, 3)), jnp.float32)
     ids = np.full((1, 12), 5, np.int32)
     ids[0, 2 : 2 + TINY.num_image_tokens] = TINY.image_token_id
     model = Llava(TINY)

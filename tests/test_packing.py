@@ -13,10 +13,10 @@ import pytest
 from train_fixtures import TINY, build, flat_params, host_params, make_batch, max_relative
 
 from llava_jax.data import datasets
-from llava_jax.data.anyres import Anyres
 from llava_jax.data.config import DataConfig
 from llava_jax.data.datasets.record import from_stored
 from llava_jax.data.encode import ExampleEncoder, RowEncoder
+from llava_jax.data.image_tiles import ImageTiler
 from llava_jax.data.packing import LengthTable, first_fit, modality_length_order
 from llava_jax.data.pipeline import (
     NoUsableData,
@@ -602,7 +602,7 @@ def test_an_empty_grouped_slot_has_the_shapes_of_an_example(
     config, geometry, tokenizer, records, pinpoints
 ):
     grouped = _grouped(config)
-    geometry = Anyres(geometry.tile, 7, pinpoints) if pinpoints else geometry
+    geometry = ImageTiler(geometry.tile, 7, pinpoints) if pinpoints else geometry
     encoder = ExampleEncoder(grouped, geometry, tokenizer)
     good = encoder(records[0])
     assert good["drop_reason"] == ""
@@ -610,12 +610,11 @@ def test_an_empty_grouped_slot_has_the_shapes_of_an_example(
     assert empty["id"] == "" and empty["drop_reason"] == ""
     assert [d["drop_reason"] for d in empty["dropped"]] == ["unreadable_image"]
     assert empty["dropped"][0]["id"] == from_stored(records[0]).id
-    assert ("image_layout" in good) == bool(pinpoints)
+    assert "image_layout" in good  # every example's images carry their layouts
     for key in good.keys() - {"id", "ids", "drop_reason"}:
         assert empty[key].shape == good[key].shape and empty[key].dtype == good[key].dtype, key
     assert not empty["attention_mask"].any() and not empty["image_mask"].any()
-    if pinpoints:
-        assert np.all(empty["image_layout"] == -1)
+    assert np.all(empty["image_layout"] == -1)
     plain = ExampleEncoder(
         dataclasses.replace(grouped, group_by_modality_length=False), geometry, tokenizer
     )

@@ -93,7 +93,7 @@ def _inputs(config: ModelConfig):
     rng = np.random.default_rng(1)
     ids = rng.integers(1, 90, (2, 16)).astype(np.int32)
     ids[:, 1 : 1 + config.num_image_tokens] = config.image_token_id
-    images = rng.standard_normal((2, 1, 28, 28, 3)).astype(np.float32)
+    images = rng.standard_normal((2, 1, 1, 28, 28, 3)).astype(np.float32)
     return ids, images
 
 

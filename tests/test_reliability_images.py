@@ -35,6 +35,7 @@ from llava_jax.data.image import (
     read_image_file,
     resize_and_crop,
 )
+from llava_jax.data.image_tiles import ImageTiler
 from llava_jax.errors import InputError
 from llava_jax.evaluation.batch import Question, _prepare, answer_questions
 from llava_jax.inference.load import LoadedModel
@@ -113,11 +114,11 @@ class FakeModel:
             image_std=image_lib.CLIP_STD,
         )
         self.geometry = ImageGeometry.square(SIZE, 4)
-        self.anyres = None
+        self.tiler = ImageTiler.of_geometry(self.geometry)
         self.config = types.SimpleNamespace(
             vision=types.SimpleNamespace(num_channels=3), num_image_tokens=4
         )
-        self.image_shape = (SIZE, SIZE, 3)
+        self.image_shape = (1, SIZE, SIZE, 3)
 
     def user_turn(self, text: str, with_image: bool) -> dict:
         return {"text": text, "with_image": with_image}
@@ -210,7 +211,7 @@ def test_evaluate_image_inside_the_folder_still_loads(folders):
     (images / "alias.png").symlink_to(images / "good.png")
     for name in ("good.png", "sub/b.png", "sub/../good.png", "alias.png"):
         prepared = _prepare(FakeModel(), question(name), str(images), max_new_tokens=4)
-        assert prepared.image.pixels.shape == (SIZE, SIZE, 3)
+        assert prepared.image.pixels.shape == (1, SIZE, SIZE, 3)  # one tile
 
 
 # --- finding 10: FIFOs, directories, devices -------------------------------------------------

@@ -318,7 +318,7 @@ class CountingModel:
             self.running -= 1
         from llava_jax.inference.load import ModelImage
 
-        return ModelImage(np.zeros((2, 2, 3), np.float32), 1)
+        return ModelImage(np.zeros((1, 2, 2, 3), np.float32), 1, np.arange(1, dtype=np.int32))
 
     def user_turn(self, text: str, with_image: bool) -> dict:
         return {"from": "human", "value": text}

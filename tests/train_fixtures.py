@@ -52,7 +52,7 @@ def make_batch(seed: int, batch_size: int = 8, supervised: list[int] | None = No
     for b in range(batch_size):
         input_ids[b, real[b] :] = 0
         loss_mask[b, real[b] - supervised[b] : real[b]] = 1.0
-    images = rng.standard_normal((batch_size, 1, 14, 14, 3)).astype(np.float32)
+    images = rng.standard_normal((batch_size, 1, 1, 14, 14, 3)).astype(np.float32)
     return {
         "input_ids": input_ids,
         "loss_mask": loss_mask,

@@ -8,6 +8,7 @@ convert/hf_keys.py.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 from typing import Any
@@ -18,13 +19,14 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from llava_jax.convert.hf_keys import (
+    HF_FAMILIES,
     IGNORED_SUFFIXES,
     LM_HEAD_KEYS,
-    NEWLINE_KEYS,
     PROJECTOR_PREFIXES,
     TEXT_PREFIXES,
     VISION_PREFIXES,
     Rule,
+    hf_family,
     hf_shape,
     projector_rules,
     text_rules,
@@ -127,7 +129,8 @@ def text_config_from_hf(hf: Any, field: str = "text_config") -> TextConfig:
 def model_config_from_hf(hf: Any, **numerics: Any) -> ModelConfig:
     """A transformers `LlavaConfig` or `LlavaNextConfig` -> our `ModelConfig` (numerics:
     dtype, scan_layers, …)."""
-    _check(hf.model_type, ("llava", "llava_next"), "model_type")
+    _check(hf.model_type, tuple(HF_FAMILIES), "model_type")
+    family = HF_FAMILIES[hf.model_type]
     _check_activation(hf.projector_hidden_act, "projector_hidden_act")
     text = text_config_from_hf(hf.text_config)
     if hf.tie_word_embeddings and not text.tie_word_embeddings:
@@ -142,11 +145,7 @@ def model_config_from_hf(hf: Any, **numerics: Any) -> ModelConfig:
         vision_feature_layer=tuple(layer) if isinstance(layer, list | tuple) else int(layer),
         vision_feature_select_strategy=hf.vision_feature_select_strategy,
         image_token_id=hf.image_token_id,
-        image_grid_pinpoints=tuple(
-            tuple(p) for p in (getattr(hf, "image_grid_pinpoints", None) or ())
-        )
-        if hf.model_type == "llava_next"
-        else (),
+        **{name: _tuples(getattr(hf, name, None) or ()) for name in family.config_fields},
         **numerics,
     )
 
@@ -157,8 +156,6 @@ def model_config_to_hf(config: ModelConfig) -> Any:
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
-        LlavaConfig,
-        LlavaNextConfig,
         MistralConfig,
     )
 
@@ -226,10 +223,20 @@ def model_config_to_hf(config: ModelConfig) -> Any:
         multimodal_projector_bias=config.projector_bias,
         tie_word_embeddings=text.tie_word_embeddings,
     )
-    if config.anyres:
-        pinpoints = [list(p) for p in config.image_grid_pinpoints]
-        return LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
-    return LlavaConfig(**common)
+    family = hf_family(config)
+    config_class = getattr(importlib.import_module("transformers"), family.config_class)
+    fields = {name: _lists(getattr(config, name)) for name in family.config_fields}
+    return config_class(**fields, **common)
+
+
+def _tuples(value: Any) -> Any:
+    """Lists (as JSON holds them) -> tuples, nested (as our configs hold them)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _lists(value: Any) -> Any:
+    """Tuples -> lists, nested (as transformers' configs hold them)."""
+    return [_lists(v) for v in value] if isinstance(value, list | tuple) else value
 
 
 def _read_hf_config(path: str) -> Any:
@@ -372,13 +379,14 @@ def load_hf(
             used,
         ),
     }
-    if config.anyres:
-        newline_key = next((k for k in NEWLINE_KEYS if k in reader), None)
-        if newline_key is None:
-            raise CheckpointError(f"{path}: missing key {NEWLINE_KEYS[0]!r} (LLaVA-NeXT)")
-        newline = Rule(("image_newline",), newline_key, "plain")
+    family = hf_family(config)
+    for leaf, keys in family.extra_params:
+        key = next((k for k in keys if k in reader), None)
+        if key is None:
+            raise CheckpointError(f"{path}: missing key {keys[0]!r} ({family.model_class})")
+        rule = Rule(leaf, key, "plain")
         params["proj"].update(
-            _read_tower(reader, "", [newline], _tower_shapes(shapes, "proj"), np_dtype, used)
+            _read_tower(reader, "", [rule], _tower_shapes(shapes, "proj"), np_dtype, used)
         )
     lm_head_rule = Rule(("lm_head", "kernel"), "", "linear")
     head_key = next((k for k in LM_HEAD_KEYS if k in reader), None)
@@ -492,8 +500,8 @@ def to_hf_tensors(config: ModelConfig, params: Params, dtype: Any = None) -> dic
     if not config.text.tie_word_embeddings:
         head = Rule(("lm_head", "kernel"), "", "linear")
         tensors["language_model.lm_head.weight"] = to_hf(head, flat[("llm", "lm_head", "kernel")])
-    if config.anyres:
-        tensors[NEWLINE_KEYS[0]] = flat[("proj", "image_newline")]
+    for leaf, keys in hf_family(config).extra_params:
+        tensors[keys[0]] = flat[("proj", *leaf)]
     if dtype is not None:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
     return tensors

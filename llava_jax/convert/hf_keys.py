@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
+from llava_jax.models.inputs import ImageGeometry
 
 # Where each tower sits in the files transformers writes (older layout first, then the
 # in-memory layout of transformers 5). CLIP vision weights may or may not sit under
@@ -33,6 +34,44 @@ PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 NEWLINE_KEYS = ("image_newline", "model.image_newline")  # LLaVA-NeXT; ours: proj/image_newline
 # Buffers some exports carry; they are recomputed, never parameters.
 IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
+
+
+@dataclasses.dataclass(frozen=True)
+class HfFamily:
+    """How transformers names one kind of LLaVA: its `model_type`, config and model classes
+    (and the module defining the model), the config fields beyond LLaVA's, and the
+    projector's parameters beyond the three towers' rules: `(our path under proj, its keys,
+    the first written)`."""
+
+    model_type: str
+    config_class: str
+    model_class: str
+    module: str
+    config_fields: tuple[str, ...] = ()
+    extra_params: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
+
+
+LLAVA = HfFamily(
+    "llava",
+    "LlavaConfig",
+    "LlavaForConditionalGeneration",
+    "transformers.models.llava.modeling_llava",
+)
+LLAVA_NEXT = HfFamily(
+    "llava_next",
+    "LlavaNextConfig",
+    "LlavaNextForConditionalGeneration",
+    "transformers.models.llava_next.modeling_llava_next",
+    config_fields=("image_grid_pinpoints",),
+    extra_params=((("image_newline",), NEWLINE_KEYS),),
+)
+HF_FAMILIES = {family.model_type: family for family in (LLAVA, LLAVA_NEXT)}
+
+
+def hf_family(config: ModelConfig) -> HfFamily:
+    """The transformers family that holds `config`: LLaVA-NeXT's for tiled images (its
+    grids, its `image_newline`), LLaVA's for one square image."""
+    return LLAVA_NEXT if ImageGeometry.of(config).tiled else LLAVA
 
 
 @dataclasses.dataclass(frozen=True)

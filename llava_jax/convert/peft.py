@@ -38,7 +38,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from llava_jax.convert.hf_keys import projector_rules, text_rules, vision_rules
+from llava_jax.convert.hf_keys import hf_family, projector_rules, text_rules, vision_rules
 from llava_jax.convert.safetensors_io import CheckpointError, open_safetensors
 from llava_jax.json_input import JSONInputError, loads
 from llava_jax.models.config import LoraConfig, ModelConfig
@@ -98,17 +98,9 @@ def linear_modules(config: ModelConfig, transformers_version: str | None = None)
 
 def base_model_class(config: ModelConfig) -> dict[str, str]:
     """PEFT's `auto_mapping`: the transformers class `AutoPeftModel.from_pretrained`
-    imports to load the base model (LLaVA-NeXT's for an anyres model, whose checkpoint
-    `save_hf` writes as `LlavaNextForConditionalGeneration`'s)."""
-    if config.image_grid_pinpoints:
-        return {
-            "base_model_class": "LlavaNextForConditionalGeneration",
-            "parent_library": "transformers.models.llava_next.modeling_llava_next",
-        }
-    return {
-        "base_model_class": "LlavaForConditionalGeneration",
-        "parent_library": "transformers.models.llava.modeling_llava",
-    }
+    imports to load the base model: the family `save_hf` writes it as (convert/hf_keys.py)."""
+    family = hf_family(config)
+    return {"base_model_class": family.model_class, "parent_library": family.module}
 
 
 def export_peft_adapter(

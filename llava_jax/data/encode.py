@@ -1,6 +1,6 @@
 """A stored record -> one fixed-shape training example (in grain's workers): its images
-decoded and preprocessed (LLaVA-NeXT: tiles and feature layout), its conversation rendered
-and tokenized with LLaVA's targets; and several examples -> one packed row.
+decoded and cut into tiles with their feature layouts (data/image_tiles.py), its conversation
+rendered and tokenized with LLaVA's targets; and several examples -> one packed row.
 
 An example holds one row of the host batch (`models/inputs.py` `Batch`, without the batch
 axis) plus `id` and `drop_reason` ('' when it trains); a record that must not be trained on
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from llava_jax.data.anyres import Anyres
 from llava_jax.data.config import DataConfig
 from llava_jax.data.conversation import (
     DroppedExample,
@@ -19,7 +18,8 @@ from llava_jax.data.conversation import (
     tokenize_conversation,
 )
 from llava_jax.data.datasets.record import Record, from_stored
-from llava_jax.data.image import decode_image, decoded_size, load_and_preprocess
+from llava_jax.data.image import decode_image, decoded_size
+from llava_jax.data.image_tiles import ImageTiler
 from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.models.inputs import ImageGeometry
 
@@ -28,16 +28,15 @@ class ExampleEncoder:
     """Stored record -> one fixed-shape example (runs in grain workers).
 
     Returns the example dict with ``input_ids int32[T]``, ``loss_mask float32[T]``,
-    ``attention_mask int32[T]``, ``images float32[I, H, W, 3]``, ``image_mask bool[I]``,
-    ``id`` and ``drop_reason == ''``; or, for a sample that must not be trained on,
+    ``attention_mask int32[T]``, ``positions int32[T]``, ``images float32[I, tiles, H, W,
+    3]``, ``image_mask bool[I]``, ``image_layout int32[I, N]``, ``id`` and
+    ``drop_reason == ''``; or, for a sample that must not be trained on,
     only ``id``, ``file``, ``detail`` and a non-empty ``drop_reason``.
     """
 
     def __init__(self, config: DataConfig, geometry: ImageGeometry, tokenizer: LoadedTokenizer):
         self.config = config
-        self.geometry = geometry  # the model's images (models/inputs.py)
-        # LLaVA-NeXT: the host's tiles and layouts of its grids; None for square images
-        self.anyres = Anyres.of_geometry(geometry) if geometry.tiled else None
+        self.tiler = ImageTiler.of_geometry(geometry)  # the model's images, cut on the host
         self.template = config.conversation_template
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.image_token_id
@@ -67,22 +66,20 @@ class ExampleEncoder:
 
     def empty_example(self, slots: int) -> dict:
         """An example of the batch's shapes holding nothing: every token the pad id, no
-        segment, no target, `slots` empty image slots (a NeXT layout all -1)."""
-        c, geometry, size = self.config, self.anyres, self.geometry.image_size
-        tiles = () if geometry is None else (geometry.max_tiles,)
-        example = {
+        segment, no target, `slots` empty image slots (layouts all -1)."""
+        c = self.config
+        images, layouts = self.tiler.empty(slots)
+        return {
             "id": "",
             "drop_reason": "",
             "input_ids": np.full((c.max_len,), self.pad_token_id, np.int32),
             "loss_mask": np.zeros((c.max_len,), np.float32),
             "attention_mask": np.zeros((c.max_len,), np.int32),
             "positions": np.zeros((c.max_len,), np.int32),
-            "images": np.zeros((slots, *tiles, size, size, 3), np.float32),
+            "images": images,
             "image_mask": np.zeros((slots,), bool),
+            "image_layout": layouts,
         }
-        if geometry is not None:
-            example["image_layout"] = np.full((slots, geometry.max_tokens), -1, np.int32)
-        return example
 
     def _too_many_images(self, record: Record) -> str:
         """The drop detail when the record has more images than a sample may, else ''."""
@@ -95,79 +92,57 @@ class ExampleEncoder:
         file = paths[index] if index < len(paths) else ""
         return DroppedExample("unreadable_image", str(error), file)
 
-    def images(self, record: Record) -> tuple[np.ndarray, np.ndarray]:
-        """``float32[I, H, W, 3]`` and ``bool[I]`` for the record's images."""
-        c, size = self.config, self.geometry.image_size
+    def images(self, record: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        """The record's images (data/image_tiles.py): their tiles ``float32[I, T, S, S, 3]``,
+        ``bool[I]``, feature layouts ``int32[I, N]`` and numbers of image tokens."""
+        c = self.config
         if detail := self._too_many_images(record):
             raise DroppedExample("too_many_images", detail)
-        images = np.zeros((c.max_images_per_sample, size, size, 3), np.float32)
+        tiles, layouts = self.tiler.empty(c.max_images_per_sample)
         mask = np.zeros((c.max_images_per_sample,), bool)
-        for index, data in enumerate(record.image_bytes):
-            try:
-                images[index] = load_and_preprocess(
-                    data, size, c.image_aspect, c.image_mean, c.image_std
-                )
-            except ValueError as error:  # ImageDecodeError: corrupt bytes
-                raise self._unreadable(record, index, error) from error
-            mask[index] = True
-        return images, mask
-
-    def anyres_images(self, record: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-        """LLaVA-NeXT (data/anyres.py): each image's tiles ``float32[I, T, S, S, 3]``,
-        ``bool[I]``, its feature layout ``int32[I, N]`` and its number of image tokens."""
-        c, geometry, size = self.config, self.anyres, self.geometry.image_size
-        if detail := self._too_many_images(record):
-            raise DroppedExample("too_many_images", detail)
-        slots = c.max_images_per_sample
-        tiles = np.zeros((slots, geometry.max_tiles, size, size, 3), np.float32)
-        mask = np.zeros((slots,), bool)
-        layout = np.full((slots, geometry.max_tokens), -1, np.int32)
         counts = []
         for index, data in enumerate(record.image_bytes):
             try:
                 image = decode_image(data)
-                measured = decoded_size(data)
+                header_width, header_height = decoded_size(data)
             except ValueError as error:  # ImageDecodeError: corrupt bytes
                 raise self._unreadable(record, index, error) from error
-            if image.size != measured:  # a format that settles its size on load (ICO)
+            tiles[index], layouts[index], count = self.tiler.encode(
+                image, c.image_mean, c.image_std, c.image_aspect
+            )
+            # The length table counted the tokens from the header (`image_tokens`); a format
+            # that settles its size on load (ICO) may count otherwise.
+            if self.tiler.num_tokens(header_height, header_width) != count:
                 raise DroppedExample(
                     "image_size_changed",
-                    f"image {index}: header {measured}, decoded {image.size} (width, height)",
+                    f"image {index}: header {(header_width, header_height)}, decoded "
+                    f"{image.size} (width, height)",
                     record.image_paths[index] if index < len(record.image_paths) else "",
                 )
-            tiles[index], layout[index], count = geometry.encode(image, c.image_mean, c.image_std)
             counts.append(count)
             mask[index] = True
-        return tiles, mask, layout, counts
+        return tiles, mask, layouts, counts
 
-    def image_tokens(self, record: Record) -> list[int] | None:
-        """LLaVA-NeXT: each image's number of image tokens, from its header (nothing
-        decoded; raises ``DroppedExample`` for an unreadable one); None otherwise."""
-        geometry = self.anyres
-        if geometry is None:
-            return None
+    def image_tokens(self, record: Record) -> list[int]:
+        """Each image's number of image tokens, from its header where the count depends on
+        the size (nothing decoded; raises ``DroppedExample`` for an unreadable one)."""
         counts = []
         for index, data in enumerate(record.image_bytes):
             try:
-                width, height = decoded_size(data)
+                counts.append(self.tiler.tokens_from_header(data))
             except ValueError as error:
                 raise self._unreadable(record, index, error) from error
-            counts.append(geometry.num_tokens(height, width))
         return counts
 
-    def tokenize(self, record: Record, image_tokens: list | None = None) -> TokenizedConversation:
+    def tokenize(self, record: Record, image_tokens: list[int]) -> TokenizedConversation:
         """The record's tokens, unpadded (raises ``DroppedExample``); `image_tokens`: each
-        image's token count (LLaVA-NeXT), else `num_image_tokens` each."""
-        if image_tokens is None:
-            image_tokens = self.geometry.tokens_of_square
+        image's token count."""
         return tokenize_conversation(
             record.conversations,
             self.tokenizer,
             self.template,
             num_images=len(record.image_bytes),
-            num_image_tokens=self.geometry.tokens_of_square
-            if image_tokens is None
-            else image_tokens,
+            num_image_tokens=image_tokens,
             max_len=self.config.max_len,
         )
 
@@ -185,13 +160,8 @@ class ExampleEncoder:
 
     def encode(self, record: Record) -> dict:
         c = self.config
-        layout = None
-        if self.anyres is not None:  # the image sizes set the token counts: images first
-            images, image_mask, layout, counts = self.anyres_images(record)
-            tokens = self.tokenize(record, counts)
-        else:
-            tokens = self.tokenize(record)
-            images, image_mask = self.images(record)
+        images, image_mask, layouts, counts = self.images(record)  # the counts set the tokens
+        tokens = self.tokenize(record, counts)
         length = len(tokens.input_ids)
         input_ids = np.full((c.max_len,), self.pad_token_id, np.int32)
         input_ids[:length] = tokens.input_ids
@@ -199,7 +169,7 @@ class ExampleEncoder:
         loss_mask[:length] = tokens.loss_mask
         attention_mask = np.zeros((c.max_len,), np.int32)
         attention_mask[:length] = 1
-        example = {
+        return {
             "id": record.id,
             "drop_reason": "",
             "input_ids": input_ids,
@@ -208,10 +178,8 @@ class ExampleEncoder:
             "positions": np.arange(c.max_len, dtype=np.int32),
             "images": images,
             "image_mask": image_mask,
+            "image_layout": layouts,
         }
-        if layout is not None:
-            example["image_layout"] = layout
-        return example
 
 
 class RowEncoder:
@@ -231,19 +199,14 @@ class RowEncoder:
         input_ids, loss_mask = example["input_ids"], example["loss_mask"]
         segments, positions = example["attention_mask"], example["positions"]
         images, image_mask = example["images"], example["image_mask"]
-        layouts = example.get("image_layout")
-        geometry = self.encoder.anyres
+        layouts = example["image_layout"]
         ids, dropped = [], []
         start, image_slot = 0, 0
         for stored in row["records"]:
             record = from_stored(stored)
             try:
-                if geometry is None:
-                    tokens = self.encoder.tokenize(record)
-                    pictures, valid = self.encoder.images(record)
-                else:
-                    pictures, valid, layout, counts = self.encoder.anyres_images(record)
-                    tokens = self.encoder.tokenize(record, counts)
+                pictures, valid, layout, counts = self.encoder.images(record)
+                tokens = self.encoder.tokenize(record, counts)
             except DroppedExample as error:
                 dropped.append(
                     {
@@ -270,8 +233,7 @@ class RowEncoder:
             positions[start:end] = np.arange(end - start)
             images[image_slot : image_slot + count] = pictures[valid]
             image_mask[image_slot : image_slot + count] = True
-            if layouts is not None:
-                layouts[image_slot : image_slot + count] = layout[valid]
+            layouts[image_slot : image_slot + count] = layout[valid]
             ids.append(record.id)
             start, image_slot = end, image_slot + count
         return {**example, "id": ",".join(ids), "dropped": dropped}  # (filled in place)

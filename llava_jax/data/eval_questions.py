@@ -29,9 +29,9 @@ class EvalQuestion:
     """One assistant turn to answer by greedy decoding.
 
     ``prompt_ids int32[L]``: the conversation up to this answer (earlier reference answers
-    included), image tokens expanded; ``images float32[I, H, W, 3]``, ``image_mask bool[I]``;
-    ``answer``: the reference text. ``stop``: the template's end-of-answer string.
-    LLaVA-NeXT: ``images float32[I, T, H, W, 3]`` (tiles) and ``image_layout int32[I, N]``.
+    included), image tokens expanded; ``images float32[I, T, H, W, 3]`` (each image's tiles),
+    ``image_mask bool[I]``, ``image_layout int32[I, N]`` (models/inputs.py); ``answer``: the
+    reference text. ``stop``: the template's end-of-answer string.
     """
 
     record_id: str
@@ -39,9 +39,9 @@ class EvalQuestion:
     prompt_ids: np.ndarray
     images: np.ndarray
     image_mask: np.ndarray
+    image_layout: np.ndarray
     answer: str
     stop: str
-    image_layout: np.ndarray | None = None
 
 
 def make_eval_questions(
@@ -62,21 +62,15 @@ def make_eval_questions(
     # the TFDS source order is a fixed hash order, the same on every run
     for index in range(len(source) if limit is None else min(limit, len(source))):
         record = from_stored(source[index])
-        layout, counts = None, None
         try:
-            if encoder.anyres is not None:
-                images, image_mask, layout, counts = encoder.anyres_images(record)
-            else:
-                images, image_mask = encoder.images(record)
+            images, image_mask, layout, counts = encoder.images(record)
         except DroppedExample as error:
             logging.warning("Eval record %s left out: %s", record.id, error)
             continue
         turns = skip_leading_answer(record.conversations)
         for turn in range(1, len(turns), 2):
-            image_tokens = geometry.tokens_of_square
-            if counts is not None:  # the images the prompt so far shows
-                shown = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns[:turn])
-                image_tokens = counts[:shown]
+            shown = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns[:turn])
+            image_tokens = counts[:shown]  # the images the prompt so far shows
             questions.append(
                 EvalQuestion(
                     record_id=record.id,
@@ -84,9 +78,9 @@ def make_eval_questions(
                     prompt_ids=prompt_ids(turns[:turn], template, tokenizer, image_tokens),
                     images=images,
                     image_mask=image_mask,
+                    image_layout=layout,
                     answer=turns[turn]["value"],
                     stop=template.end,
-                    image_layout=layout,
                 )
             )
     return questions

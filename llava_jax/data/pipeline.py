@@ -10,16 +10,16 @@ restores the exact next batches; it is a ``grain.DatasetIterator``, so
 A batch (``B`` = global batch / process count, ``T`` = max_len, ``I`` = max images):
 
 - ``input_ids int32[B, T]``: right-padded with the pad id; each ``<image>`` expanded to
-  ``num_image_tokens`` copies of the image token id
+  its image's tokens (copies of the image token id)
 - ``loss_mask float32[B, T]``: 1 on assistant answer tokens and their end token
 - ``attention_mask int32[B, T]``: the segment of each token, 0 on padding: 1 on every real
   token of an unpacked row; with ``packing``, 1, 2, ... for the conversations of a row
 - ``positions int32[B, T]``: each token's position in its conversation (RoPE)
-- ``images float32[B, I, H, W, 3]``: normalised; unused slots are zeros
+- ``images float32[B, I, T, H, W, 3]``: each image's tiles, normalised (data/image_tiles.py:
+  a square image is one tile); unused slots are zeros
 - ``image_mask bool[B, I]``: valid images first
-- LLaVA-NeXT (``image_grid_pinpoints``): ``images float32[B, I, T, H, W, 3]``, each image's
-  tiles, and ``image_layout int32[B, I, N]`` (data/anyres.py); an image's token count
-  depends on its size
+- ``image_layout int32[B, I, N]``: each image token's feature (``ImageGeometry``); a tiled
+  (LLaVA-NeXT) image's token count depends on its size
 
 With ``packing`` a row holds whole conversations placed first-fit (data/packing.py), ``I``
 is ``max_images_per_row`` and the row's images follow its image tokens' order; with
@@ -31,6 +31,7 @@ later batch shifts). Both keep the iterator's state an index, so resume stays ex
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -225,10 +226,9 @@ def length_table(
             config.template,
             config.template_version,
             config.max_len,
-            geometry.tokens_of_square,
             config.max_images_per_sample,
             len(source),
-            encoder.anyres,
+            dataclasses.astuple(geometry),  # the image token counts follow it
         )
         directory = datasets.builder_for(config).data_dir
         cache_path = os.path.join(directory, "llava_jax_lengths", f"{split}-{key}.npz")

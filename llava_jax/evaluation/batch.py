@@ -206,35 +206,32 @@ def generate_answers(
     batch_size: int,
     image_slots: tuple[int, ...],
     length: int | None = None,
-    image_layouts: Sequence[np.ndarray | None] | None = None,
+    image_layouts: Sequence[np.ndarray | None],
     batch_rows: int | None = None,
 ) -> list[str]:
-    """Answers to `prompts` (int32[L] each) about their `images` (float32[I, H, W, 3] with
-    `image_masks` bool[I], or None for text only), in order, `batch_size` at a time.
+    """Answers to `prompts` (int32[L] each) about their `images` (float32[I, T, H, W, 3],
+    each image's tiles, with `image_masks` bool[I] and `image_layouts` int32[I, N]; None for
+    text only), in order, `batch_size` at a time.
 
-    `image_slots` is (I, H, W, 3). Every batch is padded to `batch_rows` rows (default:
+    `image_slots` is (I, T, H, W, 3). Every batch is padded to `batch_rows` rows (default:
     `batch_size`, or the number of prompts if fewer: rows for prompts there are not would
     only cost memory), so one compiled program serves them all (and, with `length`, one
-    prompt length). A LLaVA-NeXT model: images are tiles (`image_slots` (I, T, H, W, 3))
-    with `image_layouts` int32[I, N].
+    prompt length).
     """
     if batch_rows is None:
         batch_rows = min(batch_size, len(prompts))
     answers: list[str] = []
-    layout_shape = None
-    if image_layouts is not None:
-        layout_shape = next(x.shape for x in image_layouts if x is not None)
+    geometry = engine.geometry
     for start in range(0, len(prompts), batch_size):
         rows = range(start, min(start + batch_size, len(prompts)))
         pixels = np.zeros((len(rows), *image_slots), np.float32)
         image_mask = np.zeros((len(rows), image_slots[0]), bool)
-        layout = None if layout_shape is None else np.full((len(rows), *layout_shape), -1)
+        layout = geometry.empty_layouts(len(rows), image_slots[0])
         for row, index in enumerate(rows):
             if images[index] is not None:
                 pixels[row] = images[index]
                 image_mask[row] = image_masks[index]
-                if layout is not None:
-                    layout[row] = image_layouts[index]
+                layout[row] = image_layouts[index]
         result = engine.generate(
             params,
             [prompts[i] for i in rows],
@@ -272,14 +269,6 @@ def answer_questions(
     image_slots = (1, *model.image_shape)
     window: list[dict | _Prepared] = []  # entries in question order; _Prepared to generate
 
-    def layouts(todo: list[_Prepared]) -> list[np.ndarray | None] | None:
-        """A NeXT model's feature layouts int32[1, N], one per question (None: no image)."""
-        geometry = model.geometry
-        if not geometry.tiled:
-            return None
-        empty = np.full((1, geometry.max_tokens), -1, np.int32)
-        return [empty if i.image is None else i.image.layout[None] for i in todo]
-
     def flush() -> Iterator[dict]:
         todo = [item for item in window if isinstance(item, _Prepared)]
         answers = iter(
@@ -292,7 +281,9 @@ def answer_questions(
                 sampling,
                 batch_size=batch_size,
                 image_slots=image_slots,
-                image_layouts=layouts(todo),
+                image_layouts=[
+                    None if item.image is None else item.image.layout[None] for item in todo
+                ],
                 batch_rows=rows,
             )
             if todo

@@ -50,6 +50,7 @@ from llava_jax.inference.generation import (
 from llava_jax.inference.programs import decode, prefill
 from llava_jax.inference.sampling import SamplingConfig, SamplingParams, batch_sampling
 from llava_jax.models.config import ModelConfig
+from llava_jax.models.inputs import ImageGeometry
 from llava_jax.models.llava import Llava, abstract_params
 from llava_jax.models.quantize import is_quantized, quantize_abstract
 from llava_jax.sharding import (
@@ -132,6 +133,7 @@ class Engine:
         config = config.replace(remat_policy="none")
         self.config = config
         self.model = Llava(config)
+        self.geometry = ImageGeometry.of(config)
         self.mesh = mesh
         self.rules = tuple(rules)
         self.cache_dtype = jnp.dtype(cache_dtype or config.dtype)
@@ -224,35 +226,36 @@ class Engine:
         image_token = self.config.image_token_id
         if pad_token_id == image_token:
             raise ValueError(f"pad_token_id={pad_token_id} is the image token")
-        batch = len(prompts)
-        anyres = self.config.anyres
+        batch, geometry = len(prompts), self.geometry
         if images is not None:
             images = np.asarray(images, np.float32)
-            shape = "[B, I, T, H, W, 3] (each image's tiles)" if anyres else "[B, I, H, W, 3]"
-            if images.ndim != (6 if anyres else 5) or images.shape[0] != batch:
+            shape = (batch, None, *geometry.tiles_shape(self.config.vision.num_channels))
+            if images.ndim != len(shape) or images.shape[0] != batch:
                 raise ValueError(
-                    f"images must be float32{shape} with B={batch}, got {images.shape}"
+                    f"images must be float32[B, I, T, H, W, 3] (each image's tiles) with "
+                    f"B={batch}, T={geometry.max_tiles}, got {images.shape}"
                 )
             if image_mask is None:
                 image_mask = np.ones(images.shape[:2], bool)
             image_mask = np.asarray(image_mask, bool)
-            if anyres:
-                if image_layout is None or np.shape(image_layout)[:2] != images.shape[:2]:
-                    raise ValueError("a LLaVA-NeXT model needs image_layout int32[B, I, N]")
-                image_layout = np.asarray(image_layout, np.int32)
-        num_valid = np.zeros(batch, int) if images is None else image_mask.sum(axis=1)
+            if image_layout is None:
+                image_layout = geometry.layouts_in_order(*images.shape[:2])
+            if np.shape(image_layout) != (*images.shape[:2], geometry.max_tokens):
+                raise ValueError(
+                    f"image_layout must be int32[B, I, N] with N={geometry.max_tokens}, got "
+                    f"{np.shape(image_layout)} for images {images.shape}"
+                )
+            image_layout = np.asarray(image_layout, np.int32)
         for b, prompt in enumerate(prompts):
             found = int(np.sum(prompt == image_token))
-            if anyres and images is not None:
+            wanted, valid = 0, 0
+            if images is not None:
                 wanted = int(((image_layout[b] >= 0) & image_mask[b][:, None]).sum())
-                per_image = "as their sizes give"
-            else:
-                wanted = int(num_valid[b]) * self.config.num_image_tokens
-                per_image = f"{self.config.num_image_tokens} per image"
+                valid = int(image_mask[b].sum())
             if found != wanted:
                 raise ValueError(
-                    f"prompt {b} has {found} image tokens but its {int(num_valid[b])} image(s) "
-                    f"need {wanted} ({per_image})"
+                    f"prompt {b} has {found} image tokens but its {valid} image(s) need "
+                    f"{wanted} (as their sizes give)"
                 )
 
         rows = max(batch, batch_rows or 0)
@@ -271,16 +274,15 @@ class Engine:
             extra = rows - batch
             images = np.concatenate([images, np.zeros((extra, *images.shape[1:]), np.float32)])
             image_mask = np.concatenate([image_mask, np.zeros((extra, image_mask.shape[1]), bool)])
-            if image_layout is not None:
-                filler = np.full((extra, *image_layout.shape[1:]), -1, np.int32)
-                image_layout = np.concatenate([image_layout, filler])
+            filler = geometry.empty_layouts(extra, image_layout.shape[1])
+            image_layout = np.concatenate([image_layout, filler])
         fields = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "images": images,
             "image_mask": image_mask,
             "filler": np.arange(rows) >= batch,
-            "image_layout": image_layout if images is not None else None,
+            "image_layout": image_layout,
         }
         return fields, batch
 
@@ -355,16 +357,16 @@ class Engine:
     ) -> GenerationResult:
         """Generate for a batch of prompts of any lengths.
 
-        prompts: B arrays int32[T_b] (with `config.num_image_tokens` image tokens per valid
-        image); images: float32[B, I, H, W, 3] (normalised) or None; image_mask: bool[B, I]
-        (default all True). batch_rows: pad the batch to this many rows (filler rows that
-        stop at once), so a last, smaller batch reuses the compiled programs. length: pad
-        every prompt to this length instead of its bucket. Without stop strings the whole
+        prompts: B arrays int32[T_b] (with each valid image's image tokens); images:
+        float32[B, I, T, H, W, 3] (each image's tiles, normalised; models/inputs.py) or None;
+        image_mask: bool[B, I] (default all True); image_layout: int32[B, I, N] (default:
+        one-tile images' features in order; a tiled model needs it). batch_rows: pad the
+        batch to this many rows (filler rows that stop at once), so a last, smaller batch
+        reuses the compiled programs. length: pad every prompt to this length instead of its
+        bucket. Without stop strings the whole
         generation is one device call. sampling: one config for every row, or one per
         prompt (each row with its own temperature, top-k, top-p, seed, max_new_tokens and
-        stop strings; see `batch_sampling` for what they share). A LLaVA-NeXT model takes
-        each image's tiles, images float32[B, I, T, H, W, 3], and image_layout int32[B, I, N]
-        (data/anyres.py: the prompt has each image's own number of image tokens).
+        stop strings; see `batch_sampling` for what they share).
         """
         shared = sampling if isinstance(sampling, SamplingConfig) else batch_sampling(sampling)
         chunk = DEFAULT_STOP_CHECK_INTERVAL if shared.stop_strings else None

@@ -30,7 +30,6 @@ import jax
 import numpy as np
 from PIL import Image
 
-from llava_jax.data.anyres import Anyres
 from llava_jax.data.config import DataConfig
 from llava_jax.data.conversation import (
     IMAGE_PLACEHOLDER,
@@ -45,9 +44,9 @@ from llava_jax.data.image import (
     ImageFileError,
     ImageTooLargeError,
     decode_image,
-    preprocess_image,
     read_image_file,
 )
+from llava_jax.data.image_tiles import ImageTiler
 from llava_jax.data.prompt import prompt_ids, user_turn
 from llava_jax.data.tokenizer import LoadedTokenizer
 from llava_jax.errors import ArgumentError, InputError
@@ -73,15 +72,15 @@ ROLES = ("USER", "ASSISTANT")  # as LLaVA's serve.cli shows them
 class ModelImage:
     """One image as the model takes it.
 
-    pixels: float32[H, W, 3], normalised; for a LLaVA-NeXT model the image's tiles
-    float32[T, S, S, 3] (T: the model's most tiles) and `layout` int32[N], where each of its
-    image tokens comes from (data/anyres.py). num_tokens: the image tokens its `<image>`
-    becomes in the prompt (a NeXT image's depend on its size).
+    pixels: the image's tiles float32[T, S, S, 3], normalised (T: the model's most tiles; a
+    square image is one tile); `layout` int32[N]: where each of its image tokens comes from
+    (models/inputs.py). num_tokens: the image tokens its `<image>` becomes in the prompt (a
+    tiled image's depend on its size).
     """
 
     pixels: np.ndarray
     num_tokens: int
-    layout: np.ndarray | None = None
+    layout: np.ndarray
 
 
 @dataclasses.dataclass
@@ -111,9 +110,9 @@ class LoadedModel:
         return ImageGeometry.of(self.config)
 
     @functools.cached_property
-    def anyres(self) -> Anyres | None:
-        """LLaVA-NeXT: the host's tiles and layouts of the model's grids; None otherwise."""
-        return Anyres.of_geometry(self.geometry) if self.geometry.tiled else None
+    def tiler(self) -> ImageTiler:
+        """The host's tiles and layouts of the model's images (data/image_tiles.py)."""
+        return ImageTiler.of_geometry(self.geometry)
 
     # --- text -----------------------------------------------------------------------------
     @property
@@ -176,16 +175,9 @@ class LoadedModel:
         found = int(np.sum(np.asarray(prompt_ids) == self.config.image_token_id))
         if found == wanted:
             return
-        if self.config.anyres:
-            raise InputError(
-                f"the prompt has {found} image tokens but {len(images)} image(s), which need "
-                f"{wanted} (as their sizes give)"
-            )
-        per_image = self.config.num_image_tokens
         raise InputError(
-            f"the prompt has {found} image tokens ({found / per_image:g} "
-            f"{IMAGE_PLACEHOLDER}) but {len(images)} image(s), which need "
-            f"{wanted} ({per_image} per image)"
+            f"the prompt has {found} image tokens but {len(images)} image(s), which need "
+            f"{wanted} ({', '.join(str(image.num_tokens) for image in images) or 'none'})"
         )
 
     def prompt_ids(
@@ -196,15 +188,13 @@ class LoadedModel:
     ) -> np.ndarray:
         """`int32[L]`: the conversation rendered with the template, ending where the
         assistant's next answer starts, tokenized, each `<image>` expanded to its image's
-        tokens (`images`, in order: a NeXT image's count depends on its size; otherwise
-        every image has `config.num_image_tokens`). `system`: a system prompt in place of
-        the template's own (`conversation.with_system`).
+        tokens (`images`, in order: a tiled image's count depends on its size). `system`: a
+        system prompt in place of the template's own (`conversation.with_system`).
 
-        Raises `InputError` when a NeXT model's conversation writes `<image>` a different
-        number of times than it has images (the other models: `check_image_tokens`)."""
-        counts: int | list[int] = self.config.num_image_tokens
-        if self.config.anyres:
-            counts = [image.num_tokens for image in images]
+        Raises `InputError` when the conversation writes `<image>` a different number of
+        times than it has images (a square image's count needs no image: with none given,
+        every `<image>` takes it)."""
+        counts = self.geometry.prompt_counts([image.num_tokens for image in images])
         template = self.template
         if system is not None:
             try:
@@ -281,43 +271,35 @@ class LoadedModel:
         """A decoded RGB image -> a `ModelImage` with the model's data settings: padded or
         resized to a square and normalised; a NeXT model's tiled (any size)."""
         data = self.data
-        if self.anyres is not None:
-            tiles, layout, count = self.anyres.encode(image, data.image_mean, data.image_std)
-            return ModelImage(tiles, count, layout)
-        size = self.geometry.image_size
-        pixels = preprocess_image(image, size, data.image_aspect, data.image_mean, data.image_std)
-        return ModelImage(pixels, self.geometry.tokens_of_square)
+        tiles, layout, count = self.tiler.encode(
+            image, data.image_mean, data.image_std, data.image_aspect
+        )
+        return ModelImage(tiles, count, layout)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        """An image slot's pixels: (H, W, C), or a NeXT model's tiles (T, H, W, C)."""
-        size, channels = self.geometry.image_size, self.config.vision.num_channels
-        tiles = (self.geometry.max_tiles,) if self.geometry.tiled else ()
-        return (*tiles, size, size, channels)
+        """An image slot's tiles (T, H, W, C)."""
+        return self.geometry.tiles_shape(self.config.vision.num_channels)
 
     def batch_images(
         self, rows: Sequence[Sequence[ModelImage]], min_slots: int = 0
     ) -> dict[str, np.ndarray | None]:
         """The engine's image arguments for B rows of images: `images` float32[B, I,
-        *image_shape], `image_mask` bool[B, I] and (NeXT) `image_layout` int32[B, I, N], I the
-        most any row has, at least `min_slots` (rows with fewer are masked). With no image
-        and `min_slots` 0 every value is None: the vision tower does not run."""
+        *image_shape], `image_mask` bool[B, I] and `image_layout` int32[B, I, N], I the most any
+        row has, at least `min_slots` (rows with fewer are masked). With no image and
+        `min_slots` 0 every value is None: the vision tower does not run."""
         counts = [len(row) for row in rows]
         slots = max(min_slots, *counts, 0)
         if slots == 0:
             return {"images": None, "image_mask": None, "image_layout": None}
         images = np.zeros((len(rows), slots, *self.image_shape), np.float32)
         mask = np.zeros((len(rows), slots), bool)
-        geometry = self.geometry
-        layout = None
-        if geometry.tiled:
-            layout = np.full((len(rows), slots, geometry.max_tokens), -1)
+        layout = self.geometry.empty_layouts(len(rows), slots)
         for b, row in enumerate(rows):
             for i, image in enumerate(row):
                 images[b, i] = image.pixels
                 mask[b, i] = True
-                if layout is not None:
-                    layout[b, i] = image.layout
+                layout[b, i] = image.layout
         return {"images": images, "image_mask": mask, "image_layout": layout}
 
     # --- generation -----------------------------------------------------------------------
@@ -519,9 +501,7 @@ def load_model(
     except ValueError as err:
         raise InputError(str(err)) from None
     data = data.replace(template=chosen.name)
-    image_tokens = f"{config.num_image_tokens} image tokens"
-    if config.anyres:
-        image_tokens = f"images tiled on {len(config.image_grid_pinpoints)} grids"
+    image_tokens = ImageGeometry.of(config).describe()
     logging.info(
         "Loaded %s (%s%s): template %s (version %d), %s, context %d",
         path,

@@ -43,7 +43,7 @@ class PromptBatch:
     images: Array | None  # float32[B, I, H, W, 3] (LLaVA-NeXT: [B, I, T, H, W, 3]) or None
     image_mask: Array | None  # bool[B, I]
     filler: Array  # bool[B]: rows that only pad the batch (they start done)
-    image_layout: Array | None = None  # LLaVA-NeXT: int32[B, I, N] (data/anyres.py)
+    image_layout: Array | None = None  # int32[B, I, N] (models/inputs.py)
 
 
 @struct.dataclass

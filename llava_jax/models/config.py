@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any
 
+from llava_jax.models.inputs import ImageGeometry
 from llava_jax.section import Section
 
 # Remat policies as maxtext names them (models/layers.py says what each keeps): from
@@ -174,7 +175,7 @@ class ModelConfig(Section):
     vision_feature_select_strategy: str = "default"  # default: drop CLS | full
     image_token_id: int = 32000
     # LLaVA-NeXT ("anyres"): grid resolutions (height, width), multiples of the vision
-    # tower's image size; empty for LLaVA-1.5's single square image (data/anyres.py).
+    # tower's image size; empty for LLaVA-1.5's single square image (models/inputs.py).
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -208,11 +209,6 @@ class ModelConfig(Section):
         """Tokens one image becomes in the sequence (576 for ViT-L/14-336, CLS dropped)."""
         cls = 0 if self.vision_feature_select_strategy == "default" else 1
         return self.vision.num_patches + cls
-
-    @property
-    def anyres(self) -> bool:
-        """LLaVA-NeXT: images as tiles on a grid, with an `image_newline` per row."""
-        return bool(self.image_grid_pinpoints)
 
     @property
     def projector_depth(self) -> int:
@@ -251,18 +247,7 @@ class ModelConfig(Section):
                     f"projector='identity' needs vision features ({width}) as wide as "
                     f"text.hidden_size ({self.text.hidden_size})"
                 )
-        tile = self.vision.image_size
-        for pinpoint in self.image_grid_pinpoints:
-            if len(pinpoint) != 2 or min(pinpoint) < tile or any(v % tile for v in pinpoint):
-                raise ValueError(
-                    f"image_grid_pinpoints entry {pinpoint!r} is not a (height, width) whose "
-                    f"sides are multiples of vision.image_size={tile}"
-                )
-        if self.anyres and self.vision_feature_select_strategy != "default":
-            raise ValueError(
-                "image_grid_pinpoints (LLaVA-NeXT) lays a tile's features out as a square "
-                "grid, which needs vision_feature_select_strategy='default' (CLS dropped)"
-            )
+        ImageGeometry.of(self)  # the grids, and the feature strategy tiles need
         if self.lora.adapts("llm/lm_head"):
             raise ValueError(
                 f"lora.target={self.lora.target!r} adapts the LM head (llm/lm_head), which the "

@@ -11,11 +11,14 @@ may use it.
 - `attention_mask int32[B, T]`: segment ids, 1.. per conversation of a (packed) row, 0 padding;
 - `positions int32[B, T]`: RoPE positions, restarting at each conversation (None: counted
   from the attention mask, one conversation a row);
-- `images float32[B, I, H, W, 3]` (LLaVA-1.5) or `float32[B, I, tiles, H, W, 3]` (LLaVA-NeXT:
-  the overview, then the grid's tiles, then zeros; `ImageGeometry.max_tiles`);
+- `images float32[B, I, tiles, H, W, 3]`: each image slot's tiles, `ImageGeometry.max_tiles`
+  of them. A LLaVA-1.5 image is a grid of one tile (its square image); a LLaVA-NeXT image is
+  the overview, then its grid's tiles, then zeros;
 - `image_mask bool[B, I]`: which slots hold an image;
-- `image_layout int32[B, I, N] | None`: LLaVA-NeXT only, each image token's row in its
-  image's feature table (`ImageGeometry.feature_layout`; -1 after the image's tokens).
+- `image_layout int32[B, I, N]`: each image token's row in its image's feature table
+  (`ImageGeometry.feature_layout`; -1 after the image's tokens). A one-tile image's
+  features are already in token order (0..N-1): the model skips the gather statically, so
+  its layout may be None.
 
 An image's tokens on a grid (LLaVA-NeXT's "anyres"): an image of H x W is seen at the grid
 resolution from `pinpoints` that keeps the most of it (`select_best_resolution`), resized to
@@ -30,12 +33,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flax import struct
 
-from llava_jax.models.config import ModelConfig
+if TYPE_CHECKING:  # the config builds and checks its geometry: no import back at run time
+    from llava_jax.models.config import ModelConfig
 
 
 @struct.dataclass
@@ -48,7 +52,7 @@ class Batch:
     images: Any
     image_mask: Any
     positions: Any = None  # None: counted from the attention mask (one conversation a row)
-    image_layout: Any = None  # LLaVA-NeXT only
+    image_layout: Any = None  # None: images of one tile (their features in token order)
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
@@ -73,23 +77,18 @@ def batch_shapes(
     config: ModelConfig, batch_size: int, length: int, image_slots: int
 ) -> dict[str, tuple[tuple[int, ...], Any]]:
     """`{field: (shape, dtype)}` of a `Batch` for `config`: images at their largest (every
-    LLaVA-NeXT image as its largest grid of tiles)."""
-    size, channels = config.vision.image_size, config.vision.num_channels
-    rows = (batch_size, length)
-    shapes = {
+    image as its largest grid of tiles)."""
+    geometry = ImageGeometry.of(config)
+    rows, slots = (batch_size, length), (batch_size, image_slots)
+    return {
         "input_ids": (rows, np.int32),
         "loss_mask": (rows, np.float32),
         "attention_mask": (rows, np.int32),
         "positions": (rows, np.int32),
-        "images": ((batch_size, image_slots, size, size, channels), np.float32),
-        "image_mask": ((batch_size, image_slots), np.bool_),
+        "images": ((*slots, *geometry.tiles_shape(config.vision.num_channels)), np.float32),
+        "image_mask": (slots, np.bool_),
+        "image_layout": ((*slots, geometry.max_tokens), np.int32),
     }
-    geometry = ImageGeometry.of(config)
-    if geometry.tiled:
-        tiles = (batch_size, image_slots, geometry.max_tiles, size, size, channels)
-        shapes["images"] = (tiles, np.float32)
-        shapes["image_layout"] = ((batch_size, image_slots, geometry.max_tokens), np.int32)
-    return shapes
 
 
 def abstract_batch(
@@ -140,14 +139,20 @@ class ImageGeometry:
     square_tokens: int | None = None
 
     def __post_init__(self):
+        tile = self.tile
+        for pinpoint in self.pinpoints:
+            if len(pinpoint) != 2 or min(pinpoint) < tile or any(v % tile for v in pinpoint):
+                raise ValueError(
+                    f"image_grid_pinpoints entry {tuple(pinpoint)!r} is not a (height, width) "
+                    f"whose sides are multiples of vision.image_size={self.tile}"
+                )
         pinpoints = tuple(tuple(int(v) for v in p) for p in self.pinpoints)
         object.__setattr__(self, "pinpoints", pinpoints)
-        for height, width in self.pinpoints:
-            if height % self.tile or width % self.tile:
-                raise ValueError(
-                    f"image_grid_pinpoints entry {(height, width)} is not a multiple of the "
-                    f"vision tower's image size {self.tile}"
-                )
+        if self.tiled and self.square_tokens not in (None, self.side**2):
+            raise ValueError(
+                "image_grid_pinpoints (LLaVA-NeXT) lays a tile's features out as a square "
+                "grid, which needs vision_feature_select_strategy='default' (CLS dropped)"
+            )
 
     @property
     def side(self) -> int:
@@ -172,7 +177,7 @@ class ImageGeometry:
     @property
     def fewest_tokens(self) -> int:
         """Tokens of the smallest image in a prompt (NeXT: a square one tile across)."""
-        return self.num_tokens(self.tile, self.tile) if self.tiled else self.tokens_of_square
+        return self.num_tokens(self.tile, self.tile)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Tiles `(rows, cols)` for an image of `height x width`."""
@@ -209,6 +214,44 @@ class ImageGeometry:
         pad = (cols - kept) // 2
         return 0, pad, rows, cols - 2 * pad
 
+    def tiles_shape(self, channels: int = 3) -> tuple[int, int, int, int]:
+        """An image slot's pixels: `(max_tiles, tile, tile, channels)`."""
+        return (self.max_tiles, self.tile, self.tile, channels)
+
+    @property
+    def largest_input(self) -> tuple[int, int]:
+        """`(height, width)` of the largest image the model sees whole: its largest grid
+        resolution, or one tile."""
+        return max(self.pinpoints, key=lambda p: p[0] * p[1], default=(self.tile, self.tile))
+
+    def describe(self) -> str:
+        """A short account of the images, for a log line."""
+        if self.tiled:
+            return f"images tiled on {len(self.pinpoints)} grids"
+        return f"{self.tokens_of_square} image tokens"
+
+    def empty_layouts(self, *shape: int) -> np.ndarray:
+        """`int32[*shape, max_tokens]` of -1: the layouts of empty image slots."""
+        return np.full((*shape, self.max_tokens), -1, np.int32)
+
+    def check_layout(self, layout: Any) -> Any:
+        """The layout a tiled image needs (`ValueError` when it is None); a one-tile
+        image's features are in token order and need none."""
+        if layout is None and self.tiled:
+            raise ValueError("a LLaVA-NeXT model needs image_layout int32[B, I, N] with its images")
+        return layout
+
+    def prompt_counts(self, counts: Sequence[int]) -> int | list[int]:
+        """What each `<image>` of a prompt expands to: each image's count in order, or, with
+        no image given, a square image's count for every one (it needs no image to count)."""
+        return list(counts) if counts or self.tiled else self.tokens_of_square
+
+    def layouts_in_order(self, *shape: int) -> np.ndarray:
+        """`int32[*shape, max_tokens]`: one-tile images' layouts, every feature in order (a
+        tiled image's depends on its size: `ValueError`)."""
+        self.check_layout(None)
+        return np.broadcast_to(self.feature_layout(0, 0), (*shape, self.max_tokens))
+
     def num_tokens(self, height: int, width: int) -> int:
         """Image tokens an image of `height x width` takes in the prompt."""
         if not self.tiled:
@@ -219,7 +262,10 @@ class ImageGeometry:
     def feature_layout(self, height: int, width: int) -> np.ndarray:
         """`int32[max_tokens]`: for each image token, its row in the image's feature table
         `[max_tiles * side**2 + 1]` (tile t's patch (y, x) at `t * side**2 + y * side + x`;
-        tile 0 the overview; the last row the newline); -1 after the image's tokens."""
+        tile 0 the overview; the last row the newline); -1 after the image's tokens. An image
+        of one tile: its features in order, 0..N-1."""
+        if not self.tiled:
+            return np.arange(self.tokens_of_square, dtype=np.int32)
         side, per_tile = self.side, self.side * self.side
         newline = self.max_tiles * per_tile
         _, grid_cols = self.grid(height, width)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.models.config import ModelConfig
-from llava_jax.models.inputs import batch_shapes
+from llava_jax.models.inputs import ImageGeometry, batch_shapes
 from llava_jax.models.layers import stack_layers, unstack_layers
 from llava_jax.models.llama import KVCache, LlamaDecoder
 from llava_jax.models.lora import prepare_base, prepare_base_abstract
@@ -76,7 +76,7 @@ def merge_image_features(
 
 
 def lay_out_anyres(features: Array, newline: Array, layout: Array) -> tuple[Array, Array]:
-    """LLaVA-NeXT's feature order from tile features (data/anyres.py `feature_layout`).
+    """LLaVA-NeXT's feature order from tile features (`ImageGeometry.feature_layout`).
 
     features: [B, I, T, P, D] (tile 0 the overview); newline: [D]; layout: int32[B, I, N],
     rows of each image's table `[T * P + 1]` (the last: the newline), -1 past its tokens.
@@ -95,6 +95,10 @@ class Llava(nn.Module):
 
     config: ModelConfig
 
+    @property
+    def geometry(self) -> ImageGeometry:
+        return ImageGeometry.of(self.config)
+
     def setup(self):
         cfg = self.config
         lora = cfg.lora if cfg.lora.enabled else None
@@ -108,31 +112,31 @@ class Llava(nn.Module):
             out_features=cfg.text.hidden_size,
             use_bias=cfg.projector_bias,
             act=cfg.projector_act,
-            newline=cfg.anyres,
+            newline=self.geometry.tiled,
             **kw,
         )
         self.llm = LlamaDecoder(cfg.text, **stack, **kw)
 
-    def encode_images(self, images: Array) -> Array:
-        """`images: float32[B, I, H, W, 3]` (normalised) -> features `[B, I, N, D_text]`."""
-        batch, num_images = images.shape[:2]
-        flat = images.reshape(batch * num_images, *images.shape[2:])
-        with jax.named_scope("vision"):
-            states = self.img(flat, feature_states(self.config))
-            features = self.proj(select_features(self.config, states))
-        return features.reshape(batch, num_images, *features.shape[1:])
-
-    def encode_anyres(self, images: Array, layout: Array) -> tuple[Array, Array]:
-        """LLaVA-NeXT: `images: float32[B, I, T, H, W, 3]` (each image's tiles, the overview
-        first) and `layout: int32[B, I, N]` -> features `[B, I, N, D_text]` in token order and
-        which exist `bool[B, I, N]` (`lay_out_anyres`)."""
+    def encode_images(self, images: Array, layout: Array | None) -> tuple[Array, Array | None]:
+        """`images: float32[B, I, T, H, W, 3]` (each image's tiles, normalised) and `layout:
+        int32[B, I, N]` -> features `[B, I, N, D_text]` in token order and which exist
+        `bool[B, I, N]` (`lay_out_anyres`). Images of one tile (LLaVA-1.5) are already in
+        token order: their layout is not read and every feature exists (None)."""
+        if images.ndim != 6:
+            raise ValueError(
+                f"images must be float32[B, I, T, H, W, 3] (each image's tiles; one for a "
+                f"square image), got shape {images.shape}"
+            )
         batch, num_images, tiles = images.shape[:3]
         flat = images.reshape(batch * num_images * tiles, *images.shape[3:])
         with jax.named_scope("vision"):
-            states = self.img(flat, feature_states(self.config))
-            features, newline = self.proj(select_features(self.config, states), True)
+            selected = select_features(self.config, self.img(flat, feature_states(self.config)))
+            if not self.geometry.tiled:  # static: one tile an image, no gather
+                features = self.proj(selected)
+                return features.reshape(batch, num_images, *features.shape[1:]), None
+            features, newline = self.proj(selected, True)
         features = features.reshape(batch, num_images, tiles, *features.shape[1:])
-        return lay_out_anyres(features, newline, layout)
+        return lay_out_anyres(features, newline, self.geometry.check_layout(layout))
 
     def embed_inputs(
         self,
@@ -149,13 +153,8 @@ class Llava(nn.Module):
             return embeddings
         if image_mask is None:
             image_mask = jnp.ones(images.shape[:2], dtype=bool)
-        if self.config.anyres:
-            if image_layout is None:
-                raise ValueError("a LLaVA-NeXT model needs image_layout with its images")
-            features, exists = self.encode_anyres(images, image_layout)
-            return merge_image_features(embeddings, features, is_image_token, image_mask, exists)
-        features = self.encode_images(images)
-        return merge_image_features(embeddings, features, is_image_token, image_mask)
+        features, exists = self.encode_images(images, image_layout)
+        return merge_image_features(embeddings, features, is_image_token, image_mask, exists)
 
     def __call__(
         self,
@@ -169,14 +168,15 @@ class Llava(nn.Module):
     ) -> Array:
         """Full forward pass -> logits `float32[B, T, V]`.
 
-        input_ids: int32[B, T]; images: float32[B, I, H, W, 3]; image_mask: bool[B, I]
+        input_ids: int32[B, T]; images: float32[B, I, T_img, H, W, 3] (each image's tiles;
+        models/inputs.py); image_mask: bool[B, I]
         (default all True); attention_mask: int32[B, T], 0 = padding, else the token's
         segment (default all 1): a row may pack several sequences, numbered 1, 2, ..., that
         never attend to each other; positions: int32[B, T] (default 0..T-1 in every row, as
         transformers' forward; packed rows restart them at each segment). The image
         features fill a row's image tokens in order, whatever segments they belong to.
-        LLaVA-NeXT (`config.anyres`): images `float32[B, I, T, H, W, 3]` (each image's tiles)
-        and `image_layout: int32[B, I, N]` (data/anyres.py `feature_layout`).
+        `image_layout: int32[B, I, N]` (`ImageGeometry.feature_layout`): read for tiled
+        images (LLaVA-NeXT) only.
         `return_hidden`: the decoder's final-normed hidden states `[B, T, D]` instead, for a
         loss that applies the LM head (`logits`) in chunks.
         """
@@ -228,19 +228,20 @@ class Llava(nn.Module):
 
 def dummy_inputs(config: ModelConfig, batch_size: int = 1) -> dict[str, Array]:
     """Smallest inputs that reach every parameter, in the input contract's shapes
-    (`models/inputs.py`): one image slot and its image tokens (LLaVA-NeXT: the first of
+    (`models/inputs.py`): one image slot and its image tokens (a tiled image: the first of
     its layout's rows, the rest -1)."""
     length = config.num_image_tokens + 1
     shapes = batch_shapes(config, batch_size, length, image_slots=1)
     input_ids = jnp.full(shapes["input_ids"][0], config.image_token_id, jnp.int32)
-    inputs = {"input_ids": input_ids.at[:, -1].set(0)}
-    inputs["images"] = jnp.zeros(*shapes["images"])
-    if "image_layout" in shapes:
-        layout_shape = shapes["image_layout"][0]
-        rows = jnp.arange(layout_shape[-1], dtype=jnp.int32)
-        layout = jnp.where(rows < config.num_image_tokens, rows, -1)
-        inputs["image_layout"] = jnp.broadcast_to(layout, layout_shape)
-    return inputs
+    layout_shape = shapes["image_layout"][0]
+    rows = jnp.arange(layout_shape[-1], dtype=jnp.int32)
+    return {
+        "input_ids": input_ids.at[:, -1].set(0),
+        "images": jnp.zeros(*shapes["images"]),
+        "image_layout": jnp.broadcast_to(
+            jnp.where(rows < config.num_image_tokens, rows, -1), layout_shape
+        ),
+    }
 
 
 def _for_init(config: ModelConfig) -> ModelConfig:

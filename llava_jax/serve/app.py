@@ -68,12 +68,8 @@ IMAGE_WORKERS = 2  # images decoded at once, whatever the number of requests
 def default_max_image_pixels(model: Any) -> int:
     """`IMAGE_PIXELS_MULTIPLE` times the pixels of the model's largest input: its image size
     squared, or a NeXT model's largest grid resolution."""
-    geometry = model.geometry
-    if geometry.tiled:
-        largest = max(height * width for height, width in geometry.pinpoints)
-    else:
-        largest = geometry.image_size**2
-    return IMAGE_PIXELS_MULTIPLE * largest
+    height, width = model.geometry.largest_input
+    return IMAGE_PIXELS_MULTIPLE * height * width
 
 
 def _libc_malloc_trim() -> Any:

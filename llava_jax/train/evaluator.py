@@ -138,9 +138,7 @@ class Evaluator:
                 batch_size=self.batch_size,
                 image_slots=image_slots,
                 length=self.prompt_length,
-                image_layouts=[q.image_layout for q in questions]
-                if questions[0].image_layout is not None
-                else None,
+                image_layouts=[q.image_layout for q in questions],
             )
             correct = [
                 normalize_vqa_answer(a) == r for a, r in zip(answers, references, strict=True)

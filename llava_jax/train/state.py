@@ -14,6 +14,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh
 
 from llava_jax.models.config import ModelConfig
+from llava_jax.models.inputs import ImageGeometry
 from llava_jax.models.llava import Llava, abstract_params, dummy_inputs
 from llava_jax.models.lora import is_lora_factor, prepare_base, without_lora
 from llava_jax.sharding import (
@@ -97,7 +98,8 @@ def base_abstract_params(setup: TrainSetup, source: ModelConfig | None = None) -
     from a `source` model without anyres (LLaVA-1.5's stage 1) restores all but the
     `image_newline`, which `init_train_state` adds."""
     config = setup.model_config
-    fresh_newline = config.anyres and source is not None and not source.anyres
+    geometry = ImageGeometry.of
+    fresh_newline = source is not None and geometry(config).tiled and not geometry(source).tiled
     if not config.lora.enabled and not fresh_newline:
         return setup.abstract_state.params
     if fresh_newline:

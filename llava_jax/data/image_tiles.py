@@ -1,7 +1,10 @@
-"""LLaVA-NeXT's any-resolution images ("anyres") on the host: an image's tiles (resized to its
-best grid resolution, padded centred in black, cut behind an overview) and what the prompt
-needs of it. The geometry itself (grids, tokens, the feature layout) is the model's:
-`models/inputs.py` `ImageGeometry`.
+"""An image on the host as the model takes it: its tiles, its feature layout and its number
+of image tokens (`models/inputs.py` `ImageGeometry` owns the geometry: grids, tokens, layout).
+
+A LLaVA-1.5 image is one tile: the square image, padded or resized (`data/image.py`). A
+LLaVA-NeXT image ("anyres") is an overview and its grid's tiles: resized to its best grid
+resolution, padded centred in black and cut. The data pipeline and inference both prepare
+images here, so the two never differ.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from llava_jax.data.image import normalize, to_rgb
+from llava_jax.data.image import decoded_size, normalize, preprocess_image, to_rgb
 from llava_jax.models.inputs import ImageGeometry, select_best_resolution
 
 
@@ -24,31 +27,57 @@ def fitted_size(height: int, width: int, target_height: int, target_width: int) 
     return target_height, min(math.ceil(width * scale_height), target_width)
 
 
-class Anyres(ImageGeometry):
+class ImageTiler(ImageGeometry):
     """`ImageGeometry` (models/inputs.py) with the host's work on an image: its tiles and
     everything the prompt needs of it."""
 
     @classmethod
-    def of_geometry(cls, geometry: ImageGeometry) -> Anyres:
+    def of_geometry(cls, geometry: ImageGeometry) -> ImageTiler:
         """The host's tiles for a model's geometry (`ImageGeometry.of(model_config)`)."""
         return cls(geometry.tile, geometry.patch, geometry.pinpoints, geometry.square_tokens)
 
     def encode(
-        self, image: Image.Image, mean: Sequence[float], std: Sequence[float]
+        self,
+        image: Image.Image,
+        mean: Sequence[float],
+        std: Sequence[float],
+        aspect: str = "pad",
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """Everything the model and the prompt need of one image: its `tiles` float32[T, S,
-        S, 3], its `feature_layout` int32[N] and its number of image tokens (the data
-        pipeline and inference both prepare images with this)."""
+        S, 3], its `feature_layout` int32[N] and its number of image tokens."""
         width, height = image.size
         return (
-            self.tiles(image, mean, std),
+            self.tiles(image, mean, std, aspect),
             self.feature_layout(height, width),
             self.num_tokens(height, width),
         )
 
-    def tiles(self, image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-        """An RGB image -> normalised `float32[max_tiles, tile, tile, 3]`: the overview (the
-        whole image resized to one tile), then the grid's tiles row by row, then zeros."""
+    def empty(self, slots: int) -> tuple[np.ndarray, np.ndarray]:
+        """`slots` empty image slots: tiles `float32[slots, T, S, S, 3]` of zeros and their
+        layouts `int32[slots, N]` of -1."""
+        return np.zeros((slots, *self.tiles_shape()), np.float32), self.empty_layouts(slots)
+
+    def tokens_from_header(self, data: bytes) -> int:
+        """The image tokens of encoded image bytes, from the header alone where the count
+        depends on the size (raises `ImageDecodeError` when unreadable)."""
+        if not self.tiled:
+            return self.tokens_of_square
+        width, height = decoded_size(data)
+        return self.num_tokens(height, width)
+
+    def tiles(
+        self,
+        image: Image.Image,
+        mean: Sequence[float],
+        std: Sequence[float],
+        aspect: str = "pad",
+    ) -> np.ndarray:
+        """An RGB image -> normalised `float32[max_tiles, tile, tile, 3]`. One tile: the
+        square image (`aspect`: LLaVA's "pad" to a square, or a resize or crop). A grid: the
+        overview (the whole image resized to one tile), then the grid's tiles row by row,
+        then zeros."""
+        if not self.tiled:
+            return preprocess_image(image, self.tile, aspect, mean, std)[None]
         image = to_rgb(image)
         width, height = image.size
         best_height, best_width = select_best_resolution(height, width, self.pinpoints)
