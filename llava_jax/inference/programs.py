@@ -40,7 +40,7 @@ class PromptBatch:
 
     input_ids: Array  # int32[B, P]
     attention_mask: Array  # int32[B, P]: 1 = real token
-    images: Array | None  # float32[B, I, H, W, 3] (LLaVA-NeXT: [B, I, T, H, W, 3]) or None
+    images: Array | None  # float32[B, I, T, H, W, 3] (each image's tiles) or None
     image_mask: Array | None  # bool[B, I]
     filler: Array  # bool[B]: rows that only pad the batch (they start done)
     image_layout: Array | None = None  # int32[B, I, N] (models/inputs.py)
