@@ -21,7 +21,7 @@ from llava_jax.data.datasets.record import Record, from_stored
 from llava_jax.data.image import decode_image, decoded_size
 from llava_jax.data.image_tiles import ImageTiler
 from llava_jax.data.tokenizer import LoadedTokenizer
-from llava_jax.models.inputs import ImageGeometry
+from llava_jax.models.inputs import ImageGeometry, example_shapes
 
 
 class ExampleEncoder:
@@ -67,19 +67,11 @@ class ExampleEncoder:
     def empty_example(self, slots: int) -> dict:
         """An example of the batch's shapes holding nothing: every token the pad id, no
         segment, no target, `slots` empty image slots (layouts all -1)."""
-        c = self.config
-        images, layouts = self.tiler.empty(slots)
-        return {
-            "id": "",
-            "drop_reason": "",
-            "input_ids": np.full((c.max_len,), self.pad_token_id, np.int32),
-            "loss_mask": np.zeros((c.max_len,), np.float32),
-            "attention_mask": np.zeros((c.max_len,), np.int32),
-            "positions": np.zeros((c.max_len,), np.int32),
-            "images": images,
-            "image_mask": np.zeros((slots,), bool),
-            "image_layout": layouts,
-        }
+        shapes = example_shapes(self.tiler, self.config.max_len, slots)
+        example = {name: np.zeros(shape, dtype) for name, (shape, dtype) in shapes.items()}
+        example["input_ids"][:] = self.pad_token_id
+        example["image_layout"][:] = -1
+        return {"id": "", "drop_reason": "", **example}
 
     def _too_many_images(self, record: Record) -> str:
         """The drop detail when the record has more images than a sample may, else ''."""
@@ -159,27 +151,16 @@ class ExampleEncoder:
             return 0, images, error.reason
 
     def encode(self, record: Record) -> dict:
-        c = self.config
         images, image_mask, layouts, counts = self.images(record)  # the counts set the tokens
         tokens = self.tokenize(record, counts)
         length = len(tokens.input_ids)
-        input_ids = np.full((c.max_len,), self.pad_token_id, np.int32)
-        input_ids[:length] = tokens.input_ids
-        loss_mask = np.zeros((c.max_len,), np.float32)
-        loss_mask[:length] = tokens.loss_mask
-        attention_mask = np.zeros((c.max_len,), np.int32)
-        attention_mask[:length] = 1
-        return {
-            "id": record.id,
-            "drop_reason": "",
-            "input_ids": input_ids,
-            "loss_mask": loss_mask,
-            "attention_mask": attention_mask,
-            "positions": np.arange(c.max_len, dtype=np.int32),
-            "images": images,
-            "image_mask": image_mask,
-            "image_layout": layouts,
-        }
+        example = self.empty_example(self.config.max_images_per_sample)
+        example["input_ids"][:length] = tokens.input_ids
+        example["loss_mask"][:length] = tokens.loss_mask
+        example["attention_mask"][:length] = 1
+        example["positions"][:] = np.arange(self.config.max_len)
+        example.update(id=record.id, images=images, image_mask=image_mask, image_layout=layouts)
+        return example
 
 
 class RowEncoder:

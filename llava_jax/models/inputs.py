@@ -73,22 +73,30 @@ class Batch:
         }
 
 
-def batch_shapes(
-    config: ModelConfig, batch_size: int, length: int, image_slots: int
+def example_shapes(
+    geometry: ImageGeometry, length: int, image_slots: int, channels: int = 3
 ) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """`{field: (shape, dtype)}` of a `Batch` for `config`: images at their largest (every
-    image as its largest grid of tiles)."""
-    geometry = ImageGeometry.of(config)
-    rows, slots = (batch_size, length), (batch_size, image_slots)
+    """`{field: (shape, dtype)}` of one row of a `Batch` (no batch axis): `length` tokens,
+    `image_slots` images at their largest (every image as its largest grid of tiles)."""
+    slots = (image_slots,)
     return {
-        "input_ids": (rows, np.int32),
-        "loss_mask": (rows, np.float32),
-        "attention_mask": (rows, np.int32),
-        "positions": (rows, np.int32),
-        "images": ((*slots, *geometry.tiles_shape(config.vision.num_channels)), np.float32),
+        "input_ids": ((length,), np.int32),
+        "loss_mask": ((length,), np.float32),
+        "attention_mask": ((length,), np.int32),
+        "positions": ((length,), np.int32),
+        "images": ((*slots, *geometry.tiles_shape(channels)), np.float32),
         "image_mask": (slots, np.bool_),
         "image_layout": ((*slots, geometry.max_tokens), np.int32),
     }
+
+
+def batch_shapes(
+    config: ModelConfig, batch_size: int, length: int, image_slots: int
+) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """`{field: (shape, dtype)}` of a `Batch` for `config`: `batch_size` rows of
+    `example_shapes`."""
+    rows = example_shapes(ImageGeometry.of(config), length, image_slots, config.vision.num_channels)
+    return {name: ((batch_size, *shape), dtype) for name, (shape, dtype) in rows.items()}
 
 
 def abstract_batch(
