@@ -169,7 +169,8 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array)
 
 
 def select_tokens(logits: Array, sampling: SamplingParams, step: Array, greedy: bool) -> Array:
-    """Next tokens int32[B] from `logits: float32[B, V]`; the key is folded with `step`."""
+    """Next tokens int32[B] from `logits: float32[B, V]`; the key is folded with `step`
+    (int32[], or int32[B] with per-row seeds: each row's own token count)."""
     banned = (jnp.arange(logits.shape[-1]) == sampling.suppress) & sampling.suppress_valid
     logits = jnp.where(banned, -jnp.inf, logits)
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -191,8 +192,10 @@ def select_tokens(logits: Array, sampling: SamplingParams, step: Array, greedy: 
         drawn = jax.random.categorical(key, filtered, axis=-1)
     else:  # a key per row: a row draws the same tokens in any batch
 
-        def draw(seed: Array, row: Array) -> Array:
-            return jax.random.categorical(jax.random.fold_in(jax.random.key(seed), step), row)
+        def draw(seed: Array, row_step: Array, row: Array) -> Array:
+            key = jax.random.fold_in(jax.random.key(seed), row_step)
+            return jax.random.categorical(key, row)
 
-        drawn = jax.vmap(draw)(sampling.seed, filtered)
+        steps = jnp.broadcast_to(step, jnp.shape(sampling.seed))  # [B]: each row its own
+        drawn = jax.vmap(draw)(sampling.seed, steps, filtered)
     return jnp.where(greedy_rows, argmax, drawn.astype(jnp.int32))

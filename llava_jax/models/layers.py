@@ -309,9 +309,11 @@ def update_kv_cache(
     read the updated buffer itself; stacked, XLA:CPU materialises the layer's slice (a
     temporary of one layer's size). Neither needs a transposed copy.
     """
+    index = jnp.asarray(index, jnp.int32)
+    if index.ndim == 1:  # each row its own slot (a decode state of independent slots)
+        return _update_kv_cache_per_row(cache, layer, index, k, v)
     new_cache, layers = {}, []
     zero = jnp.zeros((), jnp.int32)
-    index = jnp.asarray(index, jnp.int32)
     # The T new tokens (small) in the cache's layouts: keys [B, K, D, T], values [B, K, T, D].
     new = {"k": jnp.transpose(k, (0, 2, 3, 1)), "v": jnp.swapaxes(v, 1, 2)}
     starts = {"k": (zero, zero, zero, index), "v": (zero, zero, index, zero)}
@@ -329,6 +331,37 @@ def update_kv_cache(
         buffers = jax.lax.dynamic_update_slice(buffers, value[None].astype(buffers.dtype), start)
         new_cache[name] = buffers
         layers.append(jax.lax.dynamic_index_in_dim(buffers, layer, axis=0, keepdims=False))
+    return new_cache, layers[0], layers[1]
+
+
+def _update_kv_cache_per_row(
+    cache: dict[str, Any], layer: Array | int, index: Array, k: Array, v: Array
+) -> tuple[dict[str, Any], Array, Array]:
+    """`update_kv_cache` with `index: int32[B]`, row b's T tokens written at its own slot
+    `index[b]` (one `dynamic_update_slice` a row, batched: a scatter XLA does in place)."""
+    new = {"k": jnp.transpose(k, (0, 2, 3, 1)), "v": jnp.swapaxes(v, 1, 2)}
+    # Per row: keys [K, D, S] take [K, D, T] at (0, 0, i); values [K, S, D] at (0, i, 0).
+    starts = {"k": lambda i: (0, 0, i), "v": lambda i: (0, i, 0)}
+    new_cache, layers = {}, []
+    for name in ("k", "v"):
+        buffers, start = cache[name], starts[name]
+
+        def write(row: Array, value: Array, i: Array, start=start) -> Array:
+            return jax.lax.dynamic_update_slice(row, value.astype(row.dtype), start(i))
+
+        rows = jax.vmap(write)
+        if isinstance(buffers, (tuple, list)):
+            if not isinstance(layer, (int, np.integer)):
+                raise TypeError(f"a per-layer cache needs a static layer index, got {layer!r}")
+            i = int(layer)
+            buffer = rows(buffers[i], new[name], index)
+            new_cache[name] = (*buffers[:i], buffer, *buffers[i + 1 :])
+            layers.append(buffer)
+            continue
+        current = jax.lax.dynamic_index_in_dim(buffers, layer, axis=0, keepdims=False)
+        buffer = rows(current, new[name], index)
+        new_cache[name] = jax.lax.dynamic_update_index_in_dim(buffers, buffer, layer, axis=0)
+        layers.append(buffer)
     return new_cache, layers[0], layers[1]
 
 

@@ -21,7 +21,9 @@ from llava_jax.models.layers import (
 )
 
 Array = jax.Array
-KVCache = dict[str, Any]  # k: [L, B, K, D, S], v: [L, B, K, S, D] (`init_cache`); mask, index
+# k: [L, B, K, D, S], v: [L, B, K, S, D] (`init_cache`); mask int32[B, S]; index int32[] (the
+# next slot of every row) or int32[B] (each row's own)
+KVCache = dict[str, Any]
 
 
 def init_cache(
@@ -49,14 +51,26 @@ def init_cache(
     }
 
 
+def write_rows(buffer: Array, rows: Array, index: Array) -> Array:
+    """`buffer: [B, S]` with `rows: [B, T]` written at slot `index` (int32[]), or each row at
+    its own (int32[B])."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(buffer, rows, (0, index))
+    return jax.vmap(lambda row, new, i: jax.lax.dynamic_update_slice(row, new, (i,)))(
+        buffer, rows, index
+    )
+
+
 def causal_padding_mask(query_slots: Array, key_valid: Array) -> Array:
     """bool[B, T, S]: key slot s is visible from query slot t if s <= t and s holds a token.
 
-    query_slots: int32[T], the slots of the queries in the key buffer; key_valid: [B, S].
+    query_slots: int32[T] or [B, T] (each row its own), the slots of the queries in the key
+    buffer; key_valid: [B, S].
     """
     key_slots = jnp.arange(key_valid.shape[1])
-    causal = key_slots[None, :] <= query_slots[:, None]
-    return causal[None] & (key_valid[:, None, :] > 0)
+    query_slots = jnp.atleast_2d(query_slots)
+    causal = key_slots[None, None, :] <= query_slots[:, :, None]
+    return causal & (key_valid[:, None, :] > 0)
 
 
 class DecoderBlock(nn.Module):
@@ -185,11 +199,9 @@ class LlamaDecoder(nn.Module):
             )
             new_cache = None
         else:
-            index = cache["index"]
-            key_valid = jax.lax.dynamic_update_slice(
-                cache["mask"], attention_mask.astype(jnp.int32), (0, index)
-            )
-            mask = causal_padding_mask(index + jnp.arange(length), key_valid)
+            index = cache["index"]  # int32[], or int32[B]: each row its own slot
+            key_valid = write_rows(cache["mask"], attention_mask.astype(jnp.int32), index)
+            mask = causal_padding_mask(index[..., None] + jnp.arange(length), key_valid)
             # The k/v buffers are the layers' carry; each layer gets its index.
             layer_ids = np.arange(self.config.num_layers, dtype=np.int32)
             kv = {"k": cache["k"], "v": cache["v"]}

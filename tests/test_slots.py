@@ -1,0 +1,206 @@
+"""Continuous batching (inference/slots.py, inference/slot_engine.py): a request's greedy
+answer is the same alone, among full slots and admitted while others decode, and equals
+`Engine.generate` (and, for one case, transformers' `generate`); sampled rows keep their own
+keys; limits, eos, cancelling and refusals."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from hf_reference import IMAGE_TOKEN, image_tokens_per_image, tiny_hf_config, tiny_hf_model
+
+from llava_jax.convert import load_hf
+from llava_jax.inference import Engine, SamplingConfig
+from llava_jax.inference.slot_engine import SlotEngine
+
+PAD = 0
+SLOTS = 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(hf model, config, params, engine): a tiny LLaVA and one `Engine` for references."""
+    hf_config = tiny_hf_config()
+    model = tiny_hf_model(hf_config, seed=3)
+    directory = tmp_path_factory.mktemp("slots")
+    model.save_pretrained(directory)
+    config, params = load_hf(str(directory))
+    return model, config, params, Engine(config)
+
+
+@pytest.fixture(scope="module")
+def slots(setup):
+    """One slot engine for the module (its programs compiled once): 3 slots of 96 slots."""
+    _, _, params, engine = setup
+    with SlotEngine(engine, params, max_slots=SLOTS, cache_length=96, steps_per_round=3) as e:
+        yield e
+
+
+def request(seed: int, length: int, with_image: bool):
+    """A random prompt of `length` tokens (the image's tokens after the first, with an
+    image) and its images as `submit` takes them (one row; None without an image)."""
+    rng = np.random.default_rng(seed)
+    per_image = image_tokens_per_image(tiny_hf_config())
+    prompt = rng.integers(1, IMAGE_TOKEN, length).astype(np.int32)
+    if not with_image:
+        return prompt, None
+    prompt[1 : 1 + per_image] = IMAGE_TOKEN
+    return prompt, rng.standard_normal((1, 1, 1, 28, 28, 3)).astype(np.float32)
+
+
+def reference(engine, params, prompt, images, sampling):
+    """`Engine.generate` for the prompt alone."""
+    result = engine.generate(params, [prompt], images, None, sampling)
+    return result.tokens[0].tolist(), result.finish_reasons[0]
+
+
+GREEDY = SamplingConfig(max_new_tokens=12, pad_token_id=PAD)
+
+
+def test_a_request_alone_equals_the_engine_and_transformers(setup, slots):
+    model, _, params, engine = setup
+    prompt, images = request(0, 20, with_image=True)
+    tokens, finish = slots.submit(prompt, images, sampling=GREEDY).result(timeout=300)
+    assert (tokens, finish) == reference(engine, params, prompt, images, GREEDY)
+    assert finish == "length" and len(tokens) == 12
+    with torch.no_grad():  # transformers' greedy generate on the same prompt and pixels
+        out = model.generate(
+            input_ids=torch.tensor(prompt[None].astype(np.int64)),
+            pixel_values=torch.tensor(images[0, :, 0].transpose(0, 3, 1, 2)),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=None,
+        )
+    assert tokens == out[0, len(prompt) :].tolist()
+
+
+def test_full_slots_and_a_queue_give_each_request_its_answer_alone(setup, slots):
+    """Twice as many requests as slots, mixed lengths, with and without images: the
+    waiting ones are admitted as slots free up, and every answer equals it alone."""
+    _, _, params, engine = setup
+    cases = [request(10 + i, 9 + 5 * i, with_image=i % 2 == 0) for i in range(2 * SLOTS)]
+    limits = [5, 12, 3, 9, 7, 4]
+    configs = [SamplingConfig(max_new_tokens=n, pad_token_id=PAD) for n in limits]
+    handles = [
+        slots.submit(p, images, sampling=c) for (p, images), c in zip(cases, configs, strict=True)
+    ]
+    for (prompt, images), config, handle in zip(cases, configs, handles, strict=True):
+        assert handle.result(timeout=300) == reference(engine, params, prompt, images, config)
+
+
+def test_a_request_admitted_mid_decode_changes_no_running_answer(setup, slots):
+    """A long answer runs; others are admitted while it decodes (after its first tokens
+    arrived) and finish before it: all equal their answers alone, and the long one's
+    tokens stream in order."""
+    _, _, params, engine = setup
+    long_prompt, long_images = request(20, 30, with_image=True)
+    long_config = SamplingConfig(max_new_tokens=40, pad_token_id=PAD)
+    running = slots.submit(long_prompt, long_images, sampling=long_config)
+    streamed = []
+    chunks = iter(running)
+    streamed += next(chunks)  # it is decoding now
+    late = [request(30 + i, 12 + 7 * i, with_image=i == 1) for i in range(2)]
+    late_handles = [slots.submit(p, images, sampling=GREEDY) for p, images in late]
+    for chunk in chunks:
+        streamed += chunk
+    assert (streamed, running.finish_reason) == reference(
+        engine, params, long_prompt, long_images, long_config
+    )
+    for (prompt, images), handle in zip(late, late_handles, strict=True):
+        assert handle.result(timeout=300) == reference(engine, params, prompt, images, GREEDY)
+
+
+def test_sampled_rows_draw_with_their_own_keys_beside_greedy_ones(setup, slots):
+    """A sampled request's tokens depend on its seed only: the same alone through the
+    engine, and beside a greedy one; another seed gives other tokens."""
+    _, _, params, engine = setup
+    prompt, images = request(40, 16, with_image=True)
+    hot = SamplingConfig(max_new_tokens=10, temperature=1.5, top_k=20, seed=7, pad_token_id=PAD)
+    greedy_prompt, _ = request(41, 11, with_image=False)
+    sampled = slots.submit(prompt, images, sampling=hot)
+    beside = slots.submit(greedy_prompt, sampling=GREEDY)
+    assert sampled.result(timeout=300) == reference(engine, params, prompt, images, hot)
+    assert beside.result(timeout=300) == reference(engine, params, greedy_prompt, None, GREEDY)
+    other = SamplingConfig(max_new_tokens=10, temperature=1.5, top_k=20, seed=8, pad_token_id=PAD)
+    assert slots.submit(prompt, images, sampling=other).result(timeout=300)[0] != sampled.tokens
+
+
+def test_an_eos_ends_the_answer_without_the_eos(setup, slots):
+    """The eos id is one the greedy answer reaches: the answer stops before it, as the
+    engine's does, and the slot is free again."""
+    _, _, params, engine = setup
+    prompt, images = request(50, 14, with_image=True)
+    free_run = reference(engine, params, prompt, images, GREEDY)[0]
+    eos = free_run[4]
+    config = SamplingConfig(max_new_tokens=12, eos_token_ids=(eos,), pad_token_id=PAD)
+    with SlotEngine(engine, params, max_slots=2, cache_length=64, shared=config) as own:
+        tokens, finish = own.submit(prompt, images, sampling=config).result(timeout=300)
+        assert finish == "eos" and tokens == free_run[: free_run.index(eos)]
+        assert (tokens, finish) == reference(engine, params, prompt, images, config)
+        assert own.slots_in_use == 0
+
+
+def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(setup, slots):
+    """Every slot busy with long answers and one more waiting: cancelling one running
+    request ends it as "cancelled" and the waiting one is admitted and answers."""
+    _, _, params, engine = setup
+    long = SamplingConfig(max_new_tokens=60, pad_token_id=PAD)
+    running = [slots.submit(request(60 + i, 10, False)[0], sampling=long) for i in range(SLOTS)]
+    waiting_prompt, _ = request(70, 10, with_image=False)
+    waiting = slots.submit(waiting_prompt, sampling=GREEDY)
+    next(iter(running[0]))  # decoding
+    running[0].cancel()
+    assert waiting.result(timeout=300) == reference(engine, params, waiting_prompt, None, GREEDY)
+    assert running[0].result(timeout=300)[1] == "cancelled"
+    assert len(running[0].tokens) < 60
+    for handle in running[1:]:
+        handle.cancel()
+    deadline = time.time() + 60
+    while slots.slots_in_use and time.time() < deadline:
+        time.sleep(0.05)
+    assert slots.slots_in_use == 0
+
+
+def test_a_request_that_cannot_fit_is_refused_naming_the_limit(setup, slots):
+    prompt, images = request(80, 40, with_image=True)  # bucket 64
+    with pytest.raises(ValueError, match=r"need 104 cache slots, more than cache_length=96"):
+        slots.submit(prompt, images, sampling=SamplingConfig(max_new_tokens=40))
+    with pytest.raises(ValueError, match="eos_token_ids"):
+        slots.submit(prompt, images, sampling=SamplingConfig(max_new_tokens=4, eos_token_ids=(2,)))
+
+
+def test_a_slot_reused_after_a_longer_answer_forgets_it(setup):
+    """One slot: a long answer, then a short prompt in the same row. The row's old keys
+    beyond the new prompt are masked out, so the new request's positions and attention are
+    its own: its (sampled, so position-sensitive) answer equals it alone."""
+    _, _, params, engine = setup
+    first, first_images = request(90, 30, with_image=True)
+    second, _ = request(91, 6, with_image=False)
+    hot = SamplingConfig(max_new_tokens=8, temperature=1.2, seed=5, pad_token_id=PAD)
+    long = SamplingConfig(max_new_tokens=30, pad_token_id=PAD)
+    with SlotEngine(engine, params, max_slots=1, cache_length=64, steps_per_round=5) as one:
+        one.submit(first, first_images, sampling=long).result(timeout=300)
+        tokens, finish = one.submit(second, sampling=hot).result(timeout=300)
+        assert (tokens, finish) == reference(engine, params, second, None, hot)
+        # The row holds this request's keys alone: its 6 prompt tokens and the 7 answer
+        # tokens fed back (a tiny random model's tokens barely feel positions, so this
+        # checks what they rest on: RoPE positions count the row's valid slots).
+        assert int(np.asarray(one.state.cache["mask"]).sum()) == len(second) + len(tokens) - 1
+
+
+def test_unscanned_layers_decode_in_slots_alike(setup, tmp_path):
+    """Layers unscanned (one cache buffer a layer): two requests in slots, each equal to
+    the engine alone."""
+    model = setup[0]
+    model.save_pretrained(tmp_path)
+    config, params = load_hf(str(tmp_path), scan_layers=False)
+    engine = Engine(config)
+    cases = [request(100, 13, with_image=True), request(101, 8, with_image=False)]
+    with SlotEngine(engine, params, max_slots=2, cache_length=64) as unscanned:
+        handles = [unscanned.submit(p, images, sampling=GREEDY) for p, images in cases]
+        for (prompt, images), handle in zip(cases, handles, strict=True):
+            assert handle.result(timeout=300) == reference(engine, params, prompt, images, GREEDY)
