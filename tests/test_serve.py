@@ -83,7 +83,7 @@ def reference(loaded, image):
     MAX_BATCH rows), each row built with the methods `generate` uses (`load_image`,
     `user_turn`, `prompt_ids`, `sampling`): row 0 greedy, 8 tokens at most; row 1 sampled
     (seed 3), 5 tokens at most; `run(configs)` runs it again with other configs."""
-    pixels = loaded.load_image(str(image)).pixels[None]  # float32[1, H, W, 3]: one image
+    pixels = loaded.load_image(str(image)).pixels[None]  # float32[1, 1, H, W, 3]: one image
     ids = loaded.prompt_ids([loaded.user_turn(QUESTION, with_image=True)])
     assert np.sum(ids == loaded.config.image_token_id) == loaded.config.num_image_tokens
     configs = [loaded.sampling(8), loaded.sampling(5, temperature=1.0, seed=3)]

@@ -204,3 +204,26 @@ def test_unscanned_layers_decode_in_slots_alike(setup, tmp_path):
         handles = [unscanned.submit(p, images, sampling=GREEDY) for p, images in cases]
         for (prompt, images), handle in zip(cases, handles, strict=True):
             assert handle.result(timeout=300) == reference(engine, params, prompt, images, GREEDY)
+
+
+class DigitTokenizer:
+    """Token t -> its decimal digits and a space: stop strings can end inside a token."""
+
+    def decode(self, token_ids):
+        return "".join(f"{t} " for t in token_ids)
+
+
+def test_a_stop_string_ends_the_answer_as_the_engine_does(setup):
+    """A stop string the greedy answer completes mid-way (ending inside a token): the
+    same tokens and finish as `Engine.generate`, and the slot is free at once."""
+    _, config, params, _ = setup
+    engine = Engine(config, tokenizer=DigitTokenizer())
+    prompt, images = request(110, 15, with_image=True)
+    free_run = reference(engine, params, prompt, images, GREEDY)[0]
+    stop = f"{free_run[3]} {str(free_run[4])[0]}"  # token 3, then the start of token 4
+    config = SamplingConfig(max_new_tokens=12, stop_strings=(stop,), pad_token_id=PAD)
+    with SlotEngine(engine, params, max_slots=2, cache_length=64) as own:
+        tokens, finish = own.submit(prompt, images, sampling=config).result(timeout=300)
+        assert (tokens, finish) == reference(engine, params, prompt, images, config)
+        assert finish == "stop" and tokens == free_run[:5]
+        assert own.slots_in_use == 0

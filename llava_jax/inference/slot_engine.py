@@ -10,8 +10,10 @@ its caller cancels it. Shapes are fixed (slots, cache length, prompt-length buck
 admitting a request never recompiles. Greedy answers equal `Engine.generate`'s, token for
 token, whether a request runs alone, among full slots or is admitted mid-way.
 
-Not yet here (issue 27): stop strings (eos ids, stop token sequences and limits stop on
-device), a mesh, chunked prefill, the image and prefix caches, admission by a memory budget.
+Eos ids, stop token sequences and limits stop a row on the device; stop strings on the host
+(the answer decoded with the engine's tokenizer after each token; the slot is freed at once).
+Not yet here (issue 27): a mesh, chunked prefill, the image and prefix caches, admission by a
+memory budget.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import dataclasses
 import functools
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -42,6 +44,9 @@ class SlotRequest:
 
     batch: dict[str, Any]
     sampling: SamplingConfig
+    # Called on the scheduler thread instead of queueing: (new tokens, None) as they come,
+    # then ([], finish reason) once (a server hands them to its own event loop).
+    listener: Callable[[list[int], str | None], None] | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     error: BaseException | None = None
@@ -78,10 +83,15 @@ class SlotRequest:
     def _emit(self, tokens: list[int]) -> None:
         if tokens:
             self.tokens.extend(tokens)
-            self._events.put(tokens)
+            if self.listener is not None:
+                self.listener(tokens, None)
+            else:
+                self._events.put(tokens)
 
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         self.finish_reason, self.error = reason, error
+        if self.listener is not None:
+            self.listener([], reason)
         self._events.put(_DONE)
 
 
@@ -149,14 +159,20 @@ class SlotEngine:
         image_mask: np.ndarray | None = None,
         sampling: SamplingConfig | None = None,
         image_layout: np.ndarray | None = None,
+        listener: Callable[[list[int], str | None], None] | None = None,
+        cancelled: threading.Event | None = None,
     ) -> SlotRequest:
         """Queue one request: `prompt: int32[L]` with its images (`images float32[1, I, T,
         H, W, 3]`, `image_mask bool[1, I]`, `image_layout int32[1, I, N]`, as
-        `Engine.generate` takes them for one row). Raises ValueError when the request
+        `Engine.generate` takes them for one row); `listener`: see `SlotRequest`;
+        `cancelled`: an event whose setting cancels the request (`SlotRequest.cancel`). Raises
+        ValueError when the request
         cannot run here: settings it must share differ, or its prompt bucket and
         max_new_tokens do not fit `cache_length`."""
         sampling = sampling or dataclasses.replace(self.shared)
         batch_sampling([self.shared, sampling])  # raises when a shared setting differs
+        if sampling.stop_strings and self.engine.tokenizer is None:
+            raise ValueError("stop_strings need an Engine with a tokenizer to decode the text")
         fields, _ = self.engine.prepare(
             [prompt],
             images,
@@ -173,7 +189,9 @@ class SlotEngine:
                 f"max_new_tokens={sampling.max_new_tokens} need {needed} cache slots, more "
                 f"than cache_length={self.cache_length}"
             )
-        request = SlotRequest(batch=fields, sampling=sampling)
+        request = SlotRequest(batch=fields, sampling=sampling, listener=listener)
+        if cancelled is not None:
+            request._cancelled = cancelled
         with self._wake:
             if self._closed:
                 raise RuntimeError("the slot engine is closed")
@@ -208,6 +226,10 @@ class SlotEngine:
     @property
     def slots_in_use(self) -> int:
         return sum(r is not None for r in self._slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
 
     # --- the scheduler ------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -288,12 +310,25 @@ class SlotEngine:
         )
         self._deliver(slot, request, token, kept, finished, reason)
 
+    def _stop_string_met(self, request: SlotRequest) -> bool:
+        stops = request.sampling.stop_strings
+        if not stops:
+            return False
+        text = self.engine.tokenizer.decode(request.tokens)
+        return any(stop in text for stop in stops)
+
     def _deliver(
         self, slot: int, request: SlotRequest, token: Any, kept: Any, finished: Any, reason: Any
     ) -> None:
-        """One step's token of `slot`'s request; the slot is freed when the answer ended."""
+        """One step's token of `slot`'s request; the slot is freed when the answer ended
+        (on the device: an eos, a stop sequence, its limit; here: a stop string)."""
         if kept:
             request._emit([int(token)])
+            if self._stop_string_met(request):
+                self.state = self._evict(self.state, slot)
+                self._slots[slot] = None
+                request._finish("stop")
+                return
         if finished:
             self._slots[slot] = None
             request._finish(FINISH_REASONS[Finish(int(reason))])

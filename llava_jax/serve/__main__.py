@@ -40,7 +40,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--engine",
+        choices=("batch", "slots"),
+        default="batch",
+        help="batch: requests arriving together decode as one batch until it ends; slots: "
+        "continuous batching, each request entering a free decode slot between decode steps",
+    )
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    parser.add_argument(
+        "--max-slots", type=int, default=8, help="--engine slots: rows decoded together"
+    )
+    parser.add_argument(
+        "--slot-cache-length",
+        type=int,
+        default=0,
+        help="--engine slots: KV cache slots of a row, the most a prompt's length bucket plus "
+        "its max_tokens may take (default: the model's context)",
+    )
+    parser.add_argument(
+        "--steps-per-round",
+        type=int,
+        default=4,
+        help="--engine slots: decode steps between two admissions of waiting requests",
+    )
     parser.add_argument(
         "--batch-wait-ms",
         type=float,
@@ -63,6 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_batch < 1:
         parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
+    for flag in ("max_slots", "steps_per_round"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.engine == "slots" and args.mesh:
+        parser.error("--engine slots runs on one device for now: leave out --mesh")
+    if args.slot_cache_length < 0:
+        parser.error(f"--slot-cache-length must be >= 0, got {args.slot_cache_length}")
     if args.batch_wait_ms < 0:
         parser.error(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     if args.chunk_size < 1:
@@ -79,15 +109,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from llava_jax.serve.app import create_app, default_max_image_pixels
         from llava_jax.serve.batcher import Batcher
+        from llava_jax.serve.slot_batcher import SlotBatcher
 
         model = cli.model_from_args(args)
         name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-        batcher = Batcher(
-            model,
-            max_batch=args.max_batch,
-            batch_wait_s=args.batch_wait_ms / 1000,
-            chunk_size=args.chunk_size,
-        )
+        if args.engine == "slots":
+            batcher = SlotBatcher(
+                model,
+                max_slots=args.max_slots,
+                cache_length=args.slot_cache_length,
+                steps_per_round=args.steps_per_round,
+            )
+            batching = f"{args.max_slots} decode slots"
+        else:
+            batcher = Batcher(
+                model,
+                max_batch=args.max_batch,
+                batch_wait_s=args.batch_wait_ms / 1000,
+                chunk_size=args.chunk_size,
+            )
+            batching = f"max batch {args.max_batch}, batch wait {args.batch_wait_ms:g} ms"
         max_pixels = args.max_image_pixels or default_max_image_pixels(model)
         app = create_app(
             model,
@@ -99,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(
             f"Serving {name} (template {model.template.name}) on http://{args.host}:{args.port} "
-            f"(max batch {args.max_batch}, batch wait {args.batch_wait_ms:g} ms, "
+            f"({batching}, "
             f"images up to {max_pixels} pixels)",
             file=sys.stderr,
             flush=True,

@@ -1,0 +1,152 @@
+"""The server's jobs decoded with continuous batching (`--engine slots`): each `Job` enters a
+free decode slot of a `SlotEngine` (inference/slot_engine.py) between decode steps and
+leaves the moment its answer ends or its client goes away, instead of waiting for a batch
+to form and to end (`batcher.py`, `--engine batch`).
+
+The slot engine's scheduler thread owns every JAX call and calls each job's listener with
+its new tokens; the listener streams the visible text (`visible_text`), and the final answer
+is `Engine.generate`'s text: decoded, cut before the first stop string, stripped. A job
+whose client went away cancels its request, which frees the slot in the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from llava_jax.inference.slot_engine import SlotEngine, SlotRequest
+from llava_jax.inference.stops import visible_text
+from llava_jax.serve.batcher import Delta, Done, Failed, Job
+
+log = logging.getLogger(__name__)
+
+
+class SlotBatcher:
+    """`Batcher`'s interface (start, stop, submit, stats) over a `SlotEngine` of `model`
+    (a `LoadedModel` without a mesh): max_slots rows decoded together, each with
+    cache_length KV slots; steps_per_round decode steps between admissions."""
+
+    def __init__(
+        self, model: Any, *, max_slots: int = 8, cache_length: int = 0, steps_per_round: int = 4
+    ):
+        self.model = model
+        self.max_slots, self.steps_per_round = max_slots, steps_per_round
+        self.cache_length = cache_length or model.context_length
+        self.engine: SlotEngine | None = None
+        self._lock = threading.Lock()
+        self.completed = 0  # jobs answered or failed
+        self.cancelled = 0  # jobs whose client went away first
+        self.most_in_use = 0  # the most slots busy at once
+
+    def start(self) -> None:
+        self.engine = SlotEngine(
+            self.model.engine,
+            self.model.params,
+            max_slots=self.max_slots,
+            cache_length=self.cache_length,
+            steps_per_round=self.steps_per_round,
+            shared=self.model.sampling(),
+        )
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    def stats(self) -> dict[str, int]:
+        engine = self.engine
+        in_use = engine.slots_in_use if engine else 0
+        return {
+            "running": in_use,
+            "queued": engine.waiting if engine else 0,
+            "max_slots": self.max_slots,
+            "slots_in_use": in_use,
+            "most_slots_in_use": self.most_in_use,
+            "completed": self.completed,
+            "cancelled": self.cancelled,
+        }
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; a request that cannot run here fails at once with a 400."""
+        images = self.model.batch_images([job.images], min_slots=1)
+        answer = _Answer(self, job)
+        try:
+            answer.request = self.engine.submit(
+                job.prompt,
+                images["images"],
+                images["image_mask"],
+                sampling=job.sampling,
+                image_layout=images["image_layout"],
+                listener=answer.on_tokens,
+                cancelled=job.cancelled,  # the client going away frees the slot
+            )
+        except ValueError as err:
+            job.send(Failed(str(err), 400))
+            self._count(cancelled=False)
+
+    def _count(self, cancelled: bool) -> None:
+        with self._lock:
+            if cancelled:
+                self.cancelled += 1
+            else:
+                self.completed += 1
+            if self.engine is not None:
+                self.most_in_use = max(self.most_in_use, self.engine.slots_in_use)
+
+
+class _Answer:
+    """One job's answer as its tokens arrive (called on the scheduler thread)."""
+
+    def __init__(self, owner: SlotBatcher, job: Job):
+        self.owner, self.job = owner, job
+        self.request: SlotRequest | None = None
+        self.shown = ""
+
+    def cancel_request(self) -> None:
+        if self.request is not None:
+            self.request.cancel()
+
+    def on_tokens(self, tokens: list[int], finish: str | None) -> None:
+        job, model = self.job, self.owner.model
+        self.owner.most_in_use = max(self.owner.most_in_use, self.owner.engine.slots_in_use)
+        if job.closed:
+            return
+        if not job.live:  # the client went away: free the slot
+            self.cancel_request()
+            if finish is not None:
+                job.closed = True
+                self.owner._count(cancelled=True)
+            return
+        answer = self.request.tokens if self.request is not None else tokens
+        if finish is None:
+            if job.stream:
+                text = visible_text(model.decode(answer), job.sampling.stop_strings)
+                if text.startswith(self.shown) and len(text) > len(self.shown):
+                    job.send(Delta(text[len(self.shown) :]))
+                    self.shown = text
+            return
+        if finish in ("cancelled", "error"):
+            job.send(Failed(f"the answer ended early ({finish})"))
+        else:
+            self._finish(answer, finish)
+        self.owner._count(cancelled=False)
+
+    def _finish(self, tokens: list[int], finish: str) -> None:
+        """The final answer, as `Engine.generate`'s text: decoded, cut before the first
+        stop string, stripped."""
+        job = self.job
+        text = self.owner.model.decode(tokens)
+        cuts = [text.find(s) for s in job.sampling.stop_strings if s in text]
+        if cuts:
+            text = text[: min(cuts)]
+        text = text.strip()
+        if job.stream and text.startswith(self.shown) and len(text) > len(self.shown):
+            job.send(Delta(text[len(self.shown) :]))
+        job.send(
+            Done(
+                text=text,
+                finish_reason="length" if finish == "length" else "stop",
+                prompt_tokens=len(job.prompt),
+                completion_tokens=len(tokens),
+            )
+        )

@@ -1,0 +1,121 @@
+"""The server with continuous batching (`python -m llava_jax.serve --engine slots`), from the
+outside as test_serve.py drives it: answers (plain, streamed, cut by a stop string) are
+`generate`'s; concurrent requests share the decode slots and each answer equals it alone; a
+client that leaves mid-stream frees its slot at once; a request that cannot fit a slot's
+cache gets a 400 naming the limit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import openai
+import pytest
+from test_inference_cli import QUESTION
+from test_serve import (  # noqa: F401 - fixtures
+    MAX_IMAGE_BYTES,
+    MODEL,
+    ask,
+    health,
+    image,
+    loaded,
+    model_dir,
+    reference,
+    running_server,
+    user,
+)
+
+SLOTS = 3
+SLOT_CACHE = 128
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory, request):  # noqa: F811
+    log_path = tmp_path_factory.mktemp("serve_slots_log") / "serve.log"
+    args = ["--checkpoint", model_dir, "--model-name", MODEL, "--engine", "slots"]
+    args += ["--max-slots", SLOTS, "--slot-cache-length", SLOT_CACHE, "--steps-per-round", 2]
+    args += ["--max-image-bytes", MAX_IMAGE_BYTES]
+    with running_server(args, log_path, lambda: request.getfixturevalue("reference")) as (
+        url,
+        _,
+    ):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.timeout(240)
+def test_answers_plain_streamed_and_cut_are_generate_s(server, client, reference, image):  # noqa: F811
+    plain = ask(client, [user(QUESTION, image)])
+    text = plain.choices[0].message.content
+    assert text and text == reference[2].texts[0].strip()
+    assert plain.usage.completion_tokens == len(reference[2].tokens[0])
+    stream = ask(client, [user(QUESTION, image)], stream=True)
+    pieces = [
+        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
+    ]
+    assert "".join(pieces) == text and len(pieces) > 1
+    word = text.split()[-1]
+    cut = ask(client, [user(QUESTION, image)], stop=[word])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.find(word)].strip()
+    assert health(server)["slots_in_use"] == 0
+
+
+@pytest.mark.timeout(240)
+def test_concurrent_requests_share_slots_and_answer_as_alone(server, client, image):  # noqa: F811
+    requests = [
+        ([user(QUESTION, image)], {}),
+        ([user("How many shapes ?", image)], {}),
+        ([user(f"{QUESTION} How many shapes ? {QUESTION}", image)], {"max_tokens": 12}),
+        ([user(QUESTION)], {"max_tokens": 20}),
+        ([user(QUESTION, image)], {"temperature": 1.0, "top_p": 0.9, "seed": 7}),  # sampled
+    ]
+    alone = [ask(client, m, **k).choices[0].message.content for m, k in requests]
+    together: list = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def send(i: int) -> None:
+        barrier.wait()
+        messages, knobs = requests[i]
+        together[i] = ask(client, messages, **knobs).choices[0].message.content
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert together == alone
+    assert health(server)["most_slots_in_use"] > 1  # they decoded together
+
+
+@pytest.mark.timeout(240)
+def test_a_client_leaving_mid_stream_frees_its_slot(server, client):
+    before = health(server)
+    stream = ask(client, [user(QUESTION)], stream=True, max_tokens=60)
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices[0].delta.content)
+        if received == 2:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while True:
+        stats = health(server)
+        # Cancelled (or, on a fast machine, answered before the server saw the client
+        # leave; test_slots.py checks the cancelling itself, without a race).
+        ended = stats["cancelled"] + stats["completed"] - before["cancelled"] - before["completed"]
+        if stats["slots_in_use"] == 0 and stats["queued"] == 0 and ended == 1:
+            break
+        assert time.monotonic() < deadline, f"the slot was not freed: {stats}"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(240)
+def test_a_request_too_long_for_a_slot_gets_a_400_naming_the_limit(server, client, image):  # noqa: F811
+    with pytest.raises(openai.BadRequestError, match=f"cache_length={SLOT_CACHE}"):
+        ask(client, [user(QUESTION, image)], max_tokens=SLOT_CACHE)
+    assert ask(client, [user(QUESTION)], max_tokens=2).choices[0].message.content is not None
