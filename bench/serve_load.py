@@ -1,16 +1,17 @@
-"""Benchmark: `python -m llava_jax.serve` under load, with batching and without.
+"""Benchmark: `python -m llava_jax.serve` under load: continuous batching, batching, and off.
 
 Builds a small random LLaVA (transformers, saved with `save_pretrained`, with a word-level
-tokenizer), starts the server on it twice — `--max-batch 8` and `--max-batch 1` (batching
-off) — and each time sends `--requests` chat completions from `--clients` concurrent
-clients (the official `openai` client): prompts of mixed lengths, half of them with an
-image, half streamed, greedy and sampled, `max_tokens` between 17 and 32 (one capacity
-bucket). Each workload runs twice untimed first, so compilation is not measured (the
-batches' compositions vary with timing; the servers share a compilation cache). Prints
-requests/s, generated tokens/s, p50/p99 latency and failed requests for each server, and
-the batched/unbatched ratios.
+tokenizer), starts the server on it three times — `--engine slots --max-slots 8`
+(continuous batching), `--max-batch 8` (requests arriving together decode as one batch) and
+`--max-batch 1` (batching off) — and each time sends `--requests` chat completions from
+`--clients` concurrent clients (the official `openai` client): prompts of mixed lengths,
+half of them with an image, half streamed, greedy and sampled, `max_tokens` between 17 and
+32. Each workload runs twice untimed first, so compilation is not measured (the servers
+share a compilation cache). Prints requests/s, generated tokens/s, p50/p99 latency, time to
+first token and time per output token (streamed requests), failed requests for each
+server, and the ratios against batching off.
 
-    python bench/serve_load.py [--requests 64] [--clients 16] [--max-batch 8]
+    python bench/serve_load.py [--requests 64] [--clients 16] [--max-batch 8] [--max-slots 8]
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: str, max_batch: int, cache: str, log_path: str):
+def start_server(model_dir: str, server_args: list[str], cache: str, log_path: str):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), HF_HUB_OFFLINE="1")
@@ -120,8 +121,7 @@ def start_server(model_dir: str, max_batch: int, cache: str, log_path: str):
         str(port),
         "--model-name",
         "bench",
-        "--max-batch",
-        str(max_batch),
+        *server_args,
         "--compilation-cache",
         cache,
     ]
@@ -148,16 +148,25 @@ def run_load(url: str, requests: list[dict], clients: int) -> dict:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     lock = threading.Lock()
     pending = list(enumerate(requests))
-    latencies, tokens, failures = [], [0], []
+    latencies, tokens, failures, first_token, per_token = [], [0], [], [], []
 
     def one(request: dict) -> int:
         if request["stream"]:
+            start = time.perf_counter()
             stream = client.chat.completions.create(
                 model="bench", stream_options={"include_usage": True}, **request
             )
-            usage = None
+            usage, first = None, None
             for chunk in stream:
                 usage = chunk.usage or usage
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter()
+            end = time.perf_counter()
+            if first is not None:
+                with lock:
+                    first_token.append(first - start)
+                    if usage.completion_tokens > 1:
+                        per_token.append((end - first) / (usage.completion_tokens - 1))
             return usage.completion_tokens
         return client.chat.completions.create(model="bench", **request).usage.completion_tokens
 
@@ -187,15 +196,23 @@ def run_load(url: str, requests: list[dict], clients: int) -> dict:
     elapsed = time.perf_counter() - start
     with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
         stats = json.load(response)
+
+    def percentile(values: list[float], q: float) -> float:
+        return float(np.percentile(values, q)) if values else float("nan")
+
     return {
         "seconds": elapsed,
         "requests_per_s": len(latencies) / elapsed,
         "tokens_per_s": tokens[0] / elapsed,
-        "p50_s": float(np.percentile(latencies, 50)) if latencies else float("nan"),
-        "p99_s": float(np.percentile(latencies, 99)) if latencies else float("nan"),
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "ttft_p50_s": percentile(first_token, 50),
+        "ttft_p99_s": percentile(first_token, 99),
+        "tpot_p50_ms": 1000 * percentile(per_token, 50),
+        "tpot_p99_ms": 1000 * percentile(per_token, 99),
         "failed": len(failures),
         "failures": failures[:5],
-        "largest_batch": stats["largest_batch"],
+        "together": stats.get("largest_batch", stats.get("most_slots_in_use")),
     }
 
 
@@ -204,20 +221,31 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-slots", type=int, default=8)
     args = parser.parse_args()
     requests = workload(args.requests)
+    # The longest prompt (200 words, the template, an image: under 256 tokens) and answer.
+    slot_cache = 256 + 32
+    servers = {
+        f"slots {args.max_slots}": [
+            "--engine", "slots", "--max-slots", str(args.max_slots),
+            "--slot-cache-length", str(slot_cache),
+        ],
+        f"batch {args.max_batch}": ["--max-batch", str(args.max_batch)],
+        "batch 1 (off)": ["--max-batch", "1"],
+    }  # fmt: skip
     results = {}
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         model_dir = os.path.join(tmp, "model")
         build_model(model_dir)
         cache = os.path.join(tmp, "xla_cache")
-        for max_batch in (args.max_batch, 1):
-            log_path = os.path.join(tmp, f"serve_{max_batch}.log")
-            process, log, url = start_server(model_dir, max_batch, cache, log_path)
+        for i, (name, server_args) in enumerate(servers.items()):
+            log_path = os.path.join(tmp, f"serve_{i}.log")
+            process, log, url = start_server(model_dir, server_args, cache, log_path)
             try:
                 for _ in range(2):  # warm-up: compiles the shapes the batches take
                     run_load(url, requests, args.clients)
-                results[max_batch] = run_load(url, requests, args.clients)
+                results[name] = run_load(url, requests, args.clients)
             finally:
                 process.terminate()
                 process.wait(timeout=30)
@@ -227,24 +255,28 @@ def main() -> int:
         f"streamed, half with an image), {os.cpu_count()} CPUs"
     )
     print(
-        f"{'server':<16}{'req/s':>8}{'tok/s':>9}{'p50 s':>8}{'p99 s':>8}{'failed':>8}"
-        f"{'largest batch':>15}"
+        f"{'server':<16}{'req/s':>7}{'tok/s':>8}{'p50 s':>7}{'p99 s':>7}{'TTFT p50':>9}"
+        f"{'p99':>6}{'TPOT p50 ms':>12}{'p99':>7}{'failed':>7}{'together':>9}"
     )
-    for max_batch, r in results.items():
-        name = f"--max-batch {max_batch}"
+    for name, r in results.items():
         print(
-            f"{name:<16}{r['requests_per_s']:>8.2f}{r['tokens_per_s']:>9.1f}{r['p50_s']:>8.2f}"
-            f"{r['p99_s']:>8.2f}{r['failed']:>8}{r['largest_batch']:>15}"
+            f"{name:<16}{r['requests_per_s']:>7.2f}{r['tokens_per_s']:>8.1f}{r['p50_s']:>7.2f}"
+            f"{r['p99_s']:>7.2f}{r['ttft_p50_s']:>9.2f}{r['ttft_p99_s']:>6.2f}"
+            f"{r['tpot_p50_ms']:>12.1f}{r['tpot_p99_ms']:>7.1f}{r['failed']:>7}"
+            f"{r['together']:>9}"
         )
         for failure in r["failures"]:
             print(f"  {failure}")
-    batched, single = results[args.max_batch], results[1]
-    print(
-        f"batched / unbatched: {batched['requests_per_s'] / single['requests_per_s']:.2f}x "
-        f"requests/s, {batched['tokens_per_s'] / single['tokens_per_s']:.2f}x tokens/s, "
-        f"p50 latency {batched['p50_s'] / single['p50_s']:.2f}x"
-    )
-    return 1 if batched["failed"] or single["failed"] else 0
+    off = results["batch 1 (off)"]
+    for name, r in results.items():
+        if r is not off:
+            print(
+                f"{name} / off: {r['requests_per_s'] / off['requests_per_s']:.2f}x requests/s, "
+                f"{r['tokens_per_s'] / off['tokens_per_s']:.2f}x tokens/s"
+            )
+    slots, batch = results[f"slots {args.max_slots}"], results[f"batch {args.max_batch}"]
+    print(f"slots / batch: {slots['requests_per_s'] / batch['requests_per_s']:.2f}x requests/s")
+    return 1 if any(r["failed"] for r in results.values()) else 0
 
 
 if __name__ == "__main__":
