@@ -59,6 +59,8 @@ setup(
             "uvicorn>=0.29",
             "openai>=1.40",
             "selenium>=4.20",
+            # /metrics read back with Prometheus' own text parser.
+            "prometheus-client>=0.20",
             # LoRA adapters exchanged with the real PEFT package (tests/test_lora.py).
             "peft>=0.13",
         ],

@@ -119,3 +119,44 @@ def test_a_request_too_long_for_a_slot_gets_a_400_naming_the_limit(server, clien
     with pytest.raises(openai.BadRequestError, match=f"cache_length={SLOT_CACHE}"):
         ask(client, [user(QUESTION, image)], max_tokens=SLOT_CACHE)
     assert ask(client, [user(QUESTION)], max_tokens=2).choices[0].message.content is not None
+
+
+def scrape(server) -> dict:
+    """`/metrics` read with Prometheus' own text parser: {sample name + labels: value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{server}/metrics", timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+@pytest.mark.timeout(240)
+def test_metrics_parse_and_move_as_requests_are_served(server, client, image):  # noqa: F811
+    before = scrape(server)
+    answer = ask(client, [user(QUESTION, image)], max_tokens=6)
+    with pytest.raises(openai.BadRequestError):
+        ask(client, [user(QUESTION, image)], max_tokens=SLOT_CACHE)
+    after = scrape(server)
+
+    def moved(name: str) -> float:
+        return after[name] - before[name]
+
+    assert moved("llava_jax_requests_total{outcome=completed}") == 1
+    assert moved("llava_jax_requests_total{outcome=refused}") == 1
+    assert moved("llava_jax_generated_tokens_total") == answer.usage.completion_tokens
+    assert moved("llava_jax_prompt_tokens_total") == answer.usage.prompt_tokens
+    assert moved("llava_jax_time_to_first_token_seconds_count") == 1
+    assert moved("llava_jax_time_to_first_token_seconds_bucket{le=+Inf}") == 1
+    assert moved("llava_jax_time_per_output_token_seconds_count") == (
+        answer.usage.completion_tokens > 1
+    )
+    assert after["llava_jax_slots"] == SLOTS and after["llava_jax_slots_in_use"] == 0
+    assert after["llava_jax_requests_waiting"] == 0

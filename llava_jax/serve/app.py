@@ -36,12 +36,12 @@ import json
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,6 +51,7 @@ from llava_jax.inference.load import ModelImage
 from llava_jax.inference.prompting import Turn, TurnError, prepare_prompt
 from llava_jax.serve.api_error import APIError, error_response
 from llava_jax.serve.batcher import Batcher, Delta, Done, Failed, Job
+from llava_jax.serve.metrics import CONTENT_TYPE, ServerMetrics
 from llava_jax.serve.requests import ChatRequest, parse_body, parse_request, read_body
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
@@ -176,6 +177,7 @@ def create_app(
     `default_max_image_pixels`); image_workers: the threads that decode images (requests
     beyond them wait their turn, holding only their encoded bytes)."""
     created = int(time.time())
+    metrics = ServerMetrics()
     if max_image_pixels is None:
         max_image_pixels = default_max_image_pixels(model)
     decoder = concurrent.futures.ThreadPoolExecutor(image_workers, "llava-image")
@@ -216,6 +218,25 @@ def create_app(
     async def health() -> dict:
         return {"status": "ok", "model": model_name, **batcher.stats()}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(batcher.stats()), media_type=CONTENT_TYPE)
+
+    def settle(job: Job, event: Done | Failed | None) -> None:
+        """Count how the job ended (None: its client went away first)."""
+        if event is None:
+            metrics.count("cancelled")
+        elif isinstance(event, Failed):
+            metrics.count("refused" if event.status < 500 else "failed")
+        else:
+            metrics.answered(
+                event.prompt_tokens,
+                event.completion_tokens,
+                job.arrived,
+                job.first_token_at,
+                time.monotonic(),
+            )
+
     @app.get("/v1/models")
     async def models() -> dict:
         entry = {"id": model_name, "object": "model", "created": created, "owned_by": "llava_jax"}
@@ -223,28 +244,36 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await read_body(request, max_request_bytes)
-        parsed = parse_request(parse_body(raw), model_name, max_image_bytes)
-        del raw
-        loop = asyncio.get_running_loop()
-        images = []
-        if any(pictures for _, _, pictures in parsed.turns):
-            images = await loop.run_in_executor(
-                decoder, decode_images, model, parsed, max_image_pixels
-            )
-        job = await run_in_threadpool(make_job, model, parsed, loop, images)
+        arrived = time.monotonic()
+        try:
+            raw = await read_body(request, max_request_bytes)
+            parsed = parse_request(parse_body(raw), model_name, max_image_bytes)
+            del raw
+            loop = asyncio.get_running_loop()
+            images = []
+            if any(pictures for _, _, pictures in parsed.turns):
+                images = await loop.run_in_executor(
+                    decoder, decode_images, model, parsed, max_image_pixels
+                )
+            job = await run_in_threadpool(make_job, model, parsed, loop, images)
+        except APIError as err:
+            metrics.count("refused" if err.status < 500 else "failed")
+            raise
+        job.arrived = arrived
         batcher.submit(job)
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         if parsed.stream:
             return StreamingResponse(
-                _events(job, completion_id, model_name, parsed.include_usage),
+                _events(job, completion_id, model_name, parsed.include_usage, settle),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
+        event = None
         try:
             event = await _final_event(job, request)
         finally:
             job.cancel()  # a no-op once answered; frees the row if this handler is cancelled
+            settle(job, event)
         if event is None:  # the client went away
             return error_response(499, "the client closed the request", None, "client_closed")
         if isinstance(event, Failed):
@@ -296,11 +325,17 @@ def _usage(done: Done) -> dict[str, int]:
 
 
 async def _events(
-    job: Job, completion_id: str, model_name: str, include_usage: bool
+    job: Job,
+    completion_id: str,
+    model_name: str,
+    include_usage: bool,
+    settle: Callable[[Job, Done | Failed | None], None],
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. When the
-    client goes away, the generator is cancelled and the job with it."""
+    client goes away, the generator is cancelled and the job with it. `settle(job, last
+    event or None)` counts how it ended."""
     created = int(time.time())
+    ended: Done | Failed | None = None
 
     def chunk(delta: dict, finish_reason: str | None = None, **extra: Any) -> str:
         body = {
@@ -324,6 +359,7 @@ async def _events(
             if isinstance(event, Delta):
                 yield chunk({"content": event.text})
             elif isinstance(event, Done):
+                ended = event
                 yield chunk({}, event.finish_reason)
                 if include_usage:
                     body = {
@@ -337,6 +373,7 @@ async def _events(
                     yield f"data: {json.dumps(body)}\n\n"
                 break
             else:
+                ended = event
                 kind = "invalid_request_error" if event.status < 500 else "server_error"
                 error = {"message": event.message, "type": kind, "param": None, "code": None}
                 yield f"data: {json.dumps({'error': error})}\n\n"
@@ -344,3 +381,4 @@ async def _events(
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()
+        settle(job, ended)

@@ -84,6 +84,13 @@ class Job:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     closed: bool = False  # Done or Failed was sent (set by the worker)
     sent_any: bool = False  # some Delta was sent (set by the worker)
+    arrived: float = dataclasses.field(default_factory=time.monotonic)  # the request's
+    first_token_at: float | None = None  # `time.monotonic()` of its first token (worker)
+
+    def tokens_arrived(self) -> None:
+        """From the worker: the job's answer has tokens (the first time counts)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
 
     def cancel(self) -> None:
         """The client went away: send nothing more, free the row."""
@@ -242,6 +249,8 @@ class Batcher:
                 if not job.live:
                     continue
                 tokens[b].extend(pieces[b].tolist())
+                if len(pieces[b]):
+                    job.tokens_arrived()
                 if job.stream:
                     text = visible_text(model.decode(tokens[b]), job.sampling.stop_strings)
                     if text.startswith(shown[b]) and len(text) > len(shown[b]):

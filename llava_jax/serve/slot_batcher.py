@@ -117,6 +117,8 @@ class _Answer:
                 job.closed = True
                 self.owner._count(cancelled=True)
             return
+        if tokens:
+            job.tokens_arrived()
         answer = self.request.tokens if self.request is not None else tokens
         if finish is None:
             if job.stream:
