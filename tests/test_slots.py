@@ -227,3 +227,50 @@ def test_a_stop_string_ends_the_answer_as_the_engine_does(setup):
         assert (tokens, finish) == reference(engine, params, prompt, images, config)
         assert finish == "stop" and tokens == free_run[:5]
         assert own.slots_in_use == 0
+
+
+def test_a_prompt_prefilled_in_chunks_answers_as_whole(setup):
+    """Prompts of 1, 2 and 4 chunks of 16 tokens (with and without an image): the same
+    answers as `Engine.generate`, which prefills each whole."""
+    _, _, params, engine = setup
+    cases = [request(120, 10, True), request(121, 27, False), request(122, 60, True)]
+    with SlotEngine(engine, params, max_slots=2, cache_length=96, prefill_chunk=16) as chunked:
+        handles = [chunked.submit(p, images, sampling=GREEDY) for p, images in cases]
+        for (prompt, images), handle in zip(cases, handles, strict=True):
+            assert handle.result(timeout=300) == reference(engine, params, prompt, images, GREEDY)
+
+
+def test_a_long_prompt_is_prefilled_between_the_running_answers_steps(setup):
+    """One decode step a round: while a 64-token prompt is prefilled 16 tokens a round, the
+    running answer gets a token every round (at least 3 before the long one's first);
+    prefilled whole, the long prompt takes one round."""
+    _, _, params, engine = setup
+    runner, _ = request(130, 10, with_image=False)
+    long_prompt, long_images = request(131, 60, with_image=True)
+    running_config = SamplingConfig(max_new_tokens=40, pad_token_id=PAD)
+
+    def tokens_meanwhile(chunk: int) -> int:
+        events: list[str] = []
+        with SlotEngine(
+            engine, params, max_slots=2, cache_length=96, steps_per_round=1, prefill_chunk=chunk
+        ) as slots:
+            running = slots.submit(
+                runner, sampling=running_config, listener=lambda t, f: events.append("run")
+            )
+            while not running.tokens:
+                time.sleep(0.01)
+            events.append("submitted")
+            slots.submit(
+                long_prompt,
+                long_images,
+                sampling=GREEDY,
+                listener=lambda t, f: events.append("long" if t else "end"),
+            )
+            running.result(timeout=300)
+            while "end" not in events:
+                time.sleep(0.01)
+        after = events[events.index("submitted") :]
+        return after[: after.index("long")].count("run")
+
+    assert tokens_meanwhile(16) >= 3
+    assert tokens_meanwhile(0) <= 2

@@ -3,7 +3,9 @@ leave the moment their answers end (device programs: `inference/slots.py`).
 
 `SlotEngine(engine, params, max_slots=8, cache_length=512)` keeps one `SlotState` on the
 device. `submit(prompt, …)` checks a request and queues it; a scheduler thread, every
-round, prefills waiting requests into free slots (`prefill_request` + `insert`), runs
+round, admits waiting requests into free slots and prefills their prompts (`embed_prompt`,
+then `prefill_chunk`: whole, or with `prefill_chunk` a chunk a round, so a long prompt does
+not stall the running answers; then `first_token` + `insert`), runs
 `steps_per_round` decode steps for all live slots, hands each request its new tokens
 (`SlotRequest`: iterate it, or `result()`), and frees a slot as soon as its answer ends or
 its caller cancels it. Shapes are fixed (slots, cache length, prompt-length buckets), so
@@ -12,8 +14,7 @@ token, whether a request runs alone, among full slots or is admitted mid-way.
 
 Eos ids, stop token sequences and limits stop a row on the device; stop strings on the host
 (the answer decoded with the engine's tokenizer after each token; the slot is freed at once).
-Not yet here (issue 27): a mesh, chunked prefill, the image and prefix caches, admission by a
-memory budget.
+Not yet here (issue 27): a mesh, the image and prefix caches, admission by a memory budget.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from llava_jax.inference import slots as slot_programs
 from llava_jax.inference.engine import Engine
 from llava_jax.inference.programs import PromptBatch
 from llava_jax.inference.sampling import FINISH_REASONS, Finish, SamplingConfig, batch_sampling
-from llava_jax.inference.slots import decode_steps, evict, init_slots, insert, prefill_request
 
 _DONE = object()  # the last item of a request's queue
 
@@ -101,7 +102,9 @@ class SlotEngine:
     engine: an `Engine` without a mesh (its model, length buckets and checks); params: its
     parameters; max_slots: rows decoded together; cache_length: the KV slots of a row (a
     request's prompt bucket plus its max_new_tokens must fit); steps_per_round: decode
-    steps between admissions; shared: the eos ids, stop sequences, pad token and image-token
+    steps between admissions; prefill_chunk: prompt tokens prefilled in a round (0: a whole
+    prompt; otherwise a power of two, so a long prompt is prefilled a chunk a round, between
+    the others' decode steps); shared: the eos ids, stop sequences, pad token and image-token
     suppression every request must share (their other settings are their own).
     """
 
@@ -113,6 +116,7 @@ class SlotEngine:
         max_slots: int = 8,
         cache_length: int = 512,
         steps_per_round: int = 4,
+        prefill_chunk: int = 0,
         shared: SamplingConfig | None = None,
     ):
         if engine.mesh is not None:
@@ -121,30 +125,40 @@ class SlotEngine:
             raise ValueError(
                 f"max_slots={max_slots} and steps_per_round={steps_per_round} must be >= 1"
             )
+        if prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"prefill_chunk={prefill_chunk} must be 0 or a power of two")
         context = engine.config.text.max_position_embeddings
         if cache_length > context:
             raise ValueError(f"cache_length={cache_length} exceeds the model's context ({context})")
         self.engine, self.params = engine, params
         self.max_slots, self.cache_length = max_slots, cache_length
-        self.steps_per_round = steps_per_round
+        self.steps_per_round, self.prefill_chunk = steps_per_round, prefill_chunk
         self.shared = shared or SamplingConfig()
         model, cache_dtype = engine.model, engine.cache_dtype
         self._shared_params = engine.sampling_params([self.shared], rows=1)
         self.state = jax.jit(
-            functools.partial(init_slots, model, max_slots, cache_length, cache_dtype)
+            functools.partial(slot_programs.init_slots, model, max_slots, cache_length, cache_dtype)
         )(self._shared_params)
-        self._prefill = jax.jit(
-            functools.partial(prefill_request, model, cache_dtype=cache_dtype),
-            static_argnames="greedy",
+        self._embed = jax.jit(functools.partial(slot_programs.embed_prompt, model))
+        self._prefill_cache = jax.jit(
+            functools.partial(slot_programs.prefill_cache, model, cache_dtype=cache_dtype),
+            static_argnums=0,
         )
-        self._insert = jax.jit(insert, donate_argnums=0)
+        self._prefill_chunk = jax.jit(
+            functools.partial(slot_programs.prefill_chunk, model),
+            static_argnames="size",
+            donate_argnums=1,
+        )
+        self._first_token = jax.jit(slot_programs.first_token, static_argnames="greedy")
+        self._insert = jax.jit(slot_programs.insert, donate_argnums=0)
         self._decode = jax.jit(
-            functools.partial(decode_steps, model),
+            functools.partial(slot_programs.decode_steps, model),
             static_argnames=("steps", "greedy"),
             donate_argnums=1,
         )
-        self._evict = jax.jit(evict, donate_argnums=0)
+        self._evict = jax.jit(slot_programs.evict, donate_argnums=0)
         self._slots: list[SlotRequest | None] = [None] * max_slots
+        self._prefilling: list[_Prefilling] = []  # admitted, their prompts being prefilled
         self._waiting: collections.deque[SlotRequest] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -236,7 +250,9 @@ class SlotEngine:
         try:
             while True:
                 with self._wake:
-                    while not self._closed and not self._waiting and not self.slots_in_use:
+                    while not (
+                        self._closed or self._waiting or self._prefilling or self.slots_in_use
+                    ):
                         self._wake.wait()
                     if self._closed:
                         break
@@ -250,21 +266,32 @@ class SlotEngine:
         with self._wake:
             self._closed = True
             pending = [r for r in self._slots if r is not None] + list(self._waiting)
+            pending += [p.request for p in self._prefilling]
             self._waiting.clear()
-        self._slots = [None] * self.max_slots
+        self._slots, self._prefilling = [None] * self.max_slots, []
         for request in pending:
             request._finish(reason, error)
 
+    def _free_slots(self) -> list[int]:
+        reserved = {p.slot for p in self._prefilling}
+        return [
+            slot
+            for slot in range(self.max_slots)
+            if self._slots[slot] is None and slot not in reserved
+        ]
+
     def _round(self) -> None:
-        """Free cancelled slots, admit waiting requests into free slots, decode a few steps."""
+        """Free cancelled slots, admit waiting requests into free slots, prefill (a chunk,
+        or whole prompts), decode a few steps."""
         for slot, request in enumerate(self._slots):
             if request is not None and request.cancelled:
                 self.state = self._evict(self.state, slot)
                 self._slots[slot] = None
                 request._finish("cancelled")
-        for slot in range(self.max_slots):
-            if self._slots[slot] is not None:
-                continue
+        for prefilling in [p for p in self._prefilling if p.request.cancelled]:
+            self._prefilling.remove(prefilling)
+            prefilling.request._finish("cancelled")
+        for slot in self._free_slots():
             with self._wake:
                 request = self._waiting.popleft() if self._waiting else None
             if request is None:
@@ -272,7 +299,8 @@ class SlotEngine:
             if request.cancelled:
                 request._finish("cancelled")
                 continue
-            self._admit(request, slot)
+            self._prefilling.append(self._start_prefill(request, slot))
+        self._advance_prefills()
         if not self.slots_in_use:
             return
         greedy = all(r is None or r.sampling.greedy for r in self._slots)
@@ -291,7 +319,9 @@ class SlotEngine:
                 if self._slots[slot] is None:
                     break
 
-    def _admit(self, request: SlotRequest, slot: int) -> None:
+    def _start_prefill(self, request: SlotRequest, slot: int) -> _Prefilling:
+        """`request` takes `slot`: its prompt embedded (its images through the vision
+        tower) and an empty prefill cache of its bucket."""
         fields = request.batch
         batch = PromptBatch(
             input_ids=fields["input_ids"],
@@ -301,9 +331,45 @@ class SlotEngine:
             filler=fields["filler"],
             image_layout=fields["image_layout"],
         )
-        sampling = self.engine.sampling_params([request.sampling], rows=1)
-        prefilled = self._prefill(self.params, batch, sampling, greedy=request.sampling.greedy)
-        self.state, out = self._insert(self.state, prefilled, np.int32(slot))
+        length = fields["input_ids"].shape[1]
+        return _Prefilling(
+            request=request,
+            slot=slot,
+            embeddings=self._embed(self.params, batch),
+            attention_mask=fields["attention_mask"],
+            cache=self._prefill_cache(length),
+        )
+
+    def _advance_prefills(self) -> None:
+        """With a chunk size, one chunk of the oldest prompt being prefilled (the decode
+        steps wait for that chunk only); without, every admitted prompt whole. A prompt
+        prefilled to its end gets its first token and enters its slot."""
+        budget = 1 if self.prefill_chunk else len(self._prefilling)
+        for prefilling in list(self._prefilling[:budget]):
+            length = prefilling.attention_mask.shape[1]
+            size = min(self.prefill_chunk or length, length)
+            start, end = prefilling.done, prefilling.done + size
+            prefilling.cache, logits = self._prefill_chunk(
+                self.params,
+                prefilling.cache,
+                prefilling.embeddings,
+                prefilling.attention_mask,
+                np.int32(start),
+                size=size,
+            )
+            prefilling.done = end
+            if end < length:
+                continue
+            self._prefilling.remove(prefilling)
+            request = prefilling.request
+            sampling = self.engine.sampling_params([request.sampling], rows=1)
+            ready = self._first_token(
+                prefilling.cache, logits, sampling, greedy=request.sampling.greedy
+            )
+            self._enter(request, prefilling.slot, ready)
+
+    def _enter(self, request: SlotRequest, slot: int, ready: Any) -> None:
+        self.state, out = self._insert(self.state, ready, np.int32(slot))
         self._slots[slot] = request
         token, kept, finished, reason = jax.device_get(
             (out.token[slot], out.kept[slot], out.finished[slot], out.reason[slot])
@@ -332,3 +398,15 @@ class SlotEngine:
         if finished:
             self._slots[slot] = None
             request._finish(FINISH_REASONS[Finish(int(reason))])
+
+
+@dataclasses.dataclass(eq=False)
+class _Prefilling:
+    """An admitted request whose prompt is being prefilled into its own cache, for `slot`."""
+
+    request: SlotRequest
+    slot: int
+    embeddings: Any  # [1, P, D] on the device
+    attention_mask: np.ndarray  # int32[1, P]
+    cache: Any
+    done: int = 0  # prompt tokens prefilled so far

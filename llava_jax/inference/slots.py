@@ -6,8 +6,9 @@ Pure functions of `(params, state, …)`, jitted once per shape by `SlotEngine`
 
 - `init_slots(...)`: a `SlotState` of S free slots, each with its own KV cache row of C
   token slots, write position, token count, sampling settings and stop state;
-- `prefill_request(model, params, batch, row)`: one left-padded prompt `[1, P]` (and its
-  images) through the model into a prefill cache of P slots, and its first token;
+- `embed_prompt`, `prefill_chunk`, `first_token`: one left-padded prompt `[1, P]` (and its
+  images) embedded once, appended to a prefill cache of P slots in one chunk or several
+  (so a long prompt can be prefilled between decode steps), and its first token;
 - `insert(state, prefilled, slot)`: that cache and token into a free slot of the running
   state (the slot is traced: admitting into any slot reuses one program per prompt bucket);
 - `decode_steps(model, params, state, steps)`: `steps` tokens for every live slot, each
@@ -94,32 +95,58 @@ def init_slots(
     )
 
 
-def prefill_request(
-    model: Llava,
-    params: Any,
-    batch: PromptBatch,
-    sampling: SamplingParams,
-    *,
-    greedy: bool,
-    cache_dtype: Any,
-) -> Prefilled:
-    """The prompt `batch` (one row, left-padded to P) through the model into a cache of P
-    slots, and its first token (picked as token 0 of the request's own key)."""
-    config = model.config
-    prompt_length = batch.input_ids.shape[1]
-    cache = init_cache(config.text, 1, prompt_length, cache_dtype, per_layer=not config.scan_layers)
-    logits, cache = model.apply(
+def embed_prompt(model: Llava, params: Any, batch: PromptBatch) -> Array:
+    """The prompt `batch` (one row, left-padded to P) as token embeddings `[1, P, D]`, its
+    images' features merged (the vision tower runs here, once a request)."""
+    return model.apply(
         {"params": params},
         batch.input_ids,
-        cache,
         batch.images,
         batch.image_mask,
-        batch.attention_mask,
-        last_position_only=True,
-        image_layout=batch.image_layout,
-        method=Llava.decode,
+        batch.image_layout,
+        method=Llava.embed_inputs,
     )
-    token = select_tokens(logits[:, -1], sampling, jnp.zeros((1,), jnp.int32), greedy)
+
+
+def prefill_cache(model: Llava, length: int, cache_dtype: Any) -> dict[str, Any]:
+    """An empty cache of one row and `length` slots, for a prompt of that bucket."""
+    config = model.config
+    return init_cache(config.text, 1, length, cache_dtype, per_layer=not config.scan_layers)
+
+
+def prefill_chunk(
+    model: Llava,
+    params: Any,
+    cache: dict[str, Any],
+    embeddings: Array,
+    attention_mask: Array,
+    start: Array,
+    *,
+    size: int,
+) -> tuple[dict[str, Any], Array]:
+    """Tokens `start .. start + size` of a prompt (`embeddings [1, P, D]`, `attention_mask
+    int32[1, P]`, 1 = a real token) appended to its prefill `cache` -> (cache, the chunk's
+    last position's logits `float32[1, V]`). A prompt in one chunk or in several gives the
+    same cache: each chunk attends to the ones before it through the cache."""
+    chunk = jax.lax.dynamic_slice_in_dim(embeddings, start, size, axis=1)
+    mask = jax.lax.dynamic_slice_in_dim(attention_mask, start, size, axis=1)
+    logits, cache = model.apply(
+        {"params": params},
+        chunk,
+        cache,
+        mask,
+        last_position_only=True,
+        method=Llava.decode_embedded,
+    )
+    return cache, logits[:, -1]
+
+
+def first_token(
+    cache: dict[str, Any], logits: Array, sampling: SamplingParams, *, greedy: bool
+) -> Prefilled:
+    """A prompt's prefill cache and its first token (token 0 of the request's own key),
+    ready to `insert`."""
+    token = select_tokens(logits, sampling, jnp.zeros((1,), jnp.int32), greedy)
     return Prefilled(cache=cache, token=token[0], sampling=sampling)
 
 

@@ -211,13 +211,27 @@ class Llava(nn.Module):
         get the positions transformers' `generate` gives them. `last_position_only`: logits
         `[B, 1, V]` of the last position only.
         """
-        batch, length = input_ids.shape
+        embeddings = self.embed_inputs(input_ids, images, image_mask, image_layout)
+        return self.decode_embedded(
+            embeddings, cache, attention_mask, positions, last_position_only
+        )
+
+    def decode_embedded(
+        self,
+        embeddings: Array,
+        cache: KVCache,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+        last_position_only: bool = False,
+    ) -> tuple[Array, KVCache]:
+        """`decode` from token embeddings `[B, t, D]` (`embed_inputs`'s, images merged): a
+        prompt prefilled in chunks embeds it once, then appends it chunk by chunk."""
+        batch, length = embeddings.shape[:2]
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
         if positions is None:
             seen = jnp.sum(cache["mask"], axis=1, keepdims=True)
             positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        embeddings = self.embed_inputs(input_ids, images, image_mask, image_layout)
         return self.llm(
             embeddings, positions.astype(jnp.int32), attention_mask, cache, last_position_only
         )

@@ -59,6 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "its max_tokens may take (default: the model's context)",
     )
     parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=0,
+        help="--engine slots: prompt tokens prefilled a round, a power of two (0: a whole "
+        "prompt), so a long prompt does not stall the running answers",
+    )
+    parser.add_argument(
         "--steps-per-round",
         type=int,
         default=4,
@@ -91,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.engine == "slots" and args.mesh:
         parser.error("--engine slots runs on one device for now: leave out --mesh")
+    if args.prefill_chunk < 0 or args.prefill_chunk & (args.prefill_chunk - 1):
+        parser.error(f"--prefill-chunk must be 0 or a power of two, got {args.prefill_chunk}")
     if args.slot_cache_length < 0:
         parser.error(f"--slot-cache-length must be >= 0, got {args.slot_cache_length}")
     if args.batch_wait_ms < 0:
@@ -119,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_slots=args.max_slots,
                 cache_length=args.slot_cache_length,
                 steps_per_round=args.steps_per_round,
+                prefill_chunk=args.prefill_chunk,
             )
             batching = f"{args.max_slots} decode slots"
         else:

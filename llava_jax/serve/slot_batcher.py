@@ -25,13 +25,21 @@ log = logging.getLogger(__name__)
 class SlotBatcher:
     """`Batcher`'s interface (start, stop, submit, stats) over a `SlotEngine` of `model`
     (a `LoadedModel` without a mesh): max_slots rows decoded together, each with
-    cache_length KV slots; steps_per_round decode steps between admissions."""
+    cache_length KV slots; steps_per_round decode steps between admissions; prefill_chunk
+    prompt tokens prefilled a round (0: whole prompts)."""
 
     def __init__(
-        self, model: Any, *, max_slots: int = 8, cache_length: int = 0, steps_per_round: int = 4
+        self,
+        model: Any,
+        *,
+        max_slots: int = 8,
+        cache_length: int = 0,
+        steps_per_round: int = 4,
+        prefill_chunk: int = 0,
     ):
         self.model = model
         self.max_slots, self.steps_per_round = max_slots, steps_per_round
+        self.prefill_chunk = prefill_chunk
         self.cache_length = cache_length or model.context_length
         self.engine: SlotEngine | None = None
         self._lock = threading.Lock()
@@ -46,6 +54,7 @@ class SlotBatcher:
             max_slots=self.max_slots,
             cache_length=self.cache_length,
             steps_per_round=self.steps_per_round,
+            prefill_chunk=self.prefill_chunk,
             shared=self.model.sampling(),
         )
 
