@@ -158,5 +158,8 @@ def test_metrics_parse_and_move_as_requests_are_served(server, client, image):  
     assert moved("llava_jax_time_per_output_token_seconds_count") == (
         answer.usage.completion_tokens > 1
     )
+    lookups = [f"llava_jax_image_cache_lookups_total{{result={r}}}" for r in ("hits", "misses")]
+    assert sum(moved(name) for name in lookups) == 1  # the answered request's one image
+    assert after["llava_jax_image_cache_bytes"] > 0
     assert after["llava_jax_slots"] == SLOTS and after["llava_jax_slots_in_use"] == 0
     assert after["llava_jax_requests_waiting"] == 0

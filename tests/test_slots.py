@@ -274,3 +274,70 @@ def test_a_long_prompt_is_prefilled_between_the_running_answers_steps(setup):
 
     assert tokens_meanwhile(16) >= 3
     assert tokens_meanwhile(0) <= 2
+
+
+def test_the_image_cache_keeps_answers_and_skips_the_vision_tower(setup):
+    """Three questions on each of two images, image cache on: each image is encoded once
+    (2 misses, 4 hits) and every answer equals `Engine.generate` (the cache off too)."""
+    _, _, params, engine = setup
+    rng = np.random.default_rng(140)
+    pictures = [rng.standard_normal((1, 1, 1, 28, 28, 3)).astype(np.float32) for _ in range(2)]
+    cases = [(request(141 + q, 12 + 4 * q, with_image=True)[0], pictures[q % 2]) for q in range(6)]
+    for cache in (1 << 20, 0):
+        with SlotEngine(
+            engine, params, max_slots=2, cache_length=64, image_cache_bytes=cache
+        ) as slots:
+            handles = [slots.submit(p, images, sampling=GREEDY) for p, images in cases]
+            for (prompt, images), handle in zip(cases, handles, strict=True):
+                assert handle.result(timeout=300) == reference(
+                    engine, params, prompt, images, GREEDY
+                )
+            if cache:
+                assert (slots.image_cache.misses, slots.image_cache.hits) == (2, 4)
+            else:
+                assert slots.image_cache is None
+
+
+def test_the_image_cache_with_tiled_images(tmp_path):
+    """LLaVA-NeXT images (tiles, a layout, features that may not exist): two questions on
+    each of two images of other sizes, from the cache, answer as `Engine.generate`."""
+    from test_llava_next import CONFIGS, PATCH, TILE, next_config, next_model, random_images
+
+    from llava_jax.data.image import CLIP_MEAN, CLIP_STD
+    from llava_jax.data.image_tiles import ImageTiler
+
+    pinpoints, feature_layer, sizes = CONFIGS["wide-and-tall"]
+    next_model(next_config(pinpoints, feature_layer), seed=2).save_pretrained(tmp_path)
+    config, params = load_hf(str(tmp_path))
+    engine, tiler = Engine(config), ImageTiler(tile=TILE, patch=PATCH, pinpoints=pinpoints)
+    rng = np.random.default_rng(150)
+    cases = []
+    for q, image in enumerate(random_images(sizes[:2], seed=151) * 2):
+        tiles, layout, count = tiler.encode(image, CLIP_MEAN, CLIP_STD)
+        prompt = np.concatenate([[1], np.full(count, IMAGE_TOKEN), rng.integers(3, 90, 3 + q)])
+        cases.append((prompt.astype(np.int32), tiles[None, None], layout[None, None]))
+    with SlotEngine(engine, params, max_slots=2, cache_length=128, image_cache_bytes=1 << 20) as s:
+        handles = [
+            s.submit(p, tiles, sampling=GREEDY, image_layout=layout) for p, tiles, layout in cases
+        ]
+        for (prompt, tiles, layout), handle in zip(cases, handles, strict=True):
+            expected = engine.generate(
+                params, [prompt], tiles, None, GREEDY, image_layout=layout
+            ).tokens[0]
+            assert handle.result(timeout=300)[0] == expected.tolist()
+        assert (s.image_cache.misses, s.image_cache.hits) == (2, 2)
+
+
+def test_the_lru_cache_keeps_its_bound_and_drops_the_least_recently_used():
+    from llava_jax.inference.lru_cache import LRUCache
+
+    cache = LRUCache(100)
+    cache.put("a", 1, 40)
+    cache.put("b", 2, 40)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3, 40)  # 120 > 100: b, the least recently used, goes
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+    assert cache.bytes == 80 and len(cache) == 2
+    cache.put("huge", 4, 101)  # larger than the bound: not kept, nothing dropped
+    assert cache.get("huge") is None and len(cache) == 2
+    assert (cache.hits, cache.misses) == (3, 2)

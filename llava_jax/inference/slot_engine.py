@@ -14,7 +14,10 @@ token, whether a request runs alone, among full slots or is admitted mid-way.
 
 Eos ids, stop token sequences and limits stop a row on the device; stop strings on the host
 (the answer decoded with the engine's tokenizer after each token; the slot is freed at once).
-Not yet here (issue 27): a mesh, the image and prefix caches, admission by a memory budget.
+With `image_cache_bytes`, an image's features are computed once and kept (keyed by its
+preprocessed pixels): a chat's follow-ups and several questions about one image skip the
+vision tower. Not yet here (issue 27): a mesh, the prefix cache, admission by a memory
+budget.
 """
 
 from __future__ import annotations
@@ -22,16 +25,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.inference import slots as slot_programs
 from llava_jax.inference.engine import Engine
+from llava_jax.inference.lru_cache import LRUCache
 from llava_jax.inference.programs import PromptBatch
 from llava_jax.inference.sampling import FINISH_REASONS, Finish, SamplingConfig, batch_sampling
 
@@ -104,8 +110,11 @@ class SlotEngine:
     request's prompt bucket plus its max_new_tokens must fit); steps_per_round: decode
     steps between admissions; prefill_chunk: prompt tokens prefilled in a round (0: a whole
     prompt; otherwise a power of two, so a long prompt is prefilled a chunk a round, between
-    the others' decode steps); shared: the eos ids, stop sequences, pad token and image-token
-    suppression every request must share (their other settings are their own).
+    the others' decode steps); image_cache_bytes: keep images' features (vision tower and
+    projector outputs), keyed by a hash of their preprocessed pixels and layout, up to this
+    many bytes, least recently used out (0: none kept); shared: the eos ids, stop
+    sequences, pad token and image-token suppression every request must share (their other
+    settings are their own).
     """
 
     def __init__(
@@ -117,6 +126,7 @@ class SlotEngine:
         cache_length: int = 512,
         steps_per_round: int = 4,
         prefill_chunk: int = 0,
+        image_cache_bytes: int = 0,
         shared: SamplingConfig | None = None,
     ):
         if engine.mesh is not None:
@@ -140,6 +150,11 @@ class SlotEngine:
             functools.partial(slot_programs.init_slots, model, max_slots, cache_length, cache_dtype)
         )(self._shared_params)
         self._embed = jax.jit(functools.partial(slot_programs.embed_prompt, model))
+        self._encode_image = jax.jit(functools.partial(slot_programs.encode_image, model))
+        self._embed_with_features = jax.jit(
+            functools.partial(slot_programs.embed_with_features, model)
+        )
+        self.image_cache = LRUCache(image_cache_bytes) if image_cache_bytes else None
         self._prefill_cache = jax.jit(
             functools.partial(slot_programs.prefill_cache, model, cache_dtype=cache_dtype),
             static_argnums=0,
@@ -332,13 +347,46 @@ class SlotEngine:
             image_layout=fields["image_layout"],
         )
         length = fields["input_ids"].shape[1]
+        if self.image_cache is None or fields["images"] is None:
+            embeddings = self._embed(self.params, batch)
+        else:
+            embeddings = self._embed_with_cached_images(fields)
         return _Prefilling(
             request=request,
             slot=slot,
-            embeddings=self._embed(self.params, batch),
+            embeddings=embeddings,
             attention_mask=fields["attention_mask"],
             cache=self._prefill_cache(length),
         )
+
+    def _image_features(self, pixels: np.ndarray, layout: np.ndarray) -> tuple[Any, Any]:
+        """One image's features (`pixels float32[1, 1, T, H, W, 3]`, `layout int32[1, 1,
+        N]`), from the cache or computed and kept."""
+        key = hashlib.sha256(pixels.tobytes() + layout.tobytes()).digest()
+        features = self.image_cache.get(key)
+        if features is None:
+            features = self._encode_image(self.params, pixels, layout)
+            size = sum(leaf.nbytes for leaf in jax.tree.leaves(features))
+            self.image_cache.put(key, features, size)
+        return features
+
+    def _embed_with_cached_images(self, fields: dict[str, Any]) -> Any:
+        """`embed_prompt` with each image's features from the image cache (computed on a
+        miss); empty image slots get zeros."""
+        images, mask, layout = fields["images"], fields["image_mask"], fields["image_layout"]
+        slots = images.shape[1]
+        per_image = [
+            self._image_features(images[:, i : i + 1], layout[:, i : i + 1]) if mask[0, i] else None
+            for i in range(slots)
+        ]
+        shape = jax.eval_shape(self._encode_image, self.params, images[:, :1], layout[:, :1])
+        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shape)
+        filled = [zeros if f is None else f for f in per_image]
+        features = jnp.concatenate([f[0] for f in filled], axis=1)
+        exists = None
+        if filled[0][1] is not None:
+            exists = jnp.concatenate([f[1] for f in filled], axis=1)
+        return self._embed_with_features(self.params, fields["input_ids"], features, mask, exists)
 
     def _advance_prefills(self) -> None:
         """With a chunk size, one chunk of the oldest prompt being prefilled (the decode

@@ -6,8 +6,9 @@ Pure functions of `(params, state, …)`, jitted once per shape by `SlotEngine`
 
 - `init_slots(...)`: a `SlotState` of S free slots, each with its own KV cache row of C
   token slots, write position, token count, sampling settings and stop state;
-- `embed_prompt`, `prefill_chunk`, `first_token`: one left-padded prompt `[1, P]` (and its
-  images) embedded once, appended to a prefill cache of P slots in one chunk or several
+- `embed_prompt` (or `encode_image` per image and `embed_with_features`, with the image
+  cache), `prefill_chunk`, `first_token`: one left-padded prompt `[1, P]` (and its images)
+  embedded once, appended to a prefill cache of P slots in one chunk or several
   (so a long prompt can be prefilled between decode steps), and its first token;
 - `insert(state, prefilled, slot)`: that cache and token into a free slot of the running
   state (the slot is traced: admitting into any slot reuses one program per prompt bucket);
@@ -105,6 +106,34 @@ def embed_prompt(model: Llava, params: Any, batch: PromptBatch) -> Array:
         batch.image_mask,
         batch.image_layout,
         method=Llava.embed_inputs,
+    )
+
+
+def encode_image(
+    model: Llava, params: Any, images: Array, layout: Array | None
+) -> tuple[Array, Array | None]:
+    """One image's features: `images float32[1, 1, T, H, W, 3]` (its tiles), `layout
+    int32[1, 1, N]` -> `[1, 1, N, D]` and which exist (None: all; `Llava.encode_images`)."""
+    return model.apply({"params": params}, images, layout, method=Llava.encode_images)
+
+
+def embed_with_features(
+    model: Llava,
+    params: Any,
+    input_ids: Array,
+    features: Array,
+    image_mask: Array,
+    feature_mask: Array | None,
+) -> Array:
+    """`embed_prompt` from image features computed before (`encode_image`'s, stacked
+    `[1, I, N, D]`; e.g. kept in the image cache)."""
+    return model.apply(
+        {"params": params},
+        input_ids,
+        features,
+        image_mask,
+        feature_mask,
+        method=Llava.embed_with_features,
     )
 
 

@@ -146,15 +146,29 @@ class Llava(nn.Module):
         image_layout: Array | None = None,
     ) -> Array:
         """Token embeddings `[B, T, D]` with image features at the image-token positions."""
+        features, exists = None, None
+        if images is not None:
+            features, exists = self.encode_images(images, image_layout)
+        return self.embed_with_features(input_ids, features, image_mask, exists)
+
+    def embed_with_features(
+        self,
+        input_ids: Array,
+        features: Array | None,
+        image_mask: Array | None,
+        feature_mask: Array | None = None,
+    ) -> Array:
+        """`embed_inputs` from image features already computed (`encode_images`'s: `[B, I,
+        N, D]`, which exist `bool[B, I, N]` or None for all; e.g. kept from an earlier
+        request about the same image)."""
         is_image_token = input_ids == self.config.image_token_id
         # The image token may lie outside the vocabulary; its embedding is replaced anyway.
         embeddings = self.llm.embed_tokens(jnp.where(is_image_token, 0, input_ids))
-        if images is None:
+        if features is None:
             return embeddings
         if image_mask is None:
-            image_mask = jnp.ones(images.shape[:2], dtype=bool)
-        features, exists = self.encode_images(images, image_layout)
-        return merge_image_features(embeddings, features, is_image_token, image_mask, exists)
+            image_mask = jnp.ones(features.shape[:2], dtype=bool)
+        return merge_image_features(embeddings, features, is_image_token, image_mask, feature_mask)
 
     def __call__(
         self,

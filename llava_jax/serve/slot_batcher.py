@@ -26,7 +26,8 @@ class SlotBatcher:
     """`Batcher`'s interface (start, stop, submit, stats) over a `SlotEngine` of `model`
     (a `LoadedModel` without a mesh): max_slots rows decoded together, each with
     cache_length KV slots; steps_per_round decode steps between admissions; prefill_chunk
-    prompt tokens prefilled a round (0: whole prompts)."""
+    prompt tokens prefilled a round (0: whole prompts); image_cache_bytes: images' features
+    kept for later requests (0: none)."""
 
     def __init__(
         self,
@@ -36,8 +37,10 @@ class SlotBatcher:
         cache_length: int = 0,
         steps_per_round: int = 4,
         prefill_chunk: int = 0,
+        image_cache_bytes: int = 0,
     ):
         self.model = model
+        self.image_cache_bytes = image_cache_bytes
         self.max_slots, self.steps_per_round = max_slots, steps_per_round
         self.prefill_chunk = prefill_chunk
         self.cache_length = cache_length or model.context_length
@@ -55,6 +58,7 @@ class SlotBatcher:
             cache_length=self.cache_length,
             steps_per_round=self.steps_per_round,
             prefill_chunk=self.prefill_chunk,
+            image_cache_bytes=self.image_cache_bytes,
             shared=self.model.sampling(),
         )
 
@@ -65,7 +69,7 @@ class SlotBatcher:
     def stats(self) -> dict[str, int]:
         engine = self.engine
         in_use = engine.slots_in_use if engine else 0
-        return {
+        stats = {
             "running": in_use,
             "queued": engine.waiting if engine else 0,
             "max_slots": self.max_slots,
@@ -74,6 +78,14 @@ class SlotBatcher:
             "completed": self.completed,
             "cancelled": self.cancelled,
         }
+        cache = engine.image_cache if engine else None
+        if cache is not None:
+            stats.update(
+                image_cache_hits=cache.hits,
+                image_cache_misses=cache.misses,
+                image_cache_bytes=cache.bytes,
+            )
+        return stats
 
     def submit(self, job: Job) -> None:
         """Queue `job`; a request that cannot run here fails at once with a 400."""
