@@ -1,8 +1,9 @@
-"""The server with continuous batching (`python -m llava_jax.serve --engine slots`), from the
-outside as test_serve.py drives it: answers (plain, streamed, cut by a stop string) are
-`generate`'s; concurrent requests share the decode slots and each answer equals it alone; a
-client that leaves mid-stream frees its slot at once; a request that cannot fit a slot's
-cache gets a 400 naming the limit."""
+"""The server with continuous batching (`python -m llava_jax.serve --engine slots`, chunked
+prefill, image and prefix caches), from the outside as test_serve.py drives it: answers
+(plain, streamed, cut by a stop string) are `generate`'s; concurrent requests share the
+decode slots and each answer equals it alone; a client that leaves mid-stream frees its
+slot; a request that cannot fit a slot's cache gets a 400 naming the limit; `/metrics`
+parses and moves."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def server(model_dir, tmp_path_factory, request):  # noqa: F811
     log_path = tmp_path_factory.mktemp("serve_slots_log") / "serve.log"
     args = ["--checkpoint", model_dir, "--model-name", MODEL, "--engine", "slots"]
     args += ["--max-slots", SLOTS, "--slot-cache-length", SLOT_CACHE, "--steps-per-round", 2]
+    args += ["--prefill-chunk", 16]  # and so the prefix cache
     args += ["--max-image-bytes", MAX_IMAGE_BYTES]
     with running_server(args, log_path, lambda: request.getfixturevalue("reference")) as (
         url,
@@ -161,5 +163,10 @@ def test_metrics_parse_and_move_as_requests_are_served(server, client, image):  
     lookups = [f"llava_jax_image_cache_lookups_total{{result={r}}}" for r in ("hits", "misses")]
     assert sum(moved(name) for name in lookups) == 1  # the answered request's one image
     assert after["llava_jax_image_cache_bytes"] > 0
+    # Its prompt's whole blocks of 16 were looked up (all but the last token's), and kept.
+    blocks = (answer.usage.prompt_tokens - 1) // 16
+    lookups = [f"llava_jax_prefix_cache_lookups_total{{result={r}}}" for r in ("hits", "misses")]
+    assert moved(lookups[0]) == blocks  # the same question was asked before: every block hits
+    assert after["llava_jax_prefix_cache_bytes"] > 0
     assert after["llava_jax_slots"] == SLOTS and after["llava_jax_slots_in_use"] == 0
     assert after["llava_jax_requests_waiting"] == 0

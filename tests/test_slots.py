@@ -341,3 +341,29 @@ def test_the_lru_cache_keeps_its_bound_and_drops_the_least_recently_used():
     cache.put("huge", 4, 101)  # larger than the bound: not kept, nothing dropped
     assert cache.get("huge") is None and len(cache) == 2
     assert (cache.hits, cache.misses) == (3, 2)
+
+
+def test_the_prefix_cache_reuses_a_shared_start_and_keeps_answers(setup):
+    """Questions that start the same way (an image and 31 shared tokens: two blocks of 16)
+    and end differently: from the second on, both blocks come from the prefix cache, and
+    every answer equals `Engine.generate`'s. The same tokens about another image reuse
+    nothing (a block's key holds the images it shows)."""
+    _, _, params, engine = setup
+    rng = np.random.default_rng(160)
+    per_image = image_tokens_per_image(tiny_hf_config())
+    shared = np.concatenate(
+        [[1], np.full(per_image, IMAGE_TOKEN), rng.integers(2, IMAGE_TOKEN, 35 - 1 - per_image)]
+    ).astype(np.int32)
+    picture, other = (rng.standard_normal((1, 1, 1, 28, 28, 3)).astype(np.float32) for _ in "ab")
+    suffixes = [rng.integers(2, IMAGE_TOKEN, n).astype(np.int32) for n in (6, 13, 21)]
+    with SlotEngine(
+        engine, params, max_slots=2, cache_length=96, prefill_chunk=16, prefix_cache_bytes=1 << 22
+    ) as slots:
+        hits = []
+        for images, suffix in [(picture, s) for s in suffixes] + [(other, suffixes[0])]:
+            prompt = np.concatenate([shared, suffix])
+            before = slots.prefix_cache.hits
+            answer = slots.submit(prompt, images, sampling=GREEDY).result(timeout=300)
+            assert answer == reference(engine, params, prompt, images, GREEDY)
+            hits.append(slots.prefix_cache.hits - before)
+        assert hits == [0, 2, 2, 0]

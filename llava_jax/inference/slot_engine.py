@@ -16,8 +16,10 @@ Eos ids, stop token sequences and limits stop a row on the device; stop strings 
 (the answer decoded with the engine's tokenizer after each token; the slot is freed at once).
 With `image_cache_bytes`, an image's features are computed once and kept (keyed by its
 preprocessed pixels): a chat's follow-ups and several questions about one image skip the
-vision tower. Not yet here (issue 27): a mesh, the prefix cache, admission by a memory
-budget.
+vision tower. With `prefix_cache_bytes` (and `prefill_chunk`), the keys and values of a
+prompt's whole blocks are kept, keyed by the tokens up to each block's end and the images
+they show, and a later prompt that starts the same way (a system prompt, an image, shared
+text) starts its prefill after them. Not yet here (issue 27): a mesh, admission by a memory budget.
 """
 
 from __future__ import annotations
@@ -112,7 +114,11 @@ class SlotEngine:
     prompt; otherwise a power of two, so a long prompt is prefilled a chunk a round, between
     the others' decode steps); image_cache_bytes: keep images' features (vision tower and
     projector outputs), keyed by a hash of their preprocessed pixels and layout, up to this
-    many bytes, least recently used out (0: none kept); shared: the eos ids, stop
+    many bytes, least recently used out (0: none kept); prefix_cache_bytes: keep the keys
+    and values of prompts' whole blocks of `prefill_chunk` tokens, keyed by every token up to
+    the block's end and the images they show, so a prompt that starts as an earlier one did
+    (a system prompt, an image, shared text) prefills only the rest (0: none kept); shared:
+    the eos ids, stop
     sequences, pad token and image-token suppression every request must share (their other
     settings are their own).
     """
@@ -127,6 +133,7 @@ class SlotEngine:
         steps_per_round: int = 4,
         prefill_chunk: int = 0,
         image_cache_bytes: int = 0,
+        prefix_cache_bytes: int = 0,
         shared: SamplingConfig | None = None,
     ):
         if engine.mesh is not None:
@@ -155,6 +162,12 @@ class SlotEngine:
             functools.partial(slot_programs.embed_with_features, model)
         )
         self.image_cache = LRUCache(image_cache_bytes) if image_cache_bytes else None
+        if prefix_cache_bytes and not prefill_chunk:
+            raise ValueError("prefix_cache_bytes needs prefill_chunk: its blocks are chunks")
+        self.prefix_cache = LRUCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self._take_block = jax.jit(slot_programs.take_block, static_argnames="size")
+        self._place_block = jax.jit(slot_programs.place_block, donate_argnums=0)
+        self._with_index = jax.jit(slot_programs.with_index, donate_argnums=0)
         self._prefill_cache = jax.jit(
             functools.partial(slot_programs.prefill_cache, model, cache_dtype=cache_dtype),
             static_argnums=0,
@@ -211,6 +224,12 @@ class SlotEngine:
             batch_rows=1,
             image_layout=image_layout,
         )
+        bucket = fields["input_ids"].shape[1]
+        if self.prefill_chunk and bucket > self.prefill_chunk and bucket % self.prefill_chunk:
+            raise ValueError(
+                f"the prompt's length bucket {bucket} is not a multiple of "
+                f"prefill_chunk={self.prefill_chunk}"
+            )
         needed = fields["input_ids"].shape[1] + sampling.max_new_tokens
         if needed > self.cache_length:
             raise ValueError(
@@ -336,7 +355,8 @@ class SlotEngine:
 
     def _start_prefill(self, request: SlotRequest, slot: int) -> _Prefilling:
         """`request` takes `slot`: its prompt embedded (its images through the vision
-        tower) and an empty prefill cache of its bucket."""
+        tower, or from the image cache) and a prefill cache of its bucket, holding the
+        prompt's first blocks when the prefix cache has them."""
         fields = request.batch
         batch = PromptBatch(
             input_ids=fields["input_ids"],
@@ -351,13 +371,82 @@ class SlotEngine:
             embeddings = self._embed(self.params, batch)
         else:
             embeddings = self._embed_with_cached_images(fields)
-        return _Prefilling(
+        prefilling = _Prefilling(
             request=request,
             slot=slot,
             embeddings=embeddings,
             attention_mask=fields["attention_mask"],
             cache=self._prefill_cache(length),
         )
+        if self.prefill_chunk:
+            self._reuse_prefix(prefilling)
+        return prefilling
+
+    def _block_keys(self, fields: dict[str, Any]) -> list[bytes]:
+        """A key for each whole block of the prompt (`prefill_chunk` tokens): a hash of
+        every token up to the block's end and of the images those tokens show."""
+        mask = fields["attention_mask"][0]
+        ids = fields["input_ids"][0][mask > 0]
+        owners = np.zeros(len(ids), np.int64) - 1  # which image each image token shows
+        hashes: dict[int, bytes] = {}
+        if fields["images"] is not None:
+            images, layout = fields["images"], fields["image_layout"]
+            valid = np.flatnonzero(fields["image_mask"][0])
+            counts = [int((layout[0, i] >= 0).sum()) for i in valid]
+            positions = np.flatnonzero(ids == self.engine.config.image_token_id)
+            if len(positions) != sum(counts):  # (the engine refuses such a prompt)
+                return []
+            owners[positions] = np.repeat(valid, counts)
+            hashes = {
+                int(i): hashlib.sha256(images[0, i].tobytes() + layout[0, i].tobytes()).digest()
+                for i in valid
+            }
+        block, keys, chain = self.prefill_chunk, [], b""
+        for end in range(block, len(ids) + 1, block):
+            start = end - block
+            shown = dict.fromkeys(int(o) for o in owners[start:end] if o >= 0)
+            pieces = [chain, ids[start:end].tobytes(), *(hashes[o] for o in shown)]
+            chain = hashlib.sha256(b"".join(pieces)).digest()
+            keys.append(chain)
+        return keys
+
+    def _reuse_prefix(self, prefilling: _Prefilling) -> None:
+        """The prompt's longest run of first blocks the prefix cache holds goes into its
+        prefill cache; prefilling starts after them, at the first chunk holding a token of
+        the rest (the chunks before would be padding), the reused and padding slots masked.
+        With no prefix cache, only the padding chunks are skipped."""
+        fields, block = prefilling.request.batch, self.prefill_chunk
+        bucket = fields["input_ids"].shape[1]
+        real = int(fields["attention_mask"].sum())
+        keys = self._block_keys(fields) if self.prefix_cache is not None else []
+        reused = []
+        for key in keys[: (real - 1) // block]:  # at least one token is left to prefill
+            kept = self.prefix_cache.get(key)
+            if kept is None:
+                break
+            reused.append(kept)
+        cache = prefilling.cache
+        for j, kept in enumerate(reused):
+            cache = self._place_block(cache, kept, np.int32(j * block))
+        rest = real - len(reused) * block
+        start = bucket - -(-rest // block) * block if bucket > block else 0
+        mask = fields["attention_mask"].copy()
+        mask[:, : bucket - rest] = 0  # padding, and the reused tokens (already in the cache)
+        prefilling.cache = self._with_index(cache, np.int32(start))
+        prefilling.attention_mask, prefilling.done = mask, start
+        prefilling.keys, prefilling.reused, prefilling.real = keys, len(reused), real
+
+    def _keep_prefix(self, prefilling: _Prefilling) -> None:
+        """The prompt's whole blocks not in the prefix cache, kept from its prefill cache
+        (the rest of the prompt sits at the end of the bucket, right-aligned)."""
+        if self.prefix_cache is None:
+            return
+        block, bucket = self.prefill_chunk, prefilling.attention_mask.shape[1]
+        first = bucket - prefilling.real  # the slot of the prompt's token 0, were it there
+        for j in range(prefilling.reused, len(prefilling.keys)):
+            kept = self._take_block(prefilling.cache, np.int32(first + j * block), size=block)
+            size = sum(leaf.nbytes for leaf in jax.tree.leaves(kept))
+            self.prefix_cache.put(prefilling.keys[j], kept, size)
 
     def _image_features(self, pixels: np.ndarray, layout: np.ndarray) -> tuple[Any, Any]:
         """One image's features (`pixels float32[1, 1, T, H, W, 3]`, `layout int32[1, 1,
@@ -408,6 +497,7 @@ class SlotEngine:
             prefilling.done = end
             if end < length:
                 continue
+            self._keep_prefix(prefilling)
             self._prefilling.remove(prefilling)
             request = prefilling.request
             sampling = self.engine.sampling_params([request.sampling], rows=1)
@@ -457,4 +547,7 @@ class _Prefilling:
     embeddings: Any  # [1, P, D] on the device
     attention_mask: np.ndarray  # int32[1, P]
     cache: Any
-    done: int = 0  # prompt tokens prefilled so far
+    done: int = 0  # the bucket's slots prefilled (or skipped) so far
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # its whole blocks' keys
+    reused: int = 0  # its first blocks taken from the prefix cache
+    real: int = 0  # its real tokens

@@ -170,6 +170,55 @@ def prefill_chunk(
     return cache, logits[:, -1]
 
 
+def _length_axis(name: str) -> int:
+    """The token axis of a cache buffer: keys `[..., K, D, S]`, values `[..., K, S, D]`."""
+    return -1 if name == "k" else -2
+
+
+def take_block(cache: dict[str, Any], offset: Array, *, size: int) -> dict[str, Any]:
+    """The keys and values of cache slots `offset .. offset + size` of a one-row cache (a
+    prompt block, to keep in the prefix cache): `{'k', 'v'}` shaped like the cache's, with
+    `size` slots."""
+    block = {}
+    for name in ("k", "v"):
+        axis, buffers = _length_axis(name), cache[name]
+
+        def cut(buffer: Array, axis: int = axis) -> Array:
+            return jax.lax.dynamic_slice_in_dim(buffer, offset, size, axis=axis % buffer.ndim)
+
+        block[name] = (
+            tuple(map(cut, buffers)) if isinstance(buffers, (tuple, list)) else cut(buffers)
+        )
+    return block
+
+
+def place_block(cache: dict[str, Any], block: dict[str, Any], offset: Array) -> dict[str, Any]:
+    """A one-row prefill cache with a kept prompt block written at slots `offset ..` and
+    marked as real tokens (the prompt's first blocks, reused instead of prefilled)."""
+    out = dict(cache)
+    for name in ("k", "v"):
+        axis, buffers = _length_axis(name), cache[name]
+
+        def put(buffer: Array, new: Array, axis: int = axis) -> Array:
+            start = [jnp.zeros((), jnp.int32)] * buffer.ndim
+            start[axis % buffer.ndim] = offset
+            return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), tuple(start))
+
+        if isinstance(buffers, (tuple, list)):
+            out[name] = tuple(map(put, buffers, block[name]))
+        else:
+            out[name] = put(buffers, block[name])
+    size = block["k"][0].shape[-1] if isinstance(block["k"], tuple) else block["k"].shape[-1]
+    ones = jnp.ones((1, size), cache["mask"].dtype)
+    out["mask"] = jax.lax.dynamic_update_slice(cache["mask"], ones, (0, offset))
+    return out
+
+
+def with_index(cache: dict[str, Any], index: Array) -> dict[str, Any]:
+    """A one-row prefill cache whose next chunk is written at slot `index`."""
+    return {**cache, "index": jnp.asarray(index, jnp.int32)}
+
+
 def first_token(
     cache: dict[str, Any], logits: Array, sampling: SamplingParams, *, greedy: bool
 ) -> Prefilled:

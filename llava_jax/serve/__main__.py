@@ -66,11 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prompt), so a long prompt does not stall the running answers",
     )
     parser.add_argument(
-        "--cache-gib",
+        "--image-cache-gib",
         type=float,
         default=1.0,
         help="--engine slots: memory for images' features kept for later requests about the "
         "same image (least recently used out; 0: none)",
+    )
+    parser.add_argument(
+        "--prefix-cache-gib",
+        type=float,
+        default=1.0,
+        help="--engine slots with --prefill-chunk: memory for the keys and values of prompts' "
+        "first blocks, kept for later prompts that start the same way (0: none)",
     )
     parser.add_argument(
         "--steps-per-round",
@@ -107,8 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--engine slots runs on one device for now: leave out --mesh")
     if args.prefill_chunk < 0 or args.prefill_chunk & (args.prefill_chunk - 1):
         parser.error(f"--prefill-chunk must be 0 or a power of two, got {args.prefill_chunk}")
-    if args.cache_gib < 0:
-        parser.error(f"--cache-gib must be >= 0, got {args.cache_gib}")
+    for flag in ("image_cache_gib", "prefix_cache_gib"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.slot_cache_length < 0:
         parser.error(f"--slot-cache-length must be >= 0, got {args.slot_cache_length}")
     if args.batch_wait_ms < 0:
@@ -138,7 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cache_length=args.slot_cache_length,
                 steps_per_round=args.steps_per_round,
                 prefill_chunk=args.prefill_chunk,
-                image_cache_bytes=int(args.cache_gib * (1 << 30)),
+                image_cache_bytes=int(args.image_cache_gib * (1 << 30)),
+                # the prefix cache's blocks are prefill chunks: none without them
+                prefix_cache_bytes=int(args.prefix_cache_gib * (1 << 30))
+                if args.prefill_chunk
+                else 0,
             )
             batching = f"{args.max_slots} decode slots"
         else:

@@ -10,8 +10,9 @@
   `llava_jax_slots` (the engine's stats at scrape time);
 - `llava_jax_time_to_first_token_seconds`, `llava_jax_time_per_output_token_seconds`
   (histograms; from the request's arrival to its first token, and between its later tokens);
-- `llava_jax_image_cache_lookups_total{result}` (hits, misses) and
-  `llava_jax_image_cache_bytes`, with the slot engine's image cache.
+- `llava_jax_image_cache_lookups_total{result}` (hits, misses), `llava_jax_image_cache_bytes`
+  and the same of the prefix cache (its lookups are of prompt blocks), with the slot engine's
+  caches.
 """
 
 from __future__ import annotations
@@ -132,18 +133,20 @@ class ServerMetrics:
             "llava_jax_slots_in_use": ("Decode slots holding a request.", "slots_in_use"),
             "llava_jax_slots": ("Decode slots (continuous batching).", "max_slots"),
         }
-        gauges["llava_jax_image_cache_bytes"] = (
-            "Bytes of images' features kept.",
-            "image_cache_bytes",
-        )
+        for cache in ("image", "prefix"):
+            what = f"{cache}_cache"
+            gauges[f"llava_jax_{what}_bytes"] = (f"Bytes the {cache} cache holds.", f"{what}_bytes")
         for name, (help_text, key) in gauges.items():
             if key in stats:
                 metric(name, "gauge", help_text, [f"{name} {int(stats[key])}"])
-        if "image_cache_hits" in stats:
-            name = "llava_jax_image_cache_lookups_total"
+        for cache in ("image", "prefix"):
+            what = f"{cache}_cache"
+            if f"{what}_hits" not in stats:
+                continue
+            name = f"llava_jax_{what}_lookups_total"
             samples = [
-                f'{name}{{result="{result}"}} {int(stats[f"image_cache_{result}"])}'
+                f'{name}{{result="{result}"}} {int(stats[f"{what}_{result}"])}'
                 for result in ("hits", "misses")
             ]
-            metric(name, "counter", "Image feature lookups, by result.", samples)
+            metric(name, "counter", f"Lookups in the {cache} cache, by result.", samples)
         return "\n".join(lines) + "\n"

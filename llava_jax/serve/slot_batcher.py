@@ -26,8 +26,8 @@ class SlotBatcher:
     """`Batcher`'s interface (start, stop, submit, stats) over a `SlotEngine` of `model`
     (a `LoadedModel` without a mesh): max_slots rows decoded together, each with
     cache_length KV slots; steps_per_round decode steps between admissions; prefill_chunk
-    prompt tokens prefilled a round (0: whole prompts); image_cache_bytes: images' features
-    kept for later requests (0: none)."""
+    prompt tokens prefilled a round (0: whole prompts); image_cache_bytes, prefix_cache_bytes:
+    images' features and prompt blocks' keys and values kept for later requests (0: none)."""
 
     def __init__(
         self,
@@ -38,9 +38,10 @@ class SlotBatcher:
         steps_per_round: int = 4,
         prefill_chunk: int = 0,
         image_cache_bytes: int = 0,
+        prefix_cache_bytes: int = 0,
     ):
         self.model = model
-        self.image_cache_bytes = image_cache_bytes
+        self.image_cache_bytes, self.prefix_cache_bytes = image_cache_bytes, prefix_cache_bytes
         self.max_slots, self.steps_per_round = max_slots, steps_per_round
         self.prefill_chunk = prefill_chunk
         self.cache_length = cache_length or model.context_length
@@ -59,6 +60,7 @@ class SlotBatcher:
             steps_per_round=self.steps_per_round,
             prefill_chunk=self.prefill_chunk,
             image_cache_bytes=self.image_cache_bytes,
+            prefix_cache_bytes=self.prefix_cache_bytes,
             shared=self.model.sampling(),
         )
 
@@ -78,13 +80,12 @@ class SlotBatcher:
             "completed": self.completed,
             "cancelled": self.cancelled,
         }
-        cache = engine.image_cache if engine else None
-        if cache is not None:
-            stats.update(
-                image_cache_hits=cache.hits,
-                image_cache_misses=cache.misses,
-                image_cache_bytes=cache.bytes,
-            )
+        for name in ("image", "prefix"):
+            cache = getattr(engine, f"{name}_cache", None)
+            if cache is not None:
+                stats[f"{name}_cache_hits"] = cache.hits
+                stats[f"{name}_cache_misses"] = cache.misses
+                stats[f"{name}_cache_bytes"] = cache.bytes
         return stats
 
     def submit(self, job: Job) -> None:
