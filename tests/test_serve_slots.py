@@ -31,10 +31,17 @@ SLOT_CACHE = 128
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory, request):  # noqa: F811
+def server(model_dir, tmp_path_factory, request, loaded):  # noqa: F811
+    """The slot server: up to 8 slots of SLOT_CACHE tokens, but a KV cache budget that holds
+    only SLOTS of them."""
+    from llava_jax.inference.slot_engine import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(loaded.config, loaded.engine.cache_dtype)
+    budget_gib = (SLOTS * SLOT_CACHE + 8) * per_token / (1 << 30)  # 3 slots and a bit
     log_path = tmp_path_factory.mktemp("serve_slots_log") / "serve.log"
     args = ["--checkpoint", model_dir, "--model-name", MODEL, "--engine", "slots"]
-    args += ["--max-slots", SLOTS, "--slot-cache-length", SLOT_CACHE, "--steps-per-round", 2]
+    args += ["--max-slots", 8, "--slot-cache-length", SLOT_CACHE, "--steps-per-round", 2]
+    args += ["--kv-cache-gib", repr(budget_gib)]
     args += ["--prefill-chunk", 16]  # and so the prefix cache
     args += ["--max-image-bytes", MAX_IMAGE_BYTES]
     with running_server(args, log_path, lambda: request.getfixturevalue("reference")) as (
@@ -118,7 +125,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, client):
 
 @pytest.mark.timeout(240)
 def test_a_request_too_long_for_a_slot_gets_a_400_naming_the_limit(server, client, image):  # noqa: F811
-    with pytest.raises(openai.BadRequestError, match=f"cache_length={SLOT_CACHE}"):
+    with pytest.raises(openai.BadRequestError, match=f"cache_length={SLOT_CACHE}.*KV cache"):
         ask(client, [user(QUESTION, image)], max_tokens=SLOT_CACHE)
     assert ask(client, [user(QUESTION)], max_tokens=2).choices[0].message.content is not None
 
@@ -169,4 +176,5 @@ def test_metrics_parse_and_move_as_requests_are_served(server, client, image):  
     assert moved(lookups[0]) == blocks  # the same question was asked before: every block hits
     assert after["llava_jax_prefix_cache_bytes"] > 0
     assert after["llava_jax_slots"] == SLOTS and after["llava_jax_slots_in_use"] == 0
+    assert health(server)["cache_length"] == SLOT_CACHE  # the budget held SLOTS of them
     assert after["llava_jax_requests_waiting"] == 0

@@ -367,3 +367,24 @@ def test_the_prefix_cache_reuses_a_shared_start_and_keeps_answers(setup):
             assert answer == reference(engine, params, prompt, images, GREEDY)
             hits.append(slots.prefix_cache.hits - before)
         assert hits == [0, 2, 2, 0]
+
+
+def test_the_kv_budget_sets_the_slots_and_their_length(setup):
+    """A token's bytes equal what the slot state's cache holds per token; a budget holds
+    as many slots of a given length as fit, or `max_slots` of the longest length that fits
+    (a multiple of 16); too small a budget is refused naming it."""
+    import jax
+
+    from llava_jax.inference.slot_engine import kv_bytes_per_token, slot_layout
+
+    _, config, params, engine = setup
+    per_token = kv_bytes_per_token(config, engine.cache_dtype)
+    with SlotEngine(engine, params, max_slots=3, cache_length=40) as slots:
+        cache = slots.state.cache
+        held = sum(leaf.nbytes for leaf in jax.tree.leaves((cache["k"], cache["v"])))
+    assert per_token == held // (3 * 40)
+    assert slot_layout(per_token, per_token * 300, 8, 100, 256) == (3, 100)
+    assert slot_layout(per_token, per_token * 300, 8, 0, 256) == (8, 32)  # 37 -> 32
+    assert slot_layout(per_token, per_token * 10_000, 2, 0, 256) == (2, 256)  # the context
+    with pytest.raises(ValueError, match=f"budget of {per_token * 50} bytes.*100 tokens"):
+        slot_layout(per_token, per_token * 50, 8, 100, 256)

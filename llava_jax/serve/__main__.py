@@ -49,14 +49,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     parser.add_argument(
-        "--max-slots", type=int, default=8, help="--engine slots: rows decoded together"
+        "--max-slots",
+        type=int,
+        default=8,
+        help="--engine slots: the most rows decoded together (fewer when --kv-cache-gib "
+        "holds fewer)",
     )
     parser.add_argument(
         "--slot-cache-length",
         type=int,
         default=0,
         help="--engine slots: KV cache slots of a row, the most a prompt's length bucket plus "
-        "its max_tokens may take (default: the model's context)",
+        "its max_tokens may take (default: the longest --kv-cache-gib holds for --max-slots "
+        "rows, at most the model's context)",
     )
     parser.add_argument(
         "--prefill-chunk",
@@ -64,6 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="--engine slots: prompt tokens prefilled a round, a power of two (0: a whole "
         "prompt), so a long prompt does not stall the running answers",
+    )
+    parser.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=0.0,
+        help="--engine slots: memory for the decode slots' keys and values, which sets how "
+        "many slots of --slot-cache-length fit (default: half the device's memory beside the "
+        "parameters; 2 GiB on a CPU)",
     )
     parser.add_argument(
         "--image-cache-gib",
@@ -114,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--engine slots runs on one device for now: leave out --mesh")
     if args.prefill_chunk < 0 or args.prefill_chunk & (args.prefill_chunk - 1):
         parser.error(f"--prefill-chunk must be 0 or a power of two, got {args.prefill_chunk}")
-    for flag in ("image_cache_gib", "prefix_cache_gib"):
+    for flag in ("image_cache_gib", "prefix_cache_gib", "kv_cache_gib"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.slot_cache_length < 0:
@@ -146,13 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cache_length=args.slot_cache_length,
                 steps_per_round=args.steps_per_round,
                 prefill_chunk=args.prefill_chunk,
+                kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
                 image_cache_bytes=int(args.image_cache_gib * (1 << 30)),
                 # the prefix cache's blocks are prefill chunks: none without them
                 prefix_cache_bytes=int(args.prefix_cache_gib * (1 << 30))
                 if args.prefill_chunk
                 else 0,
             )
-            batching = f"{args.max_slots} decode slots"
+            batching = f"up to {args.max_slots} decode slots"
         else:
             batcher = Batcher(
                 model,

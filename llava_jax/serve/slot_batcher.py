@@ -15,7 +15,15 @@ import logging
 import threading
 from typing import Any
 
-from llava_jax.inference.slot_engine import SlotEngine, SlotRequest
+import jax
+
+from llava_jax.inference.slot_engine import (
+    SlotEngine,
+    SlotRequest,
+    default_kv_cache_bytes,
+    kv_bytes_per_token,
+    slot_layout,
+)
 from llava_jax.inference.stops import visible_text
 from llava_jax.serve.batcher import Delta, Done, Failed, Job
 
@@ -24,10 +32,12 @@ log = logging.getLogger(__name__)
 
 class SlotBatcher:
     """`Batcher`'s interface (start, stop, submit, stats) over a `SlotEngine` of `model`
-    (a `LoadedModel` without a mesh): max_slots rows decoded together, each with
-    cache_length KV slots; steps_per_round decode steps between admissions; prefill_chunk
-    prompt tokens prefilled a round (0: whole prompts); image_cache_bytes, prefix_cache_bytes:
-    images' features and prompt blocks' keys and values kept for later requests (0: none)."""
+    (a `LoadedModel` without a mesh): at most max_slots rows decoded together, each with
+    cache_length KV slots (0: the longest the budget allows, at most the context), as many
+    as `kv_cache_bytes` holds (0: `default_kv_cache_bytes`); steps_per_round decode steps
+    between admissions; prefill_chunk prompt tokens prefilled a round (0: whole prompts);
+    image_cache_bytes, prefix_cache_bytes: images' features and prompt blocks' keys and
+    values kept for later requests (0: none)."""
 
     def __init__(
         self,
@@ -39,12 +49,13 @@ class SlotBatcher:
         prefill_chunk: int = 0,
         image_cache_bytes: int = 0,
         prefix_cache_bytes: int = 0,
+        kv_cache_bytes: int = 0,
     ):
         self.model = model
+        self.kv_cache_bytes = kv_cache_bytes
         self.image_cache_bytes, self.prefix_cache_bytes = image_cache_bytes, prefix_cache_bytes
         self.max_slots, self.steps_per_round = max_slots, steps_per_round
-        self.prefill_chunk = prefill_chunk
-        self.cache_length = cache_length or model.context_length
+        self.prefill_chunk, self.cache_length = prefill_chunk, cache_length
         self.engine: SlotEngine | None = None
         self._lock = threading.Lock()
         self.completed = 0  # jobs answered or failed
@@ -52,6 +63,20 @@ class SlotBatcher:
         self.most_in_use = 0  # the most slots busy at once
 
     def start(self) -> None:
+        """The slots and their cache length from the KV cache budget (`slot_layout`), then
+        the engine."""
+        engine = self.model.engine
+        per_token = kv_bytes_per_token(self.model.config, engine.cache_dtype)
+        if not self.kv_cache_bytes:
+            params_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(self.model.params))
+            self.kv_cache_bytes = default_kv_cache_bytes(jax.devices()[0], params_bytes)
+        self.max_slots, self.cache_length = slot_layout(
+            per_token,
+            self.kv_cache_bytes,
+            self.max_slots,
+            self.cache_length,
+            self.model.context_length,
+        )
         self.engine = SlotEngine(
             self.model.engine,
             self.model.params,
@@ -75,6 +100,7 @@ class SlotBatcher:
             "running": in_use,
             "queued": engine.waiting if engine else 0,
             "max_slots": self.max_slots,
+            "cache_length": self.cache_length,
             "slots_in_use": in_use,
             "most_slots_in_use": self.most_in_use,
             "completed": self.completed,
@@ -103,7 +129,11 @@ class SlotBatcher:
                 cancelled=job.cancelled,  # the client going away frees the slot
             )
         except ValueError as err:
-            job.send(Failed(str(err), 400))
+            budget = (
+                f" (the KV cache budget, {self.kv_cache_bytes} bytes, holds {self.max_slots} "
+                f"slots of {self.cache_length} tokens)"
+            )
+            job.send(Failed(f"{err}{budget if 'cache_length' in str(err) else ''}", 400))
             self._count(cancelled=False)
 
     def _count(self, cancelled: bool) -> None:
