@@ -1,17 +1,24 @@
 """Benchmark: `python -m llava_jax.serve` under load: continuous batching, batching, and off.
 
 Builds a small random LLaVA (transformers, saved with `save_pretrained`, with a word-level
-tokenizer), starts the server on it three times — `--engine slots --max-slots 8`
-(continuous batching), `--max-batch 8` (requests arriving together decode as one batch) and
+tokenizer), starts the server on it five times — `--engine slots --max-slots 8` (continuous
+batching; chunked prefill with its image and prefix caches, without the caches, and with
+whole prompts), `--max-batch 8` (requests arriving together decode as one batch) and
 `--max-batch 1` (batching off) — and each time sends `--requests` chat completions from
 `--clients` concurrent clients (the official `openai` client): prompts of mixed lengths,
 half of them with an image, half streamed, greedy and sampled, `max_tokens` between 17 and
 32. Each workload runs twice untimed first, so compilation is not measured (the servers
-share a compilation cache). Prints requests/s, generated tokens/s, p50/p99 latency, time to
-first token and time per output token (streamed requests), failed requests for each
-server, and the ratios against batching off.
+share a compilation cache; a repeated load finds its images and prompts in the slot
+server's caches). Prints requests/s, generated tokens/s, p50/p99 latency, time to first
+token and time per output token (streamed requests: each one's mean gap between its
+tokens), failed requests for each server, and the ratios against batching off. Then a
+LLaVA-Bench-shaped load (6 questions on each of 10 images) with the slot server's caches on
+and off and their hit rates; four streamed answers disturbed by one long prompt (the gaps
+between their tokens, chunked prefill and whole); and open-loop Poisson arrivals at
+`--rates`.
 
     python bench/serve_load.py [--requests 64] [--clients 16] [--max-batch 8] [--max-slots 8]
+        [--rates 8,16,32] [--long-words 900]
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import socket
 import subprocess
@@ -88,7 +94,8 @@ def workload(count: int, seed: int = 0) -> list[dict]:
         text = " ".join(f"word{w}" for w in rng.integers(0, WORDS, length))
         content: list[dict] = [{"type": "text", "text": text}]
         if i % 2 == 0:
-            content.insert(0, {"type": "image_url", "image_url": {"url": image_url(i)}})
+            url = image_url(seed * 100_000 + i)  # another load, other images
+            content.insert(0, {"type": "image_url", "image_url": {"url": url}})
         requests.append(
             dict(
                 messages=[{"role": "user", "content": content}],
@@ -141,61 +148,76 @@ def start_server(model_dir: str, server_args: list[str], cache: str, log_path: s
             time.sleep(0.2)
 
 
-def run_load(url: str, requests: list[dict], clients: int) -> dict:
-    """Send `requests` from `clients` threads; latencies, generated tokens, failures."""
+def run_load(
+    url: str,
+    requests: list[dict],
+    clients: int = 16,
+    arrivals: list[float] | None = None,
+) -> dict:
+    """Send `requests` from `clients` threads (closed loop), or each at its time in
+    `arrivals` (seconds from the start: open loop); latencies, tokens, failures, time to
+    first token and the gaps between streamed tokens."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     lock = threading.Lock()
-    pending = list(enumerate(requests))
     latencies, tokens, failures, first_token, per_token = [], [0], [], [], []
 
-    def one(request: dict) -> int:
-        if request["stream"]:
-            start = time.perf_counter()
-            stream = client.chat.completions.create(
-                model="bench", stream_options={"include_usage": True}, **request
-            )
-            usage, first = None, None
-            for chunk in stream:
-                usage = chunk.usage or usage
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = time.perf_counter()
-            end = time.perf_counter()
-            if first is not None:
-                with lock:
-                    first_token.append(first - start)
-                    if usage.completion_tokens > 1:
-                        per_token.append((end - first) / (usage.completion_tokens - 1))
-            return usage.completion_tokens
-        return client.chat.completions.create(model="bench", **request).usage.completion_tokens
-
-    def worker() -> None:
-        while True:
+    def one(i: int, request: dict) -> None:
+        start = time.perf_counter()
+        try:
+            if request["stream"]:
+                stream = client.chat.completions.create(
+                    model="bench", stream_options={"include_usage": True}, **request
+                )
+                usage, times = None, []
+                for chunk in stream:
+                    usage = chunk.usage or usage
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        times.append(time.perf_counter())
+                generated = usage.completion_tokens
+            else:
+                generated = client.chat.completions.create(
+                    model="bench", **request
+                ).usage.completion_tokens
+                times = []
+        except Exception as err:  # noqa: BLE001 - counted and reported
             with lock:
-                if not pending:
-                    return
-                i, request = pending.pop(0)
-            start = time.perf_counter()
-            try:
-                generated = one(request)
-            except Exception as err:  # noqa: BLE001 - counted and reported
-                with lock:
-                    failures.append(f"request {i}: {type(err).__name__}: {err}")
-                continue
-            with lock:
-                latencies.append(time.perf_counter() - start)
-                tokens[0] += generated
+                failures.append(f"request {i}: {type(err).__name__}: {err}")
+            return
+        with lock:
+            latencies.append(time.perf_counter() - start)
+            tokens[0] += generated
+            if times:
+                first_token.append(times[0] - start)
+                if generated > 1:  # the request's mean time between its tokens
+                    per_token.append((times[-1] - times[0]) / (generated - 1))
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    if arrivals is None:
+        pending = list(enumerate(requests))
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    i, request = pending.pop(0)
+                one(i, request)
+
+        threads = [threading.Thread(target=worker) for _ in range(clients)]
+    else:
+
+        def at(i: int, when: float) -> None:
+            time.sleep(max(0.0, start + when - time.perf_counter()))
+            one(i, requests[i])
+
+        threads = [threading.Thread(target=at, args=(i, t)) for i, t in enumerate(arrivals)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - start
-    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
-        stats = json.load(response)
 
     def percentile(values: list[float], q: float) -> float:
         return float(np.percentile(values, q)) if values else float("nan")
@@ -212,8 +234,118 @@ def run_load(url: str, requests: list[dict], clients: int) -> dict:
         "tpot_p99_ms": 1000 * percentile(per_token, 99),
         "failed": len(failures),
         "failures": failures[:5],
-        "together": stats.get("largest_batch", stats.get("most_slots_in_use")),
     }
+
+
+def scrape(url: str) -> dict[str, float]:
+    """`/metrics` as {sample: value} (the slot server's cache lookups among them)."""
+    out = {}
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+    return out
+
+
+def hit_rate(before: dict, after: dict, cache: str) -> float:
+    name = f"llava_jax_{cache}_cache_lookups_total"
+    hits, misses = (
+        after.get(f'{name}{{result="{r}"}}', 0) - before.get(f'{name}{{result="{r}"}}', 0)
+        for r in ("hits", "misses")
+    )
+    return hits / (hits + misses) if hits + misses else float("nan")
+
+
+def bench_like(images: int = 10, questions: int = 6, seed: int = 1) -> list[dict]:
+    """LLaVA-Bench's shape: `questions` questions (12-40 words) about each of `images`
+    images, all with the template's system prompt, interleaved as clients send them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(questions):
+        for i in range(images):
+            text = " ".join(f"word{w}" for w in rng.integers(0, WORDS, int(rng.integers(12, 41))))
+            content = [
+                {"type": "image_url", "image_url": {"url": image_url(seed * 100_000 + i)}},
+                {"type": "text", "text": text},
+            ]
+            out.append(
+                dict(
+                    messages=[{"role": "user", "content": content}],
+                    max_tokens=int(rng.integers(24, 33)),
+                    temperature=0.0,
+                    stream=True,
+                )
+            )
+    return out
+
+
+def interference(url: str, long_words: int) -> dict:
+    """Four streamed answers of 96 tokens; after their first tokens, one prompt of
+    `long_words` words (1 token to answer). Their gaps between tokens: p50 and p99."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    gaps, started, lock = [], threading.Barrier(5), threading.Lock()
+
+    def answer(i: int) -> None:
+        stream = client.chat.completions.create(
+            model="bench",
+            messages=[{"role": "user", "content": f"word{i} word{i + 1}"}],
+            max_tokens=96,
+            temperature=0.0,
+            stream=True,
+        )
+        times = []
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                times.append(time.perf_counter())
+                if len(times) == 1:
+                    started.wait()
+        with lock:
+            gaps.extend(np.diff(times).tolist())
+
+    threads = [threading.Thread(target=answer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    if long_words:
+        started.wait()
+        text = " ".join(f"word{w % WORDS}" for w in range(long_words))
+        client.chat.completions.create(
+            model="bench",
+            messages=[{"role": "user", "content": text}],
+            max_tokens=1,
+        )
+    else:
+        started.wait()
+    for thread in threads:
+        thread.join()
+    return {
+        "gap_p50_ms": 1000 * float(np.percentile(gaps, 50)),
+        "gap_p99_ms": 1000 * float(np.percentile(gaps, 99)),
+        "gap_max_ms": 1000 * float(np.max(gaps)),
+    }
+
+
+def poisson(count: int, rate: float, seed: int = 2) -> list[float]:
+    """`count` arrival times of a Poisson process of `rate` requests/s."""
+    return np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, count)).tolist()
+
+
+def table(title: str, results: dict[str, dict]) -> None:
+    print(f"\n{title}")
+    print(
+        f"{'server':<26}{'req/s':>7}{'tok/s':>8}{'p50 s':>7}{'p99 s':>7}{'TTFT p50':>9}"
+        f"{'p99':>6}{'TPOT p50 ms':>12}{'p99':>7}{'failed':>7}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<26}{r['requests_per_s']:>7.2f}{r['tokens_per_s']:>8.1f}{r['p50_s']:>7.2f}"
+            f"{r['p99_s']:>7.2f}{r['ttft_p50_s']:>9.2f}{r['ttft_p99_s']:>6.2f}"
+            f"{r['tpot_p50_ms']:>12.1f}{r['tpot_p99_ms']:>7.1f}{r['failed']:>7}"
+        )
+        for failure in r["failures"]:
+            print(f"  {failure}")
 
 
 def main() -> int:
@@ -222,19 +354,28 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-slots", type=int, default=8)
+    parser.add_argument("--rates", default="8,16,32", help="open-loop request rates, per s")
+    parser.add_argument("--long-words", type=int, default=900, help="the long prompt's words")
     args = parser.parse_args()
-    requests = workload(args.requests)
-    # The longest prompt (200 words, the template, an image: under 256 tokens) and answer.
-    slot_cache = 256 + 32
+    # Warm-ups compile with loads of other prompts and images, so the timed loads find
+    # nothing of theirs in the slot server's caches.
+    requests, warm_up = workload(args.requests), workload(args.requests, seed=7)
+    shaped, shaped_warm_up = bench_like(), bench_like(images=2, questions=5, seed=8)
+    rates = [float(r) for r in args.rates.split(",")]
+    slots = ["--engine", "slots", "--max-slots", str(args.max_slots)]
+    # The longest prompt of the mixed load (200 words, the template, an image: under 256
+    # tokens) and answer; the long prompt's bucket and its one token in the same cache.
+    slots += ["--slot-cache-length", "1088", "--kv-cache-gib", "1"]
     servers = {
-        f"slots {args.max_slots}": [
-            "--engine", "slots", "--max-slots", str(args.max_slots),
-            "--slot-cache-length", str(slot_cache),
+        "slots (chunk 64, caches)": [*slots, "--prefill-chunk", "64"],
+        "slots (chunk 64, no caches)": [
+            *slots, "--prefill-chunk", "64", "--image-cache-gib", "0", "--prefix-cache-gib", "0",
         ],
+        "slots (whole prompts)": slots,
         f"batch {args.max_batch}": ["--max-batch", str(args.max_batch)],
         "batch 1 (off)": ["--max-batch", "1"],
     }  # fmt: skip
-    results = {}
+    closed, opened, shaped_runs, hits, disturbed = {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         model_dir = os.path.join(tmp, "model")
         build_model(model_dir)
@@ -243,40 +384,71 @@ def main() -> int:
             log_path = os.path.join(tmp, f"serve_{i}.log")
             process, log, url = start_server(model_dir, server_args, cache, log_path)
             try:
-                for _ in range(2):  # warm-up: compiles the shapes the batches take
-                    run_load(url, requests, args.clients)
-                results[name] = run_load(url, requests, args.clients)
+                for _ in range(2):  # warm-up: compiles the shapes the load takes
+                    run_load(url, warm_up, args.clients)
+                closed[name] = run_load(url, requests, args.clients)
+                run_load(url, shaped_warm_up, args.clients)  # its shapes, not timed
+                before = scrape(url)
+                shaped_runs[name] = run_load(url, shaped, args.clients)
+                after = scrape(url)
+                hits[name] = (
+                    hit_rate(before, after, "image"),
+                    hit_rate(before, after, "prefix"),
+                )
+                if name.startswith("slots (chunk 64, caches)") or name == "slots (whole prompts)":
+                    interference(url, args.long_words)  # compile its shapes, not timed
+                    disturbed[name] = (interference(url, 0), interference(url, args.long_words))
+                if name != "slots (chunk 64, no caches)":
+                    for k, rate in enumerate(rates):  # each rate its own prompts and images
+                        load = workload(args.requests, seed=20 + k)
+                        opened[(name, rate)] = run_load(
+                            url, load, arrivals=poisson(len(load), rate)
+                        )
             finally:
                 process.terminate()
                 process.wait(timeout=30)
                 log.close()
     print(
-        f"{args.requests} requests from {args.clients} clients (mixed prompt lengths, half "
-        f"streamed, half with an image), {os.cpu_count()} CPUs"
+        f"{os.cpu_count()} CPUs; the quick model of bench/generate.py; figures after two "
+        "untimed runs of each load"
     )
-    print(
-        f"{'server':<16}{'req/s':>7}{'tok/s':>8}{'p50 s':>7}{'p99 s':>7}{'TTFT p50':>9}"
-        f"{'p99':>6}{'TPOT p50 ms':>12}{'p99':>7}{'failed':>7}{'together':>9}"
+    table(
+        f"closed loop: {args.requests} requests from {args.clients} clients (mixed prompt "
+        "lengths, half streamed, half with an image)",
+        closed,
     )
-    for name, r in results.items():
+    off = closed["batch 1 (off)"]
+    for name, r in closed.items():
+        print(f"  {name} / off: {r['requests_per_s'] / off['requests_per_s']:.2f}x requests/s")
+    batch = closed[f"batch {args.max_batch}"]
+    for name in ("slots (chunk 64, caches)", "slots (whole prompts)"):
+        ratio = closed[name]["requests_per_s"] / batch["requests_per_s"]
+        print(f"  {name} / batch: {ratio:.2f}x requests/s")
+    table(f"LLaVA-Bench-shaped: 10 images x 6 questions from {args.clients} clients", shaped_runs)
+    for name, (image, prefix) in hits.items():
+        if not np.isnan(image):
+            print(f"  {name}: image cache hit rate {image:.2f}, prefix cache (blocks) {prefix:.2f}")
+    cached, uncached = (
+        shaped_runs["slots (chunk 64, caches)"],
+        shaped_runs["slots (chunk 64, no caches)"],
+    )
+    print(f"  caches on / off: {uncached['seconds'] / cached['seconds']:.2f}x faster end to end")
+    print(f"\nfour streamed answers, then a prompt of {args.long_words} words (their token gaps):")
+    for name, (alone, with_long) in disturbed.items():
         print(
-            f"{name:<16}{r['requests_per_s']:>7.2f}{r['tokens_per_s']:>8.1f}{r['p50_s']:>7.2f}"
-            f"{r['p99_s']:>7.2f}{r['ttft_p50_s']:>9.2f}{r['ttft_p99_s']:>6.2f}"
-            f"{r['tpot_p50_ms']:>12.1f}{r['tpot_p99_ms']:>7.1f}{r['failed']:>7}"
-            f"{r['together']:>9}"
+            f"  {name}: undisturbed p99 {alone['gap_p99_ms']:.1f} ms, max "
+            f"{alone['gap_max_ms']:.1f} ms; with the long prompt p99 "
+            f"{with_long['gap_p99_ms']:.1f} ms "
+            f"({with_long['gap_p99_ms'] / alone['gap_p99_ms']:.2f}x), max "
+            f"{with_long['gap_max_ms']:.1f} ms"
         )
-        for failure in r["failures"]:
-            print(f"  {failure}")
-    off = results["batch 1 (off)"]
-    for name, r in results.items():
-        if r is not off:
-            print(
-                f"{name} / off: {r['requests_per_s'] / off['requests_per_s']:.2f}x requests/s, "
-                f"{r['tokens_per_s'] / off['tokens_per_s']:.2f}x tokens/s"
-            )
-    slots, batch = results[f"slots {args.max_slots}"], results[f"batch {args.max_batch}"]
-    print(f"slots / batch: {slots['requests_per_s'] / batch['requests_per_s']:.2f}x requests/s")
-    return 1 if any(r["failed"] for r in results.values()) else 0
+    for rate in rates:
+        table(
+            f"open loop: Poisson arrivals at {rate:g} requests/s",
+            {n: r for (n, q), r in opened.items() if q == rate},
+        )
+    runs = [*closed.values(), *opened.values(), *shaped_runs.values()]
+    return 1 if any(r["failed"] for r in runs) else 0
 
 
 if __name__ == "__main__":

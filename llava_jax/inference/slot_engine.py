@@ -519,11 +519,10 @@ class SlotEngine:
         return self._embed_with_features(self.params, fields["input_ids"], features, mask, exists)
 
     def _advance_prefills(self) -> None:
-        """With a chunk size, one chunk of the oldest prompt being prefilled (the decode
-        steps wait for that chunk only); without, every admitted prompt whole. A prompt
-        prefilled to its end gets its first token and enters its slot."""
-        budget = 1 if self.prefill_chunk else len(self._prefilling)
-        for prefilling in list(self._prefilling[:budget]):
+        """Every prompt being prefilled advances: by one chunk with a chunk size (so the
+        decode steps wait for a chunk of each, never for a whole long prompt), else whole. A
+        prompt prefilled to its end gets its first token and enters its slot."""
+        for prefilling in list(self._prefilling):
             length = prefilling.attention_mask.shape[1]
             size = min(self.prefill_chunk or length, length)
             start, end = prefilling.done, prefilling.done + size
