@@ -34,7 +34,7 @@ SLOT_CACHE = 128
 def server(model_dir, tmp_path_factory, request, loaded):  # noqa: F811
     """The slot server: up to 8 slots of SLOT_CACHE tokens, but a KV cache budget that holds
     only SLOTS of them."""
-    from llava_jax.inference.slot_engine import kv_bytes_per_token
+    from llava_jax.inference.kv_budget import kv_bytes_per_token
 
     per_token = kv_bytes_per_token(loaded.config, loaded.engine.cache_dtype)
     budget_gib = (SLOTS * SLOT_CACHE + 8) * per_token / (1 << 30)  # 3 slots and a bit

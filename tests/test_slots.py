@@ -375,7 +375,7 @@ def test_the_kv_budget_sets_the_slots_and_their_length(setup):
     (a multiple of 16); too small a budget is refused naming it."""
     import jax
 
-    from llava_jax.inference.slot_engine import kv_bytes_per_token, slot_layout
+    from llava_jax.inference.kv_budget import kv_bytes_per_token, slot_layout
 
     _, config, params, engine = setup
     per_token = kv_bytes_per_token(config, engine.cache_dtype)

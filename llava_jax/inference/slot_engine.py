@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -37,54 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llava_jax.hardware import GIB, chip_for
 from llava_jax.inference import slots as slot_programs
+from llava_jax.inference.cache_keys import block_keys, image_key
 from llava_jax.inference.engine import Engine
 from llava_jax.inference.lru_cache import LRUCache
 from llava_jax.inference.programs import PromptBatch
 from llava_jax.inference.sampling import FINISH_REASONS, Finish, SamplingConfig, batch_sampling
-from llava_jax.models.config import ModelConfig
 
 _DONE = object()  # the last item of a request's queue
-SLOT_LENGTH_MULTIPLE = 16  # a cache length from a budget is rounded down to this
-
-
-def kv_bytes_per_token(config: ModelConfig, cache_dtype: Any) -> int:
-    """Bytes of keys and values one token takes in the cache: every layer's."""
-    text = config.text
-    itemsize = np.dtype(cache_dtype).itemsize
-    return 2 * text.num_layers * text.num_kv_heads * text.resolved_head_dim * itemsize
-
-
-def default_kv_cache_bytes(device: Any, params_bytes: int) -> int:
-    """What the KV cache may take on `device` when not told: half of its memory left beside
-    the parameters, or 2 GiB where its memory is not known (a CPU)."""
-    memory = chip_for(device).hbm_bytes
-    if memory is None:
-        return 2 * GIB
-    return max((memory - params_bytes) // 2, 0)
-
-
-def slot_layout(
-    per_token: int, budget: int, max_slots: int, cache_length: int, context: int
-) -> tuple[int, int]:
-    """`(slots, cache length)` whose KV cache fits `budget` bytes: with a `cache_length`,
-    as many slots as fit, at most `max_slots`; without (0), `max_slots` slots of the longest
-    length that fits, at most the model's `context`. Raises ValueError naming the budget
-    when not even one slot of the length fits."""
-    if cache_length:
-        length = cache_length
-    else:
-        fits = min(context, budget // (per_token * max_slots))
-        length = fits // SLOT_LENGTH_MULTIPLE * SLOT_LENGTH_MULTIPLE
-    slots = min(max_slots, budget // (per_token * length)) if length > 0 else 0
-    if slots < 1:
-        wanted = cache_length or SLOT_LENGTH_MULTIPLE
-        raise ValueError(
-            f"a KV cache budget of {budget} bytes does not hold one slot of {wanted} tokens "
-            f"({per_token} bytes a token)"
-        )
-    return slots, length
 
 
 @dataclasses.dataclass(eq=False)
@@ -423,34 +382,6 @@ class SlotEngine:
             self._reuse_prefix(prefilling)
         return prefilling
 
-    def _block_keys(self, fields: dict[str, Any]) -> list[bytes]:
-        """A key for each whole block of the prompt (`prefill_chunk` tokens): a hash of
-        every token up to the block's end and of the images those tokens show."""
-        mask = fields["attention_mask"][0]
-        ids = fields["input_ids"][0][mask > 0]
-        owners = np.zeros(len(ids), np.int64) - 1  # which image each image token shows
-        hashes: dict[int, bytes] = {}
-        if fields["images"] is not None:
-            images, layout = fields["images"], fields["image_layout"]
-            valid = np.flatnonzero(fields["image_mask"][0])
-            counts = [int((layout[0, i] >= 0).sum()) for i in valid]
-            positions = np.flatnonzero(ids == self.engine.config.image_token_id)
-            if len(positions) != sum(counts):  # (the engine refuses such a prompt)
-                return []
-            owners[positions] = np.repeat(valid, counts)
-            hashes = {
-                int(i): hashlib.sha256(images[0, i].tobytes() + layout[0, i].tobytes()).digest()
-                for i in valid
-            }
-        block, keys, chain = self.prefill_chunk, [], b""
-        for end in range(block, len(ids) + 1, block):
-            start = end - block
-            shown = dict.fromkeys(int(o) for o in owners[start:end] if o >= 0)
-            pieces = [chain, ids[start:end].tobytes(), *(hashes[o] for o in shown)]
-            chain = hashlib.sha256(b"".join(pieces)).digest()
-            keys.append(chain)
-        return keys
-
     def _reuse_prefix(self, prefilling: _Prefilling) -> None:
         """The prompt's longest run of first blocks the prefix cache holds goes into its
         prefill cache; prefilling starts after them, at the first chunk holding a token of
@@ -459,7 +390,11 @@ class SlotEngine:
         fields, block = prefilling.request.batch, self.prefill_chunk
         bucket = fields["input_ids"].shape[1]
         real = int(fields["attention_mask"].sum())
-        keys = self._block_keys(fields) if self.prefix_cache is not None else []
+        keys = (
+            block_keys(fields, block, self.engine.config.image_token_id)
+            if self.prefix_cache is not None
+            else []
+        )
         reused = []
         for key in keys[: (real - 1) // block]:  # at least one token is left to prefill
             kept = self.prefix_cache.get(key)
@@ -492,7 +427,7 @@ class SlotEngine:
     def _image_features(self, pixels: np.ndarray, layout: np.ndarray) -> tuple[Any, Any]:
         """One image's features (`pixels float32[1, 1, T, H, W, 3]`, `layout int32[1, 1,
         N]`), from the cache or computed and kept."""
-        key = hashlib.sha256(pixels.tobytes() + layout.tobytes()).digest()
+        key = image_key(pixels, layout)
         features = self.image_cache.get(key)
         if features is None:
             features = self._encode_image(self.params, pixels, layout)

@@ -17,13 +17,8 @@ from typing import Any
 
 import jax
 
-from llava_jax.inference.slot_engine import (
-    SlotEngine,
-    SlotRequest,
-    default_kv_cache_bytes,
-    kv_bytes_per_token,
-    slot_layout,
-)
+from llava_jax.inference.kv_budget import default_kv_cache_bytes, kv_bytes_per_token, slot_layout
+from llava_jax.inference.slot_engine import SlotEngine, SlotRequest
 from llava_jax.inference.stops import visible_text
 from llava_jax.serve.batcher import Delta, Done, Failed, Job
 
