@@ -353,6 +353,20 @@ def test_bad_inputs_get_a_4xx_and_the_server_goes_on(server, client, image):
 
 
 @pytest.mark.timeout(240)
+def wait_until_one_job_ended(server, before: dict, timeout: float = 30) -> None:
+    """Until the server runs and queues nothing and one more job is accounted for since
+    `before` (its /health then): cancelled, or, on a fast machine, answered before the
+    server saw its client leave."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = health(server)
+        ended = stats["cancelled"] + stats["completed"] - before["cancelled"] - before["completed"]
+        if stats["running"] == 0 and stats["queued"] == 0 and ended == 1:
+            return
+        assert time.monotonic() < deadline, f"the row was not freed: {stats}"
+        time.sleep(0.05)
+
+
 def test_a_client_leaving_mid_stream_frees_its_row(server, client, image):
     before = health(server)
     # The longest answer the context allows, one token per piece.
@@ -364,17 +378,8 @@ def test_a_client_leaving_mid_stream_frees_its_row(server, client, image):
         if received == 2:
             break
     stream.close()
-    deadline = time.monotonic() + 30
-    while True:
-        stats = health(server)
-        # The job is accounted for: cancelled (or, on a fast machine, answered before the
-        # server saw the client leave; test_batcher_ends_a_batch_whose_clients_left
-        # checks the cancelling itself, without a race).
-        ended = stats["cancelled"] + stats["completed"] - before["cancelled"] - before["completed"]
-        if stats["running"] == 0 and stats["queued"] == 0 and ended == 1:
-            break
-        assert time.monotonic() < deadline, f"the row was not freed: {stats}"
-        time.sleep(0.1)
+    # (test_batcher_ends_a_batch_whose_clients_left checks the cancelling without a race)
+    wait_until_one_job_ended(server, before)
     assert ask(client, [user("How many shapes ?", image)]).choices[0].message.content
     assert health(server)["running"] == 0
 
