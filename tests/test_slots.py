@@ -230,10 +230,12 @@ def test_a_stop_string_ends_the_answer_as_the_engine_does(setup):
 
 
 def test_a_prompt_prefilled_in_chunks_answers_as_whole(setup):
-    """Prompts of 1, 2 and 4 chunks of 16 tokens (with and without an image): the same
-    answers as `Engine.generate`, which prefills each whole."""
+    """Prompts of 1, 2, 3 and 4 chunks of 16 tokens (with and without an image; the first
+    two of one bucket, prefilled from different starts): the same answers as
+    `Engine.generate`, which prefills each whole."""
     _, _, params, engine = setup
-    cases = [request(120, 10, True), request(121, 27, False), request(122, 60, True)]
+    cases = [request(122, 60, True), request(123, 40, False)]
+    cases += [request(120, 10, True), request(121, 27, False)]
     with SlotEngine(engine, params, max_slots=2, cache_length=96, prefill_chunk=16) as chunked:
         handles = [chunked.submit(p, images, sampling=GREEDY) for p, images in cases]
         for (prompt, images), handle in zip(cases, handles, strict=True):
