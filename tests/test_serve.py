@@ -252,15 +252,9 @@ def test_special_token_text_in_a_request_stays_text(server, client, loaded):
 
 
 @pytest.mark.timeout(240)
-def test_batched_answers_equal_answers_alone(server, client, image):
-    requests = [
-        ([user(QUESTION, image)], {}),
-        ([user("How many shapes ?", image)], {}),
-        ([user(f"{QUESTION} How many shapes ? {QUESTION}", image)], {"max_tokens": 12}),
-        ([user(QUESTION, image)], {"temperature": 1.0, "top_p": 0.9, "seed": 7}),  # sampled
-    ]
-    alone = [ask(client, m, **k).choices[0].message.content for m, k in requests]
-    before = health(server)["batches"]
+def ask_together(client, requests: list[tuple[list, dict]]) -> list[str]:
+    """Each `(messages, knobs)` asked from its own thread, all released at once: the
+    answers' texts, in order."""
     together: list = [None] * len(requests)
     barrier = threading.Barrier(len(requests))
 
@@ -274,6 +268,19 @@ def test_batched_answers_equal_answers_alone(server, client, image):
         thread.start()
     for thread in threads:
         thread.join(120)
+    return together
+
+
+def test_batched_answers_equal_answers_alone(server, client, image):
+    requests = [
+        ([user(QUESTION, image)], {}),
+        ([user("How many shapes ?", image)], {}),
+        ([user(f"{QUESTION} How many shapes ? {QUESTION}", image)], {"max_tokens": 12}),
+        ([user(QUESTION, image)], {"temperature": 1.0, "top_p": 0.9, "seed": 7}),  # sampled
+    ]
+    alone = [ask(client, m, **k).choices[0].message.content for m, k in requests]
+    before = health(server)["batches"]
+    together = ask_together(client, requests)
     stats = health(server)
     assert stats["batches"] - before < len(requests), "the requests were not batched"
     assert stats["largest_batch"] > 1

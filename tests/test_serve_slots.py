@@ -7,8 +7,6 @@ parses and moves."""
 
 from __future__ import annotations
 
-import threading
-
 import openai
 import pytest
 from test_inference_cli import QUESTION
@@ -16,6 +14,7 @@ from test_serve import (  # noqa: F401 - fixtures
     MAX_IMAGE_BYTES,
     MODEL,
     ask,
+    ask_together,
     health,
     image,
     loaded,
@@ -84,20 +83,7 @@ def test_concurrent_requests_share_slots_and_answer_as_alone(server, client, ima
         ([user(QUESTION, image)], {"temperature": 1.0, "top_p": 0.9, "seed": 7}),  # sampled
     ]
     alone = [ask(client, m, **k).choices[0].message.content for m, k in requests]
-    together: list = [None] * len(requests)
-    barrier = threading.Barrier(len(requests))
-
-    def send(i: int) -> None:
-        barrier.wait()
-        messages, knobs = requests[i]
-        together[i] = ask(client, messages, **knobs).choices[0].message.content
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert together == alone
+    assert ask_together(client, requests) == alone
     assert health(server)["most_slots_in_use"] > 1  # they decoded together
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 from llava_jax.inference.kv_budget import default_kv_cache_bytes, kv_bytes_per_token, slot_layout
-from llava_jax.inference.slot_engine import SlotEngine, SlotRequest
+from llava_jax.inference.slot_engine import SlotEngine
 from llava_jax.inference.stops import visible_text
 from llava_jax.serve.batcher import Delta, Done, Failed, Job
 
@@ -114,7 +114,7 @@ class SlotBatcher:
         images = self.model.batch_images([job.images], min_slots=1)
         answer = _Answer(self, job)
         try:
-            answer.request = self.engine.submit(
+            self.engine.submit(
                 job.prompt,
                 images["images"],
                 images["image_mask"],
@@ -137,8 +137,6 @@ class SlotBatcher:
                 self.cancelled += 1
             else:
                 self.completed += 1
-            if self.engine is not None:
-                self.most_in_use = max(self.most_in_use, self.engine.slots_in_use)
 
 
 class _Answer:
@@ -146,30 +144,25 @@ class _Answer:
 
     def __init__(self, owner: SlotBatcher, job: Job):
         self.owner, self.job = owner, job
-        self.request: SlotRequest | None = None
-        self.shown = ""
-
-    def cancel_request(self) -> None:
-        if self.request is not None:
-            self.request.cancel()
+        self.tokens: list[int] = []  # the answer so far (the listener may run before
+        self.shown = ""  # `submit` returns, so it keeps its own)
 
     def on_tokens(self, tokens: list[int], finish: str | None) -> None:
         job, model = self.job, self.owner.model
         self.owner.most_in_use = max(self.owner.most_in_use, self.owner.engine.slots_in_use)
         if job.closed:
             return
-        if not job.live:  # the client went away: free the slot
-            self.cancel_request()
+        if not job.live:  # the client went away: its cancel event frees the slot
             if finish is not None:
                 job.closed = True
                 self.owner._count(cancelled=True)
             return
         if tokens:
             job.tokens_arrived()
-        answer = self.request.tokens if self.request is not None else tokens
+            self.tokens.extend(tokens)
         if finish is None:
             if job.stream:
-                text = visible_text(model.decode(answer), job.sampling.stop_strings)
+                text = visible_text(model.decode(self.tokens), job.sampling.stop_strings)
                 if text.startswith(self.shown) and len(text) > len(self.shown):
                     job.send(Delta(text[len(self.shown) :]))
                     self.shown = text
@@ -177,7 +170,7 @@ class _Answer:
         if finish in ("cancelled", "error"):
             job.send(Failed(f"the answer ended early ({finish})"))
         else:
-            self._finish(answer, finish)
+            self._finish(self.tokens, finish)
         self.owner._count(cancelled=False)
 
     def _finish(self, tokens: list[int], finish: str) -> None:
