@@ -42,6 +42,7 @@ from llava_jax.inference.engine import Engine
 from llava_jax.inference.lru_cache import LRUCache
 from llava_jax.inference.programs import PromptBatch
 from llava_jax.inference.sampling import FINISH_REASONS, Finish, SamplingConfig, batch_sampling
+from llava_jax.sharding import device_bytes
 
 _DONE = object()  # the last item of a request's queue
 
@@ -421,8 +422,7 @@ class SlotEngine:
         first = bucket - prefilling.real  # the slot of the prompt's token 0, were it there
         for j in range(prefilling.reused, len(prefilling.keys)):
             kept = self._take_block(prefilling.cache, np.int32(first + j * block), size=block)
-            size = sum(leaf.nbytes for leaf in jax.tree.leaves(kept))
-            self.prefix_cache.put(prefilling.keys[j], kept, size)
+            self.prefix_cache.put(prefilling.keys[j], kept, device_bytes(kept))
 
     def _image_features(self, pixels: np.ndarray, layout: np.ndarray) -> tuple[Any, Any]:
         """One image's features (`pixels float32[1, 1, T, H, W, 3]`, `layout int32[1, 1,
@@ -431,8 +431,7 @@ class SlotEngine:
         features = self.image_cache.get(key)
         if features is None:
             features = self._encode_image(self.params, pixels, layout)
-            size = sum(leaf.nbytes for leaf in jax.tree.leaves(features))
-            self.image_cache.put(key, features, size)
+            self.image_cache.put(key, features, device_bytes(features))
         return features
 
     def _embed_with_cached_images(self, fields: dict[str, Any]) -> Any:

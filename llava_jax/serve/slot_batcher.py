@@ -21,6 +21,7 @@ from llava_jax.inference.kv_budget import default_kv_cache_bytes, kv_bytes_per_t
 from llava_jax.inference.slot_engine import SlotEngine
 from llava_jax.inference.stops import visible_text
 from llava_jax.serve.batcher import Delta, Done, Failed, Job
+from llava_jax.sharding import device_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class SlotBatcher:
         engine = self.model.engine
         per_token = kv_bytes_per_token(self.model.config, engine.cache_dtype)
         if not self.kv_cache_bytes:
-            params_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(self.model.params))
+            params_bytes = device_bytes(self.model.params)
             self.kv_cache_bytes = default_kv_cache_bytes(jax.devices()[0], params_bytes)
         self.max_slots, self.cache_length = slot_layout(
             per_token,
