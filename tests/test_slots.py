@@ -390,3 +390,48 @@ def test_the_kv_budget_sets_the_slots_and_their_length(setup):
     assert slot_layout(per_token, per_token * 10_000, 2, 0, 256) == (2, 256)  # the context
     with pytest.raises(ValueError, match=f"budget of {per_token * 50} bytes.*100 tokens"):
         slot_layout(per_token, per_token * 50, 8, 100, 256)
+
+
+def test_slots_on_a_mesh_answer_as_on_one_device(setup):
+    """A (2, 2, 2) mesh: the decode state's slots split over the data axes and its kv heads
+    over `tensor`; requests with and without images, prefilled in chunks through both
+    caches, queued behind full slots: every greedy answer equals `Engine.generate` on one
+    device. A slot count the data axes do not divide is refused."""
+    from llava_jax.inference.kv_budget import kv_bytes_per_token, kv_split, slot_layout
+    from llava_jax.sharding import device_bytes, make_mesh
+
+    _, config, params, engine = setup
+    mesh = make_mesh((2, 2, 2))
+    on_mesh = Engine(config, mesh=mesh)
+    with pytest.raises(ValueError, match="max_slots=3 must be a multiple of .* size 4"):
+        SlotEngine(on_mesh, params, max_slots=3, cache_length=64)
+    cases = [request(170 + i, 9 + 11 * i, with_image=i % 2 == 0) for i in range(6)]
+    with SlotEngine(
+        on_mesh,
+        params,
+        max_slots=4,
+        cache_length=96,
+        prefill_chunk=16,
+        image_cache_bytes=1 << 20,
+        prefix_cache_bytes=1 << 22,
+    ) as slots:
+        keys = slots.state.cache["k"]
+        assert tuple(keys.sharding.spec)[:3] == (None, ("data", "fsdp"), "tensor")
+        # A device's budget: what one device holds of the slots' keys and values (a data
+        # shard's slot, half its kv heads); a byte less holds no slot in every data shard.
+        per_device = device_bytes((slots.state.cache["k"], slots.state.cache["v"]))
+        per_token = kv_bytes_per_token(config, on_mesh.cache_dtype)
+        assert per_device * 4 * 2 == 4 * 96 * per_token and kv_split(config, mesh) == (4, 2)
+        assert slot_layout(per_token, per_device * 8, 8, 96, 256, slot_multiple=4) == (4, 96)
+        with pytest.raises(ValueError, match="does not hold 4 slots .one a data shard. of 96"):
+            slot_layout(per_token, per_device * 8 - 1, 8, 96, 256, slot_multiple=4)
+        assert not slots.params["llm"]["layers"]["attn"]["query"][
+            "kernel"
+        ].sharding.is_fully_replicated
+        handles = [slots.submit(p, images, sampling=GREEDY) for p, images in cases]
+        for (prompt, images), handle in zip(cases, handles, strict=True):
+            assert handle.result(timeout=300) == reference(engine, params, prompt, images, GREEDY)
+        prompt, images = cases[4][0][:-3], cases[4][1]  # its image and first 3 blocks again
+        answer = slots.submit(prompt, images, sampling=GREEDY).result(timeout=300)
+        assert answer == reference(engine, params, prompt, images, GREEDY)
+        assert slots.image_cache.hits == 1 and slots.prefix_cache.hits == 3

@@ -112,7 +112,7 @@ _CACHE_AXES = {
 }
 
 
-def _constrain_cache(cache: dict[str, Any]) -> dict[str, Any]:
+def constrain_cache(cache: dict[str, Any]) -> dict[str, Any]:
     """The cache split like the batch (a no-op without a mesh and logical axis rules)."""
     out = dict(cache)
     for name, axes in _CACHE_AXES.items():
@@ -149,7 +149,7 @@ def prefill(
     logits, cache = model.apply(
         {"params": params},
         batch.input_ids,
-        _constrain_cache(cache),
+        constrain_cache(cache),
         batch.images,
         batch.image_mask,
         batch.attention_mask,
@@ -159,7 +159,7 @@ def prefill(
     )
     vocab = logits.shape[-1]
     state = DecodeState(
-        cache=_constrain_cache(cache),
+        cache=constrain_cache(cache),
         tokens=jnp.broadcast_to(sampling.pad, (rows, capacity)).astype(jnp.int32),
         logprobs=jnp.zeros((rows, capacity), jnp.float32),
         step=jnp.zeros((), jnp.int32),
@@ -192,7 +192,7 @@ def decode(
         logits, cache = model.apply(
             {"params": params}, s.last[:, None], s.cache, method=Llava.decode
         )
-        s = s.replace(cache=_constrain_cache(cache))
+        s = s.replace(cache=constrain_cache(cache))
         return record_token(s, logits[:, 0], sampling, greedy)
 
     return jax.lax.while_loop(running, one_token, state)

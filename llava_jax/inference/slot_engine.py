@@ -19,7 +19,9 @@ preprocessed pixels): a chat's follow-ups and several questions about one image 
 vision tower. With `prefix_cache_bytes` (and `prefill_chunk`), the keys and values of a
 prompt's whole blocks are kept, keyed by the tokens up to each block's end and the images
 they show, and a later prompt that starts the same way (a system prompt, an image, shared
-text) starts its prefill after them. Not yet here (issue 27): a mesh, admission by a memory budget.
+text) starts its prefill after them. On the engine's mesh, the slots are split over the data
+axes and the heads over `tensor` (`slots.py`); a prompt's one-row programs leave the batch
+axis unsplit.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from llava_jax.inference import slots as slot_programs
 from llava_jax.inference.cache_keys import block_keys, image_key
@@ -42,7 +45,7 @@ from llava_jax.inference.engine import Engine
 from llava_jax.inference.lru_cache import LRUCache
 from llava_jax.inference.programs import PromptBatch
 from llava_jax.inference.sampling import FINISH_REASONS, Finish, SamplingConfig, batch_sampling
-from llava_jax.sharding import device_bytes
+from llava_jax.sharding import Rules, data_parallel_size, device_bytes
 
 _DONE = object()  # the last item of a request's queue
 
@@ -108,7 +111,8 @@ class SlotRequest:
 class SlotEngine:
     """Decode slots that requests enter and leave between decode steps (module docstring).
 
-    engine: an `Engine` without a mesh (its model, length buckets and checks); params: its
+    engine: an `Engine`, with or without a mesh (its model, length buckets, checks and
+    placement; max_slots must be a multiple of its mesh's data-parallel size); params: its
     parameters; max_slots: rows decoded together; cache_length: the KV slots of a row (a
     request's prompt bucket plus its max_new_tokens must fit); steps_per_round: decode
     steps between admissions; prefill_chunk: prompt tokens prefilled in a round (0: a whole
@@ -137,8 +141,6 @@ class SlotEngine:
         prefix_cache_bytes: int = 0,
         shared: SamplingConfig | None = None,
     ):
-        if engine.mesh is not None:
-            raise ValueError("SlotEngine runs on one device for now: give it an Engine, no mesh")
         if max_slots < 1 or steps_per_round < 1:
             raise ValueError(
                 f"max_slots={max_slots} and steps_per_round={steps_per_round} must be >= 1"
@@ -148,44 +150,54 @@ class SlotEngine:
         context = engine.config.text.max_position_embeddings
         if cache_length > context:
             raise ValueError(f"cache_length={cache_length} exceeds the model's context ({context})")
-        self.engine, self.params = engine, params
+        if engine.mesh is not None and max_slots % data_parallel_size(engine.mesh):
+            raise ValueError(
+                f"max_slots={max_slots} must be a multiple of the mesh's data-parallel size "
+                f"{data_parallel_size(engine.mesh)}: the slots are split over the data axes"
+            )
+        self.engine, self.params = engine, engine.place(params)
         self.max_slots, self.cache_length = max_slots, cache_length
         self.steps_per_round, self.prefill_chunk = steps_per_round, prefill_chunk
         self.shared = shared or SamplingConfig()
         model, cache_dtype = engine.model, engine.cache_dtype
         self._shared_params = engine.sampling_params([self.shared], rows=1)
-        self.state = jax.jit(
+        # The decode state's programs see the engine's rules (slots over the data axes,
+        # heads over `tensor`); one-row programs (a prompt, an image) the batch axis unsplit.
+        all_slots = functools.partial(self._program, rules=engine.rules)
+        one_row = functools.partial(self._program, rules=_unsplit_batch(engine.rules))
+        init = all_slots(
             functools.partial(slot_programs.init_slots, model, max_slots, cache_length, cache_dtype)
-        )(self._shared_params)
-        self._embed = jax.jit(functools.partial(slot_programs.embed_prompt, model))
-        self._encode_image = jax.jit(functools.partial(slot_programs.encode_image, model))
-        self._embed_with_features = jax.jit(
+        )
+        self.state = init(self._shared_params)
+        self._embed = one_row(functools.partial(slot_programs.embed_prompt, model))
+        self._encode_image = one_row(functools.partial(slot_programs.encode_image, model))
+        self._embed_with_features = one_row(
             functools.partial(slot_programs.embed_with_features, model)
         )
         self.image_cache = LRUCache(image_cache_bytes) if image_cache_bytes else None
         if prefix_cache_bytes and not prefill_chunk:
             raise ValueError("prefix_cache_bytes needs prefill_chunk: its blocks are chunks")
         self.prefix_cache = LRUCache(prefix_cache_bytes) if prefix_cache_bytes else None
-        self._take_block = jax.jit(slot_programs.take_block, static_argnames="size")
-        self._place_block = jax.jit(slot_programs.place_block, donate_argnums=0)
-        self._with_index = jax.jit(slot_programs.with_index, donate_argnums=0)
-        self._prefill_cache = jax.jit(
+        self._take_block = one_row(slot_programs.take_block, static_argnames="size")
+        self._place_block = one_row(slot_programs.place_block, donate_argnums=0)
+        self._with_index = one_row(slot_programs.with_index, donate_argnums=0)
+        self._prefill_cache = one_row(
             functools.partial(slot_programs.prefill_cache, model, cache_dtype=cache_dtype),
             static_argnums=0,
         )
-        self._prefill_chunk = jax.jit(
+        self._prefill_chunk = one_row(
             functools.partial(slot_programs.prefill_chunk, model),
             static_argnames="size",
             donate_argnums=1,
         )
-        self._first_token = jax.jit(slot_programs.first_token, static_argnames="greedy")
-        self._insert = jax.jit(slot_programs.insert, donate_argnums=0)
-        self._decode = jax.jit(
+        self._first_token = one_row(slot_programs.first_token, static_argnames="greedy")
+        self._insert = all_slots(slot_programs.insert, donate_argnums=0)
+        self._decode = all_slots(
             functools.partial(slot_programs.decode_steps, model),
             static_argnames=("steps", "greedy"),
             donate_argnums=1,
         )
-        self._evict = jax.jit(slot_programs.evict, donate_argnums=0)
+        self._evict = all_slots(slot_programs.evict, donate_argnums=0)
         self._slots: list[SlotRequest | None] = [None] * max_slots
         self._prefilling: list[_Prefilling] = []  # admitted, their prompts being prefilled
         self._waiting: collections.deque[SlotRequest] = collections.deque()
@@ -193,6 +205,20 @@ class SlotEngine:
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="slot-engine", daemon=True)
         self._thread.start()
+
+    def _program(self, fn: Callable, *, rules: Any, **jit_options: Any) -> Callable:
+        """`fn` jitted, traced and run on the engine's mesh under `rules` (no mesh: as is)."""
+        jitted = jax.jit(fn, **jit_options)
+        mesh = self.engine.mesh
+        if mesh is None:
+            return jitted
+
+        @functools.wraps(fn)
+        def on_mesh(*args: Any, **kwargs: Any) -> Any:
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                return jitted(*args, **kwargs)
+
+        return on_mesh
 
     # --- the caller's side --------------------------------------------------------------------
     def submit(
@@ -225,6 +251,8 @@ class SlotEngine:
             batch_rows=1,
             image_layout=image_layout,
         )
+        # One row: a mesh's engine adds filler rows up to its data-parallel size.
+        fields = jax.tree.map(lambda rows: rows[:1], fields)
         bucket = fields["input_ids"].shape[1]
         if self.prefill_chunk and bucket > self.prefill_chunk and bucket % self.prefill_chunk:
             raise ValueError(
@@ -368,7 +396,7 @@ class SlotEngine:
             image_layout=fields["image_layout"],
         )
         length = fields["input_ids"].shape[1]
-        if self.image_cache is None or fields["images"] is None:
+        if self.image_cache is None or fields["images"] is None or not fields["image_mask"].any():
             embeddings = self._embed(self.params, batch)
         else:
             embeddings = self._embed_with_cached_images(fields)
@@ -436,15 +464,14 @@ class SlotEngine:
 
     def _embed_with_cached_images(self, fields: dict[str, Any]) -> Any:
         """`embed_prompt` with each image's features from the image cache (computed on a
-        miss); empty image slots get zeros."""
+        miss); empty image slots get zeros (the prompt shows at least one image)."""
         images, mask, layout = fields["images"], fields["image_mask"], fields["image_layout"]
         slots = images.shape[1]
         per_image = [
             self._image_features(images[:, i : i + 1], layout[:, i : i + 1]) if mask[0, i] else None
             for i in range(slots)
         ]
-        shape = jax.eval_shape(self._encode_image, self.params, images[:, :1], layout[:, :1])
-        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shape)
+        zeros = jax.tree.map(jnp.zeros_like, next(f for f in per_image if f is not None))
         filled = [zeros if f is None else f for f in per_image]
         features = jnp.concatenate([f[0] for f in filled], axis=1)
         exists = None
@@ -510,6 +537,12 @@ class SlotEngine:
         if finished:
             self._slots[slot] = None
             request._finish(FINISH_REASONS[Finish(int(reason))])
+
+
+def _unsplit_batch(rules: Rules) -> tuple[tuple[str, Any], ...]:
+    """`rules` with the batch axis on no mesh axis: a prompt's one row is not split over the
+    data axes (its heads still are over `tensor`)."""
+    return tuple((name, None if name == "batch" else axes) for name, axes in rules)
 
 
 @dataclasses.dataclass(eq=False)

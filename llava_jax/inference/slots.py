@@ -19,7 +19,9 @@ Pure functions of `(params, state, …)`, jitted once per shape by `SlotEngine`
 Each slot row writes its keys and values at its own position (`cache['index']: int32[S]`,
 `models/layers.py update_kv_cache`), and its RoPE positions count its own real tokens, so a
 row's numbers do not depend on when it was admitted or on the other rows. An idle slot
-computes on an all-masked row and writes nothing that is read.
+computes on an all-masked row and writes nothing that is read. On a mesh (traced under its
+logical axis rules), the decode state's slots are split over the data axes and its heads over
+`tensor` (`constrain_cache`); the one-row programs run with the batch axis unsplit.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from llava_jax.inference.programs import PromptBatch
+from llava_jax.inference.programs import PromptBatch, constrain_cache
 from llava_jax.inference.sampling import Finish, SamplingParams, select_tokens
 from llava_jax.models.llama import init_cache
 from llava_jax.models.llava import Llava
@@ -77,7 +79,7 @@ def init_slots(
     sequences, pad and suppressed token every request uses (per-row fields are replaced)."""
     config = model.config
     cache = init_cache(config.text, slots, length, cache_dtype, per_layer=not config.scan_layers)
-    cache["index"] = jnp.zeros((slots,), jnp.int32)
+    cache = constrain_cache({**cache, "index": jnp.zeros((slots,), jnp.int32)})
     rows = shared.replace(
         temperature=jnp.zeros((slots,), jnp.float32),
         top_k=jnp.zeros((slots,), jnp.int32),
@@ -254,6 +256,7 @@ def insert(state: SlotState, prefilled: Prefilled, slot: Array) -> tuple[SlotSta
     row_mask = jnp.zeros((1, length), jnp.int32).at[:, : new["mask"].shape[1]].set(new["mask"])
     out["mask"] = _into_row(cache["mask"], row_mask, slot, 0)
     out["index"] = cache["index"].at[slot].set(new["mask"].shape[1])
+    out = constrain_cache(out)
     rows = state.sampling
     request = prefilled.sampling
     sampling = rows.replace(
@@ -327,6 +330,7 @@ def decode_steps(
         )
         # An idle row's write position stays put (it wrote nothing that is read).
         cache["index"] = jnp.where(live, cache["index"], state.cache["index"])
+        cache = constrain_cache(cache)
         token = select_tokens(logits[:, 0], state.sampling, state.step, greedy)
         return _record(state.replace(cache=cache), token)
 

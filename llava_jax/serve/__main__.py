@@ -74,9 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--kv-cache-gib",
         type=float,
         default=0.0,
-        help="--engine slots: memory for the decode slots' keys and values, which sets how "
-        "many slots of --slot-cache-length fit (default: half the device's memory beside the "
-        "parameters; 2 GiB on a CPU)",
+        help="--engine slots: memory for the decode slots' keys and values on each device, "
+        "which sets how many slots of --slot-cache-length fit (default: half the device's "
+        "memory beside the parameters; 2 GiB on a CPU)",
     )
     parser.add_argument(
         "--image-cache-gib",
@@ -123,8 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in ("max_slots", "steps_per_round"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.engine == "slots" and args.mesh:
-        parser.error("--engine slots runs on one device for now: leave out --mesh")
     if args.prefill_chunk < 0 or args.prefill_chunk & (args.prefill_chunk - 1):
         parser.error(f"--prefill-chunk must be 0 or a power of two, got {args.prefill_chunk}")
     for flag in ("image_cache_gib", "prefix_cache_gib", "kv_cache_gib"):

@@ -17,7 +17,12 @@ from typing import Any
 
 import jax
 
-from llava_jax.inference.kv_budget import default_kv_cache_bytes, kv_bytes_per_token, slot_layout
+from llava_jax.inference.kv_budget import (
+    default_kv_cache_bytes,
+    kv_bytes_per_token,
+    kv_split,
+    slot_layout,
+)
 from llava_jax.inference.slot_engine import SlotEngine
 from llava_jax.inference.stops import visible_text
 from llava_jax.serve.batcher import Delta, Done, Failed, Job
@@ -28,7 +33,7 @@ log = logging.getLogger(__name__)
 
 class SlotBatcher:
     """`Batcher`'s interface (start, stop, submit, stats) over a `SlotEngine` of `model`
-    (a `LoadedModel` without a mesh): at most max_slots rows decoded together, each with
+    (a `LoadedModel`, on one device or a mesh): at most max_slots rows decoded together, each with
     cache_length KV slots (0: the longest the budget allows, at most the context), as many
     as `kv_cache_bytes` holds (0: `default_kv_cache_bytes`); steps_per_round decode steps
     between admissions; prefill_chunk prompt tokens prefilled a round (0: whole prompts);
@@ -66,12 +71,15 @@ class SlotBatcher:
         if not self.kv_cache_bytes:
             params_bytes = device_bytes(self.model.params)
             self.kv_cache_bytes = default_kv_cache_bytes(jax.devices()[0], params_bytes)
+        # The budget is a device's: on a mesh each holds a data shard's slots, its heads.
+        slot_split, head_split = kv_split(self.model.config, engine.mesh)
         self.max_slots, self.cache_length = slot_layout(
             per_token,
-            self.kv_cache_bytes,
+            self.kv_cache_bytes * slot_split * head_split,
             self.max_slots,
             self.cache_length,
             self.model.context_length,
+            slot_multiple=slot_split,
         )
         self.engine = SlotEngine(
             self.model.engine,
