@@ -9,7 +9,7 @@ from llava_reference import generation_prompt as llava_generation_prompt
 from llava_reference import load as load_llava
 from llava_reference import training_row as llava_training_row
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerFast
 from vicuna_tokenizer import save_vicuna_tokenizer
 
 from llava_jax.data.conversation import (
@@ -128,6 +128,28 @@ def metaspace_bpe_tokenizer(newline_pieces: bool = False) -> PreTrainedTokenizer
     )
     corpus = _corpus() if newline_pieces else [t.replace("\n", " ") for t in _corpus()]
     tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    return _wrap(tokenizer)
+
+
+def across_words_bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BPE trained without splitting the text at spaces (as SentencePiece with
+    `split_by_whitespace=false`): its pieces run across words, so that after `vicuna_v1`'s
+    "ASSISTANT:" one piece holds the prompt's end, the separator's space and the answer's
+    first words ('?▁ASSISTANT:▁A▁red▁circle' with 400 pieces, ':▁A▁red▁circle' with 300)."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first", split=False
+    )
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=["\n"]
+    )
+    tokenizer.train_from_iterator([t.replace("\n", " ") for t in _corpus()], trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
@@ -385,10 +407,99 @@ def test_prompt_then_targets_is_the_training_row(name, loaded):
     assert set(np.unique(mask).tolist()) <= {0.0, 1.0}
 
 
+def _answer_texts(name: str) -> list[str]:
+    """Each answer as the rendered text holds it after its prompt: the separator's space
+    before it (where the template has one) belongs to the answer, since at inference the
+    model writes it after the prompt's last token; then the answer's end."""
+    space = " " if name in ("vicuna_v1", "llava_llama_2", "mistral_instruct") else ""
+    return [space + answer for answer in ANSWER_WITH_END[name]]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_targets_are_exactly_the_tokens_of_each_answer(name, loaded, llava):
+    """The row and its targets token for token, non-targets (IGNORE_INDEX) included: the
+    rendered text (written out in EXPECTED) is cut by hand before and after each answer,
+    and answer k's targets are the tokens LLaVA's tokenizer_image_token gives the text
+    through answer k beyond those it gives the text before it. A whitespace token that
+    starts an answer ('▁', 'Ġ') is a target like any other."""
+    turns = list(TWO_TURNS)
+    if name == "plain":  # as EXPECTED renders it: only the first question's image is kept
+        turns[2] = _human("?")
+    text = EXPECTED[name]
+    full = llava.tokenizer_image_token(text, loaded.tokenizer)
+    labels = [-100] * len(full)
+    start = 0
+    for answer in _answer_texts(name):
+        begin = text.index(answer, start)
+        start = begin + len(answer)
+        before = llava.tokenizer_image_token(text[:begin], loaded.tokenizer)
+        through = llava.tokenizer_image_token(text[:start], loaded.tokenizer)
+        # these tokenizers never join text across an answer's start or end
+        assert through[: len(before)] == before and full[: len(through)] == through
+        labels[len(before) : len(through)] = through[len(before) :]
+    assert start == len(text)  # the last answer ends the row
+    row = _tokenize(turns, loaded, name)
+    assert _as_llava(row.input_ids, row.loss_mask, loaded.image_token_id) == (full, labels)
+    assert set(np.unique(row.loss_mask).tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_llama_2"])
+def test_the_separators_space_merged_into_the_answer_is_a_target_as_in_llava(name, vicuna, llava):
+    """LLaVA splits a round at " ASSISTANT: " (" [/INST] "), whose last space LLaMA's
+    tokenizer merges into the answer's first piece ('▁The'): a token across LLaVA's prompt
+    and answer, which its `- 2` in preprocess_v1 counts as the answer's. Ours is the same
+    target, and the row equals LLaVA's token for token."""
+    ours, reference = vicuna
+    turns = [_human("<image>\nWhat is shown?"), _gpt("The first line.")]
+    ids, labels = llava_training_row(llava, turns, reference, LLAVA_NAMES[name], True)
+    row = _tokenize(turns, ours, name)
+    assert _as_llava(row.input_ids, row.loss_mask, ours.image_token_id) == (ids, labels)
+    first = int(np.flatnonzero(row.loss_mask)[0])
+    pieces = reference.convert_ids_to_tokens(row.input_ids[first - 1 : first + 1].tolist())
+    assert pieces == [":" if name == "vicuna_v1" else "<0x5D>", "▁The"]  # 0x5D: "]"
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "llava_targets"),
+    [
+        (400, [".", "</s>"]),  # "A red circle" is never a target
+        (300, [":▁A▁red▁circle", ".", "</s>"]),  # the prompt's ":" is one
+    ],
+)
+def test_a_token_across_the_prompt_and_the_answer_drops_the_conversation(
+    vocab_size, llava_targets, llava
+):
+    """A piece that holds the end of the prompt, the separator's space and the start of
+    the answer: no split of that row is both a prompt the programs send and the answer
+    after it. LLaVA's preprocess_v1 counts tokens and trains on a split anyway (which one
+    depends on the vocabulary: the answer's first words unsupervised, or the prompt's ':'
+    supervised); llava_jax drops the conversation, by name (docs/design.md, "Bad records
+    are dropped")."""
+    turns = [_human("<image>\nWhat is shown?"), _gpt("A red circle.")]
+    reference = across_words_bpe_tokenizer(vocab_size)
+    chunk = "\nWhat is shown? ASSISTANT: A red circle."  # the text after the image
+    boundary = chunk.index(" A red")  # where the prompt ends and the answer starts
+    offsets = reference(chunk, add_special_tokens=False, return_offsets_mapping=True)
+    assert any(s < boundary < e for s, e in offsets["offset_mapping"]), "no token across"
+
+    with pytest.raises(DroppedExample) as error:
+        _tokenize(turns, prepare_tokenizer(across_words_bpe_tokenizer(vocab_size)), "vicuna_v1")
+    assert error.value.reason == "prompt_not_prefix"
+    assert "answer 0" in error.value.detail
+
+    reference.pad_token = reference.unk_token  # as LLaVA's trainer sets it for v1
+    ids, labels = llava_training_row(llava, turns, reference, "v1", True)
+    targets = [i for i, label in zip(ids, labels, strict=True) if label != -100]
+    assert labels[-len(targets) :] == ids[-len(targets) :]  # one run, to the row's end
+    assert reference.convert_ids_to_tokens(targets) == llava_targets
+
+
 def test_a_tokenizer_that_joins_the_prompt_to_the_answer_drops_the_conversation():
     """A piece '\nA' across the end of "assistant\n" and the answer: the model would be
     trained on a row its prompts never start; the conversation is dropped, by name."""
     loaded = prepare_tokenizer(metaspace_bpe_tokenizer(newline_pieces=True))
+    row = loaded.tokenizer("assistant\nA red circle.", add_special_tokens=False)["input_ids"]
+    assert any("\nA" in piece for piece in loaded.tokenizer.convert_ids_to_tokens(row))
     with pytest.raises(DroppedExample) as error:
         _tokenize(TWO_TURNS, loaded, "chatml")
     assert error.value.reason == "prompt_not_prefix"
@@ -398,8 +509,37 @@ def test_a_tokenizer_that_joins_the_prompt_to_the_answer_drops_the_conversation(
 # --- special-token text in data is text ----------------------------------------------------
 
 
+class _TextOnly:
+    """A tokenizer as LLaVA's tokenizer_image_token calls it, that tokenizes special-token
+    text as text (transformers' `split_special_tokens`): the reference for rows whose data
+    writes `</s>`, where LLaVA itself would put control tokens."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast):
+        self.tokenizer = tokenizer
+        self.bos_token_id = tokenizer.bos_token_id
+
+    def __call__(self, text: str) -> BatchEncoding:
+        return self.tokenizer(text, split_special_tokens=True)
+
+
+def _vicuna_v1_row_of_text(
+    llava, tokenizer: PreTrainedTokenizerFast, question: str, answer: str
+) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a one-round vicuna_v1 row whose text is all text, in LLaVA's terms:
+    the prompt "{system} USER: {question} ASSISTANT:", then the targets: " {answer}" and
+    the end-of-sequence control token."""
+    system = llava.conversation.conv_templates["v1"].system
+    prompt_text = f"{system} USER: {question} ASSISTANT:"
+    as_text = _TextOnly(tokenizer)
+    prompt = llava.tokenizer_image_token(prompt_text, as_text)
+    ids = llava.tokenizer_image_token(f"{prompt_text} {answer}", as_text)
+    ids.append(tokenizer.eos_token_id)
+    assert ids[: len(prompt)] == prompt
+    return ids, [-100] * len(prompt) + ids[len(prompt) :]
+
+
 @pytest.mark.parametrize("text", ["</s>", "<s>", "<|im_end|>"])
-def test_special_token_text_in_data_stays_text(text, loaded):
+def test_special_token_text_in_data_stays_text(text, loaded, llava):
     """An answer or a question that writes a special token's text gets text tokens: the
     only control tokens of the row are the template's own."""
     tokenizer = loaded.tokenizer
@@ -422,9 +562,12 @@ def test_special_token_text_in_data_stays_text(text, loaded):
     assert tokenizer.eos_token_id not in targets[:-1].tolist()
     if tokenizer.unk_token_id not in targets.tolist():  # a vocabulary that spells it
         assert tokenizer.decode(targets[:-1].tolist()).strip() == answer
+    # token for token: the text tokenized as text, the targets all after the prompt
+    expected = _vicuna_v1_row_of_text(llava, tokenizer, turns[0]["value"], answer)
+    assert _as_llava(row.input_ids, row.loss_mask, loaded.image_token_id) == expected
 
 
-def test_special_token_text_round_trips_with_a_sentencepiece_tokenizer(vicuna):
+def test_special_token_text_round_trips_with_a_sentencepiece_tokenizer(vicuna, llava):
     ours, reference = vicuna
     for text in ("</s>", "<s>", "<unk>", "<pad>"):
         answer = f"Use {text} to end it."
@@ -432,6 +575,9 @@ def test_special_token_text_round_trips_with_a_sentencepiece_tokenizer(vicuna):
         targets = row.input_ids[row.loss_mask > 0].tolist()
         assert targets[-1] == reference.eos_token_id
         assert reference.decode(targets[:-1]).strip() == answer
+        expected = _vicuna_v1_row_of_text(llava, reference, f"What is {text}?", answer)
+        assert _as_llava(row.input_ids, row.loss_mask, ours.image_token_id) == expected
+        assert reference.convert_ids_to_tokens(targets[0]).startswith("▁")  # the space
         specials = {reference.bos_token_id, reference.eos_token_id, reference.unk_token_id}
         assert not specials & set(targets[:-1]), text
 

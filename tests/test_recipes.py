@@ -42,6 +42,10 @@ NEXT_GRIDS = [
     "--config.model.vision.image_size=28",
     "--config.model.vision.patch_size=14",
 ]
+# LLaVA-NeXT's published grids for its 336 px tower, (height, width), as its checkpoints'
+# config.json write `image_grid_pinpoints` (llava-v1.6-*; transformers' LlavaNextConfig
+# default): written out here, not read from the recipe, so that the recipe is checked.
+LLAVA_NEXT_336_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
 def docstring_command(module, config: str) -> list[str]:
@@ -167,7 +171,7 @@ def test_the_next_recipe_is_llava_next_stage_2(name):
     at 2e-6, the rest at 2e-5), batch 128 of 4096 tokens, grouped by modality, the decoder's
     own template; and a decoder the recipe does not know is refused by name."""
     run = RunConfig.from_config(llava_next.get_config(name))
-    assert run.model.image_grid_pinpoints == llava_next.PINPOINTS
+    assert run.model.image_grid_pinpoints == tuple(map(tuple, LLAVA_NEXT_336_PINPOINTS))
     assert re.fullmatch(run.train.train_pattern, "img/layers/attn/query/kernel")
     assert (run.optimizer.learning_rate, run.optimizer.vision_learning_rate) == (2e-5, 2e-6)
     assert run.data.global_batch_size == 128 and run.data.max_len == 4096
