@@ -33,7 +33,12 @@ TRAIN_FUNCTIONS = (
 )
 
 
-def _package() -> Path:
+def package_root() -> Path:
+    """The installed `llava` package's folder (once `load` registered the package without
+    its `__init__`, it has no spec to find: its path is read from the module)."""
+    registered = sys.modules.get("llava")
+    if registered is not None and getattr(registered, "__path__", None):
+        return Path(next(iter(registered.__path__)))
     spec = importlib.util.find_spec("llava")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
@@ -45,7 +50,7 @@ def _package() -> Path:
 def load() -> types.SimpleNamespace:
     """LLaVA's `conversation` module, `tokenizer_image_token`, constants and the
     preprocessing functions of its trainer."""
-    root = _package()
+    root = package_root()
     if "llava" not in sys.modules:
         package = types.ModuleType("llava")
         package.__path__ = [str(root)]

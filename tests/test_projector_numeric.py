@@ -6,16 +6,14 @@ GELU) holding the same weights. transformers' LLaVA has only the two-layer proje
 from __future__ import annotations
 
 import importlib.util
-import sys
 import types
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 import torch
-from llava_reference import _package as llava_package
+from llava_reference import package_root
 
 from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
 from llava_jax.models.llava import Llava, abstract_params
@@ -24,9 +22,7 @@ from llava_jax.models.llava import Llava, abstract_params
 def llava_build_vision_projector():
     """LLaVA's `build_vision_projector`, loaded from its file: `llava/model/__init__.py`
     imports LLaVA's whole model zoo (for the transformers of 2024), which it does not need."""
-    registered = sys.modules.get("llava")  # llava_reference.load() registers it, spec-less
-    root = Path(next(iter(registered.__path__))) if registered else llava_package()
-    path = root / "model" / "multimodal_projector" / "builder.py"
+    path = package_root() / "model" / "multimodal_projector" / "builder.py"
     spec = importlib.util.spec_from_file_location("llava_projector_builder", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -85,3 +81,13 @@ def test_mlp3x_gelu_projector_equals_llavas():
     assert np.abs(reference).max() > 1  # outputs of order 1: the tolerance is relative too
     # float32 against float64: three matmuls of 48-64 inputs round at about 1e-6.
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_llava_reference_loads_again_in_one_process():
+    """`llava_reference.load` registers `llava` without a spec; a second load (another
+    test file in the same xdist worker) finds the package from the registered module."""
+    import llava_reference
+
+    first, second = llava_reference.load(), llava_reference.load()
+    assert first.conversation is second.conversation
+    assert (package_root() / "train" / "train.py").is_file()
