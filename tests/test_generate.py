@@ -269,6 +269,21 @@ def test_filter_logits_equals_transformers_warpers(temperature, top_k, top_p):
     np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6)
 
 
+def test_argmax_last_is_numpy_s_argmax_with_ties_infinities_and_nans():
+    """The greedy token: numpy's argmax (the first of equal maxima, a NaN's index where a
+    row has one) on random rows, ties, -inf rows and NaNs, at a vocabulary's width."""
+    from llava_jax.inference.sampling import argmax_last
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 32000)).astype(np.float32)
+    logits[1, [7, 31999, 400]] = 50.0  # a tie: the first wins
+    logits[2] = -np.inf
+    logits[3, 123] = np.nan
+    logits[4, 31999] = np.inf
+    logits[5] = rng.integers(0, 3, 32000)  # many ties
+    np.testing.assert_array_equal(np.asarray(argmax_last(jnp.asarray(logits))), logits.argmax(-1))
+
+
 def test_sampled_frequencies_follow_the_tempered_distribution():
     logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
     temperature = 0.5

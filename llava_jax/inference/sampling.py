@@ -168,12 +168,22 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array)
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
+def argmax_last(logits: Array) -> Array:
+    """`jnp.argmax(logits, axis=-1)` as int32 (the first of equal maxima; a row with a NaN
+    gives its first NaN's index), as a max and a min: XLA:CPU's argmax, one reduction of
+    (value, index) pairs, takes 2.5 ms on `float32[16, 32000]` against 0.4 ms for this."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    position = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    is_top = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(is_top, position, logits.shape[-1]), axis=-1)
+
+
 def select_tokens(logits: Array, sampling: SamplingParams, step: Array, greedy: bool) -> Array:
     """Next tokens int32[B] from `logits: float32[B, V]`; the key is folded with `step`
     (int32[], or int32[B] with per-row seeds: each row's own token count)."""
     banned = (jnp.arange(logits.shape[-1]) == sampling.suppress) & sampling.suppress_valid
     logits = jnp.where(banned, -jnp.inf, logits)
-    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    argmax = argmax_last(logits)
     if greedy:
         return argmax
     temperature = sampling.temperature
