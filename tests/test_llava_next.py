@@ -154,6 +154,73 @@ def test_logits_equal_transformers_with_images_of_several_sizes(tmp_path, name):
     np.testing.assert_allclose(round_trip[real], expected[real], atol=1e-5, rtol=0)
 
 
+# Two images in the first row (the first with fewer tokens than the largest layout, so the
+# second's features start at its own count), one in the second.
+ROW_IMAGES = [[(30, 50), (70, 20)], [(40, 40)]]
+
+
+@pytest.fixture(scope="module")
+def several_images_a_row(tmp_path_factory):
+    """(checkpoint directory, our inputs, transformers' logits, real tokens) for
+    `ROW_IMAGES`: each row BOS, then each image's tokens followed by text, right-padded."""
+    directory = tmp_path_factory.mktemp("next_rows")
+    pinpoints, feature_layer, _ = CONFIGS["wide-and-tall"]
+    hf_model = next_model(next_config(pinpoints, feature_layer), seed=11)
+    hf_model.save_pretrained(directory)
+    geometry = ImageTiler(tile=TILE, patch=PATCH, pinpoints=pinpoints)
+    sizes = [size for row in ROW_IMAGES for size in row]
+    images = random_images(sizes, seed=12)
+    rng = np.random.default_rng(13)
+    prompts = []
+    for row in ROW_IMAGES:
+        parts = [[1]]
+        for height, width in row:
+            parts += [
+                np.full(geometry.num_tokens(height, width), IMAGE_TOKEN),
+                rng.integers(3, 90, 4),
+            ]
+        prompts.append(np.concatenate(parts))
+    length = max(len(p) for p in prompts) + 3
+    input_ids = np.zeros((len(prompts), length), np.int64)
+    mask = np.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, : len(prompt)], mask[row, : len(prompt)] = prompt, 1
+    expected = hf_logits(
+        hf_model, input_ids, mask, processor_for(pinpoints)(images, return_tensors="np")
+    )
+
+    slots = max(len(row) for row in ROW_IMAGES)
+    tiles = np.zeros((len(ROW_IMAGES), slots, *geometry.tiles_shape()), np.float32)
+    layout = geometry.empty_layouts(len(ROW_IMAGES), slots)
+    image_mask = np.zeros((len(ROW_IMAGES), slots), bool)
+    pictures = iter(images)
+    for row, row_sizes in enumerate(ROW_IMAGES):
+        for slot, (height, width) in enumerate(row_sizes):
+            tiles[row, slot] = geometry.tiles(next(pictures), CLIP_MEAN, CLIP_STD)
+            layout[row, slot] = geometry.feature_layout(height, width)
+            image_mask[row, slot] = True
+    inputs = dict(
+        input_ids=input_ids.astype(np.int32),
+        images=tiles,
+        image_mask=image_mask,
+        attention_mask=mask.astype(np.int32),
+        image_layout=layout,
+    )
+    return directory, inputs, expected, mask.astype(bool)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unscanned"])
+def test_logits_equal_transformers_with_several_images_in_a_row(several_images_a_row, scan_layers):
+    """A row with two images of different sizes, another with one: each image token takes
+    its own image's feature (float32), with the towers' layers scanned or not."""
+    directory, inputs, expected, real = several_images_a_row
+    config, params = load_hf(str(directory), scan_layers=scan_layers)
+    for tower in ("img", "llm"):  # the other parameter trees and layer loops
+        assert ("layers" in params[tower]) == scan_layers
+    logits = np.asarray(Llava(config).apply({"params": params}, **inputs))
+    np.testing.assert_allclose(logits[real], expected[real], atol=1e-4, rtol=0)
+
+
 def test_greedy_generation_equals_transformers_generate(tmp_path):
     """Prompts of different lengths, each with an image of another size (left-padded for
     transformers): `Engine.generate` gives transformers' greedy tokens."""

@@ -4,12 +4,14 @@ gradients as unpacked, no attention across conversations, exact resume, any proc
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from train_fixtures import TINY, build, flat_params, host_params, make_batch, max_relative
 
 from llava_jax.data import datasets
@@ -213,13 +215,14 @@ def _keep_ids(monkeypatch):
     monkeypatch.setattr(ExampleEncoder, "__call__", example_with_ids)
 
 
-def _model_and_params(tokenizer):
+def _model_and_params(tokenizer, pinpoints=()):
     config = dataclasses.replace(
         TINY,
         text=dataclasses.replace(
             TINY.text, vocab_size=tokenizer.vocab_size, max_position_embeddings=256
         ),
         image_token_id=tokenizer.image_token_id,
+        image_grid_pinpoints=pinpoints,
     )
     return Llava(config), host_params_for(config)
 
@@ -235,15 +238,42 @@ def _inputs(batch):
     return {k: jnp.asarray(batch[k]) for k in keys}
 
 
-def test_packed_loss_and_gradients_equal_unpacked(config, geometry, tokenizer, records):
+# LLaVA-NeXT grids of TINY's 14-pixel tiles (2 x 2 features each), and images of several
+# shapes for it: a row's images take different numbers of tokens, none the largest layout's.
+NEXT_PINPOINTS = ((14, 28), (28, 14), (28, 28))
+NEXT_IMAGE_SIZES = [[(12, 30)], [], [(30, 12)], [(9, 25), (25, 11)], [(12, 30)]]
+
+
+def _with_images(record: dict, sizes: list[tuple[int, int]], seed: int) -> dict:
+    """`record` with random PNG images of these (height, width) instead of its own."""
+    rng = np.random.default_rng(seed)
+    pngs = []
+    for height, width in sizes:
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(png, "PNG")
+        pngs.append(png.getvalue())
+    return dict(record, image_bytes=pngs)
+
+
+@pytest.mark.parametrize("pinpoints", [(), NEXT_PINPOINTS], ids=["llava-1.5", "next"])
+def test_packed_loss_and_gradients_equal_unpacked(config, geometry, tokenizer, records, pinpoints):
     """Text-only, one-image and two-image conversations: the token-weighted loss and its
-    gradients are the same packed into rows as one conversation per row (float32)."""
+    gradients are the same packed into rows as one conversation per row (float32). NeXT:
+    each image's own token count, so a row's later images start their features after the
+    earlier images' counts."""
     chosen = [records[i] for i in (0, 1, 2, 3, 4)]  # image, text-only, image, two images, ...
+    if pinpoints:
+        geometry = ImageTiler(geometry.tile, 7, pinpoints)
+        chosen = [
+            _with_images(record, sizes, seed)
+            for seed, (record, sizes) in enumerate(zip(chosen, NEXT_IMAGE_SIZES, strict=True))
+        ]
     kinds = [len(r["image_bytes"]) for r in chosen]
     assert 0 in kinds and 1 in kinds and 2 in kinds
     packed_config = dataclasses.replace(config, passes=1, global_batch_size=2, max_len=200)
     packed = next(make_train_iterator(packed_config, geometry, tokenizer, 0, 1, source=chosen))
     assert packed["attention_mask"].max() >= 3  # one row holds three or more conversations
+    assert packed["image_mask"].sum(axis=1).max() >= 2  # and a row several images
     assert sorted(sum((records_in(packed, r) for r in range(2)), [])) == sorted(
         from_stored(r).id for r in chosen
     )
@@ -251,7 +281,7 @@ def test_packed_loss_and_gradients_equal_unpacked(config, geometry, tokenizer, r
         config, packing=False, passes=1, global_batch_size=len(chosen)
     )
     plain = next(make_train_iterator(plain_config, geometry, tokenizer, 0, 1, source=chosen))
-    model, params = _model_and_params(tokenizer)
+    model, params = _model_and_params(tokenizer, pinpoints)
 
     def mean_loss(params, batch):
         _, ce, _, tokens = loss_sums(model, params, Batch.from_arrays(batch))
@@ -259,8 +289,13 @@ def test_packed_loss_and_gradients_equal_unpacked(config, geometry, tokenizer, r
 
     results = []
     for batch in (packed, plain):
+        inputs = _inputs(batch)
+        if pinpoints:
+            inputs["image_layout"] = jnp.asarray(batch["image_layout"])
+            counts = (batch["image_layout"] >= 0).sum(axis=-1)[batch["image_mask"]]
+            assert len(set(counts.tolist())) > 1 and counts.max() < geometry.max_tokens
         loss_and_grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))
-        (loss, tokens), grads = loss_and_grads(params, _inputs(batch))
+        (loss, tokens), grads = loss_and_grads(params, inputs)
         results.append((float(loss), float(tokens), grads))
     (loss_p, tokens_p, grads_p), (loss_u, tokens_u, grads_u) = results
     assert tokens_p == tokens_u > 0
