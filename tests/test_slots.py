@@ -251,10 +251,16 @@ def test_a_long_prompt_is_prefilled_between_the_running_answers_steps(setup):
     long_prompt, long_images = request(131, 60, with_image=True)
     running_config = SamplingConfig(max_new_tokens=40, pad_token_id=PAD)
 
-    def tokens_meanwhile(chunk: int) -> int:
+    def tokens_meanwhile(chunk: int, budget: int = 0) -> int:
         events: list[str] = []
         with SlotEngine(
-            engine, params, max_slots=2, cache_length=96, steps_per_round=1, prefill_chunk=chunk
+            engine,
+            params,
+            max_slots=2,
+            cache_length=96,
+            steps_per_round=1,
+            prefill_chunk=chunk,
+            prefill_budget=budget,
         ) as slots:
             running = slots.submit(
                 runner, sampling=running_config, listener=lambda t, f: events.append("run")
@@ -276,6 +282,39 @@ def test_a_long_prompt_is_prefilled_between_the_running_answers_steps(setup):
 
     assert tokens_meanwhile(16) >= 3
     assert tokens_meanwhile(0) <= 2
+    assert tokens_meanwhile(16, budget=64) <= 2  # four chunks a round: the prompt in one
+
+
+def test_the_prefill_budget_goes_to_the_earliest_prompt_first(setup):
+    """One chunk of 16 a round while an answer decodes, two 60-token prompts admitted
+    together: the first is prefilled to its end (4 rounds) before the second starts, so it
+    answers at least 3 rounds earlier; both answers equal `Engine.generate`'s."""
+    _, _, params, engine = setup
+    runner, _ = request(135, 10, with_image=False)
+    prompts = [request(136 + i, 60, with_image=i == 0) for i in range(2)]
+    events: list[str] = []
+    with SlotEngine(
+        engine, params, max_slots=3, cache_length=96, steps_per_round=1, prefill_chunk=16
+    ) as slots:
+        running = slots.submit(
+            runner,
+            sampling=SamplingConfig(max_new_tokens=40, pad_token_id=PAD),
+            listener=lambda t, f: events.append("run"),
+        )
+        while not running.tokens:
+            time.sleep(0.01)
+        with slots._wake:  # both waiting when the next round admits them
+            handles = [
+                slots.submit(
+                    p, images, sampling=GREEDY, listener=lambda t, f, i=i: events.append(f"{i}")
+                )
+                for i, (p, images) in enumerate(prompts)
+            ]
+        for (prompt, images), handle in zip(prompts, handles, strict=True):
+            assert handle.result(timeout=300) == reference(engine, params, prompt, images, GREEDY)
+        running.result(timeout=300)
+    first, second = events.index("0"), events.index("1")
+    assert events[first:second].count("run") >= 3
 
 
 def test_the_image_cache_keeps_answers_and_skips_the_vision_tower(setup):
@@ -435,3 +474,20 @@ def test_slots_on_a_mesh_answer_as_on_one_device(setup):
         answer = slots.submit(prompt, images, sampling=GREEDY).result(timeout=300)
         assert answer == reference(engine, params, prompt, images, GREEDY)
         assert slots.image_cache.hits == 1 and slots.prefix_cache.hits == 3
+
+
+def test_short_rows_decode_over_a_window_of_the_cache_alike(setup):
+    """A cache of 256 slots: while every live row fits 64 slots, the decode steps attend to
+    those alone (copied out and back); a row growing past them takes the whole cache again.
+    Answers short and long, admitted together, equal `Engine.generate`'s."""
+    _, _, params, engine = setup
+    cases = [request(180 + i, 9 + 6 * i, with_image=i == 1) for i in range(3)]
+    configs = [SamplingConfig(max_new_tokens=n, pad_token_id=PAD) for n in (6, 12, 60)]
+    with SlotEngine(engine, params, max_slots=2, cache_length=256, steps_per_round=3) as slots:
+        assert (slots._window(40), slots._window(64), slots._window(65)) == (64, 64, 256)
+        handles = [
+            slots.submit(p, images, sampling=c)
+            for (p, images), c in zip(cases, configs, strict=True)
+        ]
+        for (prompt, images), config, handle in zip(cases, configs, handles, strict=True):
+            assert handle.result(timeout=300) == reference(engine, params, prompt, images, config)

@@ -313,11 +313,46 @@ def _record(state: SlotState, token: Array) -> tuple[SlotState, StepOutput]:
     return state, output
 
 
+def _first_slots(cache: dict[str, Any], window: int) -> dict[str, Any]:
+    """The cache's first `window` token slots (k, v and mask), its write positions kept."""
+    out = {**take_block(cache, jnp.zeros((), jnp.int32), size=window), "index": cache["index"]}
+    out["mask"] = cache["mask"][:, :window]
+    return out
+
+
+def _with_first_slots(cache: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
+    """`cache` with its first token slots replaced by `first`'s (`_first_slots`' shapes)."""
+
+    def put(buffer: Array, new: Array) -> Array:
+        return jax.lax.dynamic_update_slice(buffer, new, (0,) * buffer.ndim)
+
+    out = {name: jax.tree.map(put, cache[name], first[name]) for name in ("k", "v", "mask")}
+    return {**out, "index": first["index"]}
+
+
 def decode_steps(
-    model: Llava, params: Any, state: SlotState, *, steps: int, greedy: bool
+    model: Llava,
+    params: Any,
+    state: SlotState,
+    *,
+    steps: int,
+    greedy: bool,
+    window: int | None = None,
 ) -> tuple[SlotState, StepOutput]:
     """`steps` tokens for every live slot -> (state, outputs with a leading `[steps]` axis).
-    A slot that finishes emits pad (not kept) for the rest of the call."""
+    A slot that finishes emits pad (not kept) for the rest of the call.
+
+    window: the steps attend to and write the first `window` cache slots only (every live
+    slot's write position plus `steps` must fit; the rest of a live row is empty): the
+    attention's cost follows the longest live row, not the cache length. Those slots are
+    copied out once and back once a call."""
+    if window is not None and window < state.cache["mask"].shape[1]:
+        full = state.cache
+        state, out = decode_steps(
+            model, params, state.replace(cache=_first_slots(full, window)), steps=steps,
+            greedy=greedy,
+        )  # fmt: skip
+        return state.replace(cache=constrain_cache(_with_first_slots(full, state.cache))), out
 
     def one(state: SlotState, _: None) -> tuple[SlotState, StepOutput]:
         live = ~state.done

@@ -67,8 +67,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--prefill-chunk",
         type=int,
         default=0,
-        help="--engine slots: prompt tokens prefilled a round, a power of two (0: a whole "
+        help="--engine slots: prompt tokens prefilled in one step, a power of two (0: a whole "
         "prompt), so a long prompt does not stall the running answers",
+    )
+    parser.add_argument(
+        "--prefill-budget",
+        type=int,
+        default=0,
+        help="--engine slots with --prefill-chunk: prompt tokens prefilled a round while "
+        "answers decode, a multiple of --prefill-chunk, the earliest prompt first (default: "
+        "one chunk); more serves more requests, fewer keeps the answers' tokens coming evenly",
     )
     parser.add_argument(
         "--kv-cache-gib",
@@ -125,6 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.prefill_chunk < 0 or args.prefill_chunk & (args.prefill_chunk - 1):
         parser.error(f"--prefill-chunk must be 0 or a power of two, got {args.prefill_chunk}")
+    if args.prefill_budget < 0 or (
+        args.prefill_budget and args.prefill_chunk and args.prefill_budget % args.prefill_chunk
+    ):
+        parser.error(
+            f"--prefill-budget must be a multiple of --prefill-chunk={args.prefill_chunk}, "
+            f"got {args.prefill_budget}"
+        )
     for flag in ("image_cache_gib", "prefix_cache_gib", "kv_cache_gib"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -157,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cache_length=args.slot_cache_length,
                 steps_per_round=args.steps_per_round,
                 prefill_chunk=args.prefill_chunk,
+                prefill_budget=args.prefill_budget,
                 kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
                 image_cache_bytes=int(args.image_cache_gib * (1 << 30)),
                 # the prefix cache's blocks are prefill chunks: none without them

@@ -36,7 +36,8 @@ class SlotBatcher:
     (a `LoadedModel`, on one device or a mesh): at most max_slots rows decoded together, each with
     cache_length KV slots (0: the longest the budget allows, at most the context), as many
     as `kv_cache_bytes` holds (0: `default_kv_cache_bytes`); steps_per_round decode steps
-    between admissions; prefill_chunk prompt tokens prefilled a round (0: whole prompts);
+    between admissions; prefill_chunk: the size of a prefill step (0: whole prompts);
+    prefill_budget: prompt tokens prefilled a round while answers decode (0: one chunk);
     image_cache_bytes, prefix_cache_bytes: images' features and prompt blocks' keys and
     values kept for later requests (0: none)."""
 
@@ -48,6 +49,7 @@ class SlotBatcher:
         cache_length: int = 0,
         steps_per_round: int = 4,
         prefill_chunk: int = 0,
+        prefill_budget: int = 0,
         image_cache_bytes: int = 0,
         prefix_cache_bytes: int = 0,
         kv_cache_bytes: int = 0,
@@ -57,6 +59,7 @@ class SlotBatcher:
         self.image_cache_bytes, self.prefix_cache_bytes = image_cache_bytes, prefix_cache_bytes
         self.max_slots, self.steps_per_round = max_slots, steps_per_round
         self.prefill_chunk, self.cache_length = prefill_chunk, cache_length
+        self.prefill_budget = prefill_budget
         self.engine: SlotEngine | None = None
         self._lock = threading.Lock()
         self.completed = 0  # jobs answered or failed
@@ -88,6 +91,7 @@ class SlotBatcher:
             cache_length=self.cache_length,
             steps_per_round=self.steps_per_round,
             prefill_chunk=self.prefill_chunk,
+            prefill_budget=self.prefill_budget,
             image_cache_bytes=self.image_cache_bytes,
             prefix_cache_bytes=self.prefix_cache_bytes,
             shared=self.model.sampling(),
