@@ -48,7 +48,9 @@ MODELS = {
 VOCAB = 32000
 
 
-def build_model(directory: str, shape: dict):
+def build_model(directory: str, shape: dict, image_size: int = 28, context: int = 2048):
+    """A random LLaVA of `shape` (CLIP of `image_size` px, patch 14: 28 px gives 4 image
+    tokens, 336 px LLaVA-1.5's 576), saved with `save_pretrained`."""
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -63,7 +65,7 @@ def build_model(directory: str, shape: dict):
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
-            image_size=28,
+            image_size=image_size,
             patch_size=14,
         ),
         text_config=LlamaConfig(
@@ -73,7 +75,7 @@ def build_model(directory: str, shape: dict):
             num_hidden_layers=shape["layers"],
             num_attention_heads=shape["heads"],
             num_key_value_heads=shape["kv_heads"],
-            max_position_embeddings=2048,
+            max_position_embeddings=context,
         ),
         image_token_index=VOCAB - 1,
     )

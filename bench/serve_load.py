@@ -1,24 +1,26 @@
 """Benchmark: `python -m llava_jax.serve` under load: continuous batching, batching, and off.
 
 Builds a small random LLaVA (transformers, saved with `save_pretrained`, with a word-level
-tokenizer), starts the server on it five times — `--engine slots --max-slots 8` (continuous
-batching; chunked prefill with its image and prefix caches, without the caches, and with
-whole prompts), `--max-batch 8` (requests arriving together decode as one batch) and
-`--max-batch 1` (batching off) — and each time sends `--requests` chat completions from
-`--clients` concurrent clients (the official `openai` client): prompts of mixed lengths,
-half of them with an image, half streamed, greedy and sampled, `max_tokens` between 17 and
-32. Each workload runs twice untimed first, so compilation is not measured (the servers
-share a compilation cache; a repeated load finds its images and prompts in the slot
-server's caches). Prints requests/s, generated tokens/s, p50/p99 latency, time to first
-token and time per output token (streamed requests: each one's mean gap between its
-tokens), failed requests for each server, and the ratios against batching off. Then a
-LLaVA-Bench-shaped load (6 questions on each of 10 images) with the slot server's caches on
-and off and their hit rates; four streamed answers disturbed by one long prompt (the gaps
-between their tokens, chunked prefill and whole); and open-loop Poisson arrivals at
-`--rates`.
+tokenizer; LLaVA-1.5's image geometry: 336 px, 576 image tokens), starts the server on it
+five times — `--engine slots --max-slots 16` (continuous batching; chunked prefill with its
+image and prefix caches, without the caches, and with whole prompts), `--max-batch 16`
+(requests arriving together decode as one batch) and `--max-batch 1` (batching off) — and
+each time sends `--requests` chat completions from `--clients` concurrent clients (the
+official `openai` client): prompts of mixed lengths (4 to 200 words; half of them with an
+image, so 600 to 850 tokens), half streamed, greedy and sampled, answers of mixed lengths
+(`max_tokens` 16, 32, 64, 128 or 256). Each workload runs twice untimed first, so
+compilation is not measured (the servers share a compilation cache; the warm-ups use other
+prompts and images, so the timed load finds nothing of its own in the slot server's
+caches). Prints requests/s, generated tokens/s, p50/p99 latency, time to first token and
+time per output token (streamed requests: each one's mean gap between its tokens) beside a
+lone request's, failed requests for each server, and the ratios against batching off and
+the batcher. Then a LLaVA-Bench-shaped load (6 questions on each of 10 images, the
+template's system prompt) with the slot server's caches on and off and their hit rates;
+four streamed answers disturbed by one prompt of `--long-words` words (the gaps between
+their tokens, chunked prefill and whole); and open-loop Poisson arrivals at `--rates`.
 
-    python bench/serve_load.py [--requests 64] [--clients 16] [--max-batch 8] [--max-slots 8]
-        [--rates 8,16,32] [--long-words 900]
+    python bench/serve_load.py [--requests 64] [--clients 16] [--max-batch 16] \
+        [--max-slots 16] [--rates 2,4,8] [--long-words 2000]
 """
 
 from __future__ import annotations
@@ -45,13 +47,13 @@ WORDS = 200  # real words; the rest of the vocabulary is fillers
 
 
 def build_model(directory: str) -> None:
-    """A small LLaVA (CLIP 28px, 4 image tokens; LLaMA hidden 256, 4 layers, 32000-token
-    vocabulary, context 2048: bench/generate.py's "quick" shape, ~25M parameters) with a
-    word-level tokenizer of VOCAB ids, `<image>` the last."""
+    """A small LLaVA (CLIP 336 px, 576 image tokens, as LLaVA-1.5; LLaMA hidden 256, 4
+    layers, 32000-token vocabulary, context 4096: bench/generate.py's "quick" shape, ~25M
+    parameters) with a word-level tokenizer of VOCAB ids, `<image>` the last."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    build_llava(directory, GENERATE_MODELS["quick"])  # bench/generate.py's quick model
+    build_llava(directory, GENERATE_MODELS["quick"], image_size=336, context=4096)
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     template_words = "A chat between a curious human and an artificial intelligence assistant ."
     words = [*specials, *dict.fromkeys(f"{template_words} USER : ASSISTANT".split())]
@@ -86,7 +88,7 @@ def image_url(seed: int) -> str:
 
 def workload(count: int, seed: int = 0) -> list[dict]:
     """`count` requests: mixed prompt lengths (4..200 words), half with an image, every
-    other one streamed, a third sampled."""
+    other one streamed, a third sampled, answers of mixed lengths (16..256 tokens)."""
     rng = np.random.default_rng(seed)
     requests = []
     for i in range(count):
@@ -99,7 +101,7 @@ def workload(count: int, seed: int = 0) -> list[dict]:
         requests.append(
             dict(
                 messages=[{"role": "user", "content": content}],
-                max_tokens=int(rng.integers(17, 33)),
+                max_tokens=int(rng.choice([16, 32, 64, 128, 256])),
                 temperature=0.7 if i % 3 == 0 else 0.0,
                 seed=i,
                 stream=i % 2 == 1,
@@ -348,34 +350,56 @@ def table(title: str, results: dict[str, dict]) -> None:
             print(f"  {failure}")
 
 
+def compare(results: dict[str, dict], batch: str) -> None:
+    """Each server's requests/s against batching off, and the slot servers' against the
+    batcher's."""
+    off = results.get("batch 1 (off)")
+    for name, r in results.items() if off else ():
+        print(f"  {name} / off: {r['requests_per_s'] / off['requests_per_s']:.2f}x requests/s")
+    for name in (n for n in results if n.startswith("slots") and batch in results):
+        ratio = results[name]["requests_per_s"] / results[batch]["requests_per_s"]
+        print(f"  {name} / {batch}: {ratio:.2f}x requests/s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--max-slots", type=int, default=8)
-    parser.add_argument("--rates", default="8,16,32", help="open-loop request rates, per s")
-    parser.add_argument("--long-words", type=int, default=900, help="the long prompt's words")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-slots", type=int, default=16)
+    parser.add_argument("--rates", default="2,4,8", help="open-loop request rates, per s")
+    parser.add_argument("--long-words", type=int, default=2000, help="the long prompt's words")
+    parser.add_argument(
+        "--prefill-budget", type=int, default=256, help="the chunked slot servers' --prefill-budget"
+    )
+    parser.add_argument(
+        "--servers", default="", help="only these servers, by name prefix, comma-separated"
+    )
     args = parser.parse_args()
     # Warm-ups compile with loads of other prompts and images, so the timed loads find
     # nothing of theirs in the slot server's caches.
     requests, warm_up = workload(args.requests), workload(args.requests, seed=7)
     shaped, shaped_warm_up = bench_like(), bench_like(images=2, questions=5, seed=8)
-    rates = [float(r) for r in args.rates.split(",")]
+    alone = {**workload(2, seed=9)[1], "max_tokens": 128}  # streamed, greedy, no image
+    rates = [float(r) for r in args.rates.split(",") if r]
     slots = ["--engine", "slots", "--max-slots", str(args.max_slots)]
-    # The longest prompt of the mixed load (200 words, the template, an image: under 256
-    # tokens) and answer; the long prompt's bucket and its one token in the same cache.
-    slots += ["--slot-cache-length", "1088", "--kv-cache-gib", "1"]
+    # The long prompt's bucket (2048) and its one token; the mixed load's longest prompt
+    # (an image, 200 words, the template: bucket 1024) and answer (256) fit as well.
+    slots += ["--slot-cache-length", "2112", "--kv-cache-gib", "1"]
+    chunked = [*slots, "--prefill-chunk", "64", "--prefill-budget", str(args.prefill_budget)]
     servers = {
-        "slots (chunk 64, caches)": [*slots, "--prefill-chunk", "64"],
+        "slots (chunk 64, caches)": chunked,
         "slots (chunk 64, no caches)": [
-            *slots, "--prefill-chunk", "64", "--image-cache-gib", "0", "--prefix-cache-gib", "0",
+            *chunked, "--image-cache-gib", "0", "--prefix-cache-gib", "0",
         ],
         "slots (whole prompts)": slots,
         f"batch {args.max_batch}": ["--max-batch", str(args.max_batch)],
         "batch 1 (off)": ["--max-batch", "1"],
     }  # fmt: skip
-    closed, opened, shaped_runs, hits, disturbed = {}, {}, {}, {}, {}
+    if args.servers:
+        wanted = args.servers.split(",")
+        servers = {n: a for n, a in servers.items() if any(n.startswith(w) for w in wanted)}
+    closed, opened, shaped_runs, hits, disturbed, lone = {}, {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         model_dir = os.path.join(tmp, "model")
         build_model(model_dir)
@@ -386,6 +410,7 @@ def main() -> int:
             try:
                 for _ in range(2):  # warm-up: compiles the shapes the load takes
                     run_load(url, warm_up, args.clients)
+                lone[name] = run_load(url, [alone], clients=1)
                 closed[name] = run_load(url, requests, args.clients)
                 run_load(url, shaped_warm_up, args.clients)  # its shapes, not timed
                 before = scrape(url)
@@ -409,30 +434,33 @@ def main() -> int:
                 process.wait(timeout=30)
                 log.close()
     print(
-        f"{os.cpu_count()} CPUs; the quick model of bench/generate.py; figures after two "
-        "untimed runs of each load"
+        f"{os.cpu_count()} CPUs; the quick model of bench/generate.py at 336 px; figures "
+        "after two untimed runs of each load"
     )
     table(
         f"closed loop: {args.requests} requests from {args.clients} clients (mixed prompt "
-        "lengths, half streamed, half with an image)",
+        "and answer lengths, half streamed, half with an image)",
         closed,
     )
-    off = closed["batch 1 (off)"]
+    compare(closed, f"batch {args.max_batch}")
     for name, r in closed.items():
-        print(f"  {name} / off: {r['requests_per_s'] / off['requests_per_s']:.2f}x requests/s")
-    batch = closed[f"batch {args.max_batch}"]
-    for name in ("slots (chunk 64, caches)", "slots (whole prompts)"):
-        ratio = closed[name]["requests_per_s"] / batch["requests_per_s"]
-        print(f"  {name} / batch: {ratio:.2f}x requests/s")
+        alone_ms = lone[name]["tpot_p50_ms"]
+        print(
+            f"  {name}: a lone request's TPOT {alone_ms:.1f} ms; under load p99 / lone "
+            f"{r['tpot_p99_ms'] / alone_ms:.2f}x"
+        )
     table(f"LLaVA-Bench-shaped: 10 images x 6 questions from {args.clients} clients", shaped_runs)
+    compare(shaped_runs, f"batch {args.max_batch}")
     for name, (image, prefix) in hits.items():
         if not np.isnan(image):
             print(f"  {name}: image cache hit rate {image:.2f}, prefix cache (blocks) {prefix:.2f}")
     cached, uncached = (
-        shaped_runs["slots (chunk 64, caches)"],
-        shaped_runs["slots (chunk 64, no caches)"],
+        shaped_runs.get("slots (chunk 64, caches)"),
+        shaped_runs.get("slots (chunk 64, no caches)"),
     )
-    print(f"  caches on / off: {uncached['seconds'] / cached['seconds']:.2f}x faster end to end")
+    if cached and uncached:
+        ratio = uncached["seconds"] / cached["seconds"]
+        print(f"  caches on / off: {ratio:.2f}x faster end to end")
     print(f"\nfour streamed answers, then a prompt of {args.long_words} words (their token gaps):")
     for name, (alone, with_long) in disturbed.items():
         print(
