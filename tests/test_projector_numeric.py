@@ -5,6 +5,7 @@ GELU) holding the same weights. transformers' LLaVA has only the two-layer proje
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import types
 
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from llava_reference import package_root
+from test_quantize import tiny_config
 
-from llava_jax.models.config import ModelConfig, TextConfig, VisionConfig
 from llava_jax.models.llava import Llava, abstract_params
 
 
@@ -29,24 +30,9 @@ def llava_build_vision_projector():
     return module.build_vision_projector
 
 
-def mlp3x_config() -> ModelConfig:
-    return ModelConfig(
-        vision=VisionConfig(
-            hidden_size=48, intermediate_size=64, num_layers=2, num_heads=4, image_size=28,
-            patch_size=14,
-        ),
-        text=TextConfig(
-            vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-            num_kv_heads=2, max_position_embeddings=128,
-        ),
-        image_token_id=95,
-        projector="mlp3x_gelu",
-    )  # fmt: skip
-
-
 @pytest.mark.timeout(120)
 def test_mlp3x_gelu_projector_equals_llavas():
-    config = mlp3x_config()
+    config = dataclasses.replace(tiny_config(), projector="mlp3x_gelu")  # test_quantize's
     rng = np.random.default_rng(0)
 
     # Weights of 1/sqrt(inputs) and biases of 0.5: every GELU's inputs spread over about
