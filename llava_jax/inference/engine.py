@@ -183,12 +183,13 @@ class Engine:
         replicated = NamedSharding(self.mesh, P())
         return jax.tree.map(lambda value: global_array(value, replicated), tree)
 
-    def _tracing(self):
-        """Context for calls that may trace: the mesh and the logical axis rules."""
+    def _tracing(self, rules: Rules | None = None):
+        """Context for calls that may trace: the mesh and the logical axis rules (the
+        engine's, or `rules`)."""
         stack = contextlib.ExitStack()
         if self.mesh is not None:
             stack.enter_context(jax.set_mesh(self.mesh))
-            stack.enter_context(nn.logical_axis_rules(self.rules))
+            stack.enter_context(nn.logical_axis_rules(self.rules if rules is None else rules))
         return stack
 
     # --- host side ------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from llava_jax.inference import slots as slot_programs
 from llava_jax.inference.cache_keys import block_keys, image_key
@@ -221,13 +220,12 @@ class SlotEngine:
     def _program(self, fn: Callable, *, rules: Any, **jit_options: Any) -> Callable:
         """`fn` jitted, traced and run on the engine's mesh under `rules` (no mesh: as is)."""
         jitted = jax.jit(fn, **jit_options)
-        mesh = self.engine.mesh
-        if mesh is None:
+        if self.engine.mesh is None:
             return jitted
 
         @functools.wraps(fn)
         def on_mesh(*args: Any, **kwargs: Any) -> Any:
-            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            with self.engine._tracing(rules):
                 return jitted(*args, **kwargs)
 
         return on_mesh
@@ -271,10 +269,10 @@ class SlotEngine:
                 f"the prompt's length bucket {bucket} is not a multiple of "
                 f"prefill_chunk={self.prefill_chunk}"
             )
-        needed = fields["input_ids"].shape[1] + sampling.max_new_tokens
+        needed = bucket + sampling.max_new_tokens
         if needed > self.cache_length:
             raise ValueError(
-                f"the prompt ({len(prompt)} tokens, bucket {fields['input_ids'].shape[1]}) and "
+                f"the prompt ({len(prompt)} tokens, bucket {bucket}) and "
                 f"max_new_tokens={sampling.max_new_tokens} need {needed} cache slots, more "
                 f"than cache_length={self.cache_length}"
             )
@@ -515,7 +513,6 @@ class SlotEngine:
         for prefilling in list(self._prefilling):
             length = prefilling.attention_mask.shape[1]
             size = min(self.prefill_chunk or length, length)
-            logits = None
             while prefilling.done < length:
                 if self.prefill_chunk and decoding and spent + size > self.prefill_budget:
                     return  # the round's budget is spent: the decode steps come first

@@ -178,20 +178,18 @@ def _length_axis(name: str) -> int:
 
 
 def take_block(cache: dict[str, Any], offset: Array, *, size: int) -> dict[str, Any]:
-    """The keys and values of cache slots `offset .. offset + size` of a one-row cache (a
-    prompt block, to keep in the prefix cache): `{'k', 'v'}` shaped like the cache's, with
-    `size` slots."""
-    block = {}
-    for name in ("k", "v"):
-        axis, buffers = _length_axis(name), cache[name]
+    """The keys and values of cache slots `offset .. offset + size` (a prompt block of a
+    one-row cache, to keep in the prefix cache; a decode window): `{'k', 'v'}` shaped like
+    the cache's (stacked or one buffer a layer), with `size` slots."""
 
-        def cut(buffer: Array, axis: int = axis) -> Array:
-            return jax.lax.dynamic_slice_in_dim(buffer, offset, size, axis=axis % buffer.ndim)
-
-        block[name] = (
-            tuple(map(cut, buffers)) if isinstance(buffers, (tuple, list)) else cut(buffers)
+    def cut(name: str) -> Any:
+        axis = _length_axis(name)
+        return jax.tree.map(
+            lambda b: jax.lax.dynamic_slice_in_dim(b, offset, size, axis=axis % b.ndim),
+            cache[name],
         )
-    return block
+
+    return {name: cut(name) for name in ("k", "v")}
 
 
 def place_block(cache: dict[str, Any], block: dict[str, Any], offset: Array) -> dict[str, Any]:
@@ -199,18 +197,15 @@ def place_block(cache: dict[str, Any], block: dict[str, Any], offset: Array) -> 
     marked as real tokens (the prompt's first blocks, reused instead of prefilled)."""
     out = dict(cache)
     for name in ("k", "v"):
-        axis, buffers = _length_axis(name), cache[name]
+        axis = _length_axis(name)
 
         def put(buffer: Array, new: Array, axis: int = axis) -> Array:
             start = [jnp.zeros((), jnp.int32)] * buffer.ndim
             start[axis % buffer.ndim] = offset
             return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), tuple(start))
 
-        if isinstance(buffers, (tuple, list)):
-            out[name] = tuple(map(put, buffers, block[name]))
-        else:
-            out[name] = put(buffers, block[name])
-    size = block["k"][0].shape[-1] if isinstance(block["k"], tuple) else block["k"].shape[-1]
+        out[name] = jax.tree.map(put, cache[name], block[name])
+    size = jax.tree.leaves(block["k"])[0].shape[-1]
     ones = jnp.ones((1, size), cache["mask"].dtype)
     out["mask"] = jax.lax.dynamic_update_slice(cache["mask"], ones, (0, offset))
     return out
