@@ -404,3 +404,24 @@ def test_max_image_pixels_must_be_positive(capsys):
         main(["--checkpoint", "unused", "--max-image-pixels", "0"])
     assert exit_.value.code == 2
     assert "--max-image-pixels must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--prefill-chunk", "48"], "--prefill-chunk must be 0 or a power of two, got 48"),
+        (
+            ["--prefill-chunk", "64", "--prefill-budget", "100"],
+            "--prefill-budget must be a multiple of --prefill-chunk=64, got 100",
+        ),
+        (["--prefill-budget", "-1"], "--prefill-budget must be >= 0, got -1"),
+    ],
+)
+def test_slot_prefill_flags_are_checked_before_loading(flags, message, capsys):
+    from llava_jax.serve.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", "unused", "--engine", "slots", *flags])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

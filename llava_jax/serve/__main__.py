@@ -133,9 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.prefill_chunk < 0 or args.prefill_chunk & (args.prefill_chunk - 1):
         parser.error(f"--prefill-chunk must be 0 or a power of two, got {args.prefill_chunk}")
-    if args.prefill_budget < 0 or (
-        args.prefill_budget and args.prefill_chunk and args.prefill_budget % args.prefill_chunk
-    ):
+    if args.prefill_budget < 0:
+        parser.error(f"--prefill-budget must be >= 0, got {args.prefill_budget}")
+    if args.prefill_budget and args.prefill_chunk and args.prefill_budget % args.prefill_chunk:
         parser.error(
             f"--prefill-budget must be a multiple of --prefill-chunk={args.prefill_chunk}, "
             f"got {args.prefill_budget}"
