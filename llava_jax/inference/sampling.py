@@ -178,6 +178,42 @@ def argmax_last(logits: Array) -> Array:
     return jnp.min(jnp.where(is_top, position, logits.shape[-1]), axis=-1)
 
 
+_DRAW_BLOCK = 128  # tokens summed together in `draw_by_uniform`'s first level
+
+
+def draw_by_uniform(logits: Array, uniforms: Array) -> Array:
+    """A token int32[B] drawn from `softmax(logits: float32[B, V])` by one uniform number in
+    [0, 1) a row (`uniforms: float32[B]`): the first token whose running probability passes
+    it (inverse transform sampling). Two levels: the running sums of blocks of 128 tokens
+    pick a block, the block's own tokens the token, so nothing runs sequentially over the
+    vocabulary. A token of probability 0 (`-inf`) is never drawn, even where rounding puts
+    the uniform past the last sum. (Gumbel-max, `jax.random.categorical`, draws a random
+    number per token: 13 ms of a 16-row decode step over 32000 tokens on a 2-core CPU,
+    against 0.4 ms for this.)"""
+    batch, vocab = logits.shape
+    blocks = -(-vocab // _DRAW_BLOCK)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    # exp(l - top); a +inf logit (top itself) weighs 1, not inf - inf.
+    weights = jnp.where(logits == top, 1.0, jnp.exp(logits - top))
+    weights = jnp.pad(weights, ((0, 0), (0, blocks * _DRAW_BLOCK - vocab)))
+    weights = weights.reshape(batch, blocks, _DRAW_BLOCK)
+    block_sums = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)  # [B, blocks]
+    target = uniforms.astype(jnp.float32) * block_sums[:, -1]
+
+    def passed(running: Array, positive: Array) -> Array:
+        """The first index whose running sum exceeds the target, at most the last one
+        holding any weight."""
+        last = jnp.max(jnp.where(positive, jnp.arange(positive.shape[-1]), 0), axis=-1)
+        return jnp.minimum(jnp.sum(running <= target[:, None], axis=-1), last)
+
+    block = passed(block_sums, jnp.sum(weights, axis=-1) > 0)
+    before = jnp.take_along_axis(block_sums, jnp.maximum(block - 1, 0)[:, None], axis=-1)
+    before = jnp.where(block[:, None] > 0, before, 0.0)
+    inner = jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0]  # [B, 128]
+    within = passed(before + jnp.cumsum(inner, axis=-1), inner > 0)
+    return (block * _DRAW_BLOCK + within).astype(jnp.int32)
+
+
 def select_tokens(logits: Array, sampling: SamplingParams, step: Array, greedy: bool) -> Array:
     """Next tokens int32[B] from `logits: float32[B, V]`; the key is folded with `step`
     (int32[], or int32[B] with per-row seeds: each row's own token count)."""
@@ -199,13 +235,13 @@ def select_tokens(logits: Array, sampling: SamplingParams, step: Array, greedy: 
     )
     if jnp.ndim(sampling.seed) == 0:  # one key for the batch
         key = jax.random.fold_in(jax.random.key(sampling.seed), step)
-        drawn = jax.random.categorical(key, filtered, axis=-1)
+        uniforms = jax.random.uniform(key, logits.shape[:1])
     else:  # a key per row: a row draws the same tokens in any batch
 
-        def draw(seed: Array, row_step: Array, row: Array) -> Array:
-            key = jax.random.fold_in(jax.random.key(seed), row_step)
-            return jax.random.categorical(key, row)
+        def uniform(seed: Array, row_step: Array) -> Array:
+            return jax.random.uniform(jax.random.fold_in(jax.random.key(seed), row_step))
 
         steps = jnp.broadcast_to(step, jnp.shape(sampling.seed))  # [B]: each row its own
-        drawn = jax.vmap(draw)(sampling.seed, steps, filtered)
+        uniforms = jax.vmap(uniform)(sampling.seed, steps)
+    drawn = draw_by_uniform(filtered, uniforms)
     return jnp.where(greedy_rows, argmax, drawn.astype(jnp.int32))
