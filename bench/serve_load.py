@@ -8,7 +8,7 @@ image and prefix caches, without the caches, and with whole prompts), `--max-bat
 each time sends `--requests` chat completions from `--clients` concurrent clients (the
 official `openai` client): prompts of mixed lengths (4 to 200 words; half of them with an
 image, so 600 to 850 tokens), half streamed, greedy and sampled, answers of mixed lengths
-(`max_tokens` 16, 32, 64, 128 or 256). Each workload runs twice untimed first, so
+(`max_tokens` 16, 32, 64, 128 or 256). Each workload runs twice (`--warm-ups`) untimed first, so
 compilation is not measured (the servers share a compilation cache; the warm-ups use other
 prompts and images, so the timed load finds nothing of its own in the slot server's
 caches). Prints requests/s, generated tokens/s, p50/p99 latency, time to first token and
@@ -20,7 +20,7 @@ four streamed answers disturbed by one prompt of `--long-words` words (the gaps 
 their tokens, chunked prefill and whole); and open-loop Poisson arrivals at `--rates`.
 
     python bench/serve_load.py [--requests 64] [--clients 16] [--max-batch 16] \
-        [--max-slots 16] [--rates 2,4,8] [--long-words 2000]
+        [--max-slots 16] [--rates 2,4,8] [--long-words 2000] [--model quick|default]
 """
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = 200  # real words; the rest of the vocabulary is fillers
 
 
-def build_model(directory: str) -> None:
-    """A small LLaVA (CLIP 336 px, 576 image tokens, as LLaVA-1.5; LLaMA hidden 256, 4
-    layers, 32000-token vocabulary, context 4096: bench/generate.py's "quick" shape, ~25M
-    parameters) with a word-level tokenizer of VOCAB ids, `<image>` the last."""
+def build_model(directory: str, shape: str = "quick") -> None:
+    """A small LLaVA (CLIP 336 px, 576 image tokens, as LLaVA-1.5; a LLaMA of
+    bench/generate.py's `shape`: "quick", hidden 256 x 4 layers, ~25M parameters, or
+    "default", hidden 768 x 8 layers, ~100M; 32000-token vocabulary, context 4096) with a
+    word-level tokenizer of VOCAB ids, `<image>` the last."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    build_llava(directory, GENERATE_MODELS["quick"], image_size=336, context=4096)
+    build_llava(directory, GENERATE_MODELS[shape], image_size=336, context=4096)
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     template_words = "A chat between a curious human and an artificial intelligence assistant ."
     words = [*specials, *dict.fromkeys(f"{template_words} USER : ASSISTANT".split())]
@@ -373,6 +374,15 @@ def main() -> int:
         "--prefill-budget", type=int, default=256, help="the chunked slot servers' --prefill-budget"
     )
     parser.add_argument(
+        "--warm-ups", type=int, default=2, help="untimed runs of the mixed load first"
+    )
+    parser.add_argument(
+        "--model",
+        choices=sorted(GENERATE_MODELS),
+        default="quick",
+        help="the decoder's shape (bench/generate.py): quick ~25M parameters, default ~100M",
+    )
+    parser.add_argument(
         "--servers", default="", help="only these servers, by name prefix, comma-separated"
     )
     args = parser.parse_args()
@@ -402,13 +412,13 @@ def main() -> int:
     closed, opened, shaped_runs, hits, disturbed, lone = {}, {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         model_dir = os.path.join(tmp, "model")
-        build_model(model_dir)
+        build_model(model_dir, args.model)
         cache = os.path.join(tmp, "xla_cache")
         for i, (name, server_args) in enumerate(servers.items()):
             log_path = os.path.join(tmp, f"serve_{i}.log")
             process, log, url = start_server(model_dir, server_args, cache, log_path)
             try:
-                for _ in range(2):  # warm-up: compiles the shapes the load takes
+                for _ in range(args.warm_ups):  # compiles the shapes the load takes
                     run_load(url, warm_up, args.clients)
                 lone[name] = run_load(url, [alone], clients=1)
                 closed[name] = run_load(url, requests, args.clients)
@@ -434,7 +444,7 @@ def main() -> int:
                 process.wait(timeout=30)
                 log.close()
     print(
-        f"{os.cpu_count()} CPUs; the quick model of bench/generate.py at 336 px; figures "
+        f"{os.cpu_count()} CPUs; the {args.model} model of bench/generate.py at 336 px; figures "
         "after two untimed runs of each load"
     )
     table(

@@ -458,36 +458,55 @@ def test_slots_on_a_mesh_answer_as_on_one_device(setup):
         assert tuple(keys.sharding.spec)[:3] == (None, ("data", "fsdp"), "tensor")
         # A device's budget: what one device holds of the slots' keys and values (a data
         # shard's slot, half its kv heads); a byte less holds no slot in every data shard.
+        # The state holds 64 of its 96 cache slots until a row needs more.
         per_device = device_bytes((slots.state.cache["k"], slots.state.cache["v"]))
         per_token = kv_bytes_per_token(config, on_mesh.cache_dtype)
-        assert per_device * 4 * 2 == 4 * 96 * per_token and kv_split(config, mesh) == (4, 2)
-        assert slot_layout(per_token, per_device * 8, 8, 96, 256, slot_multiple=4) == (4, 96)
+        assert slots.state.cache["mask"].shape[1] == 64
+        assert per_device * 4 * 2 == 4 * 64 * per_token and kv_split(config, mesh) == (4, 2)
+        full = per_device * 96 // 64
+        assert slot_layout(per_token, full * 8, 8, 96, 256, slot_multiple=4) == (4, 96)
         with pytest.raises(ValueError, match="does not hold 4 slots .one a data shard. of 96"):
-            slot_layout(per_token, per_device * 8 - 1, 8, 96, 256, slot_multiple=4)
+            slot_layout(per_token, full * 8 - 1, 8, 96, 256, slot_multiple=4)
         assert not slots.params["llm"]["layers"]["attn"]["query"][
             "kernel"
         ].sharding.is_fully_replicated
         handles = [slots.submit(p, images, sampling=GREEDY) for p, images in cases]
         for (prompt, images), handle in zip(cases, handles, strict=True):
             assert handle.result(timeout=300) == reference(engine, params, prompt, images, GREEDY)
+        keys = slots.state.cache["k"]  # grown to the longest rows, split as before
+        assert keys.shape[-1] == 96
+        assert tuple(keys.sharding.spec)[:3] == (None, ("data", "fsdp"), "tensor")
         prompt, images = cases[4][0][:-3], cases[4][1]  # its image and first 3 blocks again
         answer = slots.submit(prompt, images, sampling=GREEDY).result(timeout=300)
         assert answer == reference(engine, params, prompt, images, GREEDY)
         assert slots.image_cache.hits == 1 and slots.prefix_cache.hits == 3
 
 
-def test_short_rows_decode_over_a_window_of_the_cache_alike(setup):
-    """A cache of 256 slots: while every live row fits 64 slots, the decode steps attend to
-    those alone (copied out and back); a row growing past them takes the whole cache again.
-    Answers short and long, admitted together, equal `Engine.generate`'s."""
+def test_the_state_grows_and_shrinks_with_its_rows_alike(setup):
+    """A cache of 256 slots (granule 64): the state starts at 64 cache slots and grows as
+    rows need more. Two slots: a long answer in one; in the other a 60-token answer, then a
+    50-token one that is still decoding when the long one ends, so the state shrinks under
+    it (its keys kept) and grows again. Every answer equals `Engine.generate`'s."""
     _, _, params, engine = setup
-    cases = [request(180 + i, 9 + 6 * i, with_image=i == 1) for i in range(3)]
-    configs = [SamplingConfig(max_new_tokens=n, pad_token_id=PAD) for n in (6, 12, 60)]
-    with SlotEngine(engine, params, max_slots=2, cache_length=256, steps_per_round=3) as slots:
-        assert (slots._window(40), slots._window(64), slots._window(65)) == (64, 64, 256)
+    cases = [request(180 + i, length, with_image=False) for i, length in enumerate((20, 9, 12))]
+    configs = [SamplingConfig(max_new_tokens=n, pad_token_id=PAD) for n in (100, 60, 50)]
+    with SlotEngine(engine, params, max_slots=2, cache_length=256, steps_per_round=8) as slots:
+        assert (slots._granule, slots.state.cache["mask"].shape[1]) == (64, 64)
+        lengths = []
+        resize = slots._resize
+
+        def recorded(state, *, length):
+            lengths.append(length)
+            return resize(state, length=length)
+
+        slots._resize = recorded
         handles = [
             slots.submit(p, images, sampling=c)
             for (p, images), c in zip(cases, configs, strict=True)
         ]
         for (prompt, images), config, handle in zip(cases, configs, handles, strict=True):
             assert handle.result(timeout=300) == reference(engine, params, prompt, images, config)
+        # The long answer (a 32-slot bucket and 100 tokens) took the state to 192 slots; the
+        # last answer, at about 60 slots when it ended, shrank it to 64, then grew it again.
+        assert lengths[: lengths.index(192) + 1] == [128, 192], lengths
+        assert lengths[lengths.index(192) :] == [192, 64, 128], lengths

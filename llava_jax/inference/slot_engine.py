@@ -114,7 +114,8 @@ class SlotEngine:
     engine: an `Engine`, with or without a mesh (its model, length buckets, checks and
     placement; max_slots must be a multiple of its mesh's data-parallel size); params: its
     parameters; max_slots: rows decoded together; cache_length: the KV slots of a row (a
-    request's prompt bucket plus its max_new_tokens must fit); steps_per_round: decode
+    request's prompt bucket plus its max_new_tokens must fit; the state holds fewer while
+    its rows need fewer, `_fit`); steps_per_round: decode
     steps between admissions; prefill_chunk: the size of a prefill step (0: a whole prompt;
     otherwise a power of two, so a long prompt is prefilled in chunks, between the others'
     decode steps); prefill_budget: the prompt tokens prefilled in a round while answers
@@ -173,8 +174,15 @@ class SlotEngine:
         # heads over `tensor`); one-row programs (a prompt, an image) the batch axis unsplit.
         all_slots = functools.partial(self._program, rules=engine.rules)
         one_row = functools.partial(self._program, rules=_unsplit_batch(engine.rules))
+        # The state holds as many cache slots as its longest live row needs, in steps of
+        # `_granule` (a multiple of 64, at most 8 steps to cache_length): the decode steps'
+        # attention reads all of them.
+        self._granule = 64 * -(-cache_length // (8 * 64))
+        self._capacity = min(cache_length, self._granule)
         init = all_slots(
-            functools.partial(slot_programs.init_slots, model, max_slots, cache_length, cache_dtype)
+            functools.partial(
+                slot_programs.init_slots, model, max_slots, self._capacity, cache_dtype
+            )
         )
         self.state = init(self._shared_params)
         self._embed = one_row(functools.partial(slot_programs.embed_prompt, model))
@@ -202,13 +210,14 @@ class SlotEngine:
         self._insert = all_slots(slot_programs.insert, donate_argnums=0)
         self._decode = all_slots(
             functools.partial(slot_programs.decode_steps, model),
-            static_argnames=("steps", "greedy", "window"),
+            static_argnames=("steps", "greedy"),
             donate_argnums=1,
         )
+        self._resize = all_slots(slot_programs.resize, static_argnames="length")
         self._evict = all_slots(slot_programs.evict, donate_argnums=0)
         self._slots: list[SlotRequest | None] = [None] * max_slots
         # At least each slot's write position (its prompt bucket, then a round's steps more),
-        # which sets how many cache slots a round's decode steps attend to.
+        # which sets how many cache slots the state needs.
         self._positions = [0] * max_slots
         self._prefilling: list[_Prefilling] = []  # admitted, their prompts being prefilled
         self._waiting: collections.deque[SlotRequest] = collections.deque()
@@ -378,9 +387,9 @@ class SlotEngine:
             return
         greedy = all(r is None or r.sampling.greedy for r in self._slots)
         live = [slot for slot, r in enumerate(self._slots) if r is not None]
-        window = self._window(max(self._positions[slot] for slot in live) + self.steps_per_round)
+        self._fit(max(self._positions[slot] for slot in live) + self.steps_per_round)
         self.state, out = self._decode(
-            self.params, self.state, steps=self.steps_per_round, greedy=greedy, window=window
+            self.params, self.state, steps=self.steps_per_round, greedy=greedy
         )
         for slot in live:
             self._positions[slot] += self.steps_per_round
@@ -396,14 +405,15 @@ class SlotEngine:
                 if self._slots[slot] is None:
                     break
 
-    def _window(self, needed: int) -> int:
-        """The cache slots a round's decode steps attend to: the least power of two from 64
-        holding `needed` where it is at most a quarter of the cache, else the whole cache (a
-        program for each). Its slots are copied out and back once a round: measured on a
-        2-core CPU, 16 slots of 2112, a step took 6.1 ms over 256 slots, 11.0 over 512,
-        17.6 over 1024 and 11.7-14.9 over the whole cache."""
-        window = max(64, 1 << (needed - 1).bit_length())
-        return window if 4 * window <= self.cache_length else self.cache_length
+    def _fit(self, needed: int) -> None:
+        """Resize the state to the least multiple of the granule holding `needed` cache slots
+        (at most cache_length): grown when a row needs more, shrunk once it holds two
+        granules more than its rows need (a copy of the state either way). Measured on a
+        2-core CPU, 16 slots: a decode step took 9.7 ms over 1280 slots, 12.8 over 2112."""
+        target = min(self.cache_length, -(-needed // self._granule) * self._granule)
+        if target > self._capacity or target <= self._capacity - 2 * self._granule:
+            self.state = self._resize(self.state, length=target)
+            self._capacity = target
 
     def _start_prefill(self, request: SlotRequest, slot: int) -> _Prefilling:
         """`request` takes `slot`: its prompt embedded (its images through the vision
@@ -536,9 +546,12 @@ class SlotEngine:
             self._enter(request, prefilling.slot, ready)
 
     def _enter(self, request: SlotRequest, slot: int, ready: Any) -> None:
+        bucket = ready.cache["mask"].shape[1]
+        live = [self._positions[s] for s, r in enumerate(self._slots) if r is not None]
+        self._fit(max([bucket, *live]) + self.steps_per_round)
         self.state, out = self._insert(self.state, ready, np.int32(slot))
         self._slots[slot] = request
-        self._positions[slot] = ready.cache["mask"].shape[1]  # its prompt bucket
+        self._positions[slot] = bucket
         token, kept, finished, reason = jax.device_get(
             (out.token[slot], out.kept[slot], out.finished[slot], out.reason[slot])
         )

@@ -179,7 +179,7 @@ def _length_axis(name: str) -> int:
 
 def take_block(cache: dict[str, Any], offset: Array, *, size: int) -> dict[str, Any]:
     """The keys and values of cache slots `offset .. offset + size` (a prompt block of a
-    one-row cache, to keep in the prefix cache; a decode window): `{'k', 'v'}` shaped like
+    one-row cache, to keep in the prefix cache): `{'k', 'v'}` shaped like
     the cache's (stacked or one buffer a layer), with `size` slots."""
 
     def cut(name: str) -> Any:
@@ -308,21 +308,28 @@ def _record(state: SlotState, token: Array) -> tuple[SlotState, StepOutput]:
     return state, output
 
 
-def _first_slots(cache: dict[str, Any], window: int) -> dict[str, Any]:
-    """The cache's first `window` token slots (k, v and mask), its write positions kept."""
-    out = {**take_block(cache, jnp.zeros((), jnp.int32), size=window), "index": cache["index"]}
-    out["mask"] = cache["mask"][:, :window]
-    return out
+def resize(state: SlotState, *, length: int) -> SlotState:
+    """The slots with `length` cache slots each: the first `length` kept (shrinking: every
+    live row's keys lie before it) or the new ones empty and masked (growing). The decode
+    steps' attention reads every slot of the cache, so a state as long as its longest live
+    row needs costs the least."""
 
+    def fit(buffer: Array, axis: int) -> Array:
+        axis %= buffer.ndim
+        if length <= buffer.shape[axis]:
+            return jax.lax.slice_in_dim(buffer, 0, length, axis=axis)
+        widths = [(0, 0)] * buffer.ndim
+        widths[axis] = (0, length - buffer.shape[axis])
+        return jnp.pad(buffer, widths)
 
-def _with_first_slots(cache: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
-    """`cache` with its first token slots replaced by `first`'s (`_first_slots`' shapes)."""
-
-    def put(buffer: Array, new: Array) -> Array:
-        return jax.lax.dynamic_update_slice(buffer, new, (0,) * buffer.ndim)
-
-    out = {name: jax.tree.map(put, cache[name], first[name]) for name in ("k", "v", "mask")}
-    return {**out, "index": first["index"]}
+    cache = state.cache
+    out = {
+        name: jax.tree.map(lambda b, n=name: fit(b, _length_axis(n)), cache[name])
+        for name in ("k", "v")
+    }
+    out["mask"] = fit(cache["mask"], -1)
+    out["index"] = cache["index"]
+    return state.replace(cache=constrain_cache(out))
 
 
 def decode_steps(
@@ -332,22 +339,10 @@ def decode_steps(
     *,
     steps: int,
     greedy: bool,
-    window: int | None = None,
 ) -> tuple[SlotState, StepOutput]:
     """`steps` tokens for every live slot -> (state, outputs with a leading `[steps]` axis).
-    A slot that finishes emits pad (not kept) for the rest of the call.
-
-    window: the steps attend to and write the first `window` cache slots only (every live
-    slot's write position plus `steps` must fit; the rest of a live row is empty): the
-    attention's cost follows the longest live row, not the cache length. Those slots are
-    copied out once and back once a call."""
-    if window is not None and window < state.cache["mask"].shape[1]:
-        full = state.cache
-        state, out = decode_steps(
-            model, params, state.replace(cache=_first_slots(full, window)), steps=steps,
-            greedy=greedy,
-        )  # fmt: skip
-        return state.replace(cache=constrain_cache(_with_first_slots(full, state.cache))), out
+    A slot that finishes emits pad (not kept) for the rest of the call; every live slot's
+    write position plus `steps` must fit the cache (`resize`)."""
 
     def one(state: SlotState, _: None) -> tuple[SlotState, StepOutput]:
         live = ~state.done
