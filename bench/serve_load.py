@@ -445,7 +445,7 @@ def main() -> int:
                 log.close()
     print(
         f"{os.cpu_count()} CPUs; the {args.model} model of bench/generate.py at 336 px; figures "
-        "after two untimed runs of each load"
+        f"after {args.warm_ups} untimed runs of the mixed load"
     )
     table(
         f"closed loop: {args.requests} requests from {args.clients} clients (mixed prompt "

@@ -284,22 +284,30 @@ def test_argmax_last_is_numpy_s_argmax_with_ties_infinities_and_nans():
     np.testing.assert_array_equal(np.asarray(argmax_last(jnp.asarray(logits))), logits.argmax(-1))
 
 
-def test_sampled_frequencies_follow_the_tempered_distribution():
-    logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
-    temperature = 0.5
-    sampling = SamplingParams(
-        temperature=jnp.float32(temperature),
-        top_k=jnp.int32(0),
-        top_p=jnp.float32(1.0),
-        seed=jnp.uint32(0),
+def sampling_params(temperature, top_k, top_p, seed, suppress=None) -> SamplingParams:
+    """Traced sampling settings for `select_tokens` alone: no eos, no stop sequences, one
+    token at most; `suppress`: a token never drawn."""
+    return SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
         pad=jnp.int32(0),
         max_new=jnp.int32(1),
         eos=jnp.zeros(4, jnp.int32),
         eos_valid=jnp.zeros(4, bool),
         stop=jnp.zeros((4, 1), jnp.int32),
         stop_valid=jnp.zeros((4, 1), bool),
-        suppress=jnp.int32(0),
-        suppress_valid=jnp.bool_(False),
+        suppress=jnp.int32(suppress or 0),
+        suppress_valid=jnp.bool_(suppress is not None),
+    )
+
+
+def test_sampled_frequencies_follow_the_tempered_distribution():
+    logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
+    temperature = 0.5
+    sampling = sampling_params(
+        jnp.float32(temperature), jnp.int32(0), jnp.float32(1.0), jnp.uint32(0)
     )
     rows = jnp.broadcast_to(logits, (20000, 4))  # one draw per row
     draws = select_tokens(rows, sampling, jnp.int32(3), greedy=False)
@@ -345,19 +353,9 @@ def test_sampled_frequencies_follow_the_distribution_per_row_keys(with_top_k):
     logits = rng.normal(0, 1.5, (rows, vocab)).astype(np.float32)
     temperature = np.asarray([0.7, 1.0, 1.3, 1.0], np.float32)
     top_k = np.asarray([0, 0, 0, 5 if with_top_k else 0], np.int32)
-    sampling = SamplingParams(
-        temperature=jnp.asarray(temperature),
-        top_k=jnp.asarray(top_k),
-        top_p=jnp.ones(rows, jnp.float32),
-        seed=jnp.arange(rows, dtype=jnp.uint32) + 11,
-        pad=jnp.int32(0),
-        max_new=jnp.int32(1),
-        eos=jnp.zeros(4, jnp.int32),
-        eos_valid=jnp.zeros(4, bool),
-        stop=jnp.zeros((4, 1), jnp.int32),
-        stop_valid=jnp.zeros((4, 1), bool),
-        suppress=jnp.int32(7),
-        suppress_valid=jnp.bool_(True),
+    seeds = jnp.arange(rows, dtype=jnp.uint32) + 11
+    sampling = sampling_params(
+        jnp.asarray(temperature), jnp.asarray(top_k), jnp.ones(rows), seeds, suppress=7
     )
     draw = jax.jit(
         jax.vmap(lambda step: select_tokens(jnp.asarray(logits), sampling, step, greedy=False))

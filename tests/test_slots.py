@@ -410,6 +410,32 @@ def test_the_prefix_cache_reuses_a_shared_start_and_keeps_answers(setup):
         assert hits == [0, 2, 2, 0]
 
 
+def test_prompts_admitted_together_prefill_a_shared_start_once(setup):
+    """Three questions about one image, admitted in the same round: the first prefills the
+    shared start (two blocks of 16) and keeps it; the others, looked up when their turn to
+    prefill comes, reuse both blocks (at admission nothing was kept yet). Answers equal
+    `Engine.generate`'s."""
+    _, _, params, engine = setup
+    rng = np.random.default_rng(161)
+    per_image = image_tokens_per_image(tiny_hf_config())
+    shared = np.concatenate(
+        [[1], np.full(per_image, IMAGE_TOKEN), rng.integers(2, IMAGE_TOKEN, 35 - 1 - per_image)]
+    ).astype(np.int32)
+    picture = rng.standard_normal((1, 1, 1, 28, 28, 3)).astype(np.float32)
+    prompts = [np.concatenate([shared, rng.integers(2, IMAGE_TOKEN, n)]) for n in (6, 13, 21)]
+    with SlotEngine(
+        engine, params, max_slots=3, cache_length=96, prefill_chunk=16, prefix_cache_bytes=1 << 22
+    ) as slots:
+        with slots._wake:  # held: the scheduler admits all three in one round
+            handles = [slots.submit(p.astype(np.int32), picture, sampling=GREEDY) for p in prompts]
+        for prompt, handle in zip(prompts, handles, strict=True):
+            expected = reference(engine, params, prompt.astype(np.int32), picture, GREEDY)
+            assert handle.result(timeout=300) == expected
+        # Hits: two blocks each for the second and third; misses: the first's first block,
+        # and the third's third block (its own tokens, kept by no one).
+        assert (slots.prefix_cache.hits, slots.prefix_cache.misses) == (4, 2)
+
+
 def test_the_kv_budget_sets_the_slots_and_their_length(setup):
     """A token's bytes equal what the slot state's cache holds per token; a budget holds
     as many slots of a given length as fit, or `max_slots` of the longest length that fits

@@ -433,22 +433,22 @@ class SlotEngine:
             embeddings = self._embed(self.params, batch)
         else:
             embeddings = self._embed_with_cached_images(fields)
-        prefilling = _Prefilling(
+        return _Prefilling(
             request=request,
             slot=slot,
             embeddings=embeddings,
             attention_mask=fields["attention_mask"],
             cache=self._prefill_cache(length),
         )
-        if self.prefill_chunk:
-            self._reuse_prefix(prefilling)
-        return prefilling
 
     def _reuse_prefix(self, prefilling: _Prefilling) -> None:
         """The prompt's longest run of first blocks the prefix cache holds goes into its
         prefill cache; prefilling starts after them, at the first chunk holding a token of
         the rest (the chunks before would be padding), the reused and padding slots masked.
-        With no prefix cache, only the padding chunks are skipped."""
+        With no prefix cache, only the padding chunks are skipped. Called when the prompt's
+        prefill starts, not when it is admitted: a prompt admitted beside an earlier one
+        that starts the same way (another question about the same image) finds the blocks
+        that one kept when it finished, prefilled once."""
         fields, block = prefilling.request.batch, self.prefill_chunk
         bucket = fields["input_ids"].shape[1]
         real = int(fields["attention_mask"].sum())
@@ -473,6 +473,7 @@ class SlotEngine:
         prefilling.cache = self._with_index(cache, np.int32(start))
         prefilling.attention_mask, prefilling.done = mask, start
         prefilling.keys, prefilling.reused, prefilling.real = keys, len(reused), real
+        prefilling.looked_up = True
 
     def _keep_prefix(self, prefilling: _Prefilling) -> None:
         """The prompt's whole blocks not in the prefix cache, kept from its prefill cache
@@ -523,6 +524,10 @@ class SlotEngine:
         for prefilling in list(self._prefilling):
             length = prefilling.attention_mask.shape[1]
             size = min(self.prefill_chunk or length, length)
+            if self.prefill_chunk and not prefilling.looked_up:
+                if decoding and spent + size > self.prefill_budget:
+                    return
+                self._reuse_prefix(prefilling)  # the earlier prompts' blocks are kept now
             while prefilling.done < length:
                 if self.prefill_chunk and decoding and spent + size > self.prefill_budget:
                     return  # the round's budget is spent: the decode steps come first
@@ -600,3 +605,4 @@ class _Prefilling:
     keys: list[bytes] = dataclasses.field(default_factory=list)  # its whole blocks' keys
     reused: int = 0  # its first blocks taken from the prefix cache
     real: int = 0  # its real tokens
+    looked_up: bool = False  # its first blocks looked up in the prefix cache (`_reuse_prefix`)
