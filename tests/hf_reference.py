@@ -35,14 +35,18 @@ def tiny_hf_config(
     *,
     vision: dict | None = None,
     text: dict | None = None,
+    text_class: type = LlamaConfig,
+    vision_class: type = CLIPVisionConfig,
     **llava: object,
 ) -> LlavaConfig:
-    """A LLaVA of `TINY_VISION` and `TINY_TEXT` (updated by `vision`, `text`)."""
+    """A LLaVA of `TINY_VISION` and `TINY_TEXT` (updated by `vision`, `text`), its decoder
+    a `text_class` (LLaMA's, or e.g. `Qwen2Config`), its vision tower a `vision_class`
+    (CLIP's, or `SiglipVisionConfig`)."""
     llava_kwargs = dict(image_token_index=IMAGE_TOKEN)
     llava_kwargs.update(llava)
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(**{**TINY_VISION, **(vision or {})}),
-        text_config=LlamaConfig(**{**TINY_TEXT, **(text or {})}),
+        vision_config=vision_class(**{**TINY_VISION, **(vision or {})}),
+        text_config=text_class(**{**TINY_TEXT, **(text or {})}),
         **llava_kwargs,
     )
 
@@ -64,7 +68,8 @@ def tiny_hf_model(config: LlavaConfig, seed: int = 0) -> LlavaForConditionalGene
 
 def image_tokens_per_image(config: LlavaConfig) -> int:
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    return patches + (config.vision_feature_select_strategy == "full")
+    has_cls = config.vision_config.model_type == "clip_vision_model"  # SigLIP has none
+    return patches + (config.vision_feature_select_strategy == "full" and has_cls)
 
 
 def make_inputs(

@@ -211,10 +211,14 @@ def test_shape_mismatch_names_key_and_both_shapes(hf_dir, tmp_path):
 @pytest.mark.parametrize(
     "edit, field",
     [
-        (lambda c: c["text_config"].update(model_type="qwen2"), "text_config.model_type='qwen2'"),
+        (lambda c: c["text_config"].update(model_type="gemma"), "text_config.model_type='gemma'"),
         (
+            lambda c: c["vision_config"].update(model_type="dinov2"),
+            "vision_config.model_type='dinov2'",
+        ),
+        (  # SigLIP has no class token for "default" to drop
             lambda c: c["vision_config"].update(model_type="siglip_vision_model"),
-            "vision_config.model_type='siglip_vision_model'",
+            "vision_feature_select_strategy='default' with a siglip vision tower",
         ),
         (
             lambda c: c["text_config"].update(

@@ -23,6 +23,7 @@ from llava_jax.convert.hf_keys import (
     IGNORED_SUFFIXES,
     LM_HEAD_KEYS,
     PROJECTOR_PREFIXES,
+    SIGLIP_IGNORED_PREFIX,
     TEXT_PREFIXES,
     VISION_PREFIXES,
     Rule,
@@ -32,6 +33,7 @@ from llava_jax.convert.hf_keys import (
     text_rules,
     to_hf,
     to_ours,
+    vision_probe_key,
     vision_rules,
 )
 from llava_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
@@ -62,10 +64,15 @@ def _check_activation(name: str, field: str) -> None:
         raise CheckpointError(f"unsupported architecture: {field}={name!r} ({err})") from None
 
 
+VISION_HF_MODEL_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+
+
 def vision_config_from_hf(hf: Any, field: str = "vision_config") -> VisionConfig:
-    _check(hf.model_type, ("clip_vision_model",), f"{field}.model_type")
+    """A transformers `CLIPVisionConfig` or `SiglipVisionConfig` -> our `VisionConfig`."""
+    _check(hf.model_type, tuple(VISION_HF_MODEL_TYPES), f"{field}.model_type")
     _check_activation(hf.hidden_act, f"{field}.hidden_act")
     return VisionConfig(
+        model_type=VISION_HF_MODEL_TYPES[hf.model_type],
         hidden_size=hf.hidden_size,
         intermediate_size=hf.intermediate_size,
         num_layers=hf.num_hidden_layers,
@@ -79,8 +86,14 @@ def vision_config_from_hf(hf: Any, field: str = "vision_config") -> VisionConfig
 
 
 def text_config_from_hf(hf: Any, field: str = "text_config") -> TextConfig:
-    _check(hf.model_type, ("llama", "mistral"), f"{field}.model_type")
-    window = getattr(hf, "sliding_window", None)
+    _check(hf.model_type, ("llama", "mistral", "qwen2"), f"{field}.model_type")
+    qwen2 = hf.model_type == "qwen2"
+    if qwen2 and getattr(hf, "use_sliding_window", False):
+        raise CheckpointError(
+            f"{field}.use_sliding_window=True: sliding-window attention is not supported "
+            "(LLaVA-OneVision's Qwen2 decoders have use_sliding_window false)"
+        )
+    window = None if qwen2 else getattr(hf, "sliding_window", None)
     if window is not None and window < hf.max_position_embeddings:
         raise CheckpointError(
             f"{field}.sliding_window={window} < max_position_embeddings="
@@ -119,6 +132,7 @@ def text_config_from_hf(hf: Any, field: str = "text_config") -> TextConfig:
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         hidden_act=hf.hidden_act,
         attention_bias=bool(getattr(hf, "attention_bias", False)),
+        qkv_bias=qwen2,  # Qwen2's q/k/v projections always have biases, its o_proj none
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         bos_token_id=hf.bos_token_id,
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
@@ -136,8 +150,14 @@ def model_config_from_hf(hf: Any, **numerics: Any) -> ModelConfig:
     if hf.tie_word_embeddings and not text.tie_word_embeddings:
         text = dataclasses.replace(text, tie_word_embeddings=True)
     layer = hf.vision_feature_layer
+    vision = vision_config_from_hf(hf.vision_config)
+    if not vision.has_class_token and hf.vision_feature_select_strategy == "default":
+        raise CheckpointError(  # "default" drops a class token, which SigLIP has none of
+            "unsupported architecture: vision_feature_select_strategy='default' with a "
+            f"{vision.model_type} vision tower, which has no class token to drop (use 'full')"
+        )
     return ModelConfig(
-        vision=vision_config_from_hf(hf.vision_config),
+        vision=vision,
         text=text,
         projector="mlp2x_gelu",
         projector_bias=bool(hf.multimodal_projector_bias),
@@ -154,9 +174,9 @@ def model_config_to_hf(config: ModelConfig) -> Any:
     """Our `ModelConfig` -> a transformers `LlavaConfig`, or `LlavaNextConfig` for an
     anyres model (for config.json)."""
     from transformers import (
-        CLIPVisionConfig,
         LlamaConfig,
         MistralConfig,
+        Qwen2Config,
     )
 
     if config.projector != "mlp2x_gelu":
@@ -179,7 +199,19 @@ def model_config_to_hf(config: ModelConfig) -> Any:
         if text.attention_bias or text.mlp_bias:
             raise CheckpointError("a Mistral text model has no attention or MLP biases")
         family, extra = MistralConfig, {"sliding_window": None}
+    elif text.model_type == "qwen2":
+        if text.attention_bias or text.mlp_bias or not text.qkv_bias:
+            raise CheckpointError(
+                "a Qwen2 text model has biases on q/k/v only (qkv_bias=True, "
+                "attention_bias=False, mlp_bias=False)"
+            )
+        family, extra = Qwen2Config, {"use_sliding_window": False, "sliding_window": None}
     else:
+        if text.qkv_bias and not text.attention_bias:
+            raise CheckpointError(
+                f"a {text.model_type} text model cannot hold biases on q/k/v alone "
+                "(qkv_bias); transformers' Qwen2 (text.model_type='qwen2') does"
+            )
         family = LlamaConfig
         extra = {"attention_bias": text.attention_bias, "mlp_bias": text.mlp_bias}
     text_config = family(
@@ -200,17 +232,7 @@ def model_config_to_hf(config: ModelConfig) -> Any:
         pad_token_id=text.pad_token_id,
         **extra,
     )
-    vision_config = CLIPVisionConfig(
-        hidden_size=vision.hidden_size,
-        intermediate_size=vision.intermediate_size,
-        num_hidden_layers=vision.num_layers,
-        num_attention_heads=vision.num_heads,
-        patch_size=vision.patch_size,
-        image_size=vision.image_size,
-        num_channels=vision.num_channels,
-        layer_norm_eps=vision.layer_norm_eps,
-        hidden_act=vision.hidden_act,
-    )
+    vision_config = vision_config_to_hf(vision)
     layer = config.vision_feature_layer
     common = dict(
         vision_config=vision_config,
@@ -227,6 +249,27 @@ def model_config_to_hf(config: ModelConfig) -> Any:
     config_class = getattr(importlib.import_module("transformers"), family.config_class)
     fields = {name: _lists(getattr(config, name)) for name in family.config_fields}
     return config_class(**fields, **common)
+
+
+def vision_config_to_hf(vision: VisionConfig) -> Any:
+    """Our `VisionConfig` -> a transformers `CLIPVisionConfig` or `SiglipVisionConfig` (the
+    latter without its pooling head, which LLaVA does not use and is not written)."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    fields = dict(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_heads,
+        patch_size=vision.patch_size,
+        image_size=vision.image_size,
+        num_channels=vision.num_channels,
+        layer_norm_eps=vision.layer_norm_eps,
+        hidden_act=vision.hidden_act,
+    )
+    if vision.model_type == "siglip":
+        return SiglipVisionConfig(**fields, vision_use_head=False)
+    return CLIPVisionConfig(**fields)
 
 
 def _tuples(value: Any) -> Any:
@@ -247,7 +290,8 @@ def _read_hf_config(path: str) -> Any:
         raise CheckpointError(f"{path}: no config.json")
     with open(config_path) as f:
         raw = json.load(f)
-    known = ("llava", "llava_next", "clip", "clip_vision_model", "llama", "mistral")
+    known = ("llava", "llava_next", "clip", "clip_vision_model", "llama", "mistral", "qwen2")
+    known += ("siglip", "siglip_vision_model")  # SigLIP (LLaVA-OneVision's vision tower)
     _check(raw.get("model_type"), known, f"{config_path}: model_type")
     return AutoConfig.from_pretrained(path)
 
@@ -350,7 +394,7 @@ def load_hf(
             )
         return prefix
 
-    vision_prefix = prefix_of(VISION_PREFIXES, "embeddings.class_embedding", "vision tower")
+    vision_prefix = prefix_of(VISION_PREFIXES, vision_probe_key(config.vision), "vision tower")
     text_prefix = prefix_of(TEXT_PREFIXES, "embed_tokens.weight", "language model")
     proj_prefix = prefix_of(PROJECTOR_PREFIXES, "linear_1.weight", "projector")
     params = {
@@ -379,6 +423,8 @@ def load_hf(
             used,
         ),
     }
+    if not config.vision.has_class_token:  # SigLIP's pooling head: not used by LLaVA
+        used.update(k for k in reader if k.startswith(vision_prefix + SIGLIP_IGNORED_PREFIX))
     family = hf_family(config)
     for leaf, keys in family.extra_params:
         key = next((k for k in keys if k in reader), None)
@@ -417,12 +463,12 @@ def load_towers(
     rng: jax.Array | None = None,
     **model_fields: Any,
 ) -> tuple[ModelConfig, Params]:
-    """Compose a LLaVA as stage 1 starts: a CLIP vision checkpoint, a LLaMA causal LM, and a
-    freshly initialised projector (from `rng`). `model_fields` set the rest of `ModelConfig`
-    (projector, vision_feature_layer, image_token_id, dtype, scan_layers, …).
+    """Compose a LLaVA as stage 1 starts: a CLIP vision checkpoint, a LLaMA (Mistral, Qwen2)
+    causal LM, and a freshly initialised projector (from `rng`). `model_fields` set the rest
+    of `ModelConfig` (projector, vision_feature_layer, image_token_id, dtype, scan_layers, …).
     """
     vision_hf = _read_hf_config(vision_path)
-    if vision_hf.model_type == "clip":
+    if vision_hf.model_type in ("clip", "siglip"):  # a whole CLIP/SigLIP: its vision half
         vision_hf = vision_hf.vision_config
     text_hf = _read_hf_config(text_path)
     config = ModelConfig(
@@ -434,11 +480,12 @@ def load_towers(
     np_dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
 
     vision_reader = SafetensorsReader(vision_path)
-    prefix = _find_prefix(vision_reader, ("vision_model.", ""), "embeddings.class_embedding")
+    probe = vision_probe_key(config.vision)
+    prefix = _find_prefix(vision_reader, ("vision_model.", ""), probe)
     if prefix is None:
         raise CheckpointError(
-            f"{vision_path}: missing key 'vision_model.embeddings."
-            "class_embedding' (not a CLIP vision checkpoint)"
+            f"{vision_path}: missing key 'vision_model.{probe}' (not a "
+            f"{config.vision.model_type} vision checkpoint)"
         )
     used: set[str] = set()
     img = _read_tower(
@@ -450,12 +497,14 @@ def load_towers(
         used,
     )
     # A full CLIP checkpoint also holds the text tower and projections; only vision is taken.
-    vision_extra = ("logit_scale", "text_projection.weight", "visual_projection.weight")
+    # SigLIP's: its logit bias, and the vision tower's pooling head (LLaVA never reads it).
+    vision_extra = ("logit_scale", "logit_bias", "text_projection.weight")
+    vision_extra += ("visual_projection.weight",)
     unexpected = [
         k
         for k in vision_reader
         if k not in used
-        and not k.startswith("text_model.")
+        and not k.startswith(("text_model.", prefix + SIGLIP_IGNORED_PREFIX))
         and not k.endswith(IGNORED_SUFFIXES + vision_extra)
     ]
     if unexpected:

@@ -106,14 +106,30 @@ def _dense_rules(path: tuple[str, ...], key: str, bias: bool) -> list[Rule]:
     return rules
 
 
+# SigLIP's attention-pooling head (`head.*`), which LLaVA never reads: skipped on load,
+# never written.
+SIGLIP_IGNORED_PREFIX = "head."
+
+
+def vision_probe_key(config: VisionConfig) -> str:
+    """A key every checkpoint of this vision tower holds (to find its prefix)."""
+    if config.has_class_token:
+        return "embeddings.class_embedding"
+    return "embeddings.patch_embedding.weight"
+
+
 def vision_rules(config: VisionConfig) -> list[Rule]:
-    """Rules for the `img` tower, HF keys relative to the CLIP vision model."""
-    rules = [
-        Rule(("embedding", "patch", "kernel"), "embeddings.patch_embedding.weight", "conv"),
-        Rule(("embedding", "cls"), "embeddings.class_embedding", "plain"),
-        Rule(("embedding", "pos"), "embeddings.position_embedding.weight", "plain"),
-    ]
-    for ours, theirs in (("pre_norm", "pre_layrnorm"), ("post_norm", "post_layernorm")):
+    """Rules for the `img` tower, HF keys relative to the CLIP (or SigLIP) vision model."""
+    patch = "embeddings.patch_embedding"
+    rules = [Rule(("embedding", "patch", "kernel"), f"{patch}.weight", "conv")]
+    norms = [("post_norm", "post_layernorm")]
+    if config.has_class_token:  # CLIP
+        rules.append(Rule(("embedding", "cls"), "embeddings.class_embedding", "plain"))
+        norms.insert(0, ("pre_norm", "pre_layrnorm"))
+    else:  # SigLIP: a conv bias, no class token, no pre-norm
+        rules.append(Rule(("embedding", "patch", "bias"), f"{patch}.bias", "plain"))
+    rules.append(Rule(("embedding", "pos"), "embeddings.position_embedding.weight", "plain"))
+    for ours, theirs in norms:
         rules += [
             Rule((ours, "scale"), f"{theirs}.weight", "plain"),
             Rule((ours, "bias"), f"{theirs}.bias", "plain"),
@@ -146,6 +162,11 @@ def text_rules(config: TextConfig) -> list[Rule]:
             Rule((*layer, "mlp_norm", "scale"), f"{hf}post_attention_layernorm.weight", "plain"),
         ]
         rules += _attention_rules(layer, f"{hf}self_attn.", attn, bias=config.attention_bias)
+        if config.qkv_bias and not config.attention_bias:  # Qwen2: q/k/v biases, none on o
+            rules += [
+                Rule((*layer, "attn", ours, "bias"), f"{hf}self_attn.{attn[ours]}.bias", "plain")
+                for ours in ("query", "key", "value")
+            ]
         for ours in ("gate", "up", "down"):
             rules += _dense_rules((*layer, ours), f"{hf}mlp.{ours}_proj", bias=config.mlp_bias)
     return rules

@@ -31,6 +31,10 @@ from llava_jax.data import resample
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP's image processor (LLaVA-OneVision's tower): a bicubic resize to the square size
+# (no crop, no pad: aspect "resize"), then these.
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 ASPECT_MODES = ("pad", "resize", "crop")
 
 

@@ -9,7 +9,8 @@ tokenizer and data settings (`load_checkpoint`).
 - a Hugging Face LLaVA directory (`config.json` + safetensors, as `save_pretrained` writes
   it) with its tokenizer: template `vicuna_v1` (`mistral_instruct` for a Mistral decoder,
   as llava-v1.6-mistral), images padded to a square (LLaVA-1.5),
-  mean/std from `preprocessor_config.json` when there is one (CLIP's otherwise).
+  mean/std from `preprocessor_config.json` when there is one (CLIP's otherwise); a SigLIP
+  tower's images resized to the square (no pad or crop), SigLIP's mean/std by default.
 - a params checkpoint (`model_config.json` + `params/`, from `python -m llava_jax.convert`):
   needs a tokenizer (`tokenizer=`, or a `tokenizer/` folder inside it); template and
   image settings as for Hugging Face.
@@ -34,7 +35,7 @@ import jax
 from llava_jax import checkpoint as ckpt
 from llava_jax.data.config import DataConfig
 from llava_jax.data.conversation import IMAGE_PLACEHOLDER
-from llava_jax.data.image import CLIP_MEAN, CLIP_STD
+from llava_jax.data.image import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 from llava_jax.data.tokenizer import (
     LoadedTokenizer,
     load_tokenizer,
@@ -148,21 +149,28 @@ def _check_tokenizer(config: ModelConfig, tokenizer: LoadedTokenizer, where: str
         )
 
 
-def _hf_data(path: str, text_model_type: str = "llama") -> DataConfig:
+def _hf_data(
+    path: str, text_model_type: str = "llama", vision_model_type: str = "clip"
+) -> DataConfig:
     """LLaVA-1.5's conversation format (LLaVA-NeXT-Mistral's for a Mistral decoder) and
-    images padded to a square; mean/std from the processor config when present."""
+    images padded to a square (a SigLIP tower: resized, SigLIP's mean/std,
+    `_default_images`); mean/std from the processor config when present."""
     processor = os.path.join(path, HF_PREPROCESSOR_FILE)
-    mean, std = CLIP_MEAN, CLIP_STD
+    images = _default_images(vision_model_type)
     if os.path.isfile(processor):
         values = _read_json(processor)
-        mean = tuple(values.get("image_mean", mean))
-        std = tuple(values.get("image_std", std))
-    return DataConfig(
-        template=_default_template(text_model_type),
-        image_aspect="pad",
-        image_mean=mean,
-        image_std=std,
-    )
+        images["image_mean"] = tuple(values.get("image_mean", images["image_mean"]))
+        images["image_std"] = tuple(values.get("image_std", images["image_std"]))
+    return DataConfig(template=_default_template(text_model_type), **images)
+
+
+def _default_images(vision_model_type: str) -> dict[str, Any]:
+    """The image settings of a checkpoint that names none: LLaVA-1.5's (padded to a
+    square, CLIP's mean/std), or, for a SigLIP tower, its image processor's (a bicubic
+    resize to the square, no crop; mean = std = 0.5)."""
+    if vision_model_type == "siglip":
+        return dict(image_aspect="resize", image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+    return dict(image_aspect="pad", image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
 
 def _default_template(text_model_type: str) -> str:
@@ -279,7 +287,7 @@ def load_checkpoint(
             loaded_tokenizer = _load_tokenizer(
                 _find_tokenizer(directory, tokenizer, directory, lambda arg: f"give {arg}")
             )
-            data = _hf_data(directory, config.text.model_type)
+            data = _hf_data(directory, config.text.model_type, config.vision.model_type)
         else:
             tokenizer_dir = _find_tokenizer(
                 directory,
@@ -296,7 +304,10 @@ def load_checkpoint(
             if dtype is not None:
                 config = config.replace(**numerics)
             loaded_tokenizer = _load_tokenizer(tokenizer_dir)
-            data = DataConfig(template=_default_template(config.text.model_type))
+            data = DataConfig(
+                template=_default_template(config.text.model_type),
+                **_default_images(config.vision.model_type),
+            )
     except InputError:
         raise
     except (OSError, ValueError, KeyError) as err:

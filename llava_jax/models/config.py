@@ -32,14 +32,20 @@ REMAT_POLICIES = (
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "dot_product", "cudnn", "splash")
 ROPE_TYPES = ("default", "linear", "llama3")
 FEATURE_SELECT_STRATEGIES = ("default", "full")
+VISION_MODEL_TYPES = ("clip", "siglip")
 LORA_BASE_DTYPES = ("param", "bfloat16", "int8")
 _MLP_PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig(Section):
-    """CLIP vision transformer (defaults: ViT-L/14 at 336 pixels, as in LLaVA-1.5)."""
+    """CLIP vision transformer (defaults: ViT-L/14 at 336 pixels, as in LLaVA-1.5).
 
+    `model_type`: "clip" (a class token, a conv without bias, a pre-norm) or "siglip"
+    (SigLIP, as in LLaVA-OneVision: no class token, a conv with bias, positions for the
+    patches only, no pre-norm; the same layers)."""
+
+    model_type: str = "clip"  # clip | siglip
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_layers: int = 24
@@ -49,6 +55,22 @@ class VisionConfig(Section):
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+
+    def __post_init__(self):
+        if self.model_type not in VISION_MODEL_TYPES:
+            raise ValueError(
+                f"vision.model_type={self.model_type!r} is not one of {VISION_MODEL_TYPES}"
+            )
+
+    @property
+    def has_class_token(self) -> bool:
+        """CLIP's hidden states start with a class token; SigLIP's are the patches only."""
+        return self.model_type == "clip"
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of each hidden state: the patches, and CLIP's class token."""
+        return self.num_patches + int(self.has_class_token)
 
     @property
     def head_dim(self) -> int:
@@ -71,16 +93,18 @@ class RopeConfig(Section):
     original_max_position_embeddings: int = 8192  # llama3 only
 
 
-TEXT_MODEL_TYPES = ("llama", "mistral")
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig(Section):
     """LLaMA-family decoder (defaults: LLaMA/Vicuna-7B). `model_type`: the checkpoint
     family it reads and writes as; a Mistral is LLaMA's decoder (with full attention:
-    sliding-window attention is not built)."""
+    sliding-window attention is not built); a Qwen2 is LLaMA's decoder with biases on the
+    q/k/v projections only (`qkv_bias`). `attention_bias`: biases on all four attention
+    projections (LLaMA's `attention_bias`); `qkv_bias`: on q, k and v (not the output)."""
 
-    model_type: str = "llama"  # llama | mistral
+    model_type: str = "llama"  # llama | mistral | qwen2
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -94,6 +118,7 @@ class TextConfig(Section):
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     attention_bias: bool = False
+    qkv_bias: bool = False
     mlp_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -172,7 +197,7 @@ class ModelConfig(Section):
     projector_bias: bool = True
     projector_act: str = "gelu"
     vision_feature_layer: int | tuple[int, ...] = -2
-    vision_feature_select_strategy: str = "default"  # default: drop CLS | full
+    vision_feature_select_strategy: str = "default"  # default: drop CLS | full (SigLIP)
     image_token_id: int = 32000
     # LLaVA-NeXT ("anyres"): grid resolutions (height, width), multiples of the vision
     # tower's image size; empty for LLaVA-1.5's single square image (models/inputs.py).
@@ -206,9 +231,11 @@ class ModelConfig(Section):
 
     @property
     def num_image_tokens(self) -> int:
-        """Tokens one image becomes in the sequence (576 for ViT-L/14-336, CLS dropped)."""
-        cls = 0 if self.vision_feature_select_strategy == "default" else 1
-        return self.vision.num_patches + cls
+        """Tokens one image becomes in the sequence (576 for ViT-L/14-336, CLS dropped;
+        SigLIP's patches, with no class token, under `full`)."""
+        if self.vision_feature_select_strategy == "default":
+            return self.vision.num_patches
+        return self.vision.num_tokens
 
     @property
     def projector_depth(self) -> int:
@@ -233,6 +260,11 @@ class ModelConfig(Section):
             raise ValueError(
                 f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} "
                 f"is not one of {FEATURE_SELECT_STRATEGIES}"
+            )
+        if self.vision_feature_select_strategy == "default" and not self.vision.has_class_token:
+            raise ValueError(
+                f"vision_feature_select_strategy='default' drops the class token, which a "
+                f"vision.model_type={self.vision.model_type!r} tower has none of: use 'full'"
             )
         if self.projector not in ("linear", "identity") and not _MLP_PROJECTOR.match(
             self.projector

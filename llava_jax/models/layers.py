@@ -383,7 +383,8 @@ class Attention(nn.Module):
     num_kv_heads: int
     head_dim: int
     causal: bool
-    use_bias: bool = False
+    use_bias: bool = False  # biases on all four projections
+    qkv_bias: bool = False  # biases on query, key and value only (Qwen2)
     rope: RopeConfig | None = None
     implementation: str = "xla"
     dtype: Dtype = jnp.float32
@@ -404,12 +405,13 @@ class Attention(nn.Module):
         common = dict(
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora
         )
+        qkv = {**common, "use_bias": self.use_bias or self.qkv_bias}
         q = dense(
-            (self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **common
+            (self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **qkv
         )(x)
         kv_axes = ("embed", "kv_heads", "head_dim")
-        k = dense((self.num_kv_heads, self.head_dim), kv_axes, name="key", **common)(x)
-        v = dense((self.num_kv_heads, self.head_dim), kv_axes, name="value", **common)(x)
+        k = dense((self.num_kv_heads, self.head_dim), kv_axes, name="key", **qkv)(x)
+        v = dense((self.num_kv_heads, self.head_dim), kv_axes, name="value", **qkv)(x)
         q = checkpoint_name(q, "query_proj")
         k = checkpoint_name(k, "key_proj")
         v = checkpoint_name(v, "value_proj")

@@ -112,6 +112,7 @@ class DecoderBlock(nn.Module):
             head_dim=cfg.resolved_head_dim,
             causal=True,
             use_bias=cfg.attention_bias,
+            qkv_bias=cfg.qkv_bias,
             rope=cfg.rope,
             implementation=self.attention,
             lora=self.lora,

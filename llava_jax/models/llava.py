@@ -32,9 +32,10 @@ def feature_states(config: ModelConfig) -> tuple[int, ...]:
 
 
 def select_features(config: ModelConfig, states: dict[int, Array]) -> Array:
-    """The selected vision hidden states `{index: [N, P+1, D]}`, concatenated on features.
+    """The selected vision hidden states `{index: [N, T, D]}`, concatenated on features.
 
-    Returns [N, P or P+1, D * n_layers] (CLS dropped under the `default` strategy).
+    Returns [N, P or T, D * n_layers] (CLS dropped under the `default` strategy; T is P+1
+    with CLIP's class token, P for SigLIP, which has none and takes `full`).
     """
     picked = []
     for index in feature_states(config):

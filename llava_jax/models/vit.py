@@ -1,4 +1,6 @@
-"""CLIP vision transformer (pre-LN blocks, quick_gelu MLP), as in transformers' CLIPVisionModel."""
+"""CLIP vision transformer (pre-LN blocks, quick_gelu MLP), as in transformers' CLIPVisionModel,
+and SigLIP's (`VisionConfig.model_type="siglip"`: transformers' SiglipVisionModel, whose
+embeddings differ: no class token, a conv bias, no pre-norm; its pooling head is not built)."""
 
 from __future__ import annotations
 
@@ -60,13 +62,15 @@ class VisionBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """CLIP ViT. `images: float32[N, H, W, C]` (normalised) -> the hidden states asked for.
+    """CLIP or SigLIP ViT. `images: float32[N, H, W, C]` (normalised) -> the hidden states
+    asked for.
 
     Hidden states are numbered as transformers' `hidden_states`: 0 is the embedding (after
-    the pre-norm), i the output of layer i, each `[N, P+1, D]`. Only the layers up to the
+    CLIP's pre-norm; SigLIP has none), i the output of layer i, each `[N, T, D]` (T:
+    `config.num_tokens`, P+1 with CLIP's class token first, P for SigLIP). Only the layers up to the
     deepest state asked for run (LLaVA's -2 skips the last one), and only the states asked
     for are kept. CLIP's post-norm is never applied by LLaVA, but its weights exist so
-    they can be exchanged with transformers.
+    they can be exchanged with transformers (nor is SigLIP's).
     """
 
     config: VisionConfig
@@ -81,7 +85,8 @@ class VisionTransformer(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embedding = PatchEmbedding(cfg, **kw)
-        self.pre_norm = layer_norm(cfg.layer_norm_eps, **kw)
+        if cfg.has_class_token:  # CLIP's pre-norm ("pre_layrnorm"); SigLIP has none
+            self.pre_norm = layer_norm(cfg.layer_norm_eps, **kw)
         self.layers = make_layer_stack(
             VisionBlock,
             num_layers=cfg.num_layers,
@@ -96,11 +101,13 @@ class VisionTransformer(nn.Module):
         self.post_norm = layer_norm(cfg.layer_norm_eps, **kw)
 
     def __call__(self, images: Array, states: tuple[int, ...]) -> dict[int, Array]:
-        """`states`: hidden-state indices in 0..L. Returns {index: [N, P+1, D]}."""
+        """`states`: hidden-state indices in 0..L. Returns {index: [N, T, D]}."""
         num_layers = self.config.num_layers
         if not all(0 <= s <= num_layers for s in states):
             raise ValueError(f"hidden states {states} of a {num_layers}-layer vision tower")
-        x = self.pre_norm(self.embedding(images))
+        x = self.embedding(images)
+        if self.config.has_class_token:
+            x = self.pre_norm(x)
         if self.is_initializing():  # every layer and the post-norm get their parameters
             last, _ = run_layer_stack(self.layers, x, None)
             self.post_norm(last[:, 0])
@@ -111,7 +118,7 @@ class VisionTransformer(nn.Module):
         return kept
 
     def _run_layers(self, x: Array, start: int, stop: int) -> Array:
-        """Layers `start .. stop-1` (0-based) on `x: [N, P+1, D]` -> `[N, P+1, D]`."""
+        """Layers `start .. stop-1` (0-based) on `x: [N, T, D]` -> `[N, T, D]`."""
         if start == stop:
             return x
         if isinstance(self.layers, (list, tuple)):
@@ -154,7 +161,9 @@ class VisionTransformer(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    """Non-overlapping patch conv (no bias), a class token, learned positions."""
+    """Non-overlapping patch conv, learned positions. CLIP: a conv without bias, a class
+    token first, positions for it and the patches; SigLIP: a conv with bias, positions for
+    the patches only."""
 
     config: VisionConfig
     dtype: Any = jnp.float32
@@ -168,28 +177,30 @@ class PatchEmbedding(nn.Module):
             kernel_size=(cfg.patch_size, cfg.patch_size),
             strides=(cfg.patch_size, cfg.patch_size),
             padding="VALID",
-            use_bias=False,
+            use_bias=not cfg.has_class_token,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), (None, None, None, "embed")
             ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="patch",
         )(images.astype(self.dtype))
         batch = patches.shape[0]
-        patches = patches.reshape(batch, -1, cfg.hidden_size)
-        cls = self.param(
-            "cls",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-            (cfg.hidden_size,),
-            self.param_dtype,
-        )
+        x = patches.reshape(batch, -1, cfg.hidden_size)
+        if cfg.has_class_token:  # CLIP (created before the positions, as it always was)
+            cls = self.param(
+                "cls",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                (cfg.hidden_size,),
+                self.param_dtype,
+            )
+            cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.hidden_size))
+            x = jnp.concatenate([cls, x], axis=1)
         positions = self.param(
             "pos",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-            (cfg.num_patches + 1, cfg.hidden_size),
+            (cfg.num_tokens, cfg.hidden_size),
             self.param_dtype,
         )
-        cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.hidden_size))
-        x = jnp.concatenate([cls, patches], axis=1)
         return x + positions.astype(self.dtype)[None]

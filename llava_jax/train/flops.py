@@ -22,7 +22,7 @@ def _ops(config: ModelConfig, batch: int, length: int, images: int):
     """The step's products in data-flow order: (weight path or None, forward FLOPs)."""
     vision, text = config.vision, config.text
     num_images = batch * images
-    tokens = vision.num_patches + 1
+    tokens = vision.num_tokens  # CLIP's class token and the patches (SigLIP: patches)
     width, mlp = vision.hidden_size, vision.intermediate_size
     patch = 2 * num_images * vision.num_patches * vision.patch_size**2 * vision.num_channels * width
     yield "img/embedding/patch/kernel", patch
