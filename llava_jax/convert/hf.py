@@ -463,9 +463,10 @@ def load_towers(
     rng: jax.Array | None = None,
     **model_fields: Any,
 ) -> tuple[ModelConfig, Params]:
-    """Compose a LLaVA as stage 1 starts: a CLIP vision checkpoint, a LLaMA (Mistral, Qwen2)
-    causal LM, and a freshly initialised projector (from `rng`). `model_fields` set the rest
-    of `ModelConfig` (projector, vision_feature_layer, image_token_id, dtype, scan_layers, …).
+    """Compose a LLaVA as stage 1 starts: a CLIP or SigLIP vision checkpoint, a LLaMA
+    (Mistral, Qwen2) causal LM, and a freshly initialised projector (from `rng`).
+    `model_fields` set the rest of `ModelConfig` (projector, vision_feature_layer,
+    image_token_id, dtype, scan_layers, …).
     """
     vision_hf = _read_hf_config(vision_path)
     if vision_hf.model_type in ("clip", "siglip"):  # a whole CLIP/SigLIP: its vision half
