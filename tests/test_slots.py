@@ -384,6 +384,16 @@ def test_the_lru_cache_keeps_its_bound_and_drops_the_least_recently_used():
     assert (cache.hits, cache.misses) == (3, 2)
 
 
+def shared_start(rng):
+    """A prompt start of 35 tokens (bos, an image's tokens, random text: two whole blocks of
+    16) and its image, as `submit` takes it."""
+    per_image = image_tokens_per_image(tiny_hf_config())
+    shared = np.concatenate(
+        [[1], np.full(per_image, IMAGE_TOKEN), rng.integers(2, IMAGE_TOKEN, 35 - 1 - per_image)]
+    ).astype(np.int32)
+    return shared, rng.standard_normal((1, 1, 1, 28, 28, 3)).astype(np.float32)
+
+
 def test_the_prefix_cache_reuses_a_shared_start_and_keeps_answers(setup):
     """Questions that start the same way (an image and 31 shared tokens: two blocks of 16)
     and end differently: from the second on, both blocks come from the prefix cache, and
@@ -391,11 +401,8 @@ def test_the_prefix_cache_reuses_a_shared_start_and_keeps_answers(setup):
     nothing (a block's key holds the images it shows)."""
     _, _, params, engine = setup
     rng = np.random.default_rng(160)
-    per_image = image_tokens_per_image(tiny_hf_config())
-    shared = np.concatenate(
-        [[1], np.full(per_image, IMAGE_TOKEN), rng.integers(2, IMAGE_TOKEN, 35 - 1 - per_image)]
-    ).astype(np.int32)
-    picture, other = (rng.standard_normal((1, 1, 1, 28, 28, 3)).astype(np.float32) for _ in "ab")
+    shared, picture = shared_start(rng)
+    other = rng.standard_normal((1, 1, 1, 28, 28, 3)).astype(np.float32)
     suffixes = [rng.integers(2, IMAGE_TOKEN, n).astype(np.int32) for n in (6, 13, 21)]
     with SlotEngine(
         engine, params, max_slots=2, cache_length=96, prefill_chunk=16, prefix_cache_bytes=1 << 22
@@ -417,11 +424,7 @@ def test_prompts_admitted_together_prefill_a_shared_start_once(setup):
     `Engine.generate`'s."""
     _, _, params, engine = setup
     rng = np.random.default_rng(161)
-    per_image = image_tokens_per_image(tiny_hf_config())
-    shared = np.concatenate(
-        [[1], np.full(per_image, IMAGE_TOKEN), rng.integers(2, IMAGE_TOKEN, 35 - 1 - per_image)]
-    ).astype(np.int32)
-    picture = rng.standard_normal((1, 1, 1, 28, 28, 3)).astype(np.float32)
+    shared, picture = shared_start(rng)
     prompts = [np.concatenate([shared, rng.integers(2, IMAGE_TOKEN, n)]) for n in (6, 13, 21)]
     with SlotEngine(
         engine, params, max_slots=3, cache_length=96, prefill_chunk=16, prefix_cache_bytes=1 << 22

@@ -387,7 +387,7 @@ class SlotEngine:
             return
         greedy = all(r is None or r.sampling.greedy for r in self._slots)
         live = [slot for slot, r in enumerate(self._slots) if r is not None]
-        self._fit(max(self._positions[slot] for slot in live) + self.steps_per_round)
+        self._fit()
         self.state, out = self._decode(
             self.params, self.state, steps=self.steps_per_round, greedy=greedy
         )
@@ -405,11 +405,14 @@ class SlotEngine:
                 if self._slots[slot] is None:
                     break
 
-    def _fit(self, needed: int) -> None:
-        """Resize the state to the least multiple of the granule holding `needed` cache slots
-        (at most cache_length): grown when a row needs more, shrunk once it holds two
-        granules more than its rows need (a copy of the state either way). Measured on a
-        2-core CPU, 16 slots: a decode step took 9.7 ms over 1280 slots, 12.8 over 2112."""
+    def _fit(self, bucket: int = 0) -> None:
+        """Resize the state to the least multiple of the granule holding every live row's
+        write position (and a row entering with a prompt `bucket`) plus a round's steps, at
+        most cache_length: grown when a row needs more, shrunk once it holds two granules
+        more than its rows need (a copy of the state either way). Measured on a 2-core CPU,
+        16 slots: a decode step took 9.7 ms over 1280 slots, 12.8 over 2112."""
+        live = [self._positions[s] for s, r in enumerate(self._slots) if r is not None]
+        needed = max([bucket, *live]) + self.steps_per_round
         target = min(self.cache_length, -(-needed // self._granule) * self._granule)
         if target > self._capacity or target <= self._capacity - 2 * self._granule:
             self.state = self._resize(self.state, length=target)
@@ -552,8 +555,7 @@ class SlotEngine:
 
     def _enter(self, request: SlotRequest, slot: int, ready: Any) -> None:
         bucket = ready.cache["mask"].shape[1]
-        live = [self._positions[s] for s, r in enumerate(self._slots) if r is not None]
-        self._fit(max([bucket, *live]) + self.steps_per_round)
+        self._fit(bucket)
         self.state, out = self._insert(self.state, ready, np.int32(slot))
         self._slots[slot] = request
         self._positions[slot] = bucket
