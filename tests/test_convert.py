@@ -226,7 +226,7 @@ def test_shape_mismatch_names_key_and_both_shapes(hf_dir, tmp_path):
             ),
             "rope_parameters.rope_type='yarn'",
         ),
-        (lambda c: c.update(model_type="llava_onevision"), "model_type='llava_onevision'"),
+        (lambda c: c.update(model_type="qwen2_vl"), "model_type='qwen2_vl'"),
         (lambda c: c["text_config"].update(hidden_act="mish"), "text_config.hidden_act='mish'"),
     ],
 )

@@ -141,8 +141,8 @@ def text_config_from_hf(hf: Any, field: str = "text_config") -> TextConfig:
 
 
 def model_config_from_hf(hf: Any, **numerics: Any) -> ModelConfig:
-    """A transformers `LlavaConfig` or `LlavaNextConfig` -> our `ModelConfig` (numerics:
-    dtype, scan_layers, …)."""
+    """A transformers `LlavaConfig`, `LlavaNextConfig` or `LlavaOnevisionConfig` -> our
+    `ModelConfig` (numerics: dtype, scan_layers, …)."""
     _check(hf.model_type, tuple(HF_FAMILIES), "model_type")
     family = HF_FAMILIES[hf.model_type]
     _check_activation(hf.projector_hidden_act, "projector_hidden_act")
@@ -234,18 +234,19 @@ def model_config_to_hf(config: ModelConfig) -> Any:
     )
     vision_config = vision_config_to_hf(vision)
     layer = config.vision_feature_layer
+    family = hf_family(config)
     common = dict(
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=config.image_token_id,
-        image_seq_length=config.num_image_tokens,
         projector_hidden_act=config.projector_act,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
         multimodal_projector_bias=config.projector_bias,
         tie_word_embeddings=text.tie_word_embeddings,
     )
-    family = hf_family(config)
+    if family.model_type != "llava_onevision":  # OneVision's counts depend on the image
+        common["image_seq_length"] = config.num_image_tokens
     config_class = getattr(importlib.import_module("transformers"), family.config_class)
     fields = {name: _lists(getattr(config, name)) for name in family.config_fields}
     return config_class(**fields, **common)
@@ -290,7 +291,16 @@ def _read_hf_config(path: str) -> Any:
         raise CheckpointError(f"{path}: no config.json")
     with open(config_path) as f:
         raw = json.load(f)
-    known = ("llava", "llava_next", "clip", "clip_vision_model", "llama", "mistral", "qwen2")
+    known = (
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "clip",
+        "clip_vision_model",
+        "llama",
+        "mistral",
+        "qwen2",
+    )
     known += ("siglip", "siglip_vision_model")  # SigLIP (LLaVA-OneVision's vision tower)
     _check(raw.get("model_type"), known, f"{config_path}: model_type")
     return AutoConfig.from_pretrained(path)

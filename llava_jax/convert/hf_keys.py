@@ -65,13 +65,25 @@ LLAVA_NEXT = HfFamily(
     config_fields=("image_grid_pinpoints",),
     extra_params=((("image_newline",), NEWLINE_KEYS),),
 )
-HF_FAMILIES = {family.model_type: family for family in (LLAVA, LLAVA_NEXT)}
+LLAVA_ONEVISION = HfFamily(
+    "llava_onevision",
+    "LlavaOnevisionConfig",
+    "LlavaOnevisionForConditionalGeneration",
+    "transformers.models.llava_onevision.modeling_llava_onevision",
+    config_fields=("image_grid_pinpoints", "vision_aspect_ratio", "video_token_id"),
+    extra_params=((("image_newline",), NEWLINE_KEYS),),
+)
+HF_FAMILIES = {family.model_type: family for family in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION)}
 
 
 def hf_family(config: ModelConfig) -> HfFamily:
-    """The transformers family that holds `config`: LLaVA-NeXT's for tiled images (its
-    grids, its `image_newline`), LLaVA's for one square image."""
-    return LLAVA_NEXT if ImageGeometry.of(config).tiled else LLAVA
+    """The transformers family that holds `config`: LLaVA-OneVision's for `anyres_max`
+    images, LLaVA-NeXT's for tiled images (its grids, its `image_newline`), LLaVA's for one
+    square image."""
+    geometry = ImageGeometry.of(config)
+    if geometry.blended:
+        return LLAVA_ONEVISION
+    return LLAVA_NEXT if geometry.tiled else LLAVA
 
 
 @dataclasses.dataclass(frozen=True)

@@ -99,12 +99,13 @@ class ExampleEncoder:
                 header_width, header_height = decoded_size(data)
             except ValueError as error:  # ImageDecodeError: corrupt bytes
                 raise self._unreadable(record, index, error) from error
-            tiles[index], layouts[index], count = self.tiler.encode(
-                image, c.image_mean, c.image_std, c.image_aspect
+            in_prompt = len(record.image_bytes)  # OneVision: several images count apart
+            tiles[index], layouts[index], count = self.tiler.encode_in_prompt(
+                image, in_prompt, c.image_mean, c.image_std, c.image_aspect
             )
             # The length table counted the tokens from the header (`image_tokens`); a format
             # that settles its size on load (ICO) may count otherwise.
-            if self.tiler.num_tokens(header_height, header_width) != count:
+            if self.tiler.tokens_from_header(data, in_prompt) != count:
                 raise DroppedExample(
                     "image_size_changed",
                     f"image {index}: header {(header_width, header_height)}, decoded "
@@ -121,7 +122,7 @@ class ExampleEncoder:
         counts = []
         for index, data in enumerate(record.image_bytes):
             try:
-                counts.append(self.tiler.tokens_from_header(data))
+                counts.append(self.tiler.tokens_from_header(data, len(record.image_bytes)))
             except ValueError as error:
                 raise self._unreadable(record, index, error) from error
         return counts

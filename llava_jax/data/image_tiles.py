@@ -34,7 +34,13 @@ class ImageTiler(ImageGeometry):
     @classmethod
     def of_geometry(cls, geometry: ImageGeometry) -> ImageTiler:
         """The host's tiles for a model's geometry (`ImageGeometry.of(model_config)`)."""
-        return cls(geometry.tile, geometry.patch, geometry.pinpoints, geometry.square_tokens)
+        return cls(
+            geometry.tile,
+            geometry.patch,
+            geometry.pinpoints,
+            geometry.square_tokens,
+            geometry.max_grid_features,
+        )
 
     def encode(
         self,
@@ -52,16 +58,59 @@ class ImageTiler(ImageGeometry):
             self.num_tokens(height, width),
         )
 
+    def encode_in_prompt(
+        self,
+        image: Image.Image,
+        images_in_prompt: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        aspect: str = "pad",
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """`encode`, or, for one of several images of a OneVision prompt, `encode_several`."""
+        if self.blended and images_in_prompt > 1:
+            return self.encode_several(image, mean, std)
+        return self.encode(image, mean, std, aspect)
+
+    def encode_several(
+        self, image: Image.Image, mean: Sequence[float], std: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """One image of a OneVision prompt with several: `encode`'s three, its tiles the
+        image padded to a square (in the mean colour, as OneVision's processor pads it),
+        resized to one tile, then zeros."""
+        tiles = np.zeros(self.tiles_shape(), np.float32)
+        tiles[0] = preprocess_image(image, self.tile, "pad", mean, std)
+        return tiles, self.several_layout(), self.several_tokens
+
+    def encode_video(
+        self, frames: Sequence[Image.Image], mean: Sequence[float], std: Sequence[float]
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+        """A video's frames (OneVision) -> the image slots they fill, each `(tiles
+        float32[T, S, S, 3], layout int32[N, 8])`, frames `max_tiles` to a slot, each frame
+        resized to one tile; and the video's number of tokens (`video_layouts`)."""
+        layouts = self.video_layouts(len(frames))
+        slots = []
+        for index, layout in enumerate(layouts):
+            tiles = np.zeros(self.tiles_shape(), np.float32)
+            chunk = frames[index * self.max_tiles : (index + 1) * self.max_tiles]
+            for tile, frame in enumerate(chunk):
+                tiles[tile] = preprocess_image(frame, self.tile, "resize", mean, std)
+            slots.append((tiles, layout))
+        return slots, self.video_tokens(len(frames))
+
     def empty(self, slots: int) -> tuple[np.ndarray, np.ndarray]:
         """`slots` empty image slots: tiles `float32[slots, T, S, S, 3]` of zeros and their
         layouts `int32[slots, N]` of -1."""
         return np.zeros((slots, *self.tiles_shape()), np.float32), self.empty_layouts(slots)
 
-    def tokens_from_header(self, data: bytes) -> int:
+    def tokens_from_header(self, data: bytes, images_in_prompt: int = 1) -> int:
         """The image tokens of encoded image bytes, from the header alone where the count
-        depends on the size (raises `ImageDecodeError` when unreadable)."""
+        depends on the size (raises `ImageDecodeError` when unreadable); one of several
+        images of a OneVision prompt has `several_tokens`."""
         if not self.tiled:
             return self.tokens_of_square
+        if self.blended and images_in_prompt > 1:
+            decoded_size(data)  # still refuses an unreadable image
+            return self.several_tokens
         width, height = decoded_size(data)
         return self.num_tokens(height, width)
 

@@ -241,17 +241,18 @@ class Engine:
             image_mask = np.asarray(image_mask, bool)
             if image_layout is None:
                 image_layout = geometry.layouts_in_order(*images.shape[:2])
-            if np.shape(image_layout) != (*images.shape[:2], geometry.max_tokens):
+            if np.shape(image_layout) != (*images.shape[:2], *geometry.layout_shape):
+                shape = ", ".join(map(str, geometry.layout_shape))
                 raise ValueError(
-                    f"image_layout must be int32[B, I, N] with N={geometry.max_tokens}, got "
+                    f"image_layout must be int32[B, I, {shape}] (N={geometry.max_tokens}), got "
                     f"{np.shape(image_layout)} for images {images.shape}"
                 )
             image_layout = np.asarray(image_layout, np.int32)
         for b, prompt in enumerate(prompts):
-            found = int(np.sum(prompt == image_token))
+            found = int(np.isin(prompt, self.config.media_token_ids).sum())
             wanted, valid = 0, 0
             if images is not None:
-                wanted = int(((image_layout[b] >= 0) & image_mask[b][:, None]).sum())
+                wanted = int((geometry.layout_tokens(image_layout[b]) * image_mask[b]).sum())
                 valid = int(image_mask[b].sum())
             if found != wanted:
                 raise ValueError(

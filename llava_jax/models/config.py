@@ -35,6 +35,7 @@ FEATURE_SELECT_STRATEGIES = ("default", "full")
 VISION_MODEL_TYPES = ("clip", "siglip")
 LORA_BASE_DTYPES = ("param", "bfloat16", "int8")
 _MLP_PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
+_ANYRES_MAX = re.compile(r"^anyres_max_([1-9]\d*)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +203,11 @@ class ModelConfig(Section):
     # LLaVA-NeXT ("anyres"): grid resolutions (height, width), multiples of the vision
     # tower's image size; empty for LLaVA-1.5's single square image (models/inputs.py).
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # LLaVA-OneVision: "anyres_max_N" caps a lone image's grid features near N tiles' worth
+    # (downsampled bilinearly beyond 10% more), gives each image of a several-image prompt
+    # one square tile and a newline, and takes videos; "" for LLaVA-1.5 and LLaVA-NeXT.
+    vision_aspect_ratio: str = ""
+    video_token_id: int | None = None  # OneVision's `<video>` (None: no video)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
@@ -236,6 +242,18 @@ class ModelConfig(Section):
         if self.vision_feature_select_strategy == "default":
             return self.vision.num_patches
         return self.vision.num_tokens
+
+    @property
+    def max_grid_features(self) -> int | None:
+        """OneVision's N of `anyres_max_N` (None: grids are never downsampled)."""
+        match = _ANYRES_MAX.match(self.vision_aspect_ratio)
+        return int(match.group(1)) if match else None
+
+    @property
+    def media_token_ids(self) -> tuple[int, ...]:
+        """The ids whose positions take image features: `<image>`'s, and `<video>`'s."""
+        video = () if self.video_token_id is None else (self.video_token_id,)
+        return (self.image_token_id, *video)
 
     @property
     def projector_depth(self) -> int:
@@ -279,6 +297,20 @@ class ModelConfig(Section):
                     f"projector='identity' needs vision features ({width}) as wide as "
                     f"text.hidden_size ({self.text.hidden_size})"
                 )
+        if self.vision_aspect_ratio and not (
+            _ANYRES_MAX.match(self.vision_aspect_ratio) and self.image_grid_pinpoints
+        ):
+            raise ValueError(
+                f"vision_aspect_ratio={self.vision_aspect_ratio!r} is not 'anyres_max_N' (N >= "
+                "1) with image_grid_pinpoints (OneVision), nor '' (LLaVA-1.5 and NeXT)"
+            )
+        if self.video_token_id is not None and (
+            not self.vision_aspect_ratio or self.video_token_id == self.image_token_id
+        ):
+            raise ValueError(
+                f"video_token_id={self.video_token_id} needs a OneVision model "
+                "(vision_aspect_ratio='anyres_max_N') and an id other than image_token_id"
+            )
         ImageGeometry.of(self)  # the grids, and the feature strategy tiles need
         if self.lora.adapts("llm/lm_head"):
             raise ValueError(

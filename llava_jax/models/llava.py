@@ -87,8 +87,28 @@ def lay_out_anyres(features: Array, newline: Array, layout: Array) -> tuple[Arra
     table = features.reshape(batch, num_images, tiles * per_tile, width)
     row = jnp.broadcast_to(newline.astype(table.dtype), (batch, num_images, 1, width))
     table = jnp.concatenate([table, row], axis=2)
+    if layout.ndim == 4:  # OneVision's blended layout: 4 rows and their weights a token
+        return _blend(table, layout)
     laid = jnp.take_along_axis(table, jnp.maximum(layout, 0)[..., None], axis=2)
     return laid, layout >= 0
+
+
+def _blend(table: Array, layout: Array) -> tuple[Array, Array]:
+    """table: [B, I, R, D]; layout: int32[B, I, N, 8] (`models/inputs.py` `blend_layout`) ->
+    each token's weighted sum of its 4 rows `[B, I, N, D]`, and which exist `bool[B, I, N]`."""
+    batch, num_images, tokens = layout.shape[:3]
+    taps = layout.shape[-1] // 2
+    rows, bits = layout[..., :taps], layout[..., taps:]
+    exists = rows[..., 0] >= 0
+    # Past an image's tokens the weights' bits are -1 (NaN): zero them, or NaN gradients
+    # would reach the features through the unused tokens.
+    weights = jnp.where(rows >= 0, jax.lax.bitcast_convert_type(bits, jnp.float32), 0.0)
+    flat_rows = jnp.maximum(rows, 0).reshape(batch, num_images, tokens * taps)
+    gathered = jnp.take_along_axis(table, flat_rows[..., None], axis=2)
+    gathered = gathered.reshape(batch, num_images, tokens, taps, table.shape[-1])
+    # A product and a sum, not a matmul: the weights keep the table's precision on any chip.
+    blended = jnp.sum(gathered * weights[..., None].astype(table.dtype), axis=3)
+    return blended, exists
 
 
 class Llava(nn.Module):
@@ -162,7 +182,7 @@ class Llava(nn.Module):
         """`embed_inputs` from image features already computed (`encode_images`'s: `[B, I,
         N, D]`, which exist `bool[B, I, N]` or None for all; e.g. kept from an earlier
         request about the same image)."""
-        is_image_token = input_ids == self.config.image_token_id
+        is_image_token = jnp.isin(input_ids, jnp.asarray(self.config.media_token_ids))
         # The image token may lie outside the vocabulary; its embedding is replaced anyway.
         embeddings = self.llm.embed_tokens(jnp.where(is_image_token, 0, input_ids))
         if features is None:
@@ -263,13 +283,16 @@ def dummy_inputs(config: ModelConfig, batch_size: int = 1) -> dict[str, Array]:
     shapes = batch_shapes(config, batch_size, length, image_slots=1)
     input_ids = jnp.full(shapes["input_ids"][0], config.image_token_id, jnp.int32)
     layout_shape = shapes["image_layout"][0]
-    rows = jnp.arange(layout_shape[-1], dtype=jnp.int32)
+    geometry = ImageGeometry.of(config)
+    if geometry.blended:  # OneVision: an image of several, a tile's features in order
+        layout = geometry.several_layout()
+    else:
+        rows = jnp.arange(geometry.max_tokens, dtype=jnp.int32)
+        layout = jnp.where(rows < config.num_image_tokens, rows, -1)
     return {
         "input_ids": input_ids.at[:, -1].set(0),
         "images": jnp.zeros(*shapes["images"]),
-        "image_layout": jnp.broadcast_to(
-            jnp.where(rows < config.num_image_tokens, rows, -1), layout_shape
-        ),
+        "image_layout": jnp.broadcast_to(layout, layout_shape),
     }
 
 
