@@ -32,6 +32,8 @@ setup(
         "numpy>=1.26",
         "ml_dtypes>=0.4",
         "pillow>=10.0",
+        # PyAV (FFmpeg): decoding video files to frames (llava_jax/data/video.py).
+        "av>=12",
         "safetensors>=0.4.3",
         "absl-py>=2.0",
         "tqdm>=4.66",
