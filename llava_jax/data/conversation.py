@@ -12,8 +12,9 @@ tokenized on its own (with a SentencePiece tokenizer the text after an image sta
 word, ``▁``), the first part with the tokenizer's BOS (`tokenizer.TextEncoder`).
 
 The targets keep one invariant: **the prompt a program builds for turn k, followed by turn
-k's targets, is exactly the training row's tokens up to the end of answer k.** So the targets
-of answer k are the row's tokens after the tokens of prompt k, through the end of answer k:
+k's answer targets, is exactly the training row's tokens up to the end of answer k.** So the
+targets of answer k are the row's tokens after the tokens of prompt k, through the end of
+answer k (``qwen_1_5`` adds LLaVA-NeXT's other targets, above, outside the answers):
 a space the tokenizer splits off before the answer (LLaMA's ``▁`` before a digit) is a
 target, as in LLaVA, because at inference the model must produce it. A conversation whose
 prompt tokens are not a prefix of its row (a tokenizer that merges across the boundary) is
@@ -31,6 +32,14 @@ Templates, following ``llava/conversation.py`` and ``llava/train/train.py``:
   system prompt and no separator between them.
 - ``chatml`` (Qwen-style decoders):
   ``"<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n..."``.
+- ``qwen_1_5`` (LLaVA-OneVision's: LLaVA-NeXT's ``conv_qwen``, ``SeparatorStyle.CHATML``, and
+  its trainer's ``preprocess_qwen``): every message, the system prompt first, is
+  ``"<|im_start|>{role}\\n{text}<|im_end|>\\n"``; a prompt ends with
+  ``"<|im_start|>assistant\\n"``. Its targets are LLaVA-NeXT's, more than the answers: each
+  answer's header ``"<|im_start|>assistant\\n"`` (`Template.supervised_header`), and every
+  ``<|im_start|>``, ``<|im_end|>`` and lone ``"\\n"`` token of the row, system and user
+  turns included (`Template.always_targets`). A turn with exactly one ``<image>`` gets it
+  in front, as LLaVA-NeXT's ``preprocess_multimodal`` does (`move_each_single_image_to_front`).
 
 ``data.template_version`` names the format a model was trained with (`TEMPLATE_VERSION`).
 """
@@ -71,7 +80,7 @@ LLAMA_2_SYSTEM = (
     "You are able to understand the visual content that the user provides, "
     "and assist the user with a variety of tasks using natural language."
 )
-CHATML_SYSTEM = "You are a helpful assistant."
+CHATML_SYSTEM = "You are a helpful assistant."  # also LLaVA-NeXT's preprocess_qwen default
 BOS, EOS, IM_START, IM_END = "<s>", "</s>", "<|im_start|>", "<|im_end|>"
 CONTROL_TOKENS = (BOS, EOS, IM_START, IM_END)  # every template's control pieces
 
@@ -201,31 +210,65 @@ def _chatml_answer(t: Template, answer: str) -> Pieces:
     return (_text(answer), _control(t.end))
 
 
+# qwen_1_5: the end of every prompt, which LLaVA-NeXT's preprocess_qwen trains on
+QWEN_ASSISTANT_HEADER: Pieces = (_control(IM_START), _text("assistant\n"))
+
+
+def _qwen_message(role: str, text: str) -> Pieces:
+    return (_control(IM_START), _text(f"{role}\n{text}"), _control(IM_END), _text("\n"))
+
+
+def _qwen_1_5_prompt(t: Template, k: int, question: str) -> Pieces:
+    # preprocess_qwen writes the system message even when it is empty, as Qwen2's chat
+    # template does for a given one
+    system = _qwen_message("system", t.system) if k == 0 else ()
+    return (*system, *_qwen_message("user", question), *QWEN_ASSISTANT_HEADER)
+
+
+def _qwen_1_5_answer(t: Template, answer: str) -> Pieces:
+    # the "\n" after <|im_end|> closes the message and is a target in LLaVA-NeXT
+    return (_text(answer), _control(t.end), _text("\n"))
+
+
 _RENDERERS: dict[str, tuple[PromptRenderer, AnswerRenderer]] = {
     "plain": (_plain_prompt, _plain_answer),
     "vicuna_v1": (_vicuna_v1_prompt, _vicuna_v1_answer),
     "llava_llama_2": (_llava_llama_2_prompt, _llama_2_answer),
     "mistral_instruct": (_mistral_instruct_prompt, _llama_2_answer),
     "chatml": (_chatml_prompt, _chatml_answer),
+    "qwen_1_5": (_qwen_1_5_prompt, _qwen_1_5_answer),
 }
+# Templates trained with LLaVA-NeXT's preprocess_multimodal, which moves the image of each
+# turn holding exactly one to its front; LLaVA-1.5's moves a conversation's one image.
+_IMAGE_TO_FRONT_PER_TURN = frozenset({"qwen_1_5"})
 
 
 @dataclasses.dataclass(frozen=True)
 class Template:
     """One of LLaVA's conversation formats. ``end`` closes an answer and is a target (and,
-    at inference, a stop string)."""
+    at inference, a stop string).
+
+    ``supervised_header``: pieces that end every prompt and are targets all the same;
+    ``always_targets``: texts, each one token, that are targets wherever they are in the
+    row. Both are LLaVA-NeXT's ``preprocess_qwen`` (``qwen_1_5``); other templates train on
+    their answers only."""
 
     name: str
     system: str
     end: str
     version: int = TEMPLATE_VERSION
+    supervised_header: Pieces = ()
+    always_targets: tuple[str, ...] = ()
 
     def render(self, turns: Sequence[dict], generation_prompt: bool = False) -> Rendered:
         """Renders ``turns`` (a single ``<image>`` moved to the front of its turn, as
-        LLaVA's ``preprocess_multimodal`` does). With ``generation_prompt`` the turns end
+        LLaVA's ``preprocess_multimodal`` does; for ``qwen_1_5`` each turn's single image,
+        as LLaVA-NeXT's does). With ``generation_prompt`` the turns end
         on a human turn and the rendering ends where the assistant's answer would start."""
         check_roles(turns, allow_trailing_human=generation_prompt)
-        if sum(str(turn["value"]).count(IMAGE_PLACEHOLDER) for turn in turns) == 1:
+        if self.name in _IMAGE_TO_FRONT_PER_TURN:
+            turns = move_each_single_image_to_front(turns)
+        elif sum(str(turn["value"]).count(IMAGE_PLACEHOLDER) for turn in turns) == 1:
             turns = move_image_to_front(turns)
         render_prompt, render_answer = _RENDERERS[self.name]
         prompts = tuple(render_prompt(self, k, turn["value"]) for k, turn in enumerate(turns[0::2]))
@@ -251,6 +294,15 @@ TEMPLATES: dict[str, Template] = {
     "llava_llama_2": Template("llava_llama_2", system=LLAMA_2_SYSTEM, end=EOS),
     "mistral_instruct": Template("mistral_instruct", system="", end=EOS),
     "chatml": Template("chatml", system=CHATML_SYSTEM, end=IM_END),
+    "qwen_1_5": Template(
+        "qwen_1_5",
+        system=CHATML_SYSTEM,
+        end=IM_END,
+        supervised_header=QWEN_ASSISTANT_HEADER,
+        # preprocess_qwen's unmask_tokens_idx = [198, im_start, im_end]: 198 is "\n" in Qwen's
+        # vocabulary; here "\n" is whatever single token the tokenizer gives it
+        always_targets=(IM_START, IM_END, "\n"),
+    ),
 }
 
 
@@ -290,6 +342,20 @@ def skip_leading_answer(turns: Sequence[dict]) -> list[dict]:
     if turns and isinstance(turns[0], dict) and turns[0].get("from") == GPT:
         return turns[1:]
     return turns
+
+
+def move_each_single_image_to_front(turns: Sequence[dict]) -> list[dict]:
+    """LLaVA-NeXT's ``preprocess_multimodal``: a turn with exactly one ``<image>``, not
+    already first, becomes ``"<image>\\n" + rest.strip()``; turns with several images stay
+    as they are."""
+    out = []
+    for turn in turns:
+        value = turn["value"]
+        if value.count(IMAGE_PLACEHOLDER) == 1 and not value.startswith(IMAGE_PLACEHOLDER):
+            rest = value.replace(IMAGE_PLACEHOLDER, "").strip()
+            value = (IMAGE_PLACEHOLDER + "\n" + rest).strip()
+        out.append({"from": turn["from"], "value": value})
+    return out
 
 
 def move_image_to_front(turns: Sequence[dict]) -> list[dict]:
@@ -341,6 +407,22 @@ def encode_rendered(rendered: Rendered, tokenizer: LoadedTokenizer, version: int
     return tokenizer.text_encoder.encode(rendered.pieces)
 
 
+def always_target_ids(template: Template, tokenizer: LoadedTokenizer) -> np.ndarray:
+    """``int32[N]``: the ids of ``template.always_targets``. Raises ``ValueError`` naming
+    the template when the tokenizer does not give one of them a single token."""
+    ids = []
+    for text in template.always_targets:
+        encoded = tokenizer.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            raise ValueError(
+                f"template {template.name!r} trains on {text!r} as one token, which this "
+                f"tokenizer makes {encoded}: use the tokenizer the template was made for "
+                "(qwen_1_5: Qwen's, with <|im_start|> and <|im_end|> special tokens)"
+            )
+        ids.append(encoded[0])
+    return np.asarray(ids, np.int32)
+
+
 def tokenize_conversation(
     turns: Sequence[dict],
     tokenizer: LoadedTokenizer,
@@ -353,10 +435,11 @@ def tokenize_conversation(
     expanded to its image's tokens (``num_image_tokens``: one count for every image, or one
     per image in order), the targets of every answer marked, truncated to ``max_len``.
 
-    A leading ``gpt`` turn is skipped, as LLaVA does. Raises ``DroppedExample`` when the
-    sample must not be trained on: roles out of order, an empty turn, ``<image>`` count !=
-    ``num_images``, a prompt whose tokens are not a prefix of the row's, image tokens cut by
-    truncation, or no target left.
+    The targets are each answer and its end, and what else ``template`` trains on
+    (``supervised_header``, ``always_targets``). A leading ``gpt`` turn is skipped, as LLaVA
+    does. Raises ``DroppedExample`` when the sample must not be trained on: roles out of
+    order, an empty turn, ``<image>`` count != ``num_images``, a prompt whose tokens are not
+    a prefix of the row's, image tokens cut by truncation, or no answer token left.
     """
     if template.version != TEMPLATE_VERSION:
         raise ValueError(
@@ -374,24 +457,33 @@ def tokenize_conversation(
             "image_count_mismatch", f"{placeholders} <image> in text, {num_images} images"
         )
     rendered = template.render(turns)
-    # the pieces through prompt k, then through answer k, for each answer k
-    cuts, count = [], 0
+    header = len(template.supervised_header)
+    # for each answer k, the number of pieces through: the start of its prompt's supervised
+    # header (its prompt's end where there is none), its prompt, the answer
+    spans, count = [], 0
     for prompt, answer in zip(rendered.prompts, rendered.answers, strict=True):
+        if prompt[len(prompt) - header :] != template.supervised_header:
+            raise ValueError(f"template {template.name!r}: a prompt does not end with its header")
         count += len(prompt)
-        cuts.append(count)
+        spans.append((count - header, count, count + len(answer)))
         count += len(answer)
-        cuts.append(count)
+    cuts = sorted({cut for span in spans for cut in span})
     ids, lengths = tokenizer.text_encoder.encode_with_prefixes(rendered.pieces, cuts)
-    targets = np.zeros(len(ids), bool)
-    for k in range(len(rendered.answers)):
-        prompt, through_answer = lengths[2 * k], lengths[2 * k + 1]
-        if prompt is None or through_answer is None:
+    tokens_through = dict(zip(cuts, lengths, strict=True))
+    answer_targets = np.zeros(len(ids), bool)  # the answers and their ends
+    targets = np.zeros(len(ids), bool)  # and what else the template trains on
+    for k, span in enumerate(spans):
+        header_start, prompt, through_answer = (tokens_through[cut] for cut in span)
+        if header_start is None or prompt is None or through_answer is None:
             raise DroppedExample(
                 "prompt_not_prefix",
                 f"answer {k}: the tokens of its prompt are not the start of the row's (the "
                 "tokenizer joins text across the start or end of the answer)",
             )
-        targets[prompt:through_answer] = True
+        answer_targets[prompt:through_answer] = True
+        targets[header_start:through_answer] = True
+    if template.always_targets:
+        targets |= np.isin(ids, always_target_ids(template, tokenizer))
 
     image_token_id = tokenizer.image_token_id
     is_image = ids == image_token_id
@@ -403,6 +495,7 @@ def tokenize_conversation(
     repeats = image_token_repeats(ids, image_token_id, num_image_tokens)
     ids = np.repeat(ids, repeats)
     targets = np.repeat(targets & ~is_image, repeats)
+    answer_targets = np.repeat(answer_targets & ~is_image, repeats)
 
     if len(ids) > max_len:
         last_image_end = 0
@@ -412,7 +505,8 @@ def tokenize_conversation(
             raise DroppedExample(
                 "image_truncated", f"image tokens end at {last_image_end} > max_len {max_len}"
             )
-        ids, targets = ids[:max_len], targets[:max_len]
-    if not targets.any():
+        ids, targets, answer_targets = ids[:max_len], targets[:max_len], answer_targets[:max_len]
+    # a row cut before its first answer is dropped even where the template trains on more
+    if not answer_targets.any():
         raise DroppedExample("no_supervised_tokens", "no answer token within max_len")
     return TokenizedConversation(ids, targets.astype(np.float32))
