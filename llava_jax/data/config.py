@@ -47,12 +47,16 @@ class DataConfig(Section):
     # (datasets/__init__.py). A given name is reused only for the data it was made from.
     dataset_name: str | None = None
     on_bad_record: str = "error"  # llava_json: error | skip
-    synthetic_style: str = "instruct"  # caption (stage 1) | instruct (stage 2)
+    # llava_json: frames sampled uniformly from each `video` record (data/video.py) and
+    # stored when preparing (a change prepares again). LLaVA-OneVision's published training
+    # used 32 (and LLaVA-Video's up to 64); 8 keeps small runs small.
+    video_frames: int = 8
+    synthetic_style: str = "instruct"  # caption (stage 1) | instruct (stage 2) | several
     synthetic_image_size: int = 32
     synthetic_num_train: int = 4000
     synthetic_num_test: int = 400
     synthetic_seed: int = 0
-    template: str = "vicuna_v1"  # plain | vicuna_v1 | llava_llama_2 | mistral_instruct | chatml
+    template: str = "vicuna_v1"  # plain|vicuna_v1|llava_llama_2|mistral_instruct|chatml|qwen_1_5
     # The conversation format's version (data/conversation.py TEMPLATE_VERSION): 2, LLaVA's
     # own tokens and targets; 1 only to prompt models trained before (a run config without
     # this key is one of those). Training takes the current version only.
@@ -120,6 +124,7 @@ class DataConfig(Section):
             "max_images_per_sample",
             "max_images_per_row",
             "packing_window",
+            "video_frames",
         ):
             if getattr(self, field) < 1:
                 raise ValueError(f"config.data.{field}={getattr(self, field)} must be >= 1")

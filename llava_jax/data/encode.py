@@ -2,6 +2,12 @@
 decoded and cut into tiles with their feature layouts (data/image_tiles.py), its conversation
 rendered and tokenized with LLaVA's targets; and several examples -> one packed row.
 
+A record of one video's frames (`Record.is_video`, LLaVA-OneVision's video) is its one
+`<image>`, expanded to `ImageGeometry.video_tokens(frames)` tokens, and the image slots its
+frames fill, `max_tiles` frames to a slot (`ImageTiler.encode_video`): slots, not frames,
+count against `max_images_per_sample` and `max_images_per_row`. A model that does not take
+videos (not OneVision) drops such a record (`video_not_supported`).
+
 An example holds one row of the host batch (`models/inputs.py` `Batch`, without the batch
 axis) plus `id` and `drop_reason` ('' when it trains); a record that must not be trained on
 becomes its drop report (`id`, `file`, `detail`, a `drop_reason`), counted by the pipeline.
@@ -73,10 +79,32 @@ class ExampleEncoder:
         example["image_layout"][:] = -1
         return {"id": "", "drop_reason": "", **example}
 
+    def image_slots(self, record: Record) -> int:
+        """The image slots `record` fills: one an image; a video's frames `max_tiles` to a
+        slot."""
+        if record.is_video:
+            return -(-len(record.image_bytes) // self.tiler.max_tiles)
+        return len(record.image_bytes)
+
     def _too_many_images(self, record: Record) -> str:
-        """The drop detail when the record has more images than a sample may, else ''."""
-        count, most = len(record.image_bytes), self.config.max_images_per_sample
-        return f"{count} > {most}" if count > most else ""
+        """The drop detail when the record fills more image slots than a sample may, else ''."""
+        count, most = self.image_slots(record), self.config.max_images_per_sample
+        if count <= most:
+            return ""
+        if record.is_video:
+            frames = len(record.image_bytes)
+            return f"a video of {frames} frames fills {count} image slots > {most}"
+        return f"{count} > {most}"
+
+    def _check_video(self, record: Record) -> None:
+        """Raises `DroppedExample` for a video record when the model takes no video."""
+        if record.is_video and not self.tiler.blended:
+            raise DroppedExample(
+                "video_not_supported",
+                "a video trains only a LLaVA-OneVision model (vision_aspect_ratio "
+                "'anyres_max_N'); this model's images are not blended",
+                record.video_source,
+            )
 
     @staticmethod
     def _unreadable(record: Record, index: int, error: ValueError) -> DroppedExample:
@@ -86,12 +114,19 @@ class ExampleEncoder:
 
     def images(self, record: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
         """The record's images (data/image_tiles.py): their tiles ``float32[I, T, S, S, 3]``,
-        ``bool[I]``, feature layouts ``int32[I, N]`` and numbers of image tokens."""
+        ``bool[I]``, feature layouts ``int32[I, N]`` and numbers of image tokens (a
+        video's: one, for its one ``<image>``)."""
         c = self.config
+        self._check_video(record)
         if detail := self._too_many_images(record):
             raise DroppedExample("too_many_images", detail)
         tiles, layouts = self.tiler.empty(c.max_images_per_sample)
         mask = np.zeros((c.max_images_per_sample,), bool)
+        if record.is_video:
+            slots, count = self._video_slots(record)
+            for index, (slot_tiles, slot_layout) in enumerate(slots):
+                tiles[index], layouts[index], mask[index] = slot_tiles, slot_layout, True
+            return tiles, mask, layouts, [count]
         counts = []
         for index, data in enumerate(record.image_bytes):
             try:
@@ -105,7 +140,7 @@ class ExampleEncoder:
             )
             # The length table counted the tokens from the header (`image_tokens`); a format
             # that settles its size on load (ICO) may count otherwise.
-            if self.tiler.tokens_from_header(data, in_prompt) != count:
+            if self.tiler.tokens_in_prompt(header_height, header_width, in_prompt) != count:
                 raise DroppedExample(
                     "image_size_changed",
                     f"image {index}: header {(header_width, header_height)}, decoded "
@@ -116,9 +151,25 @@ class ExampleEncoder:
             mask[index] = True
         return tiles, mask, layouts, counts
 
+    def _video_slots(self, record: Record) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+        """A video record's slots `[(tiles float32[T, S, S, 3], layout int32[N, 8])]` and
+        its number of tokens (`ImageTiler.encode_video`)."""
+        frames = []
+        for index, data in enumerate(record.image_bytes):
+            try:
+                frames.append(decode_image(data))
+            except ValueError as error:  # ImageDecodeError: corrupt bytes
+                raise self._unreadable(record, index, error) from error
+        c = self.config
+        return self.tiler.encode_video(frames, c.image_mean, c.image_std)
+
     def image_tokens(self, record: Record) -> list[int]:
         """Each image's number of image tokens, from its header where the count depends on
-        the size (nothing decoded; raises ``DroppedExample`` for an unreadable one)."""
+        the size (nothing decoded; raises ``DroppedExample`` for an unreadable one); a
+        video's one count, from its number of frames."""
+        self._check_video(record)
+        if record.is_video:
+            return [self.tiler.video_tokens(len(record.image_bytes))]
         counts = []
         for index, data in enumerate(record.image_bytes):
             try:
@@ -134,16 +185,18 @@ class ExampleEncoder:
             record.conversations,
             self.tokenizer,
             self.template,
-            num_images=len(record.image_bytes),
+            num_images=1 if record.is_video else len(record.image_bytes),
             num_image_tokens=image_tokens,
             max_len=self.config.max_len,
         )
 
     def measure(self, stored: dict) -> tuple[int, int, str]:
-        """(tokens, images, drop reason or '') of a stored record, no image decoded (a NeXT
-        image's token count comes from its header's size)."""
+        """(tokens, image slots, drop reason or '') of a stored record, no image decoded (a
+        NeXT image's token count comes from its header's size)."""
         record = from_stored(stored)
-        images = len(record.image_bytes)
+        images = self.image_slots(record)
+        if record.is_video and not self.tiler.blended:
+            return 0, images, "video_not_supported"  # as `images` would drop it
         if self._too_many_images(record):
             return 0, images, "too_many_images"  # as `images` would drop it
         try:

@@ -108,10 +108,14 @@ class ImageTiler(ImageGeometry):
         images of a OneVision prompt has `several_tokens`."""
         if not self.tiled:
             return self.tokens_of_square
-        if self.blended and images_in_prompt > 1:
-            decoded_size(data)  # still refuses an unreadable image
-            return self.several_tokens
         width, height = decoded_size(data)
+        return self.tokens_in_prompt(height, width, images_in_prompt)
+
+    def tokens_in_prompt(self, height: int, width: int, images_in_prompt: int) -> int:
+        """The image tokens of an image of `height x width` in a prompt with
+        `images_in_prompt` images (`encode_in_prompt`'s count)."""
+        if self.blended and images_in_prompt > 1:
+            return self.several_tokens
         return self.num_tokens(height, width)
 
     def tiles(

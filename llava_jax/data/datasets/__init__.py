@@ -6,13 +6,13 @@
 
 A LLaVA JSON is prepared into ``data_dir/llava_json/<stem>_<key>/1.0.0``, ``key`` a hash of
 what the records are made from (``llava_json.source_of``: each JSON's absolute path and
-content hash, the image folder, ``on_bad_record``): other data, or the same file edited,
-gets its own directory (the earlier ones stay, for the runs that read them), and unchanged
-data is reused without preparing again. The length tables live in the same directory, so
-they follow. ``config.data.dataset_name`` names the directory instead (no key); it is
-reused only for the data it was made from (``llava_jax_source.json`` beside the shards),
-and other data is refused naming what changed (``PreparedDataMismatch``): it is never
-overwritten, since a run may be reading it.
+content hash, the image folder, ``on_bad_record``, ``video_frames`` for a JSON with videos):
+other data, or the same file edited, gets its own directory (the earlier ones stay, for the
+runs that read them), and unchanged data is reused without preparing again. The length
+tables live in the same directory, so they follow. ``config.data.dataset_name`` names the
+directory instead (no key); it is reused only for the data it was made from
+(``llava_jax_source.json`` beside the shards), and other data is refused naming what changed
+(``PreparedDataMismatch``): it is never overwritten, since a run may be reading it.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def builder_for(config) -> tfds.core.GeneratorBasedBuilder:
             str(config.image_dir),
             config.test_json_path,
             config.on_bad_record,
+            config.video_frames,
         )
         name = config.dataset_name or f"{_stem(config)}_{source_key(source)}"
         builder_config = LlavaJsonConfig(
@@ -81,6 +82,7 @@ def builder_for(config) -> tfds.core.GeneratorBasedBuilder:
             test_json_path=config.test_json_path,
             on_bad_record=config.on_bad_record,
             source=source,
+            video_frames=config.video_frames,
         )
         return LlavaJson(
             config=builder_config, data_dir=_data_dir(config), file_format="array_record"
@@ -169,6 +171,8 @@ def describe(config) -> str:
         if source["test_json_path"]:
             what += f", test {source['test_json_path']} (sha256 {source['test_json_sha256'][:12]})"
         what += f", images {source['image_dir']}"
+        if "video_frames" in source:
+            what += f", {source['video_frames']} frames a video"
     return f"{what}, prepared in {builder.data_dir}"
 
 

@@ -10,12 +10,25 @@ out of the folder (``outside_image_dir``) or a FIFO, directory or device
 ``on_bad_record``: ``error`` stops before anything is written, listing the first
 offending ids and files; ``skip`` leaves them out and reports how many of each.
 
+A LLaVA-Video record has ``video`` instead of ``image``: a video file, or a folder of frame
+images, relative to the image folder and checked as image paths are (inside the folder once
+resolved; a regular file or a folder, each frame inside too), written in the text as ONE
+``<image>`` (LLaVA-NeXT's train.py reads a video as an image of several frames). Its
+``video_frames`` frames (``data/video.py`` ``read_video``: uniform sampling) are read while
+preparing and stored as the record's images, one lossless PNG each at the video's own size,
+marked as one video's frames (``record.py`` ``video_frame_path``). A record with both
+fields is ``bad_json``; a video that cannot be read, or has fewer frames than asked, is
+``unreadable_video`` (the path and why); another count of ``<image>`` than one is
+``image_count_mismatch``. A video is decoded twice, once to check it and once to store it:
+a check keeping every frame in memory would not scale to LLaVA-Video-178K.
+
 A file that cannot be read as a whole (missing, not UTF-8, a JSON list that does not parse,
 is nested too deep or holds a number of more digits than Python reads) is a
 ``DataFileError`` naming the file; in a JSONL file such a line is one ``bad_json`` record.
 
 What a preparation was made from (``source_of``: the JSON's absolute path and SHA-256, the
-test JSON's, the image folder, ``on_bad_record``, the builder's version) is written beside
+test JSON's, the image folder, ``on_bad_record``, the builder's version, and
+``video_frames`` when a JSON has videos) is written beside
 the shards (``SOURCE_FILE``); ``source_key`` of it names the prepared directory, so other
 data never reuses it (``datasets.builder_for``).
 """
@@ -24,11 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import tensorflow_datasets as tfds
+from PIL import Image
 from tqdm import tqdm
 
 from llava_jax.data.conversation import (
@@ -37,7 +52,12 @@ from llava_jax.data.conversation import (
     check_roles,
     skip_leading_answer,
 )
-from llava_jax.data.datasets.record import Record, features
+from llava_jax.data.datasets.record import (
+    VIDEO_FRAME_PATH,
+    Record,
+    features,
+    video_frame_path,
+)
 from llava_jax.data.image import (
     ImageDecodeError,
     ImageFileError,
@@ -45,6 +65,7 @@ from llava_jax.data.image import (
     decode_image,
     read_image_file,
 )
+from llava_jax.data.video import frame_files, read_video
 from llava_jax.errors import InputError
 from llava_jax.json_input import JSONInputError, loads
 
@@ -54,6 +75,7 @@ PROBLEMS = (
     "outside_image_dir",
     "not_regular_file",
     "unreadable_image",
+    "unreadable_video",
     "roles_out_of_order",
     "image_count_mismatch",
     "empty_turn",
@@ -189,11 +211,30 @@ def _image_paths(record: dict) -> list[str]:
     return [image] if isinstance(image, str) else list(image)
 
 
-def check_record(record, image_dir: str) -> tuple[list[str], list[dict], Problem | None]:
-    """Checks one record's structure and files (not the image contents).
+def is_video_record(record) -> bool:
+    """Whether a raw JSON record is LLaVA-Video's: a ``video`` field (not null)."""
+    return isinstance(record, dict) and record.get("video") is not None
 
-    Returns the absolute image paths, the turns to keep (a leading ``gpt`` turn skipped, as
-    LLaVA's ``preprocess_v1`` does) and the first problem found, if any.
+
+def check_video_path(path: str, image_dir: str) -> str:
+    """The resolved path of the video ``path``, checked as an image path is (inside
+    ``image_dir`` once resolved) but a folder of frames allowed too. Raises
+    ``ImageFileError`` (``outside_image_dir``, ``not_regular_file``) or ``OSError``."""
+    try:
+        return check_image_path(path, image_dir)
+    except ImageFileError as error:
+        resolved = os.path.realpath(path)
+        if error.kind == "not_regular_file" and os.path.isdir(resolved):
+            return resolved
+        raise
+
+
+def check_record(record, image_dir: str) -> tuple[list[str], list[dict], Problem | None]:
+    """Checks one record's structure and files (not the image or video contents).
+
+    Returns the absolute image paths (a video record: its one video), the turns to keep (a
+    leading ``gpt`` turn skipped, as LLaVA's ``preprocess_v1`` does) and the first problem
+    found, if any.
     """
     if not isinstance(record, dict):
         return [], [], Problem("bad_json", "?", "", "record is not a JSON object")
@@ -201,9 +242,19 @@ def check_record(record, image_dir: str) -> tuple[list[str], list[dict], Problem
     turns = record.get("conversations")
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
         return [], [], Problem("bad_json", record_id, "", "`conversations` is not a list of turns")
-    paths = _image_paths(record)
+    video = is_video_record(record)
+    if video and record.get("image") is not None:
+        detail = "a record has `image` or `video`, not both"
+        return [], [], Problem("bad_json", record_id, "", detail)
+    if video and not (isinstance(record["video"], str) and record["video"]):
+        return [], [], Problem("bad_json", record_id, "", "`video` is not a path")
+    paths = [record["video"]] if video else _image_paths(record)
     if not all(isinstance(p, str) and p for p in paths):
         return [], [], Problem("bad_json", record_id, "", "`image` is not a path or list of paths")
+    if not video and any(VIDEO_FRAME_PATH.fullmatch(p) for p in paths):
+        # stored video frames are marked so (record.py): an image may not look like one
+        detail = "an `image` path ends like a stored video frame (#frame=N): rename it"
+        return [], [], Problem("bad_json", record_id, ",".join(paths), detail)
     turns = skip_leading_answer(turns)
     try:
         check_roles(turns)
@@ -214,13 +265,14 @@ def check_record(record, image_dir: str) -> tuple[list[str], list[dict], Problem
         return [], [], Problem(error.reason, record_id, "", error.detail)
     placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns)
     if placeholders != len(paths):
-        detail = f"{placeholders} <image> in the text, {len(paths)} image(s)"
+        what = "one video (written as one <image>)" if video else f"{len(paths)} image(s)"
+        detail = f"{placeholders} <image> in the text, {what}"
         return [], [], Problem("image_count_mismatch", record_id, ",".join(paths), detail)
     full_paths = [os.path.join(image_dir, p) for p in paths]
     for path in full_paths:
         try:
             # containment first: a path outside the folder is refused unlooked-at
-            check_image_path(path, image_dir)
+            (check_video_path if video else check_image_path)(path, image_dir)
         except ImageFileError as error:
             return [], [], Problem(error.kind, record_id, path, error.reason)
         except FileNotFoundError:
@@ -239,11 +291,49 @@ def image_problem(path: str, image_dir: str) -> str:
     return ""
 
 
+def read_video_frames(path: str, image_dir: str, num_frames: int) -> list[Image.Image]:
+    """`num_frames` RGB frames sampled uniformly from the video file or frame folder at
+    `path` (`data/video.py` `read_video`), which must lie inside `image_dir`, as must each
+    frame file of a folder. Raises `InputError` (unreadable, too few frames: naming the
+    path), `ImageFileError` (outside the folder, not a file or folder) or `OSError`."""
+    resolved = check_video_path(path, image_dir)
+    if os.path.isdir(resolved):
+        for frame in frame_files(resolved):  # a frame linked out of the folder is refused
+            check_image_path(frame, image_dir)
+    return read_video(resolved, num_frames)
+
+
+def png_bytes(frame: Image.Image) -> bytes:
+    """A video frame stored losslessly (PNG)."""
+    buffer = io.BytesIO()
+    frame.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def video_problem(path: str, image_dir: str, num_frames: int) -> tuple[str, str]:
+    """`('', '')` if `num_frames` frames of the video at `path` read, else the problem's
+    kind and why (the reason `read_video` gives, naming the path)."""
+    try:
+        read_video_frames(path, image_dir, num_frames)
+    except ImageFileError as error:
+        return error.kind, str(error)
+    except FileNotFoundError:  # gone since it was checked
+        return "missing_file", "no such file"
+    except (InputError, OSError, ValueError) as error:
+        return "unreadable_video", str(error)
+    return "", ""
+
+
 def validate(
-    json_path: str, image_dir: str, num_threads: int = 8, progress: bool = True
+    json_path: str,
+    image_dir: str,
+    num_threads: int = 8,
+    progress: bool = True,
+    video_frames: int = 8,  # DataConfig.video_frames' default
 ) -> tuple[list[Record], ValidationReport]:
-    """Validates every record (images decoded fully) and returns the good ones, their
-    images not yet read, and the report. Never raises for a bad record."""
+    """Validates every record (images decoded fully; `video_frames` frames of each video
+    read) and returns the good ones, their images not yet read (a video's frames marked in
+    `image_paths`, `video_frame_path`), and the report. Never raises for a bad record."""
     raw = read_raw_records(json_path)
     report = ValidationReport(source=json_path, total=len(raw))
     candidates = []
@@ -260,10 +350,11 @@ def validate(
         record_id = str(record.get("id", fallback_id))
         if len(turns) < len(record["conversations"]):
             report.adjust("leading_gpt_turn_skipped", record_id)
-        candidates.append((record_id, paths, turns))
+        candidates.append((record_id, paths, turns, is_video_record(record)))
 
-    all_paths = sorted({p for _, paths, _ in candidates for p in paths})
-    with ThreadPoolExecutor(num_threads) as pool:  # PIL decodes outside the GIL
+    all_paths = sorted({p for _, paths, _, video in candidates if not video for p in paths})
+    all_videos = sorted({p for _, paths, _, video in candidates if video for p in paths})
+    with ThreadPoolExecutor(num_threads) as pool:  # PIL and FFmpeg decode outside the GIL
         checks = tqdm(
             pool.map(lambda path: image_problem(path, image_dir), all_paths),
             total=len(all_paths),
@@ -271,36 +362,61 @@ def validate(
             unit="img",
             disable=not (all_paths and progress),
         )
-        unreadable = {path: why for path, why in zip(all_paths, checks, strict=True) if why}
+        unreadable = {  # (path, is a video) -> (kind, why)
+            (path, False): ("unreadable_image", why)
+            for path, why in zip(all_paths, checks, strict=True)
+            if why
+        }
+        video_checks = tqdm(
+            pool.map(lambda path: video_problem(path, image_dir, video_frames), all_videos),
+            total=len(all_videos),
+            desc="Checking videos",
+            unit="video",
+            disable=not (all_videos and progress),
+        )
+        unreadable.update(
+            ((path, True), why)
+            for path, why in zip(all_videos, video_checks, strict=True)
+            if why[0]
+        )
     good = []
-    for record_id, paths, turns in candidates:
-        bad = [p for p in paths if p in unreadable]
+    for record_id, paths, turns, video in candidates:
+        bad = [p for p in paths if (p, video) in unreadable]
         if bad:
-            report.add(Problem("unreadable_image", record_id, bad[0], unreadable[bad[0]]))
+            kind, why = unreadable[bad[0], video]
+            report.add(Problem(kind, record_id, bad[0], why))
             continue
         relative = tuple(os.path.relpath(p, image_dir) for p in paths)
+        if video:  # frame k of the video's sample, read when the record is written
+            relative = tuple(video_frame_path(relative[0], k) for k in range(video_frames))
         good.append(Record(record_id, (), relative, tuple(turns)))
     report.kept = len(good)
     return good, report
 
 
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime, inode, device) -> SHA-256
+# (path, size, mtime, inode, device) -> (SHA-256, whether the bytes hold `"video"`)
+_DIGESTS: dict[tuple, tuple[str, bool]] = {}
+VIDEO_KEY = b'"video"'  # how a JSON writes a LLaVA-Video record's key
 
 
-def file_sha256(path: str, field: str) -> str:
-    """The SHA-256 of the file at `path`, read in chunks (a 1 GB JSON is not held in memory;
-    it hashes at the disk's speed); remembered while the file's size, modification time and
-    inode stay the same, so a run that opens its splits several times reads it once.
-    `field` names the setting in errors."""
+def _file_facts(path: str, field: str) -> tuple[str, bool]:
+    """The SHA-256 of the file at `path`, and whether it holds `"video"` (a video record's
+    key, or a false alarm that costs nothing), read in chunks (a 1 GB JSON is not held in
+    memory; it hashes at the disk's speed); remembered while the file's size, modification
+    time and inode stay the same, so a run that opens its splits several times reads it
+    once. `field` names the setting in errors."""
     try:
         stat = os.stat(path)
         key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
         if key not in _DIGESTS:
-            digest = hashlib.sha256()
+            digest, mentions_video, tail = hashlib.sha256(), False, b""
             with open(path, "rb") as file:  # (hashlib.file_digest is Python 3.11+)
                 for block in iter(lambda: file.read(1 << 20), b""):
                     digest.update(block)
-            _DIGESTS[key] = digest.hexdigest()
+                    # the last bytes of the previous block: a key cut in two is still found
+                    mentions_video = mentions_video or VIDEO_KEY in tail + block
+                    tail = block[-len(VIDEO_KEY) :]
+            _DIGESTS[key] = digest.hexdigest(), mentions_video
     except OSError as error:
         raise DataFileError(
             f"config.data.{field}: {path}: cannot read: {error.strerror or error}"
@@ -308,23 +424,39 @@ def file_sha256(path: str, field: str) -> str:
     return _DIGESTS[key]
 
 
+def file_sha256(path: str, field: str) -> str:
+    """The SHA-256 of the file at `path` (`_file_facts`); `field` names the setting in
+    errors."""
+    return _file_facts(path, field)[0]
+
+
 def source_of(
-    json_path: str, image_dir: str, test_json_path: str | None, on_bad_record: str
+    json_path: str,
+    image_dir: str,
+    test_json_path: str | None,
+    on_bad_record: str,
+    video_frames: int,
 ) -> dict:
     """What a preparation's records depend on: each JSON's absolute path and content hash,
-    the image folder (resolved), the bad-record policy and the builder's version. The
-    tokenizer and template do not shape the prepared records (they are the length table's
-    key)."""
+    the image folder (resolved), the bad-record policy, the builder's version, and
+    `video_frames` (the frames stored of each video) when a JSON may hold videos (it
+    writes `"video"`; a JSON without stays keyed as before videos were read, so data
+    prepared then is not prepared again). The tokenizer and template do not shape the
+    prepared records (they are the length table's key)."""
+    mentions_video = False
 
     def path_and_hash(path: str | None, field: str) -> tuple[str | None, str | None]:
+        nonlocal mentions_video
         if not path:
             return None, None
         path = os.path.abspath(os.path.expanduser(path))
-        return path, file_sha256(path, field)
+        digest, video = _file_facts(path, field)
+        mentions_video = mentions_video or video
+        return path, digest
 
     json_abs, json_hash = path_and_hash(json_path, "json_path")
     test_abs, test_hash = path_and_hash(test_json_path, "test_json_path")
-    return {
+    source = {
         "json_path": json_abs,
         "json_sha256": json_hash,
         "test_json_path": test_abs,
@@ -333,6 +465,9 @@ def source_of(
         "on_bad_record": on_bad_record,
         "builder_version": BUILDER_VERSION,
     }
+    if mentions_video:
+        source["video_frames"] = video_frames
+    return source
 
 
 def source_key(source: dict) -> str:
@@ -361,12 +496,14 @@ class LlavaJsonConfig(tfds.core.BuilderConfig):
         test_json_path: str | None = None,
         on_bad_record: str = "error",
         source: dict | None = None,
+        video_frames: int = 8,  # DataConfig.video_frames' default
     ):
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
         super().__init__(name=name, version=tfds.core.Version(BUILDER_VERSION))
         self.json_path, self.image_dir = json_path, image_dir
         self.test_json_path, self.on_bad_record = test_json_path, on_bad_record
+        self.video_frames = video_frames  # frames stored of each video
         # `source_of` these settings: written beside the shards, checked when reused
         self.source = source
 
@@ -390,12 +527,21 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
         sources = {"train": config.json_path}
         if config.test_json_path:
             sources["test"] = config.test_json_path
-        validated = {split: validate(path, config.image_dir) for split, path in sources.items()}
+        validated = {
+            split: validate(path, config.image_dir, video_frames=config.video_frames)
+            for split, path in sources.items()
+        }
         if config.source is not None:  # the records read are the ones the key names
             for split, path in sources.items():
                 field = "json_path" if split == "train" else "test_json_path"
                 if file_sha256(path, field) != config.source[field.replace("path", "sha256")]:
                     raise DataFileError(f"{path} changed while it was being prepared; run again")
+            has_video = any(r.is_video for records, _ in validated.values() for r in records)
+            if has_video and "video_frames" not in config.source:
+                raise DataFileError(  # the key would not follow data.video_frames
+                    f"{config.json_path}: a record's `video` key is written with escapes "
+                    f"(not as {VIDEO_KEY.decode()}); write it plainly"
+                )
         reports = {split: report for split, (_, report) in validated.items()}
         self.validation_reports = reports
         for report in reports.values():
@@ -416,10 +562,15 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, records: list[Record]):
         image_dir = self.builder_config.image_dir
         for index, record in enumerate(records):
-            images = []
-            for path in record.image_paths:
-                # the original bytes, never re-encoded; checked again, as when validated
-                images.append(read_image_file(os.path.join(image_dir, path), image_dir))
+            if record.is_video:  # its sampled frames, read again as when validated
+                path = os.path.join(image_dir, record.video_source)
+                frames = read_video_frames(path, image_dir, len(record.image_paths))
+                images = [png_bytes(frame) for frame in frames]
+            else:  # the original bytes, never re-encoded; checked again, as when validated
+                images = [
+                    read_image_file(os.path.join(image_dir, path), image_dir)
+                    for path in record.image_paths
+                ]
             stored = dataclasses.replace(record, image_bytes=tuple(images))
             # ids are not guaranteed unique in LLaVA files; the index keeps keys unique
             yield f"{index:09d}-{record.id}", stored.to_example()
