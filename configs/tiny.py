@@ -2,8 +2,13 @@
 
     python -m llava_jax.main --config=configs/tiny.py --workdir=workdir/tiny
     python -m llava_jax.main --config=configs/tiny.py:next --workdir=workdir/tiny-next
+    python -m llava_jax.main --config=configs/tiny.py:onevision --workdir=workdir/tiny-ov
 
 `:next` is the same with LLaVA-NeXT's any-resolution images (small pinpoints).
+`:onevision` is LLaVA-OneVision's layout (a SigLIP-style tower without a class token, a
+Qwen2 decoder with q/k/v biases, `anyres_max` grids, the `qwen_1_5` template) on the
+`several` synthetic data: two images a conversation, each question naming the one it asks
+about, so each image is one padded tile and a newline.
 
 Everything trains from scratch (there is no pretrained tower to keep frozen), with the
 LLaVA-1.5 model layout (CLIP-style ViT, mlp2x_gelu projector, LLaMA decoder) and the
@@ -55,6 +60,17 @@ def get_config(arg: str | None = None):
     if arg == "next":  # LLaVA-NeXT style: each image as a grid of 48 px tiles + an overview
         model.image_grid_pinpoints = ((48, 96), (96, 48), (96, 96))
         config.data.max_len = 160  # a square image: 36 overview + 6 x (6 + 1) grid tokens
+    elif arg == "onevision":
+        model.vision.model_type = "siglip"  # patches only: every feature is kept ("full")
+        model.vision_feature_select_strategy = "full"
+        model.text.model_type = "qwen2"
+        model.text.qkv_bias = True
+        model.image_grid_pinpoints = ((48, 48), (48, 96), (96, 48))
+        model.vision_aspect_ratio = "anyres_max_2"
+        config.data.template = "qwen_1_5"
+        config.data.synthetic_style = "several"
+        config.data.max_images_per_sample = 2
+        config.data.max_len = 192  # two images of 36 + 1 tokens, up to three questions
     elif arg:
-        raise ValueError(f"configs/tiny.py takes no argument or 'next', got {arg!r}")
+        raise ValueError(f"configs/tiny.py takes no argument, 'next' or 'onevision', got {arg!r}")
     return config

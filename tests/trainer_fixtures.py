@@ -28,12 +28,13 @@ OVERRIDES = {
 }
 
 
-def tiny_config(data_dir: str, **overrides):
-    """configs/tiny.py with OVERRIDES, then `overrides` (dots written as `__`)."""
+def tiny_config(data_dir: str, variant: str | None = None, **overrides):
+    """configs/tiny.py (`:variant`, e.g. "onevision") with OVERRIDES, then `overrides`
+    (dots written as `__`)."""
     sys.path.insert(0, os.path.join(REPO, "configs"))
     import tiny
 
-    config = tiny.get_config()
+    config = tiny.get_config(variant)
     values = {**OVERRIDES, "data.data_dir": data_dir}
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
     for key, value in values.items():

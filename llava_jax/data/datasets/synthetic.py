@@ -5,8 +5,9 @@ truly image-dependent. Each image holds ``count`` copies of one shape in one col
 a single shape sits at one side (left/right/top/bottom). Answers are single words
 drawn uniformly, so guessing without the image scores about 1/3 at best.
 
-Styles: ``caption`` (stage 1: one human turn + a caption) and ``instruct`` (stage 2:
-2-3 question/answer turns about colour, shape, count and position).
+Styles: ``caption`` (stage 1: one human turn + a caption), ``instruct`` (stage 2:
+2-3 question/answer turns about colour, shape, count and position) and ``several`` (two
+images, each question about the one it names: "Second image: What color ...").
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ QUESTIONS = {
     "position": ("Where is the object?", "On which side is the object?"),
 }
 CAPTION_PROMPTS = ("Describe the image briefly.", "What is in the picture?")
+IMAGE_NAMES = ("First image:", "Second image:")  # `several`: which image a question asks about
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>")
 
 
@@ -150,18 +152,41 @@ def conversation(scene: Scene, style: str, rng: np.random.Generator) -> list[dic
     return turns
 
 
+def several_conversation(scenes: list[Scene], rng: np.random.Generator) -> list[dict]:
+    """2-3 questions, each about the image it names; the first human turn holds every
+    ``<image>``, in order."""
+    turns = []
+    for index in range(int(rng.integers(2, 4))):
+        which = int(rng.integers(len(scenes)))
+        scene = scenes[which]
+        kind = str(rng.choice(["colour", "shape", "count"] + (["position"] * bool(scene.position))))
+        question = f"{IMAGE_NAMES[which]} {rng.choice(QUESTIONS[kind])}"
+        images = "<image>\n" * len(scenes) if index == 0 else ""
+        turns.append({"from": HUMAN, "value": images + question})
+        turns.append({"from": GPT, "value": answer(scene, kind)})
+    return turns
+
+
 def make_record(index: int, split: str, seed: int, image_size: int, style: str) -> Record:
     """Record ``index`` of ``split``: a pure function of its arguments."""
     split_key = {"train": 0, "test": 1}[split]
     rng = np.random.default_rng([seed, split_key, index])
-    scene = sample_scene(rng)
-    buffer = io.BytesIO()
-    render_scene(scene, image_size, rng).save(buffer, format="PNG")
+    scenes = [sample_scene(rng) for _ in range(len(IMAGE_NAMES) if style == "several" else 1)]
+    images = []
+    for scene in scenes:
+        buffer = io.BytesIO()
+        render_scene(scene, image_size, rng).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    if style == "several":
+        turns = several_conversation(scenes, rng)
+        paths = tuple(f"{split}/{index:06d}_{k}.png" for k in range(len(scenes)))
+    else:
+        turns, paths = conversation(scenes[0], style, rng), (f"{split}/{index:06d}.png",)
     return Record(
         id=f"synthetic-{split}-{index:06d}",
-        image_bytes=(buffer.getvalue(),),
-        image_paths=(f"{split}/{index:06d}.png",),
-        conversations=tuple(conversation(scene, style, rng)),
+        image_bytes=tuple(images),
+        image_paths=paths,
+        conversations=tuple(turns),
     )
 
 
@@ -178,8 +203,10 @@ class SyntheticConfig(tfds.core.BuilderConfig):
         num_test: int = 400,
         seed: int = 0,
     ):
-        if style not in ("caption", "instruct"):
-            raise ValueError(f"synthetic style must be 'caption' or 'instruct', not {style!r}")
+        if style not in ("caption", "instruct", "several"):
+            raise ValueError(
+                f"synthetic style must be 'caption', 'instruct' or 'several', not {style!r}"
+            )
         name = f"{style}_{image_size}px_{num_train}_{num_test}_seed{seed}"
         super().__init__(name=name, version=tfds.core.Version("1.0.0"))
         self.style, self.image_size, self.seed = style, image_size, seed
@@ -238,7 +265,7 @@ def vocabulary() -> dict[str, int]:
     corpus = list(QUESTIONS.values()) + [CAPTION_PROMPTS]
     corpus = [" ".join(texts) for texts in corpus]
     corpus += list(COLOURS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(COUNT_WORDS)
-    corpus += list(POSITIONS) + ["on the"]
+    corpus += list(POSITIONS) + ["on the"] + list(IMAGE_NAMES)
     for template in TEMPLATES.values():
         turns = conversation(sample_scene(rng), "instruct", rng)
         corpus.append(template.render(turns).text)
