@@ -4,6 +4,10 @@
         [--max-new-tokens 512 --temperature 0.2 --top-k 0 --top-p 1 --seed 0 --template NAME \\
         --quantize int8]
 
+`--image` may be repeated (several images, each with its `<image>\\n` in front of the first
+question, in order), and a LLaVA-OneVision model takes `--video PATH [--frames 32]` (one
+`<image>` after the images), as `generate` does.
+
 Each turn reads `USER: `, then prints `ASSISTANT: ` and the answer as it is generated
 (`Engine.stream`). The template renders the whole conversation every turn, the image
 (`<image>\\n` in front of the first question) included, so the model sees the history.
@@ -26,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 from llava_jax import cli, program
 from llava_jax.errors import InputError
-from llava_jax.inference.load import ROLES, LoadedModel, ModelImage
+from llava_jax.inference.load import ROLES, LoadedModel, Media
 from llava_jax.inference.prompting import Turn, prepare_prompt, render_turns
 from llava_jax.inference.stops import visible_text
 
@@ -34,9 +38,10 @@ EXIT_WORDS = ("exit", "quit")
 
 
 class ChatSession:
-    """A conversation with one model about one image (or none).
+    """A conversation with one model about its images (or none).
 
-    images: the image (`LoadedModel.load_image`) in a list, or an empty one. sampling:
+    images: the images (`LoadedModel.load_image`) and a video (`load_video`), in order,
+    shown in the first turn; or none. sampling:
     keyword arguments of `LoadedModel.sampling`; `seed` grows by one each turn. chunk_size:
     tokens per streamed piece. history: the turns so far (`turns`: as LLaVA's).
     """
@@ -44,7 +49,7 @@ class ChatSession:
     def __init__(
         self,
         model: LoadedModel,
-        images: Sequence[ModelImage],
+        images: Sequence[Media],
         *,
         chunk_size: int = 1,
         **sampling,
@@ -71,7 +76,7 @@ class ChatSession:
         """
         model = self.model
         first = not self.history
-        turns = [*self.history, Turn("user", question, first and bool(self.images))]
+        turns = [*self.history, Turn("user", question, len(self.images) if first else 0)]
         knobs = dict(self.sampling)
         max_new = knobs.pop("max_new_tokens", 512)
         knobs["seed"] = knobs.get("seed", 0) + len(self.history) // 2
@@ -149,23 +154,33 @@ def main(argv: Sequence[str] | None = None, read: Callable[[str], str] = read_li
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cli.add_model_arguments(parser)
-    parser.add_argument("--image", help="image file to talk about (omit: text only)")
+    parser.add_argument(
+        "--image",
+        action="append",
+        help="image file to talk about (omit: text only; repeat for several)",
+    )
+    cli.add_video_arguments(parser)
     cli.add_sampling_arguments(parser, max_new_tokens=512, temperature=0.2)
     parser.add_argument("--chunk-size", type=int, default=1, help="tokens per streamed piece")
     args = parser.parse_args(argv)
     cli.check_sampling_arguments(parser, args)
+    cli.check_video_arguments(parser, args)
     if args.chunk_size < 1:
         parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
 
     def body() -> int:
-        if args.image is not None:
-            cli.check_image_file(args.image)
+        for path in args.image or ():
+            cli.check_image_file(path)
+        if args.video is not None:
+            cli.check_video_path(args.video)
         model = cli.model_from_args(args)
         if read is read_line and hasattr(sys.stdin, "reconfigure"):
             # Bytes that are not UTF-8 reach the session (as lone surrogates), which refuses
             # that one line, instead of an exception that ends the chat.
             sys.stdin.reconfigure(errors="surrogateescape")
-        images = [] if args.image is None else [model.load_image(args.image)]
+        images: list[Media] = [model.load_image(path) for path in args.image or ()]
+        if args.video is not None:
+            images.append(model.load_video(args.video, args.frames))
         session = ChatSession(
             model, images, chunk_size=args.chunk_size, **cli.sampling_from_args(args)
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,6 +147,38 @@ def scan_layers_from_args(args: argparse.Namespace) -> bool | None:
     if choice == "auto":
         return False if jax.default_backend() == "cpu" else None
     return choice == "scanned"
+
+
+DEFAULT_FRAMES = 32  # frames sampled from a video: LLaVA-OneVision's (lmms-eval's default)
+
+
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--video PATH` and `--frames N` (a LLaVA-OneVision model's video)."""
+    parser.add_argument(
+        "--video",
+        help="video file or folder of frame images (a LLaVA-OneVision model; one <image>, "
+        "after the images)",
+    )
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=DEFAULT_FRAMES,
+        help=f"frames sampled uniformly from --video (default {DEFAULT_FRAMES})",
+    )
+
+
+def check_video_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--frames` below 1 is a command-line error (exit 2 with usage), before the model
+    loads."""
+    if args.frames < 1:
+        parser.error(f"--frames must be >= 1, got {args.frames}")
+
+
+def check_video_path(path: str) -> None:
+    """Fail before the (slow) model load when the video file or frame folder is missing
+    (its frames are read once the model is loaded: the model's tile size shapes them)."""
+    if not os.path.exists(path):
+        raise InputError(f"video not found: {path}")
 
 
 def check_image_file(path: str) -> None:

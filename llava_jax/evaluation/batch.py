@@ -5,8 +5,11 @@ Questions file, one JSON object per line::
     {"question_id": 1, "image": "COCO_val2014_000000000042.jpg", "text": "What is ...?",
      "category": "adversarial"}
 
-`image` is relative to the image folder (and optional: a text-only question); `category`
-is optional. Answers, one per question and in the questions' order, in LLaVA's format::
+`image` is relative to the image folder (and optional: a text-only question), or a list of
+such names for a question about several images (each gets its `<image>\\n` in front, in
+order, unless the text writes `<image>` once for each; a LLaVA-OneVision model sees each
+as one tile); `category` is optional. Answers, one per question and in the questions'
+order, in LLaVA's format::
 
     {"question_id": 1, "prompt": "What is ...?", "text": "A dog.", "answer_id": "…",
      "model_id": "llava-tiny", "metadata": {}}
@@ -47,7 +50,7 @@ import numpy as np
 from llava_jax.errors import ArgumentError, InputError, Named
 from llava_jax.evaluation.jsonl import read_records
 from llava_jax.inference.engine import Engine
-from llava_jax.inference.load import LoadedModel, ModelImage
+from llava_jax.inference.load import LoadedModel, Media
 from llava_jax.inference.prompting import Turn, prepare_prompt
 from llava_jax.inference.sampling import SamplingConfig
 
@@ -100,21 +103,29 @@ def check_output_path(questions_path: str, out_path: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Question:
-    """One line of a questions file (`line`: its 1-based line number)."""
+    """One line of a questions file (`line`: its 1-based line number). image: a file name,
+    a tuple of them (several images), or None."""
 
     question_id: Any
     text: str
-    image: str | None
+    image: str | tuple[str, ...] | None
     category: str | None
     line: int
+
+    @property
+    def image_files(self) -> tuple[str, ...]:
+        """The question's image file names, in order (none for a text-only question)."""
+        if self.image is None:
+            return ()
+        return (self.image,) if isinstance(self.image, str) else tuple(self.image)
 
 
 def read_questions(path: str) -> list[Question]:
     """Every question of a LLaVA questions JSONL file; blank lines are skipped.
 
     Raises `QuestionFileError` naming `path:line` for a line that is not a JSON object, a
-    missing or non-string `text`, a missing `question_id`, a non-string `image`, or a
-    `question_id` seen before.
+    missing or non-string `text`, a missing `question_id`, an `image` that is neither a
+    string nor a non-empty list of strings, or a `question_id` seen before.
     """
     if not os.path.exists(path):
         raise QuestionFileError(f"questions file not found: {path}")
@@ -126,8 +137,16 @@ def read_questions(path: str) -> list[Question]:
         if not isinstance(obj.get("text"), str):
             raise QuestionFileError(f"{where}: 'text' must be a string")
         image = obj.get("image")
-        if image is not None and not isinstance(image, str):
-            raise QuestionFileError(f"{where}: 'image' must be a file name")
+        if isinstance(image, list):
+            if not image or not all(isinstance(name, str) and name for name in image):
+                raise QuestionFileError(
+                    f"{where}: 'image' must be a file name or a non-empty list of file names"
+                )
+            image = tuple(image)
+        elif image is not None and not isinstance(image, str):
+            raise QuestionFileError(
+                f"{where}: 'image' must be a file name or a non-empty list of file names"
+            )
         key = str(obj["question_id"])  # 1 and "1" name the same question, as in the scorers
         if key in seen:
             raise QuestionFileError(
@@ -149,11 +168,25 @@ def read_questions(path: str) -> list[Question]:
 
 @dataclasses.dataclass
 class _Prepared:
-    """A question ready for the model: prompt `int32[L]`, its image or None."""
+    """A question ready for the model: prompt `int32[L]`, its images as the prompt shows
+    them (none for a text-only question)."""
 
     question: Question
     prompt_ids: np.ndarray
-    image: ModelImage | None
+    images: tuple[Media, ...]
+
+    @property
+    def image(self) -> Media | None:
+        """The first image, or None (a question of one image: its image)."""
+        return self.images[0] if self.images else None
+
+    def slots(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The image slots its images fill, in order: tiles float32[I, T, H, W, 3] and
+        layouts int32[I, *layout_shape]; (None, None) for a text-only question."""
+        filled = [slot for item in self.images for slot in item.slots]
+        if not filled:
+            return None, None
+        return np.stack([p for p, _ in filled]), np.stack([layout for _, layout in filled])
 
 
 def _entry(question: Question, model_id: str, text: str = "", error: str | None = None) -> dict:
@@ -177,22 +210,22 @@ def _prepare(
     """Raises `InputError` (image missing, unreadable, not a regular file or outside
     `image_dir`, prompt too long) naming the cause; an image error names the question.
 
-    The image path is the question's, under `image_dir`; `../x.png`, `/abs/x.png` or a
+    The image paths are the question's, under `image_dir`; `../x.png`, `/abs/x.png` or a
     symlink that resolves outside the folder is refused, never opened.
     """
-    image = None
-    if question.image is not None:
-        path = os.path.join(image_dir, question.image)
+    images = []
+    for name in question.image_files:
+        path = os.path.join(image_dir, name)
         try:
-            image = model.load_image(path, root=image_dir)
+            images.append(model.load_image(path, root=image_dir))
         except InputError as err:
             where = f"question {question.question_id!r} (line {question.line})"
             raise InputError(f"{where}: {err}") from None
-    images = [] if image is None else [image]
-    turn = Turn("user", question.text, with_image=bool(images))
+    count = len(images)
+    turn = Turn("user", question.text, with_image=count)
     # the whole answer must fit: a batch's rows share one sampling config
     prompt = prepare_prompt(model, [turn], images, max_new_tokens=max_new_tokens, clamp=False)
-    return _Prepared(question, prompt.ids, image)
+    return _Prepared(question, prompt.ids, prompt.images)
 
 
 def generate_answers(
@@ -209,9 +242,10 @@ def generate_answers(
     image_layouts: Sequence[np.ndarray | None],
     batch_rows: int | None = None,
 ) -> list[str]:
-    """Answers to `prompts` (int32[L] each) about their `images` (float32[I, T, H, W, 3],
-    each image's tiles, with `image_masks` bool[I] and `image_layouts` int32[I, N]; None for
-    text only), in order, `batch_size` at a time.
+    """Answers to `prompts` (int32[L] each) about their `images` (float32[I', T, H, W, 3],
+    each image's tiles, with `image_masks` bool[I'] and `image_layouts`
+    int32[I', *layout_shape]; I' <= I, the slots after masked; None for text only), in
+    order, `batch_size` at a time.
 
     `image_slots` is (I, T, H, W, 3). Every batch is padded to `batch_rows` rows (default:
     `batch_size`, or the number of prompts if fewer: rows for prompts there are not would
@@ -229,9 +263,10 @@ def generate_answers(
         layout = geometry.empty_layouts(len(rows), image_slots[0])
         for row, index in enumerate(rows):
             if images[index] is not None:
-                pixels[row] = images[index]
-                image_mask[row] = image_masks[index]
-                layout[row] = image_layouts[index]
+                used = len(images[index])  # the slots after stay empty (masked)
+                pixels[row, :used] = images[index]
+                image_mask[row, :used] = image_masks[index]
+                layout[row, :used] = image_layouts[index]
         result = engine.generate(
             params,
             [prompts[i] for i in rows],
@@ -266,24 +301,28 @@ def answer_questions(
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     # every batch padded alike (one compilation), but never past the questions there are
     rows = min(batch_size, len(questions)) if isinstance(questions, Sized) else batch_size
-    image_slots = (1, *model.image_shape)
+    # image slots: the most a question has (a file's questions known ahead: one compilation)
+    slots = 1
+    if isinstance(questions, Sized):
+        slots = max([1, *(len(q.image_files) for q in questions)])
     window: list[dict | _Prepared] = []  # entries in question order; _Prepared to generate
 
     def flush() -> Iterator[dict]:
+        nonlocal slots
         todo = [item for item in window if isinstance(item, _Prepared)]
+        filled = [item.slots() for item in todo]
+        slots = max([slots, *(len(pixels) for pixels, _ in filled if pixels is not None)])
         answers = iter(
             generate_answers(
                 model.engine,
                 model.params,
                 [item.prompt_ids for item in todo],
-                [None if item.image is None else item.image.pixels[None] for item in todo],
-                [np.ones(1, bool) for _ in todo],
+                [pixels for pixels, _ in filled],
+                [None if pixels is None else np.ones(len(pixels), bool) for pixels, _ in filled],
                 sampling,
                 batch_size=batch_size,
-                image_slots=image_slots,
-                image_layouts=[
-                    None if item.image is None else item.image.layout[None] for item in todo
-                ],
+                image_slots=(slots, *model.image_shape),
+                image_layouts=[layouts for _, layouts in filled],
                 batch_rows=rows,
             )
             if todo

@@ -5,9 +5,12 @@ those tokens show."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from llava_jax.models.inputs import ImageGeometry
 
 
 def image_key(pixels: np.ndarray, layout: np.ndarray) -> bytes:
@@ -17,12 +20,15 @@ def image_key(pixels: np.ndarray, layout: np.ndarray) -> bytes:
     ).digest()
 
 
-def block_keys(fields: dict[str, Any], block: int, image_token_id: int) -> list[bytes]:
+def block_keys(
+    fields: dict[str, Any], block: int, image_token_id: int, geometry: ImageGeometry
+) -> list[bytes]:
     """A key for each whole block of `block` tokens of a one-row prompt (`Engine.prepare`'s
-    fields: left-padded ids, images, their mask and layouts): a hash chain over every token
-    up to the block's end and the keys of the images those tokens show (an image token's
-    image follows from the layouts' token counts, images in order). None when the prompt's
-    image tokens do not match its images (the engine refuses such a prompt)."""
+    fields: left-padded ids, images, their mask and layouts `int32[1, I, *layout_shape]`): a
+    hash chain over every token up to the block's end and the keys of the image slots those
+    tokens show (an image token's slot follows from the layouts' token counts,
+    `geometry.layout_tokens`, slots in order: a video's tokens span its slots). None when
+    the prompt's image tokens do not match its images (the engine refuses such a prompt)."""
     mask = fields["attention_mask"][0]
     ids = fields["input_ids"][0][mask > 0]
     owners = np.full(len(ids), -1, np.int64)  # which image each image token shows
@@ -30,7 +36,7 @@ def block_keys(fields: dict[str, Any], block: int, image_token_id: int) -> list[
     if fields["images"] is not None:
         images, layout = fields["images"], fields["image_layout"]
         valid = np.flatnonzero(fields["image_mask"][0])
-        counts = [int((layout[0, i] >= 0).sum()) for i in valid]
+        counts = [int(geometry.layout_tokens(layout[0, i])) for i in valid]
         positions = np.flatnonzero(ids == image_token_id)
         if len(positions) != sum(counts):
             return []

@@ -6,9 +6,11 @@ quantizes and lays out the parameters as asked, and places them.
 
 `LoadedModel` then turns an image file into a `ModelImage` (the normalised pixels the model
 takes and the number of image tokens it takes in the prompt; for a LLaVA-NeXT model the
-image's tiles and feature layout, any size), and a conversation with its images into prompt
-tokens, exactly as training did (its `data` settings: template, image size, aspect, mean
-and std, the grid), makes the CLI knobs a `SamplingConfig` that stops at the template's end
+image's tiles and feature layout, any size; for a LLaVA-OneVision model also its form as one
+of several images), a video into a `ModelVideo` (OneVision: its frames over image slots,
+one `<image>` in the prompt), and a conversation with its images into prompt tokens,
+exactly as training did (its `data` settings: template, image size, aspect, mean and std,
+the grid), makes the CLI knobs a `SamplingConfig` that stops at the template's end
 of answer, stacks rows of images into the engine's arrays (`batch_images`), and generates
 with one `Engine` (built once, so its compiled programs serve every call); the programs
 make their prompts with these steps through one routine, `prompting.prepare_prompt`.
@@ -73,14 +75,64 @@ class ModelImage:
     """One image as the model takes it.
 
     pixels: the image's tiles float32[T, S, S, 3], normalised (T: the model's most tiles; a
-    square image is one tile); `layout` int32[N]: where each of its image tokens comes from
-    (models/inputs.py). num_tokens: the image tokens its `<image>` becomes in the prompt (a
-    tiled image's depend on its size).
+    square image is one tile); `layout` int32[N] (OneVision: int32[N, 8]): where each of its
+    image tokens comes from (models/inputs.py). num_tokens: the image tokens its `<image>`
+    becomes in the prompt (a tiled image's depend on its size). several_tile: a OneVision
+    model's image as one of several images of a prompt, one tile float32[S, S, 3] (padded
+    to a square, `ImageTiler.encode_several`); None for other models.
     """
 
     pixels: np.ndarray
     num_tokens: int
     layout: np.ndarray
+    several_tile: np.ndarray | None = None
+
+    @property
+    def slots(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        """The image slots it fills: `((pixels, layout),)`."""
+        return ((self.pixels, self.layout),)
+
+    def one_of_several(self, geometry: ImageGeometry) -> ModelImage:
+        """The image in a OneVision prompt with several images: its one padded tile, then
+        zeros, and a newline (`ImageGeometry.several_layout`, `several_tokens`)."""
+        if self.several_tile is None:
+            raise ValueError("this image was not prepared for a OneVision model (several_tile)")
+        pixels = np.zeros(geometry.tiles_shape(self.pixels.shape[-1]), np.float32)
+        pixels[0] = self.several_tile
+        # several_tile kept: the image in its several form gives the same form again
+        return ModelImage(
+            pixels, geometry.several_tokens, geometry.several_layout(), self.several_tile
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelVideo:
+    """A video as a OneVision model takes it: its frames over one or more image slots.
+
+    slots: each slot's `(tiles float32[T, S, S, 3], layout int32[N, 8])`, frames T to a
+    slot in order (`ImageTiler.encode_video`); num_tokens: the tokens of its one `<image>`
+    in the prompt (`ImageGeometry.video_tokens`); frames: how many it has.
+    """
+
+    slots: tuple[tuple[np.ndarray, np.ndarray], ...]
+    num_tokens: int
+    frames: int
+
+
+Media = ModelImage | ModelVideo  # what one `<image>` of a prompt shows
+
+
+def media_in_prompt(geometry: ImageGeometry, media: Sequence[Media]) -> tuple[Media, ...]:
+    """`media` as a prompt shows them: on a OneVision model, a prompt with several images
+    (videos not counted, as transformers' `batch_num_images`) shows each as one tile and a
+    newline (`ModelImage.one_of_several`); otherwise unchanged."""
+    media = tuple(media)
+    images = sum(isinstance(item, ModelImage) for item in media)
+    if not geometry.blended or images < 2:
+        return media
+    return tuple(
+        item.one_of_several(geometry) if isinstance(item, ModelImage) else item for item in media
+    )
 
 
 @dataclasses.dataclass
@@ -149,28 +201,44 @@ class LoadedModel:
         end = self.template.end.strip()
         return (end,) if end else ()
 
-    def user_turn(self, text: str, with_image: bool) -> dict:
+    def user_turn(self, text: str, with_image: bool | int) -> dict:
         """A human turn; with an image, `<image>\\n` comes first, as LLaVA's CLIs do (or
-        the image goes where the text already has its one `<image>`).
+        the image goes where the text already has its one `<image>`). `with_image`: True,
+        or the number of images (a video counts as one) the turn shows; with several, the
+        text writes `<image>` once for each, where each goes, or not at all (then one
+        `<image>\\n` each comes first, in order).
 
         Raises `InputError` when `text` is not valid Unicode (e.g. a lone surrogate, or
         bytes that were not UTF-8) or has more `<image>` placeholders than the turn has
-        images: the model would be asked for image features it was not given.
+        images (with several, a number other than none or one each): the model would be
+        asked for image features it was not given.
         """
         check_text(text, "the prompt")
         placeholders = text.count(IMAGE_PLACEHOLDER)
-        if placeholders > int(with_image):
-            images = "one image" if with_image else "no image"
+        count = int(with_image)
+        if count > 1:
+            if placeholders not in (0, count):
+                raise InputError(
+                    f"the prompt has {IMAGE_PLACEHOLDER} written {placeholders} time(s) but "
+                    f"the turn has {count} images: write {IMAGE_PLACEHOLDER} once for each, "
+                    "where it goes, or not at all (then each comes first, in order)"
+                )
+            if placeholders == 0:
+                text = f"{IMAGE_PLACEHOLDER}\n" * count + text
+            return user_turn(text, True)
+        if placeholders > count:
+            images = "one image" if count else "no image"
             raise InputError(
                 f"the prompt has {IMAGE_PLACEHOLDER} written {placeholders} time(s) but the "
                 f"turn has {images}: {IMAGE_PLACEHOLDER} marks where an image goes "
-                f"({'at most once' if with_image else 'give an image, or leave it out'})"
+                f"({'at most once' if count else 'give an image, or leave it out'})"
             )
-        return user_turn(text, with_image)
+        return user_turn(text, bool(count))
 
-    def check_image_tokens(self, prompt_ids: np.ndarray, images: Sequence[ModelImage]) -> None:
+    def check_image_tokens(self, prompt_ids: np.ndarray, images: Sequence[Media]) -> None:
         """Raises `InputError` unless the prompt `int32[L]` has exactly the image tokens of
-        its `images` (the engine needs exactly those)."""
+        its `images` (as the prompt shows them, `in_prompt`; a video's all its frames': the
+        engine needs exactly those)."""
         wanted = sum(image.num_tokens for image in images)
         found = int(np.sum(np.asarray(prompt_ids) == self.config.image_token_id))
         if found == wanted:
@@ -183,17 +251,19 @@ class LoadedModel:
     def prompt_ids(
         self,
         turns: Sequence[dict],
-        images: Sequence[ModelImage] = (),
+        images: Sequence[Media] = (),
         system: str | None = None,
     ) -> np.ndarray:
         """`int32[L]`: the conversation rendered with the template, ending where the
         assistant's next answer starts, tokenized, each `<image>` expanded to its image's
-        tokens (`images`, in order: a tiled image's count depends on its size). `system`: a
-        system prompt in place of the template's own (`conversation.with_system`).
+        tokens (`images`, in order, as the prompt shows them (`in_prompt`): a tiled image's
+        count depends on its size, a video's on its frames). `system`: a system prompt in
+        place of the template's own (`conversation.with_system`).
 
         Raises `InputError` when the conversation writes `<image>` a different number of
         times than it has images (a square image's count needs no image: with none given,
         every `<image>` takes it)."""
+        images = self.in_prompt(images)
         counts = self.geometry.prompt_counts([image.num_tokens for image in images])
         template = self.template
         if system is not None:
@@ -213,6 +283,11 @@ class LoadedModel:
                 f"the prompt has {IMAGE_PLACEHOLDER} written {written} time(s) but "
                 f"{len(images)} image(s): each image needs its own {IMAGE_PLACEHOLDER}"
             ) from None
+
+    def in_prompt(self, images: Sequence[Media]) -> tuple[Media, ...]:
+        """The images (and videos) of one prompt as it shows them (`media_in_prompt`: a
+        OneVision prompt with several images shows each as one tile)."""
+        return media_in_prompt(self.geometry, images)
 
     def check_prompt(self, prompt_ids: np.ndarray, max_new_tokens: int, clamp: bool = False) -> int:
         """The number of new tokens the prompt `int32[L]` leaves room for.
@@ -269,12 +344,88 @@ class LoadedModel:
 
     def preprocess_image(self, image: Image.Image) -> ModelImage:
         """A decoded RGB image -> a `ModelImage` with the model's data settings: padded or
-        resized to a square and normalised; a NeXT model's tiled (any size)."""
+        resized to a square and normalised; a NeXT model's tiled (any size); a OneVision
+        model's also as one of several (`several_tile`: the prompt decides which it shows)."""
         data = self.data
         tiles, layout, count = self.tiler.encode(
             image, data.image_mean, data.image_std, data.image_aspect
         )
-        return ModelImage(tiles, count, layout)
+        several_tile = None
+        if self.geometry.blended:
+            several = self.tiler.encode_several(image, data.image_mean, data.image_std)[0]
+            several_tile = several[0].copy()  # the one tile, not the slot's zeros
+        return ModelImage(tiles, count, layout, several_tile)
+
+    # --- videos ---------------------------------------------------------------------------
+    def check_takes_video(self) -> None:
+        """Raises `InputError` unless the model takes videos (a LLaVA-OneVision model)."""
+        if not self.geometry.blended:
+            raise InputError(
+                f"the model {self.path} takes no video: videos need a LLaVA-OneVision model "
+                "(vision_aspect_ratio anyres_max_N)"
+            )
+
+    def load_video(self, path: str, frames: int) -> ModelVideo:
+        """A video file, or a folder of frame images, -> a `ModelVideo` of `frames` frames
+        sampled uniformly (`data/video.py` `read_video`), each resized to one tile and
+        normalised with the model's mean and std.
+
+        Raises `InputError` naming the path (missing, unreadable, fewer frames than asked)
+        or saying the model takes no video; `ArgumentError` when `frames < 1`."""
+        from llava_jax.data.video import read_video
+
+        self.check_takes_video()
+        return self.video_from_frames(read_video(path, frames))
+
+    def video_from_bytes(
+        self,
+        data: bytes,
+        frames: int,
+        what: str = "the video",
+        max_pixels: int | None = None,
+        limit_name: str = "max_pixels",
+    ) -> ModelVideo:
+        """An encoded video (MP4, WebM, …, e.g. from a request) -> a `ModelVideo`, as
+        `load_video` does for a file. Raises `InputError` naming `what` when the bytes are
+        not a video that can be decoded, have fewer than `frames` frames, or frames of more
+        than `max_pixels` pixels (refused from the stream's header, before decoding)."""
+        import tempfile
+
+        import av
+
+        from llava_jax.data.video import read_video
+
+        self.check_takes_video()
+        with tempfile.NamedTemporaryFile(suffix=".video") as file:
+            file.write(data)
+            file.flush()
+            try:
+                with av.open(file.name, mode="r") as container:
+                    streams = container.streams.video
+                    size = (streams[0].width, streams[0].height) if streams else None
+            except av.error.FFmpegError as err:
+                raise InputError(f"unreadable video {what}: {err.strerror or err}") from None
+            if size is None:
+                raise InputError(f"no video stream in the video {what}")
+            width, height = size
+            if max_pixels is not None and width * height > max_pixels:
+                raise InputError(
+                    f"the video {what} is too large: frames of {width}x{height} = "
+                    f"{width * height} pixels, more than the limit of {max_pixels} pixels "
+                    f"({limit_name})"
+                )
+            try:
+                decoded = read_video(file.name, frames)
+            except InputError as err:  # names the temporary file: say `what` instead
+                raise InputError(str(err).replace(file.name, what)) from None
+        return self.video_from_frames(decoded)
+
+    def video_from_frames(self, frames: Sequence[Image.Image]) -> ModelVideo:
+        """Decoded RGB frames, in order -> a `ModelVideo` (`ImageTiler.encode_video`)."""
+        self.check_takes_video()
+        data = self.data
+        slots, count = self.tiler.encode_video(frames, data.image_mean, data.image_std)
+        return ModelVideo(tuple(slots), count, len(frames))
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -282,24 +433,26 @@ class LoadedModel:
         return self.geometry.tiles_shape(self.config.vision.num_channels)
 
     def batch_images(
-        self, rows: Sequence[Sequence[ModelImage]], min_slots: int = 0
+        self, rows: Sequence[Sequence[Media]], min_slots: int = 0
     ) -> dict[str, np.ndarray | None]:
-        """The engine's image arguments for B rows of images: `images` float32[B, I,
-        *image_shape], `image_mask` bool[B, I] and `image_layout` int32[B, I, N], I the most any
-        row has, at least `min_slots` (rows with fewer are masked). With no image and
-        `min_slots` 0 every value is None: the vision tower does not run."""
-        counts = [len(row) for row in rows]
-        slots = max(min_slots, *counts, 0)
+        """The engine's image arguments for B rows of images (each row's as its prompt shows
+        them: `PreparedPrompt.images`): `images` float32[B, I, *image_shape], `image_mask`
+        bool[B, I] and `image_layout` int32[B, I, *layout_shape], I the most slots any row
+        fills (an image fills one, a video one per `max_tiles` frames), at least
+        `min_slots` (rows with fewer are masked). With no image and `min_slots` 0 every
+        value is None: the vision tower does not run."""
+        row_slots = [[slot for item in row for slot in item.slots] for row in rows]
+        slots = max(min_slots, *map(len, row_slots), 0)
         if slots == 0:
             return {"images": None, "image_mask": None, "image_layout": None}
         images = np.zeros((len(rows), slots, *self.image_shape), np.float32)
         mask = np.zeros((len(rows), slots), bool)
         layout = self.geometry.empty_layouts(len(rows), slots)
-        for b, row in enumerate(rows):
-            for i, image in enumerate(row):
-                images[b, i] = image.pixels
+        for b, filled in enumerate(row_slots):
+            for i, (pixels, slot_layout) in enumerate(filled):
+                images[b, i] = pixels
                 mask[b, i] = True
-                layout[b, i] = image.layout
+                layout[b, i] = slot_layout
         return {"images": images, "image_mask": mask, "image_layout": layout}
 
     # --- generation -----------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 `prepare_prompt` is the one way every inference program (`generate`, `chat`, `evaluate`,
 the server) makes its prompt: the turns rendered (`LoadedModel.user_turn`: an image's
-`<image>\\n` first in its turn), tokenized with the model's template (`prompt_ids`, a system
-prompt in place of the template's own when given), checked to hold exactly the image tokens
-of its images (`check_image_tokens`) and to leave room for the answer (`check_prompt`:
-`max_new_tokens` lowered to what the context leaves, or refused), and the sampling made with
-the room there is. It raises about its arguments (`errors.ArgumentError`): `TurnError`
-naming the turn whose text cannot be used, `InputError` about the conversation,
-`PromptTooLongError` giving the lengths.
+`<image>\\n` first in its turn, one each when it has several), tokenized with the model's
+template (`prompt_ids`, a system prompt in place of the template's own when given; a
+OneVision prompt with several images shows each as one tile), checked to hold exactly the
+image tokens of its images (`check_image_tokens`) and to leave room for the answer
+(`check_prompt`: `max_new_tokens` lowered to what the context leaves, or refused), and the
+sampling made with the room there is. It raises about its arguments
+(`errors.ArgumentError`): `TurnError` naming the turn whose text cannot be used,
+`InputError` about the conversation, `PromptTooLongError` giving the lengths.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from llava_jax.errors import ArgumentError, InputError
 
 if TYPE_CHECKING:
-    from llava_jax.inference.load import LoadedModel, ModelImage
+    from llava_jax.inference.load import LoadedModel, Media
     from llava_jax.inference.sampling import SamplingConfig
 
 
@@ -40,22 +41,24 @@ class TurnError(ArgumentError):
 
 class Turn(NamedTuple):
     """One message of a conversation: `role` "user" or "assistant", its text, and whether it
-    has an image (a user turn only; the prompt's images are its turns', in order)."""
+    has an image, or how many (a video counts as one; a user turn only; the prompt's images
+    are its turns', in order)."""
 
     role: str
     text: str
-    with_image: bool = False
+    with_image: bool | int = False
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedPrompt:
     """A checked prompt: `ids` int32[L] (each `<image>` expanded to its image's tokens), its
-    `images` in prompt order (`LoadedModel.batch_images` stacks them for the engine), the
+    `images` (and videos) in prompt order as the prompt shows them (a OneVision prompt with
+    several images: each one tile; `LoadedModel.batch_images` stacks them for the engine), the
     new tokens the context leaves room for (at most those asked), and the sampling with
     them (None when none was asked for)."""
 
     ids: np.ndarray
-    images: tuple[ModelImage, ...]
+    images: tuple[Media, ...]
     max_new_tokens: int
     sampling: SamplingConfig | None
 
@@ -82,7 +85,7 @@ def render_turns(model: LoadedModel, turns: Sequence[Turn]) -> list[dict]:
 def prepare_prompt(
     model: LoadedModel,
     turns: Sequence[Turn],
-    images: Sequence[ModelImage] = (),
+    images: Sequence[Media] = (),
     *,
     max_new_tokens: int,
     clamp: bool = True,
@@ -90,8 +93,10 @@ def prepare_prompt(
     sampling: Mapping[str, Any] | None = None,
     stop: Sequence[str] = (),
 ) -> PreparedPrompt:
-    """The prompt of the conversation `turns` about `images` (one per turn `with_image`, in
-    order), ending where the assistant's answer starts, checked.
+    """The prompt of the conversation `turns` about `images` (`ModelImage`s and
+    `ModelVideo`s, as many as the turns' `with_image` count, in order), ending where the
+    assistant's answer starts, checked. A OneVision model's prompt with several images shows
+    each as one tile and a newline (`load.media_in_prompt`; a lone image: anyres_max).
 
     max_new_tokens: the answer's length asked; `clamp`: lowered to what the context leaves
     (else a prompt and answer that do not fit are refused). system: a system prompt in
@@ -107,7 +112,9 @@ def prepare_prompt(
     prompt leaves no room for an answer (or, without `clamp`, for `max_new_tokens`);
     `ValueError` when the roles are out of order.
     """
-    images = tuple(images)
+    from llava_jax.inference.load import media_in_prompt  # load imports jax: not at import
+
+    images = media_in_prompt(model.geometry, images)
     ids = model.prompt_ids(render_turns(model, turns), images, system=system)
     model.check_image_tokens(ids, images)  # the engine needs exactly those
     if clamp:

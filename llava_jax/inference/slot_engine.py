@@ -456,7 +456,7 @@ class SlotEngine:
         bucket = fields["input_ids"].shape[1]
         real = int(fields["attention_mask"].sum())
         keys = (
-            block_keys(fields, block, self.engine.config.image_token_id)
+            block_keys(fields, block, self.engine.config.image_token_id, self.engine.geometry)
             if self.prefix_cache is not None
             else []
         )
@@ -490,8 +490,9 @@ class SlotEngine:
             self.prefix_cache.put(prefilling.keys[j], kept, device_bytes(kept))
 
     def _image_features(self, pixels: np.ndarray, layout: np.ndarray) -> tuple[Any, Any]:
-        """One image's features (`pixels float32[1, 1, T, H, W, 3]`, `layout int32[1, 1,
-        N]`), from the cache or computed and kept."""
+        """One image slot's features (`pixels float32[1, 1, T, H, W, 3]`, `layout int32[1, 1,
+        *layout_shape]`: a OneVision slot's blended `[N, 8]`, or one of a video's slots),
+        from the cache or computed and kept."""
         key = image_key(pixels, layout)
         features = self.image_cache.get(key)
         if features is None:

@@ -2,7 +2,7 @@
 
     python -m llava_jax.serve --checkpoint WORKDIR_OR_MODEL_DIR [--host 127.0.0.1] \\
         [--port 8000] [--max-batch 8] [--batch-wait-ms 10] [--chunk-size 4] \\
-        [--model-name NAME] [--max-image-bytes 10485760] [--max-image-pixels N]
+        [--model-name NAME] [--max-image-bytes 10485760] [--max-image-pixels N] [--frames 32]
 
 `--checkpoint` and the other model arguments are those of `generate` and `chat`. Requests
 that arrive within `--batch-wait-ms` of each other are decoded together, up to
@@ -18,6 +18,9 @@ The model name is `--model-name`, default the checkpoint directory's name (`GET
 /v1/models` says it). Images come inline as data URLs; the server fetches nothing. An image
 may have `--max-image-pixels` pixels at most (read from its header, before decoding; default
 128 times the pixels of the model's largest input: 14.4 million for a 336 px LLaVA-1.5).
+A LLaVA-OneVision model also takes several images in a message and a video (a `video_url`
+part, `data:video/mp4;base64,...`, within `--max-image-bytes`), `--frames` of it sampled
+uniformly.
 Start-up problems (a missing checkpoint, a port in use) print one line and exit non-zero.
 """
 
@@ -125,7 +128,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="most pixels an image may have, read from its header before decoding "
         "(default: 128 times the pixels of the model's largest input)",
     )
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=cli.DEFAULT_FRAMES,
+        help=f"frames sampled from a request's video (default {cli.DEFAULT_FRAMES})",
+    )
     args = parser.parse_args(argv)
+    if args.frames < 1:
+        parser.error(f"--frames must be >= 1, got {args.frames}")
     if args.max_batch < 1:
         parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
     for flag in ("max_slots", "steps_per_round"):
@@ -197,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_image_bytes=args.max_image_bytes,
             max_request_bytes=2 * args.max_image_bytes + (1 << 20),
             max_image_pixels=max_pixels,
+            video_frames=args.frames,
         )
         print(
             f"Serving {name} (template {model.template.name}) on http://{args.host}:{args.port} "

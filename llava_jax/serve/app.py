@@ -1,7 +1,8 @@
 """The HTTP side: OpenAI's chat completions API on FastAPI, and the chat page.
 
-    POST /v1/chat/completions   messages (text, and images as data: URLs), max_tokens,
-                                temperature, top_p, stop, seed, stream (server-sent events)
+    POST /v1/chat/completions   messages (text, and images as data: URLs; a OneVision
+                                model's videos too), max_tokens, temperature, top_p,
+                                stop, seed, stream (server-sent events)
     GET  /v1/models             the one model served
     GET  /health                {"status": "ok", "running": …, "queued": …, …}
     GET  /                      the chat page (static/index.html)
@@ -46,13 +47,20 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llava_jax.cli import DEFAULT_FRAMES
 from llava_jax.errors import InputError, PromptTooLongError
-from llava_jax.inference.load import ModelImage
+from llava_jax.inference.load import Media
 from llava_jax.inference.prompting import Turn, TurnError, prepare_prompt
 from llava_jax.serve.api_error import APIError, error_response
 from llava_jax.serve.batcher import Batcher, Delta, Done, Failed, Job
 from llava_jax.serve.metrics import CONTENT_TYPE, ServerMetrics
-from llava_jax.serve.requests import ChatRequest, parse_body, parse_request, read_body
+from llava_jax.serve.requests import (
+    ChatRequest,
+    VideoBytes,
+    parse_body,
+    parse_request,
+    read_body,
+)
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 DEFAULT_MAX_TOKENS = 256
@@ -92,22 +100,35 @@ def release_memory() -> None:
 
 
 def decode_images(
-    model: Any, request: ChatRequest, max_pixels: int | None = None
-) -> list[ModelImage]:
-    """The request's images as the model takes them, in prompt order; `APIError` 400 for an
-    image that cannot be decoded or whose header claims more than `max_pixels` pixels
-    (refused before decoding). Memory is handed back afterwards (`release_memory`)."""
+    model: Any,
+    request: ChatRequest,
+    max_pixels: int | None = None,
+    frames: int = DEFAULT_FRAMES,
+) -> list[Media]:
+    """The request's images (and videos, `frames` frames each) as the model takes them, in
+    prompt order; `APIError` 400 for an image or video that cannot be decoded or whose
+    header claims more than `max_pixels` pixels (a frame's, for a video; refused before
+    decoding). Memory is handed back afterwards (`release_memory`)."""
     images = []
     try:
         for m, (_, _, pictures) in enumerate(request.turns):
             for picture in pictures:
                 try:
-                    image = model.image_from_bytes(
-                        picture,
-                        f"in messages[{m}]",
-                        max_pixels=max_pixels,
-                        limit_name="the server's --max-image-pixels",
-                    )
+                    if isinstance(picture, VideoBytes):
+                        image = model.video_from_bytes(
+                            picture.data,
+                            frames,
+                            f"in messages[{m}]",
+                            max_pixels=max_pixels,
+                            limit_name="the server's --max-image-pixels",
+                        )
+                    else:
+                        image = model.image_from_bytes(
+                            picture,
+                            f"in messages[{m}]",
+                            max_pixels=max_pixels,
+                            limit_name="the server's --max-image-pixels",
+                        )
                 except InputError as err:
                     where = f"messages[{m}].content"
                     raise APIError(400, str(err), where, "invalid_value") from None
@@ -121,7 +142,7 @@ def make_job(
     model: Any,
     request: ChatRequest,
     loop: asyncio.AbstractEventLoop,
-    images: Sequence[ModelImage] | None = None,
+    images: Sequence[Media] | None = None,
     max_image_pixels: int | None = None,
 ) -> Job:
     """The prompt and sampling of `request`, as `generate`/`chat` build them (runs in a
@@ -130,7 +151,7 @@ def make_job(
     if images is None:
         images = decode_images(model, request, max_image_pixels)
     # an assistant message's text is checked by `parse_request`
-    turns = [Turn(role, text, bool(pictures)) for role, text, pictures in request.turns]
+    turns = [Turn(role, text, len(pictures)) for role, text, pictures in request.turns]
     seed = secrets.randbits(32) if request.seed is None else request.seed % (1 << 32)
     try:
         prepared = prepare_prompt(
@@ -170,12 +191,14 @@ def create_app(
     max_request_bytes: int = 32 << 20,
     max_image_pixels: int | None = None,
     image_workers: int = IMAGE_WORKERS,
+    video_frames: int = DEFAULT_FRAMES,
 ) -> FastAPI:
     """The server's routes around a started-on-startup `batcher` of `model`.
 
-    max_image_pixels: the most pixels an image may have (from its header; None:
-    `default_max_image_pixels`); image_workers: the threads that decode images (requests
-    beyond them wait their turn, holding only their encoded bytes)."""
+    max_image_pixels: the most pixels an image (or a video's frame) may have (from its
+    header; None: `default_max_image_pixels`); image_workers: the threads that decode
+    images (requests beyond them wait their turn, holding only their encoded bytes);
+    video_frames: the frames sampled from a video (a OneVision model's)."""
     created = int(time.time())
     metrics = ServerMetrics()
     if max_image_pixels is None:
@@ -247,13 +270,15 @@ def create_app(
         arrived = time.monotonic()
         try:
             raw = await read_body(request, max_request_bytes)
-            parsed = parse_request(parse_body(raw), model_name, max_image_bytes)
+            parsed = parse_request(
+                parse_body(raw), model_name, max_image_bytes, onevision=model.geometry.blended
+            )
             del raw
             loop = asyncio.get_running_loop()
             images = []
             if any(pictures for _, _, pictures in parsed.turns):
                 images = await loop.run_in_executor(
-                    decoder, decode_images, model, parsed, max_image_pixels
+                    decoder, decode_images, model, parsed, max_image_pixels, video_frames
                 )
             job = await run_in_threadpool(make_job, model, parsed, loop, images)
         except APIError as err:

@@ -11,6 +11,12 @@ the first problem: malformed JSON (or JSON nested too deeply, or a number of too
 digits), a missing or mistyped field, text that is not valid Unicode (a lone surrogate) in
 any message, an unknown model, a remote image URL (the server fetches nothing: images come
 inline as `data:image/...;base64,...`), an image that is not base64 or is too large.
+
+A LLaVA-OneVision model (`parse_request(..., onevision=True)`) also takes several images in
+one message (each `image_url` part its `<image>`, in order) and a video as a `video_url`
+part, as vLLM names it (`{"type": "video_url", "video_url": {"url":
+"data:video/mp4;base64,..."}}`), inline like an image and bounded by the same byte limit;
+other models keep one image a message and take no video.
 Defaults and ranges follow OpenAI: temperature 1 in [0, 2], top_p 1 in [0, 1]; top_p 0
 keeps only the most likely token (as OpenAI and transformers' top-p keep at least one): the
 answer is greedy, whatever the temperature (lmms-eval's POPE and MathVerse tasks send it).
@@ -34,6 +40,7 @@ from llava_jax.inference.load import check_text
 from llava_jax.serve.api_error import APIError
 
 MAX_IMAGES = 4  # per conversation
+MAX_VIDEOS = 1  # per conversation (a OneVision model's)
 MAX_STOPS = 4  # as OpenAI allows
 _DATA_URL = re.compile(
     r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),(?P<data>.*)", re.DOTALL
@@ -41,11 +48,19 @@ _DATA_URL = re.compile(
 _SYSTEM_ROLES = ("system", "developer")
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoBytes:
+    """A request's video, as it came (encoded: MP4, WebM, ...)."""
+
+    data: bytes
+
+
 @dataclasses.dataclass
 class ChatRequest:
-    """A checked chat completion request. turns: (role, text, images as bytes)."""
+    """A checked chat completion request. turns: (role, text, its images as bytes and videos
+    as `VideoBytes`, in the order of the message's parts)."""
 
-    turns: list[tuple[str, str, list[bytes]]]
+    turns: list[tuple[str, str, list[bytes | VideoBytes]]]
     system: str | None  # the system messages' text, in place of the template's own prompt
     max_tokens: int | None
     temperature: float
@@ -125,54 +140,62 @@ def _integer(body: dict, name: str) -> int | None:
     return value
 
 
-def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
-    """The image bytes of a `data:image/...;base64,...` URL; remote URLs are refused."""
+def decode_data_url(url: str, param: str, max_bytes: int, kind: str = "image") -> bytes:
+    """The bytes of a `data:image/...;base64,...` URL (`kind` "video": a
+    `data:video/...;base64,...` one); remote URLs are refused."""
+    example = f"data:{'image/png' if kind == 'image' else 'video/mp4'};base64,..."
     if re.match(r"(?i)(https?|ftp|file)://", url):
         raise APIError(
             400,
-            "image URLs are not fetched by this server: send the image inline "
-            "as a data URL (data:image/png;base64,...)",
+            f"{kind} URLs are not fetched by this server: send the {kind} inline "
+            f"as a data URL ({example})",
             param,
-            "unsupported_image_url",
+            f"unsupported_{kind}_url",
         )
     match = _DATA_URL.fullmatch(url)
     if not match:
         shown = url[:40] + ("…" if len(url) > 40 else "")
         raise APIError(
             400,
-            f"image_url must be a data URL (data:image/png;base64,...), got {shown!r}",
+            f"{kind}_url must be a data URL ({example}), got {shown!r}",
             param,
-            "invalid_image_url",
+            f"invalid_{kind}_url",
         )
     mime = (match["mime"] or "").lower()
-    if mime and not mime.startswith("image/"):
-        raise APIError(400, f"the data URL holds {mime}, not an image", param, "invalid_image_url")
+    if mime and not mime.startswith(f"{kind}/"):
+        article = "an" if kind == "image" else "a"
+        raise APIError(
+            400, f"the data URL holds {mime}, not {article} {kind}", param, f"invalid_{kind}_url"
+        )
     if ";base64" not in match["params"].lower():
         raise APIError(
             400,
-            "the image data URL must be base64-encoded (data:image/png;base64,...)",
+            f"the {kind} data URL must be base64-encoded ({example})",
             param,
-            "invalid_image_url",
+            f"invalid_{kind}_url",
         )
     data = re.sub(r"\s+", "", match["data"])
     if len(data) * 3 // 4 > max_bytes:
         raise APIError(
             413,
-            f"the image is {len(data) * 3 // 4} bytes, more than the server's "
+            f"the {kind} is {len(data) * 3 // 4} bytes, more than the server's "
             f"limit of {max_bytes} bytes (--max-image-bytes)",
             param,
-            "image_too_large",
+            f"{kind}_too_large",
         )
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as err:
         raise APIError(
-            400, f"the image data URL is not valid base64: {err}", param, "invalid_image_url"
+            400, f"the {kind} data URL is not valid base64: {err}", param, f"invalid_{kind}_url"
         ) from None
 
 
-def _content(message: dict, m: int, max_image_bytes: int) -> tuple[str, list[bytes]]:
-    """(text, images) of `messages[m]`: a string, or parts of type text and image_url."""
+def _content(
+    message: dict, m: int, max_image_bytes: int, onevision: bool = False
+) -> tuple[str, list[bytes | VideoBytes]]:
+    """(text, images and videos) of `messages[m]`: a string, or parts of type text and
+    image_url (and, `onevision`, video_url)."""
     where = f"messages[{m}].content"
     content = message.get("content")
     if isinstance(content, str):
@@ -181,40 +204,55 @@ def _content(message: dict, m: int, max_image_bytes: int) -> tuple[str, list[byt
         raise APIError(
             400, f"{where} must be a string or a non-empty list of parts", where, "invalid_type"
         )
-    texts, images = [], []
+    texts, media = [], []
     for p, part in enumerate(content):
         at = f"{where}[{p}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
+        elif kind in ("image_url", "video_url"):
+            if kind == "video_url" and not onevision:
+                raise APIError(
+                    400,
+                    f"{at} is a video: this model takes no video (a LLaVA-OneVision model does)",
+                    at,
+                    "unsupported_video",
+                )
+            value = part.get(kind)
+            url = value.get("url") if isinstance(value, dict) else value
             if not isinstance(url, str):
                 raise APIError(
-                    400, f"{at}.image_url.url must be a string", f"{at}.image_url", "invalid_type"
+                    400, f"{at}.{kind}.url must be a string", f"{at}.{kind}", "invalid_type"
                 )
-            images.append(decode_data_url(url, f"{at}.image_url", max_image_bytes))
+            data = decode_data_url(url, f"{at}.{kind}", max_image_bytes, kind.removesuffix("_url"))
+            media.append(data if kind == "image_url" else VideoBytes(data))
         else:
+            video = (
+                " or {'type': 'video_url', 'video_url': {'url': 'data:...'}}" if onevision else ""
+            )
             raise APIError(
                 400,
                 f"{at} must be {{'type': 'text', 'text': ...}} or {{'type': "
-                "'image_url', 'image_url': {'url': 'data:...'}}",
+                f"'image_url', 'image_url': {{'url': 'data:...'}}}}{video}",
                 at,
                 "invalid_content_part",
             )
-    return "\n".join(texts), images
+    return "\n".join(texts), media
 
 
 # --- the request ---------------------------------------------------------------------------------
 
 
-def parse_request(body: Any, model_name: str, max_image_bytes: int) -> ChatRequest:
-    """Check a chat completion request's JSON; `APIError` names the first problem."""
+def parse_request(
+    body: Any, model_name: str, max_image_bytes: int, *, onevision: bool = False
+) -> ChatRequest:
+    """Check a chat completion request's JSON; `APIError` names the first problem.
+    `onevision`: the model takes several images in a message and a video
+    (`LoadedModel.geometry.blended`)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_type")
     _check_model(body, model_name)
-    turns, system = _conversation(body, max_image_bytes)
+    turns, system = _conversation(body, max_image_bytes, onevision)
     max_tokens = _max_tokens(body)
     stop = _stop(body)
     stream, include_usage = _streaming(body)
@@ -248,10 +286,11 @@ def _check_model(body: dict, model_name: str) -> None:
 
 
 def _conversation(
-    body: dict, max_image_bytes: int
-) -> tuple[list[tuple[str, str, list[bytes]]], list[str]]:
+    body: dict, max_image_bytes: int, onevision: bool = False
+) -> tuple[list[tuple[str, str, list[bytes | VideoBytes]]], list[str]]:
     """(turns, system texts) of `messages`: system messages first, then user and assistant
-    turns alternating, the last one the user's; at most `MAX_IMAGES` images in all."""
+    turns alternating, the last one the user's; at most `MAX_IMAGES` images and
+    `MAX_VIDEOS` videos in all."""
     messages = body.get("messages")
     if messages is None:
         raise APIError(
@@ -261,7 +300,7 @@ def _conversation(
         raise APIError(400, "messages must be a non-empty list", "messages", "invalid_type")
     turns, system = [], []
     for m, message in enumerate(messages):
-        role, text, images = _message(message, m, bool(turns), max_image_bytes)
+        role, text, images = _message(message, m, bool(turns), max_image_bytes, onevision)
         if role in _SYSTEM_ROLES:
             system.append(text)
             continue
@@ -277,18 +316,23 @@ def _conversation(
         turns.append((role, text, images))
     if not turns or turns[-1][0] != "user":
         raise APIError(400, "the last message must be the user's", "messages", "invalid_value")
-    if sum(len(images) for _, _, images in turns) > MAX_IMAGES:
+    media = [item for _, _, items in turns for item in items]
+    if sum(not isinstance(item, VideoBytes) for item in media) > MAX_IMAGES:
         raise APIError(
             400, f"at most {MAX_IMAGES} images per conversation", "messages", "invalid_value"
+        )
+    if sum(isinstance(item, VideoBytes) for item in media) > MAX_VIDEOS:
+        raise APIError(
+            400, f"at most {MAX_VIDEOS} video per conversation", "messages", "invalid_value"
         )
     return turns, system
 
 
 def _message(
-    message: Any, m: int, began: bool, max_image_bytes: int
-) -> tuple[str, str, list[bytes]]:
-    """(role, text, images) of `messages[m]`, checked on its own; `began`: a user or
-    assistant message came before it (a system message may not follow one)."""
+    message: Any, m: int, began: bool, max_image_bytes: int, onevision: bool = False
+) -> tuple[str, str, list[bytes | VideoBytes]]:
+    """(role, text, images and videos) of `messages[m]`, checked on its own; `began`: a user
+    or assistant message came before it (a system message may not follow one)."""
     role = message.get("role") if isinstance(message, dict) else None
     if role not in ("user", "assistant", *_SYSTEM_ROLES):
         raise APIError(
@@ -305,18 +349,21 @@ def _message(
             f"messages[{m}].role",
             "invalid_value",
         )
-    text, images = _content(message, m, max_image_bytes)
+    text, images = _content(message, m, max_image_bytes, onevision)
     try:  # a tokenizer cannot take a lone surrogate (JSON's "\ud800")
         check_text(text, f"messages[{m}].content")
     except InputError as err:
         where = f"messages[{m}].content"
         raise APIError(400, str(err), where, "invalid_value") from None
-    _check_images(role, images, m)
+    _check_images(role, images, m, onevision)
     return role, text, images
 
 
-def _check_images(role: str, images: list[bytes], m: int) -> None:
-    """Only a user message may have an image, and one at most."""
+def _check_images(
+    role: str, images: list[bytes | VideoBytes], m: int, onevision: bool = False
+) -> None:
+    """Only a user message may have an image (or a video), and one at most but on a
+    OneVision model."""
     if images and role != "user":
         raise APIError(
             400,
@@ -324,7 +371,7 @@ def _check_images(role: str, images: list[bytes], m: int) -> None:
             f"messages[{m}].content",
             "invalid_value",
         )
-    if len(images) > 1:
+    if len(images) > 1 and not onevision:
         raise APIError(
             400,
             f"messages[{m}] has {len(images)} images: one per message at most",
