@@ -362,3 +362,11 @@ def test_prefix_keys_follow_blended_layouts_and_a_video_over_two_slots(loaded):
     same = [a == b for a, b in zip(keys, other, strict=True)]
     assert same == [(j + 1) * block <= second_slot_starts for j in range(len(keys))]
     assert hashlib.sha256(b"".join(keys)).digest() != hashlib.sha256(b"".join(other)).digest()
+
+
+def test_a_qwen2_checkpoint_that_names_no_template_prompts_with_qwen_1_5(loaded):
+    """A Hugging Face OneVision directory says nothing of its conversation format: a Qwen2
+    decoder is prompted as LLaVA-OneVision was trained (ChatML, `qwen_1_5`), not as
+    LLaVA-1.5, and stops at `<|im_end|>`."""
+    assert loaded.template.name == "qwen_1_5"
+    assert loaded.stop_strings == ("<|im_end|>",)

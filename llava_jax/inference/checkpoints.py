@@ -8,9 +8,10 @@ tokenizer and data settings (`load_checkpoint`).
   its run config, and the tokenizer the run saved. `workdir/checkpoints/<step>` also works.
 - a Hugging Face LLaVA directory (`config.json` + safetensors, as `save_pretrained` writes
   it) with its tokenizer: template `vicuna_v1` (`mistral_instruct` for a Mistral decoder,
-  as llava-v1.6-mistral), images padded to a square (LLaVA-1.5),
-  mean/std from `preprocessor_config.json` when there is one (CLIP's otherwise); a SigLIP
-  tower's images resized to the square (no pad or crop), SigLIP's mean/std by default.
+  as llava-v1.6-mistral; `qwen_1_5` for a Qwen2 one, as LLaVA-OneVision), images padded
+  to a square (LLaVA-1.5), mean/std from `preprocessor_config.json` when there is one
+  (CLIP's otherwise); a SigLIP tower's images resized to the square (no pad or crop),
+  SigLIP's mean/std by default.
 - a params checkpoint (`model_config.json` + `params/`, from `python -m llava_jax.convert`):
   needs a tokenizer (`tokenizer=`, or a `tokenizer/` folder inside it); template and
   image settings as for Hugging Face.
@@ -48,6 +49,7 @@ from llava_jax.sharding import Rules, sharded_params
 
 HF_DEFAULT_TEMPLATE = "vicuna_v1"  # LLaVA-1.5's conversation format
 HF_MISTRAL_TEMPLATE = "mistral_instruct"  # llava-v1.6-mistral-7b's
+HF_QWEN2_TEMPLATE = "qwen_1_5"  # LLaVA-OneVision's (Qwen2 decoders)
 HF_CONFIG_FILE = "config.json"
 HF_PREPROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_DIR = "tokenizer"  # inside a training workdir (or a params checkpoint)
@@ -174,9 +176,10 @@ def _default_images(vision_model_type: str) -> dict[str, Any]:
 
 
 def _default_template(text_model_type: str) -> str:
-    """The template of a checkpoint that names none: LLaVA-1.5's, or LLaVA-NeXT-Mistral's
-    for a Mistral decoder."""
-    return HF_MISTRAL_TEMPLATE if text_model_type == "mistral" else HF_DEFAULT_TEMPLATE
+    """The template of a checkpoint that names none: LLaVA-1.5's, LLaVA-NeXT-Mistral's for a
+    Mistral decoder, LLaVA-OneVision's for a Qwen2 one."""
+    by_decoder = {"mistral": HF_MISTRAL_TEMPLATE, "qwen2": HF_QWEN2_TEMPLATE}
+    return by_decoder.get(text_model_type, HF_DEFAULT_TEMPLATE)
 
 
 # --- the loaders -------------------------------------------------------------------------------
