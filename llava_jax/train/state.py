@@ -103,7 +103,9 @@ def base_abstract_params(setup: TrainSetup, source: ModelConfig | None = None) -
     if not config.lora.enabled and not fresh_newline:
         return setup.abstract_state.params
     if fresh_newline:
-        config = config.replace(image_grid_pinpoints=())
+        config = config.replace(
+            image_grid_pinpoints=(), vision_aspect_ratio="", video_token_id=None
+        )
     boxed = abstract_params(without_lora(config))
     shardings = param_shardings(boxed, setup.mesh, setup.rules)
     return abstract_arrays(nn.meta.unbox(boxed), shardings)

@@ -171,14 +171,20 @@ def initial_model(run: RunConfig, tokenizer: LoadedTokenizer) -> tuple[ModelConf
             vision_feature_layer=model.vision_feature_layer,
             vision_feature_select_strategy=model.vision_feature_select_strategy,
             image_grid_pinpoints=model.image_grid_pinpoints,  # NeXT: a fresh image_newline
+            vision_aspect_ratio=model.vision_aspect_ratio,  # OneVision
+            video_token_id=model.video_token_id,
             **model.numerics(),
         )
     else:  # checkpoint: the architecture of the run it continues, numerics of this one
         source = init.checkpoint_path
         model_config, params = checkpoint_model(source)
         model_config = model_config.replace(**model.numerics())
-        if model.image_grid_pinpoints:  # this run's grid (a 1.5 model gets a fresh newline)
-            model_config = model_config.replace(image_grid_pinpoints=model.image_grid_pinpoints)
+        if model.image_grid_pinpoints:  # this run's images (a 1.5 model gets a fresh newline)
+            model_config = model_config.replace(
+                image_grid_pinpoints=model.image_grid_pinpoints,
+                vision_aspect_ratio=model.vision_aspect_ratio,
+                video_token_id=model.video_token_id,
+            )
         if model_config.lora.enabled:
             raise ValueError(
                 f"config.init.checkpoint_path={source} holds a LoRA model: merge its adapters "
