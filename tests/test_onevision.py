@@ -279,10 +279,9 @@ def test_the_tiny_onevision_job_trains_and_evaluates(tmp_path):
     are computed."""
     import json
 
-    from trainer_fixtures import tiny_config
+    from trainer_fixtures import tiny_config, train_a_few_steps
 
     from llava_jax.data.datasets.synthetic import make_record
-    from llava_jax.train.trainer import train_and_evaluate
 
     config = tiny_config(
         str(tmp_path / "tfds"),
@@ -293,14 +292,9 @@ def test_the_tiny_onevision_job_trains_and_evaluates(tmp_path):
         eval__max_new_tokens=3,
     )
     record = make_record(0, "train", 0, 48, config.data.synthetic_style)
-    assert len(record.image_bytes) == 2
-    assert record.conversations[0]["value"].count("<image>") == 2
-    summary = train_and_evaluate(config, str(tmp_path / "run"))
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    losses = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
-    assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert np.isfinite(summary["eval"]["eval_loss"])
-    assert summary["eval"]["num_examples"] > 0
+    assert len(record.image_bytes) == 2  # one image a question, both in the last prompt
+    assert [turn["value"].count("<image>") for turn in record.conversations[::2]] == [1, 1]
+    train_a_few_steps(config, str(tmp_path / "run"))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["vision_aspect_ratio"] == "anyres_max_2"
     assert saved["data"]["template"] == "qwen_1_5"
@@ -316,6 +310,7 @@ def test_the_data_pipeline_encodes_lone_and_several_images_the_onevision_way(tmp
     from llava_jax.data.config import DataConfig
     from llava_jax.data.datasets.synthetic import make_record
     from llava_jax.data.encode import ExampleEncoder
+    from llava_jax.data.eval_questions import make_eval_questions
     from llava_jax.data.image import preprocess_image
     from llava_jax.data.pipeline import tokenizer_for
 
@@ -359,3 +354,11 @@ def test_the_data_pipeline_encodes_lone_and_several_images_the_onevision_way(tmp
                     example["images"][slot], tiler.tiles(image, config.image_mean, config.image_std)
                 )
                 assert geometry.kept_size(90, 80) != geometry.unpadded(90, 80)[2:]
+
+    # Held-out questions show only the images their prompt has shown so far.
+    questions = make_eval_questions(config, geometry, tokenizer, source=[several.to_example()])
+    assert [q.image_mask.tolist() for q in questions] == [[True, False], [True, True]]
+    assert [int((q.prompt_ids == tokenizer.image_token_id).sum()) for q in questions] == [
+        geometry.several_tokens,
+        2 * geometry.several_tokens,
+    ]

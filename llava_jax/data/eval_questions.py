@@ -71,13 +71,16 @@ def make_eval_questions(
         for turn in range(1, len(turns), 2):
             shown = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns[:turn])
             image_tokens = counts[:shown]  # the images the prompt so far shows
+            # and only their slots (a video's one placeholder shows all of its slots)
+            slots_shown = int(image_mask.sum()) if record.is_video and shown else shown
+            visible = image_mask & (np.arange(len(image_mask)) < slots_shown)
             questions.append(
                 EvalQuestion(
                     record_id=record.id,
                     turn=turn,
                     prompt_ids=prompt_ids(turns[:turn], template, tokenizer, image_tokens),
                     images=images,
-                    image_mask=image_mask,
+                    image_mask=visible,
                     image_layout=layout,
                     answer=turns[turn]["value"],
                     stop=template.end,

@@ -7,7 +7,8 @@ drawn uniformly, so guessing without the image scores about 1/3 at best.
 
 Styles: ``caption`` (stage 1: one human turn + a caption), ``instruct`` (stage 2:
 2-3 question/answer turns about colour, shape, count and position) and ``several`` (two
-images, each question about the one it names: "Second image: What color ...").
+images a conversation, each shown behind its name, "Second image: <image>", with a question
+about it).
 """
 
 from __future__ import annotations
@@ -153,16 +154,14 @@ def conversation(scene: Scene, style: str, rng: np.random.Generator) -> list[dic
 
 
 def several_conversation(scenes: list[Scene], rng: np.random.Generator) -> list[dict]:
-    """2-3 questions, each about the image it names; the first human turn holds every
-    ``<image>``, in order."""
+    """A question about each image in turn: each human turn shows its image behind its name
+    ("Second image: <image>"), then asks about it; every image of the conversation is in the
+    prompt of the last question."""
     turns = []
-    for index in range(int(rng.integers(2, 4))):
-        which = int(rng.integers(len(scenes)))
-        scene = scenes[which]
+    for name, scene in zip(IMAGE_NAMES, scenes, strict=True):
         kind = str(rng.choice(["colour", "shape", "count"] + (["position"] * bool(scene.position))))
-        question = f"{IMAGE_NAMES[which]} {rng.choice(QUESTIONS[kind])}"
-        images = "<image>\n" * len(scenes) if index == 0 else ""
-        turns.append({"from": HUMAN, "value": images + question})
+        question = str(rng.choice(QUESTIONS[kind]))
+        turns.append({"from": HUMAN, "value": f"{name} <image>\n{question}"})
         turns.append({"from": GPT, "value": answer(scene, kind)})
     return turns
 
