@@ -46,6 +46,24 @@ def tiny_config(data_dir: str, variant: str | None = None, **overrides):
     return config
 
 
+def train_a_few_steps(config, workdir: str) -> dict:
+    """Trains and evaluates `config` in `workdir` (in process) -> the run's summary, having
+    checked what every few-step run must show: finite losses that fall over
+    `train.num_steps` steps, a finite held-out loss and answers to some questions."""
+    import json
+
+    from llava_jax.train.trainer import train_and_evaluate
+
+    summary = train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as file:
+        losses = [json.loads(line)["loss"] for line in file if '"loss"' in line]
+    assert len(losses) == config.train.num_steps, losses
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert np.isfinite(summary["eval"]["eval_loss"])
+    assert summary["eval"]["num_examples"] > 0
+    return summary
+
+
 def main_command(workdir: str, data_dir: str, **overrides) -> list[str]:
     values = {**OVERRIDES, "data.data_dir": data_dir}
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
