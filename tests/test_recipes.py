@@ -60,6 +60,18 @@ NEXT_GRIDS = [
 LLAVA_NEXT_336_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
+def assert_trained_and_answers(workdir, image, prompt: str) -> None:
+    """The run in `workdir` logged two finite losses, and the workdir answers `prompt` about
+    `image` (any size) from the command line."""
+    from llava_jax import generate
+
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+    assert len(losses) == 2 and np.isfinite(losses).all()
+    argv = ["--checkpoint", str(workdir), "--image", str(image), "--prompt", prompt]
+    assert generate.main([*argv, "--max-new-tokens", "3"]) == 0
+
+
 def docstring_command(module, config: str) -> list[str]:
     """The `python -m llava_jax.main --config=configs/CONFIG ...` command of `module`'s
     docstring, as argv."""
@@ -152,29 +164,7 @@ def test_the_next_recipe_runs_both_stages_as_its_docstring_says(inputs, tmp_path
     assert saved["model"]["image_grid_pinpoints"] == [[28, 56], [56, 28], [56, 56]]
     assert saved["optimizer"]["vision_learning_rate"] == 2e-6
     assert saved["data"]["group_by_modality_length"] is True
-    losses = [
-        json.loads(line)["loss"]
-        for line in (stage_2 / "metrics.jsonl").read_text().splitlines()
-        if '"loss"' in line
-    ]
-    assert len(losses) == 2 and np.isfinite(losses).all()
-
-    # The NeXT workdir answers from the command line, about an image of any size.
-    from llava_jax import generate
-
-    code = generate.main(
-        [
-            "--checkpoint",
-            str(stage_2),
-            "--image",
-            str(inputs / "images" / "3.png"),
-            "--prompt",
-            QUESTION,
-            "--max-new-tokens",
-            "3",
-        ]
-    )
-    assert code == 0
+    assert_trained_and_answers(stage_2, inputs / "images" / "3.png", QUESTION)
 
 
 @pytest.mark.parametrize("name", list(llava_next.DECODERS))
@@ -359,29 +349,7 @@ def test_the_onevision_recipe_runs_pretrain_then_ov_as_its_docstring_says(
     assert saved["data"]["image_mean"] == saved["data"]["image_std"] == [0.5, 0.5, 0.5]
     assert saved["optimizer"]["learning_rate"] == 1e-5
     assert saved["optimizer"]["vision_learning_rate"] == 2e-6
-    losses = [
-        json.loads(line)["loss"]
-        for line in (stage_2 / "metrics.jsonl").read_text().splitlines()
-        if '"loss"' in line
-    ]
-    assert len(losses) == 2 and np.isfinite(losses).all()
-
-    # The OneVision workdir answers from the command line, about an image of any size.
-    from llava_jax import generate
-
-    code = generate.main(
-        [
-            "--checkpoint",
-            str(stage_2),
-            "--image",
-            str(inputs / "images" / "3.png"),
-            "--prompt",
-            "What is shown?",
-            "--max-new-tokens",
-            "3",
-        ]
-    )
-    assert code == 0
+    assert_trained_and_answers(stage_2, inputs / "images" / "3.png", "What is shown?")
 
 
 @pytest.mark.parametrize("size", llava_onevision.SIZES)
