@@ -86,7 +86,7 @@ def test_a_config_file_that_is_missing_or_fails_is_one_line(capsys):
     assert status == 2
     assert one_error_line(capsys.readouterr().err) == (
         f"error: flag --config={TINY}:bad: Error whilst parsing config file: ValueError: "
-        "configs/tiny.py takes no argument or 'next', got 'bad'"
+        "configs/tiny.py takes no argument, 'next' or 'onevision', got 'bad'"
     )
 
 
